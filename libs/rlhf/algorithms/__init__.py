@@ -1,0 +1,1 @@
+"""Pure algorithms over tensors: no I/O, testable on their own."""

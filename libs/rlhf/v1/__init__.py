@@ -1,0 +1,1 @@
+"""Generated from protos/rlhf/v1 by `make protos`."""
