@@ -1,0 +1,322 @@
+"""One PPO update on a batch of scored responses, built on `rlhf.algorithms.ppo`.
+
+The caller owns the models and the optimizer (policy + value head parameters); `ppo_step`
+scores the rollout under the current policy and the frozen reference, turns scores into
+per-token rewards and advantages, runs a few epochs of clipped PPO over shuffled minibatches
+and returns TRL-style statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhf.algorithms import ppo as algo
+
+
+@dataclass
+class PPOConfig:
+    ppo_epochs: int = 4
+    minibatch_size: int = 4
+    learning_rate: float = 1e-5  # for the caller's optimizer; ppo_step does not read it
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 0.7  # must equal the sampling temperature of the rollouts
+    kl_estimator: algo.KLEstimator = "k1"
+    init_kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    no_eos_penalty: float = -1.0
+    seed: int = 0  # minibatch shuffling, when ppo_step is not given a generator
+
+    def make_kl_controller(self) -> algo.KLController:
+        if self.adaptive_kl:
+            return algo.AdaptiveKLController(self.init_kl_coef, self.target_kl, self.kl_horizon)
+        return algo.FixedKLController(self.init_kl_coef)
+
+
+class ValueHead(nn.Module):
+    """A linear critic on the policy's last hidden state: [B, T, H] -> [B, T].
+
+    Weight and bias start at 0, so every initial value is 0 and the untrained critic adds no
+    noise to the first advantages.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The policy may run in bf16; the critic stays in its own (usually fp32) dtype.
+        return self.linear(hidden_states.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with sampled responses and their scores.
+
+    input_ids [B, P+R] long: prompts left-padded to width P, responses right-padded to width R,
+    so every response starts at column P. attention_mask [B, P+R] is 0 on the prompt's left
+    pads and on response positions after the first EOS. `ended` [B] bool says whether each
+    response finished by itself (EOS, or a stop string if the caller counts that as finished);
+    it cannot be recovered from the ids without the EOS id, and `build_rollout` fills it in.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    scores: torch.Tensor
+    ended: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return Rollout(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            prompt_width=self.prompt_width,
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            scores=self.scores.to(device),
+            ended=self.ended.to(device),
+        )
+
+
+def build_rollout(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    scores: Sequence[float],
+    pad_id: int,
+    eos_id: int,
+) -> Rollout:
+    """Pad token-id lists into a `Rollout`.
+
+    A response's real tokens are its own tokens up to and including its first EOS; lengths are
+    known here, so a pad id the policy happened to sample mid-response still counts as real.
+    `ended` is computed on the real tokens only, so a pad id equal to the EOS id is safe.
+    """
+    if not (len(prompts) == len(responses) == len(scores)) or not prompts:
+        raise ValueError("need the same positive number of prompts, responses and scores")
+    width_p = max(len(p) for p in prompts)
+    width_r = max(max(len(r) for r in responses), 1)
+    prompt_ids = torch.tensor([[pad_id] * (width_p - len(p)) + list(p) for p in prompts])
+    prompt_mask = torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompts])
+    response_ids = torch.tensor([list(r) + [pad_id] * (width_r - len(r)) for r in responses])
+    lengths = torch.tensor([len(r) for r in responses])
+    within_length = torch.arange(width_r).unsqueeze(0) < lengths.unsqueeze(1)
+    # pad_id=-1 never matches a token: this only cuts after the first EOS.
+    mask = within_length & algo.response_mask(response_ids, eos_id, pad_id=-1)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1).long(),
+        attention_mask=torch.cat([prompt_mask, mask.long()], dim=1),
+        prompt_width=width_p,
+        response_ids=response_ids.long(),
+        response_mask=mask,
+        scores=torch.tensor(scores, dtype=torch.float32),
+        ended=((response_ids == eos_id) & mask).any(dim=-1),
+    )
+
+
+def forward_policy(
+    model: nn.Module,
+    value_head: ValueHead | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_width: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One forward pass: per response token (logprobs [B, R], values [B, R] | None, entropy).
+
+    Position ids count only attended tokens (cumsum(mask) - 1, clamped at 0 on the pads): with
+    left padding, the default 0..T-1 would shift every real token by the pad count and change
+    the logits. The logits at columns P-1 .. P+R-2 predict the response tokens at P .. P+R-1,
+    and the value at the same column is that of the state before the token is chosen. Logits
+    are divided by the sampling temperature, for the log-probabilities and the entropy alike.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    states = slice(prompt_width - 1, input_ids.shape[1] - 1)
+    logits = out.logits[:, states]
+    response_ids = input_ids[:, prompt_width:]
+    logprobs = algo.logprobs_from_logits(logits, response_ids, temperature)
+    entropy = algo.entropy_from_logits(logits.float() / temperature)
+    values = None if value_head is None else value_head(out.hidden_states[-1][:, states])
+    return logprobs, values, entropy
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Disable dropout for the duration: with dropout on, the ratio to the old policy would be
+    noisy even before any update, and the KL to the reference would never start at 0."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, was_training, strict=True):
+            m.train(training)
+
+
+def ppo_step(
+    policy: nn.Module,
+    value_head: ValueHead,
+    reference: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    config: PPOConfig,
+    kl_controller: algo.KLController,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One PPO update of `policy` and `value_head` on `rollout`; returns float statistics.
+
+    The optimizer must cover the policy and value head parameters. `generator` (CPU) shuffles
+    the minibatches; pass a long-lived one so successive steps shuffle differently, or leave it
+    None for a fresh one seeded with `config.seed`. The KL controller is updated at the end,
+    with the mean per-sequence KL; "objective/kl_coef" is the coefficient this step used.
+    """
+    device = next(policy.parameters()).device
+    rollout = rollout.to(device)
+    mask = rollout.response_mask.bool()
+    kl_coef = kl_controller.value
+
+    with _eval_mode(policy, value_head, reference):
+        with torch.no_grad():
+            batch = _score_rollout(policy, value_head, reference, rollout, config, kl_coef)
+        train_stats = _train_epochs(
+            policy, value_head, optimizer, rollout, batch, config, generator
+        )
+
+    seq_kl = batch["kl"].sum(-1).mean()
+    kl_controller.update(seq_kl.item(), n_steps=rollout.input_ids.shape[0])
+    scores = batch["scores"]
+    return {
+        "objective/kl": seq_kl.item(),
+        "objective/kl_coef": kl_coef,
+        "objective/rlhf_reward": (scores - kl_coef * batch["kl"].sum(-1)).mean().item(),
+        "objective/scores": scores.mean().item(),
+        "policy/entropy": algo.masked_mean(batch["entropy"], mask).item(),
+        **train_stats,
+        "response/length": mask.float().sum(-1).mean().item(),
+        "response/ended_frac": rollout.ended.float().mean().item(),
+    }
+
+
+def _score_rollout(
+    policy: nn.Module,
+    value_head: ValueHead,
+    reference: nn.Module,
+    rollout: Rollout,
+    config: PPOConfig,
+    kl_coef: float,
+) -> dict[str, torch.Tensor]:
+    """Everything fixed during the update: old logprobs and values, rewards, advantages."""
+    mask = rollout.response_mask.bool()
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, config.temperature)
+    old_logprobs, old_values, entropy = forward_policy(policy, value_head, *args)
+    ref_logprobs, _, _ = forward_policy(reference, None, *args)
+    assert old_values is not None
+
+    # The scores are what the step optimises, so statistics report them after the penalty.
+    scores = algo.apply_no_eos_penalty(rollout.scores.float(), rollout.ended, config.no_eos_penalty)
+    rewards, kl = algo.compute_rewards(
+        scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator
+    )
+    advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = algo.masked_whiten(advantages, mask)
+    return {
+        "old_logprobs": old_logprobs,
+        "old_values": old_values,
+        "entropy": entropy,
+        "scores": scores,
+        "kl": kl,
+        "advantages": advantages,
+        "returns": returns,
+    }
+
+
+def _train_epochs(
+    policy: nn.Module,
+    value_head: ValueHead,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    batch: dict[str, torch.Tensor],
+    config: PPOConfig,
+    generator: torch.Generator | None,
+) -> dict[str, float]:
+    """`ppo_epochs` passes over shuffled minibatches; returns the loss statistics averaged
+    over all minibatches."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(config.seed)
+    params = [p for p in [*policy.parameters(), *value_head.parameters()] if p.requires_grad]
+    size = rollout.input_ids.shape[0]
+    totals: dict[str, float] = {}
+    n_minibatches = 0
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(size, generator=generator).to(rollout.input_ids.device)
+        for start in range(0, size, config.minibatch_size):
+            idx = order[start : start + config.minibatch_size]
+            loss, stats = _minibatch_loss(policy, value_head, rollout, batch, idx, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            n_minibatches += 1
+    return {key: total / max(n_minibatches, 1) for key, total in totals.items()}
+
+
+def _minibatch_loss(
+    policy: nn.Module,
+    value_head: ValueHead,
+    rollout: Rollout,
+    batch: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    config: PPOConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss + vf_coef * clipped value loss on the rows `idx`."""
+    mask = rollout.response_mask.bool()[idx]
+    logprobs, values, _ = forward_policy(
+        policy,
+        value_head,
+        rollout.input_ids[idx],
+        rollout.attention_mask[idx],
+        rollout.prompt_width,
+        config.temperature,
+    )
+    assert values is not None
+    pg_loss, pg_stats = algo.policy_loss(
+        logprobs, batch["old_logprobs"][idx], batch["advantages"][idx], mask, config.clip_range
+    )
+    vf_loss, vf_clipfrac = algo.value_loss(
+        values, batch["old_values"][idx], batch["returns"][idx], mask, config.clip_range_value
+    )
+    stats = {
+        "policy/clipfrac": pg_stats["clipfrac"].item(),
+        "policy/approxkl": pg_stats["approx_kl"].item(),
+        "val/ratio": pg_stats["ratio"].item(),
+        "val/clipfrac": vf_clipfrac.item(),
+        "loss/policy": pg_loss.item(),
+        "loss/value": vf_loss.item(),
+    }
+    return pg_loss + config.vf_coef * vf_loss, stats
