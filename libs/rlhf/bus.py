@@ -1,0 +1,614 @@
+"""The one Kafka wrapper of the platform: topic names, a publisher and a protobuf event consumer.
+
+Every service goes through this module so delivery guarantees are decided in one place:
+
+* publishing is acknowledged by the broker (acks=all) before `Publisher.publish` returns, and a
+  dead broker makes it fail fast with `BusUnavailable` instead of hanging or silently buffering;
+* consuming is at-least-once: offsets are committed only when the caller says its processing is
+  durable (`EventConsumer.commit`), and a record that cannot be decoded is parked on the
+  dead-letter topic before it is skipped, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import (
+    CommitFailedError,
+    InvalidProducerEpochError,
+    KafkaError,
+    OutOfOrderSequenceNumberError,
+    ProducerFencedError,
+    UnknownProducerIdError,
+)
+from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+GENERATIONS = "rlhf.generations.v1"
+FEEDBACK = "rlhf.feedback.v1"
+POLICY_CHECKPOINTS = "rlhf.checkpoints.policy.v1"
+REWARD_CHECKPOINTS = "rlhf.checkpoints.reward.v1"
+DEAD_LETTER = "rlhf.deadletter.v1"
+ALL_TOPICS: tuple[str, ...] = (
+    GENERATIONS,
+    FEEDBACK,
+    POLICY_CHECKPOINTS,
+    REWARD_CHECKPOINTS,
+    DEAD_LETTER,
+)
+# Checkpoint events must be totally ordered (version N+1 after N), hence one partition; they are
+# tiny and rare, so keep them forever: a new serving pod can always find the latest checkpoint.
+_SINGLE_PARTITION_TOPICS: dict[str, dict[str, str]] = {
+    POLICY_CHECKPOINTS: {"retention.ms": "-1"},
+    REWARD_CHECKPOINTS: {"retention.ms": "-1"},
+}
+_TOPIC_ALREADY_EXISTS = 36
+# Errors meaning the broker rejected the record because it forgot or fenced our idempotent
+# producer id (e.g. an in-memory broker restarted). Nothing was written, so a fresh producer may
+# safely resend once.
+_STALE_PRODUCER_ERRORS = (
+    UnknownProducerIdError,
+    OutOfOrderSequenceNumberError,
+    InvalidProducerEpochError,
+    ProducerFencedError,
+)
+_CONNECT_TIMEOUT_MS = 10_000
+
+
+class BusUnavailable(Exception):
+    """The broker did not acknowledge in time (down, unreachable or refusing our requests)."""
+
+
+def _topic_specs(partitions: int) -> dict[str, dict[str, Any]]:
+    """The CreateTopics request body for every platform topic."""
+    specs: dict[str, dict[str, Any]] = {}
+    for topic in ALL_TOPICS:
+        configs = _SINGLE_PARTITION_TOPICS.get(topic)
+        specs[topic] = {
+            "num_partitions": 1 if configs is not None else partitions,
+            "replication_factor": 1,
+            "configs": dict(configs or {}),
+        }
+    return specs
+
+
+def _create_topics_once(bootstrap: str, partitions: int, timeout_ms: int) -> None:
+    """One attempt at creating the topics; already-existing topics count as success."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="rlhf-ensure-topics",
+        bootstrap_timeout_ms=timeout_ms,
+        request_timeout_ms=timeout_ms,
+    )
+    try:
+        result = admin.create_topics(
+            _topic_specs(partitions), timeout_ms=timeout_ms, raise_errors=False
+        )
+        failed = [
+            f"{t['name']}: {t['error_code']} {t.get('error_message')}"
+            for t in result["topics"]
+            if t["error_code"] not in (0, _TOPIC_ALREADY_EXISTS)
+        ]
+        if failed:
+            raise BusUnavailable(f"Could not create topics: {'; '.join(failed)}")
+        missing = set(ALL_TOPICS) - set(admin.list_topics())
+        if missing:
+            raise BusUnavailable(f"Topics not visible after creation: {sorted(missing)}")
+    finally:
+        with contextlib.suppress(Exception):
+            admin.close()
+
+
+def ensure_topics(bootstrap: str, partitions: int = 3, timeout: float = 30.0) -> None:
+    """Create all platform topics if missing; safe to call from every service at startup.
+
+    Retries until `timeout` so callers can race the broker's own startup. Producers and consumers
+    here never auto-create topics (that would give the wrong partition count), so this is the only
+    place topics come from.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            _create_topics_once(bootstrap, partitions, max(500, int(min(remaining, 10.0) * 1000)))
+            return
+        except (KafkaError, OSError, BusUnavailable) as exc:
+            if time.monotonic() + 0.2 >= deadline:
+                raise BusUnavailable(f"ensure_topics({bootstrap}) failed: {exc}") from exc
+            log.info("ensure_topics: broker not ready (%s); retrying", exc)
+            time.sleep(0.2)
+
+
+def _discard_producer(producer: KafkaProducer, grace_s: float) -> None:
+    """Close a producer we stopped using, in the background.
+
+    kafka-python's close() refuses to finish while batches are incomplete, and those complete at
+    the latest when they expire after delivery_timeout_ms; so give it that long, off the caller's
+    thread, and let in-flight async records still be delivered if the broker answers.
+    """
+
+    def _close() -> None:
+        for timeout in (grace_s, 0.0):
+            try:
+                producer.close(timeout=timeout)
+                return
+            except Exception as exc:
+                log.debug("Closing a discarded producer: %s", exc)
+
+    threading.Thread(target=_close, name="rlhf-producer-discard", daemon=True).start()
+
+
+class Publisher:
+    """Publishes protobuf events and reports success only once the broker has acknowledged them.
+
+    The underlying KafkaProducer is idempotent (no duplicates from its own retries) and is
+    replaced after any failure, because an idempotent producer that lost its producer id (broker
+    restart) stays broken forever. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        max_block_ms: int = 2000,
+        delivery_timeout_ms: int = 5000,
+        linger_ms: int = 5,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.client_id = client_id
+        self.max_block_ms = max_block_ms
+        self.delivery_timeout_ms = delivery_timeout_ms
+        self.linger_ms = linger_ms
+        self._lock = threading.Lock()
+        self._producer: KafkaProducer | None = None
+        self._broken = False
+        self._closed = False
+
+    def _new_producer(self) -> KafkaProducer:
+        """A producer whose every wait is bounded, so a dead broker surfaces within seconds."""
+        request_timeout_ms = max(500, self.delivery_timeout_ms - self.linger_ms)
+        try:
+            return KafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=self.linger_ms,
+                retries=5,
+                retry_backoff_ms=100,
+                max_block_ms=self.max_block_ms,
+                bootstrap_timeout_ms=self.max_block_ms,
+                delivery_timeout_ms=self.delivery_timeout_ms,
+                request_timeout_ms=request_timeout_ms,
+                reconnect_backoff_max_ms=1000,
+                allow_auto_create_topics=False,
+            )
+        except (KafkaError, OSError) as exc:
+            raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
+
+    def _current(self) -> KafkaProducer:
+        """The live producer, (re)created if there is none or the last one failed."""
+        with self._lock:
+            if self._closed:
+                raise BusUnavailable(f"Publisher {self.client_id} is closed")
+            if self._producer is not None and not self._broken:
+                return self._producer
+            if self._producer is not None:
+                _discard_producer(self._producer, self.delivery_timeout_ms / 1000 + 1)
+                self._producer = None
+            self._producer = self._new_producer()
+            self._broken = False
+            return self._producer
+
+    def _mark_broken(self, producer: KafkaProducer) -> None:
+        """Remember that `producer` failed so the next publish starts from a clean one."""
+        with self._lock:
+            if self._producer is producer:
+                self._broken = True
+
+    def _send(
+        self,
+        producer: KafkaProducer,
+        topic: str,
+        key: str,
+        message: Message,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> FutureRecordMetadata:
+        return producer.send(
+            topic,
+            key=key.encode("utf-8"),
+            value=message.SerializeToString(),
+            headers=list(headers) if headers else None,
+        )
+
+    def publish(
+        self,
+        topic: str,
+        key: str,
+        message: Message,
+        timeout: float = 5.0,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> tuple[int, int]:
+        """Publish one event and block until the broker acknowledged it (acks=all).
+
+        Returns (partition, offset). Raises BusUnavailable on any failure or if `timeout` passes;
+        then the record may or may not have been written (at-least-once: callers that retry must
+        tolerate a duplicate, e.g. through an idempotency key).
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in range(2):
+            producer = self._current()
+            try:
+                future = self._send(producer, topic, key, message, headers)
+                metadata = future.get(timeout=max(0.0, deadline - time.monotonic()))
+                return metadata.partition, metadata.offset
+            except _STALE_PRODUCER_ERRORS as exc:
+                self._mark_broken(producer)
+                if attempt == 0 and time.monotonic() < deadline:
+                    log.info("Producer id rejected (%s); retrying with a new producer", exc)
+                    continue
+                raise BusUnavailable(f"Publish to {topic} failed: {exc!r}") from exc
+            except (KafkaError, OSError) as exc:
+                self._mark_broken(producer)
+                raise BusUnavailable(f"Publish to {topic} failed: {exc!r}") from exc
+        raise AssertionError("unreachable")
+
+    def publish_async(
+        self,
+        topic: str,
+        key: str,
+        message: Message,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> FutureRecordMetadata:
+        """Queue an event and return kafka-python's future, for bulk publishing.
+
+        Nothing is acknowledged until the future resolves: call `.get()` on it or `flush()`, and
+        check each future, before treating the events as published.
+        """
+        producer = self._current()
+        try:
+            future = self._send(producer, topic, key, message, headers)
+        except (KafkaError, OSError) as exc:
+            self._mark_broken(producer)
+            raise BusUnavailable(f"Publish to {topic} failed: {exc!r}") from exc
+        future.add_errback(lambda _exc: self._mark_broken(producer))
+        return future
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every queued record completed (succeeded or failed: check the futures)."""
+        with self._lock:
+            producer = self._producer
+        if producer is None:
+            return
+        try:
+            producer.flush(timeout=timeout)
+        except (KafkaError, OSError) as exc:
+            self._mark_broken(producer)
+            raise BusUnavailable(f"Flush did not complete within {timeout}s: {exc!r}") from exc
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (up to `timeout`) and release the connection."""
+        with self._lock:
+            producer, self._producer, self._closed = self._producer, None, True
+        if producer is None:
+            return
+        try:
+            producer.close(timeout=timeout)
+        except (KafkaError, OSError) as exc:
+            log.warning("Publisher %s closed with undelivered records: %s", self.client_id, exc)
+            _discard_producer(producer, self.delivery_timeout_ms / 1000 + 1)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Record:
+    """One decoded event and where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    message: Message
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class _Positions(ConsumerRebalanceListener):
+    """Next offset to commit per partition, forgetting partitions a rebalance takes away.
+
+    Revoked positions are dropped rather than committed: the caller has not said their records
+    are processed, so the new owner must read them again (at-least-once).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: dict[TopicPartition, int] = {}
+
+    def advance(self, tp: TopicPartition, offset: int) -> None:
+        with self._lock:
+            self._next[tp] = offset + 1
+
+    def snapshot(self) -> dict[TopicPartition, int]:
+        with self._lock:
+            return dict(self._next)
+
+    def restore(self, snapshot: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            self._next = dict(snapshot)
+
+    def forget(self, committed: dict[TopicPartition, int]) -> None:
+        """Drop positions that were committed and have not moved on since."""
+        with self._lock:
+            for tp, offset in committed.items():
+                if self._next.get(tp) == offset:
+                    del self._next[tp]
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        with self._lock:
+            for tp in revoked:
+                self._next.pop(tp, None)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        pass
+
+
+def _utc_now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class EventConsumer:
+    """Reads protobuf events from Kafka, at-least-once.
+
+    With a group_id, partitions are shared among the group's members and `commit()` records
+    progress. With group_id=None every partition of the topics is read (no group, no commits):
+    serving pods use this to follow checkpoint events.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: dict[str, type[Message]],
+        group_id: str | None,
+        dead_letters: Publisher | None = None,
+        client_id: str = "rlhf",
+        from_beginning: bool = True,
+        max_poll_interval_ms: int = 5000,
+        session_timeout_ms: int = 6000,
+    ) -> None:
+        if not topics:
+            raise ValueError("EventConsumer needs at least one topic")
+        self.bootstrap = bootstrap
+        self.topics = dict(topics)
+        self.group_id = group_id
+        self.dead_letters = dead_letters
+        self.dead_lettered = 0
+        self._positions = _Positions()
+        self._consumer = self._new_consumer(
+            client_id, from_beginning, max_poll_interval_ms, session_timeout_ms
+        )
+        try:
+            self._attach(from_beginning)
+        except BaseException:
+            self._consumer.close(autocommit=False, timeout_ms=1000)
+            raise
+
+    def _new_consumer(
+        self,
+        client_id: str,
+        from_beginning: bool,
+        max_poll_interval_ms: int,
+        session_timeout_ms: int,
+    ) -> KafkaConsumer:
+        """A KafkaConsumer with settings Tansu handles well.
+
+        Tansu holds a JoinGroup for the whole rebalance timeout, which kafka-python sets to
+        max_poll_interval_ms, so that must stay small (seconds) or joining takes minutes.
+        Without a group, an out-of-range position (the broker lost its data) restarts from the
+        earliest offset so no event is missed; "from the end" is applied by an explicit seek.
+        """
+        reset = "earliest" if self.group_id is None or from_beginning else "latest"
+        try:
+            return KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                client_id=client_id,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=reset,
+                max_poll_interval_ms=max_poll_interval_ms,
+                session_timeout_ms=session_timeout_ms,
+                heartbeat_interval_ms=max(100, min(1000, session_timeout_ms // 3)),
+                allow_auto_create_topics=False,
+                bootstrap_timeout_ms=_CONNECT_TIMEOUT_MS,
+                reconnect_backoff_max_ms=1000,
+            )
+        except (KafkaError, OSError) as exc:
+            raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
+
+    def _attach(self, from_beginning: bool) -> None:
+        """Join the group, or assign every partition directly when there is no group."""
+        if self.group_id is not None:
+            self._consumer.subscribe(topics=list(self.topics), listener=self._positions)
+            return
+        partitions = _partitions_of(self.bootstrap, list(self.topics))
+        self._consumer.assign(partitions)
+        if from_beginning:
+            self._consumer.seek_to_beginning()
+        else:
+            self._consumer.seek_to_end()
+
+    def assignment(self) -> set[tuple[str, int]]:
+        """(topic, partition) pairs this consumer currently reads; empty until a group join ends."""
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def poll(self, timeout: float = 1.0, max_records: int = 500) -> list[Record]:
+        """Fetch and decode the next records, in offset order within each partition.
+
+        Undecodable records are published to the dead-letter topic (synchronously) and skipped.
+        If that publish fails, the whole batch is rewound and BusUnavailable raised, so the bad
+        record and those after it will be read again rather than lost.
+        """
+        batch = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        before = self._positions.snapshot()
+        records: list[Record] = []
+        try:
+            for tp, raw_records in batch.items():
+                for raw in raw_records:
+                    record = self._decode_or_dead_letter(raw)
+                    if record is not None:
+                        records.append(record)
+                    self._positions.advance(tp, raw.offset)
+        except BusUnavailable:
+            self._rewind(batch, before)
+            raise
+        return records
+
+    def _rewind(self, batch: dict[TopicPartition, list[Any]], before: dict) -> None:
+        """Seek back to the start of an unfinished batch and forget its positions."""
+        assigned = self._consumer.assignment()
+        for tp, raw_records in batch.items():
+            if raw_records and tp in assigned:
+                self._consumer.seek(tp, raw_records[0].offset)
+        self._positions.restore(before)
+
+    def _decode_or_dead_letter(self, raw: Any) -> Record | None:
+        """Decode one ConsumerRecord, or dead-letter it and return None."""
+        try:
+            return _decode(raw, self.topics[raw.topic])
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _dead_letter(self, raw: Any, reason: str) -> None:
+        """Park an undecodable record on DEAD_LETTER, acknowledged, before it is skipped."""
+        where = f"{raw.topic}/{raw.partition}@{raw.offset}"
+        if self.dead_letters is None:
+            log.error("Skipping undecodable %s (no dead-letter publisher): %s", where, reason)
+            return
+        letter = events_pb2.DeadLetter(
+            source_topic=raw.topic,
+            partition=raw.partition,
+            offset=raw.offset,
+            key=raw.key or b"",
+            value=raw.value or b"",
+            reason=reason,
+            consumer_group=self.group_id or "",
+            failed_at=_utc_now(),
+        )
+        self.dead_letters.publish(DEAD_LETTER, where, letter)
+        self.dead_lettered += 1
+        log.warning("Dead-lettered record %s: %s", where, reason)
+
+    def commit(self, timeout: float = 10.0) -> None:
+        """Commit the position after every record poll() has returned so far.
+
+        Call it only once their processing is durable. Raises BusUnavailable if the broker did
+        not confirm (positions are kept and go out with the next commit). If a rebalance took
+        the partitions away meanwhile, the commit is dropped and the records will be redelivered.
+        """
+        if self.group_id is None:
+            return
+        positions = self._positions.snapshot()
+        if not positions:
+            return
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in positions.items()}
+        try:
+            self._consumer.commit(offsets=offsets, timeout_ms=int(timeout * 1000))
+        except CommitFailedError as exc:
+            log.warning("Commit rejected after a rebalance; records will be redelivered: %s", exc)
+            self._positions.forget(positions)
+            return
+        except (KafkaError, OSError) as exc:
+            raise BusUnavailable(f"Commit for group {self.group_id} failed: {exc!r}") from exc
+        self._positions.forget(positions)
+
+    def close(self) -> None:
+        """Leave the group without committing anything not explicitly committed."""
+        with contextlib.suppress(Exception):
+            self._consumer.close(autocommit=False, timeout_ms=2000)
+
+    def __enter__(self) -> EventConsumer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _decode(raw: Any, message_type: type[Message]) -> Record:
+    """Turn a ConsumerRecord into a Record; raises on bytes that are not a `message_type`."""
+    if raw.value is None:
+        raise ValueError("record has no value (tombstone)")
+    key = raw.key.decode("utf-8") if raw.key is not None else None
+    headers = tuple((name, bytes(value or b"")) for name, value in (raw.headers or ()))
+    return Record(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=key,
+        message=message_type.FromString(raw.value),
+        timestamp_ms=raw.timestamp,
+        headers=headers,
+    )
+
+
+def _partitions_of(bootstrap: str, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of `topics`, asked of the broker with bounded waits."""
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="rlhf-partitions",
+            bootstrap_timeout_ms=_CONNECT_TIMEOUT_MS,
+            request_timeout_ms=_CONNECT_TIMEOUT_MS,
+        )
+    except (KafkaError, OSError) as exc:
+        raise BusUnavailable(f"Cannot connect to Kafka at {bootstrap}: {exc}") from exc
+    try:
+        described = admin.describe_topics(topics)
+    except (KafkaError, OSError) as exc:
+        raise BusUnavailable(f"Cannot describe topics {topics}: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            admin.close()
+    return _collect_partitions(described, topics)
+
+
+def _collect_partitions(described: list[dict], topics: list[str]) -> list[TopicPartition]:
+    found: dict[str, list[TopicPartition]] = {}
+    for topic in described:
+        if topic.get("error_code", 0) == 0 and topic.get("partitions"):
+            found[topic["name"]] = [
+                TopicPartition(topic["name"], p["partition_index"]) for p in topic["partitions"]
+            ]
+    missing = [t for t in topics if t not in found]
+    if missing:
+        raise BusUnavailable(f"Topics {missing} do not exist; run ensure_topics() first")
+    return [tp for t in topics for tp in found[t]]

@@ -1,0 +1,277 @@
+"""The Kafka bus against a real embedded Tansu broker: delivery, commits, dead letters, outages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+
+from rlhf import bus
+from rlhf.broker import BrokerError, EmbeddedBroker, free_port
+from rlhf.v1 import events_pb2
+
+# Tansu holds JoinGroup for the rebalance timeout (= max_poll_interval_ms): keep it short.
+GROUP_SETTINGS = {"max_poll_interval_ms": 1000, "session_timeout_ms": 6000}
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log_path = tmp_path_factory.mktemp("tansu") / "broker.log"
+    with EmbeddedBroker(log_path=log_path) as embedded:
+        bus.ensure_topics(embedded.bootstrap)
+        yield embedded
+
+
+@pytest.fixture
+def publisher(broker: EmbeddedBroker) -> Iterator[bus.Publisher]:
+    pub = bus.Publisher(broker.bootstrap, client_id="test-bus")
+    yield pub
+    pub.close()
+
+
+def make_topic(bootstrap: str, partitions: int = 3) -> str:
+    """A fresh topic per test, so tests never see each other's records."""
+    name = f"test.{uuid.uuid4().hex[:12]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics({name: {"num_partitions": partitions, "replication_factor": 1}})
+    finally:
+        admin.close()
+    return name
+
+
+def generation(gid: str) -> events_pb2.GenerationEvent:
+    return events_pb2.GenerationEvent(generation_id=gid, prompt="p", response=f"r-{gid}")
+
+
+def poll_until(consumer: bus.EventConsumer, count: int, timeout: float = 20.0) -> list[bus.Record]:
+    """Poll until at least `count` records arrived (fails the test on timeout)."""
+    records: list[bus.Record] = []
+    deadline = time.monotonic() + timeout
+    while len(records) < count:
+        assert time.monotonic() < deadline, f"got {len(records)}/{count} records in {timeout}s"
+        records.extend(consumer.poll(timeout=0.2))
+    return records
+
+
+def drain(consumer: bus.EventConsumer, seconds: float) -> list[bus.Record]:
+    """Everything the consumer returns within `seconds`."""
+    records: list[bus.Record] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        records.extend(consumer.poll(timeout=0.2))
+    return records
+
+
+def group_consumer(broker: EmbeddedBroker, topic: str, group: str) -> bus.EventConsumer:
+    return bus.EventConsumer(
+        broker.bootstrap,
+        {topic: events_pb2.GenerationEvent},
+        group_id=group,
+        client_id="test-bus",
+        **GROUP_SETTINGS,
+    )
+
+
+def test_ensure_topics_is_idempotent(broker: EmbeddedBroker) -> None:
+    bus.ensure_topics(broker.bootstrap)
+    bus.ensure_topics(broker.bootstrap, partitions=5)  # existing topics are left alone
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        assert set(bus.ALL_TOPICS) <= set(admin.list_topics())
+        described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(bus.ALL_TOPICS)}
+    finally:
+        admin.close()
+    assert described[bus.POLICY_CHECKPOINTS] == 1
+    assert described[bus.REWARD_CHECKPOINTS] == 1
+    assert described[bus.GENERATIONS] == 3
+    assert described[bus.FEEDBACK] == 3
+
+
+def test_publish_returns_position_and_consumer_decodes(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    topic = make_topic(broker.bootstrap)
+    partition, offset = publisher.publish(
+        topic, "gen-1", generation("gen-1"), headers=[("trace", b"abc")]
+    )
+    assert 0 <= partition < 3
+    assert offset == 0
+    with bus.EventConsumer(broker.bootstrap, {topic: events_pb2.GenerationEvent}, None) as consumer:
+        [record] = poll_until(consumer, 1)
+        consumer.commit()  # no group: a no-op, not an error
+    assert (record.topic, record.partition, record.offset) == (topic, partition, offset)
+    assert record.key == "gen-1"
+    assert record.message == generation("gen-1")
+    assert record.headers == (("trace", b"abc"),)
+    assert record.timestamp_ms > 0
+
+
+def test_same_key_same_partition(broker: EmbeddedBroker, publisher: bus.Publisher) -> None:
+    topic = make_topic(broker.bootstrap)
+    positions = [publisher.publish(topic, "same-key", generation(str(i))) for i in range(5)]
+    assert len({p for p, _ in positions}) == 1
+    assert [o for _, o in positions] == list(range(5))
+    futures = [publisher.publish_async(topic, "same-key", generation(str(i))) for i in range(5)]
+    publisher.flush(5)
+    assert {f.get(5).partition for f in futures} == {positions[0][0]}
+
+
+def test_committed_records_are_not_redelivered(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    topic, group = make_topic(broker.bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    for i in range(6):
+        publisher.publish(topic, f"k{i}", generation(f"old-{i}"))
+    with group_consumer(broker, topic, group) as first:
+        assert len(poll_until(first, 6)) == 6
+        first.commit()
+    publisher.publish(topic, "k-new", generation("new"))
+    with group_consumer(broker, topic, group) as second:
+        records = poll_until(second, 1) + drain(second, 1.0)
+    assert [r.message.generation_id for r in records] == ["new"]
+
+
+def test_uncommitted_records_are_redelivered(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    topic, group = make_topic(broker.bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    expected = {f"gen-{i}" for i in range(6)}
+    for gid in sorted(expected):
+        publisher.publish(topic, gid, generation(gid))
+    with group_consumer(broker, topic, group) as first:
+        assert {r.message.generation_id for r in poll_until(first, 6)} == expected
+    with group_consumer(broker, topic, group) as second:
+        assert {r.message.generation_id for r in poll_until(second, 6)} == expected
+
+
+def test_garbage_goes_to_dead_letter_and_consumer_continues(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    topic = make_topic(broker.bootstrap, partitions=1)
+    garbage = b"\x00this is not a protobuf \xff"
+    publisher.publish(topic, "before", generation("before"))
+    raw = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    raw.send(topic, key=b"bad", value=garbage).get(5)
+    raw.close()
+    publisher.publish(topic, "after", generation("after"))
+
+    topics = {topic: events_pb2.GenerationEvent}
+    with bus.EventConsumer(broker.bootstrap, topics, None, dead_letters=publisher) as consumer:
+        records = poll_until(consumer, 2)
+        assert consumer.dead_lettered == 1
+    assert [(r.offset, r.key) for r in records] == [(0, "before"), (2, "after")]
+
+    letters = {bus.DEAD_LETTER: events_pb2.DeadLetter}
+    with bus.EventConsumer(broker.bootstrap, letters, None) as dlq:
+        deadline = time.monotonic() + 10
+        mine: list[events_pb2.DeadLetter] = []
+        while not mine and time.monotonic() < deadline:
+            mine = [r.message for r in dlq.poll(0.2) if r.message.source_topic == topic]
+    assert len(mine) == 1
+    letter = mine[0]
+    assert (letter.partition, letter.offset, letter.key, letter.value) == (0, 1, b"bad", garbage)
+    assert "DecodeError" in letter.reason
+    assert letter.failed_at.seconds > 0
+
+
+def test_record_is_not_skipped_when_dead_letter_publish_fails(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    topic = make_topic(broker.bootstrap, partitions=1)
+    publisher.publish(topic, "before", generation("before"))
+    raw = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    raw.send(topic, key=b"bad", value=b"\x00garbage").get(5)
+    raw.close()
+    publisher.publish(topic, "after", generation("after"))
+    nowhere = bus.Publisher(f"127.0.0.1:{free_port()}", client_id="test-nowhere", max_block_ms=300)
+
+    topics = {topic: events_pb2.GenerationEvent}
+    with bus.EventConsumer(broker.bootstrap, topics, None, dead_letters=nowhere) as consumer:
+        seen: list[str] = []
+        with pytest.raises(bus.BusUnavailable):
+            for _ in range(50):
+                seen += [r.message.generation_id for r in consumer.poll(0.2)]
+        assert "after" not in seen and consumer.dead_lettered == 0
+        consumer.dead_letters = publisher
+        while "after" not in seen:
+            seen += [r.message.generation_id for r in poll_until(consumer, 1)]
+        assert consumer.dead_lettered == 1
+    assert set(seen) == {"before", "after"}
+    nowhere.close(0)
+
+
+def test_publish_against_stopped_broker_fails_fast() -> None:
+    embedded = EmbeddedBroker()
+    embedded.start()
+    bus.ensure_topics(embedded.bootstrap)
+    connected = bus.Publisher(embedded.bootstrap, client_id="test-down")
+    connected.publish(bus.FEEDBACK, "k", generation("up"))
+    embedded.stop()
+    assert not embedded.is_running()
+    try:
+        for pub in (connected, bus.Publisher(embedded.bootstrap, client_id="test-fresh")):
+            started = time.monotonic()
+            with pytest.raises(bus.BusUnavailable):
+                pub.publish(bus.FEEDBACK, "k", generation("down"), timeout=5.0)
+            assert time.monotonic() - started < 10.0
+            pub.close(0)
+    finally:
+        embedded.stop()
+
+
+def test_broker_restart_on_same_port(tmp_path: Path) -> None:
+    port = free_port()
+    embedded = EmbeddedBroker(port=port, log_path=tmp_path / "restart.log", create_topics=True)
+    publisher = bus.Publisher(embedded.bootstrap, client_id="test-restart")
+    try:
+        embedded.start()
+        publisher.publish(bus.GENERATIONS, "k", generation("first-life"))
+        embedded.stop()
+        embedded.start()  # memory storage: topics recreated, old data gone
+        assert embedded.is_running() and embedded.bootstrap == f"127.0.0.1:{port}"
+        partition, offset = publisher.publish(bus.GENERATIONS, "k", generation("second-life"))
+        assert offset == 0
+        topics = {bus.GENERATIONS: events_pb2.GenerationEvent}
+        with bus.EventConsumer(embedded.bootstrap, topics, None) as consumer:
+            [record] = poll_until(consumer, 1)
+        assert (record.partition, record.message.generation_id) == (partition, "second-life")
+    finally:
+        publisher.close(1)
+        embedded.stop()
+
+
+def test_start_on_busy_port_fails_clearly(broker: EmbeddedBroker) -> None:
+    with pytest.raises(BrokerError, match="already in use"):
+        EmbeddedBroker(port=broker.port).start(timeout=5)
+
+
+def test_cli_serves_topics_until_sigterm() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf.broker", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"127.0.0.1:{port}"
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        assert set(bus.ALL_TOPICS) <= set(admin.list_topics())
+        admin.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
