@@ -1,0 +1,1 @@
+"""The platform services: each a thin shell over libs/rlhf."""

@@ -1,0 +1,1 @@
+"""Feedback service: authenticates, validates and durably publishes user feedback."""

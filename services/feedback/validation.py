@@ -1,0 +1,95 @@
+"""Edge validation of submitted feedback: pure functions, one status code per kind of fault."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import grpc
+
+from rlhf.ids import (
+    ExpiredGenerationId,
+    ForgedGenerationId,
+    GenerationClaims,
+    GenerationIdSigner,
+    InvalidGenerationId,
+)
+from rlhf.v1 import events_pb2
+
+MAX_IDEMPOTENCY_KEY = 128
+MAX_TAGS = 16
+MAX_TAG_CHARS = 64
+
+
+class FeedbackRejected(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_chars: int
+    max_ranking_size: int
+
+
+def _invalid(reason: str, message: str) -> FeedbackRejected:
+    return FeedbackRejected(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
+
+
+def verify_id(signer: GenerationIdSigner, generation_id: str) -> GenerationClaims:
+    try:
+        return signer.verify(generation_id)
+    except ForgedGenerationId as exc:
+        raise FeedbackRejected(grpc.StatusCode.PERMISSION_DENIED, "forged_id", str(exc)) from exc
+    except ExpiredGenerationId as exc:
+        raise FeedbackRejected(grpc.StatusCode.FAILED_PRECONDITION, "expired_id", str(exc)) from exc
+    except InvalidGenerationId as exc:
+        raise _invalid("malformed_id", str(exc)) from exc
+
+
+def _check_signal(
+    feedback: events_pb2.Feedback, signer: GenerationIdSigner, limits: Limits
+) -> None:
+    signal = feedback.WhichOneof("signal")
+    if signal is None:
+        raise _invalid("no_signal", "feedback needs one of thumb, ranking, correction or score")
+    if signal == "thumb" and feedback.thumb not in (events_pb2.THUMB_UP, events_pb2.THUMB_DOWN):
+        raise _invalid("bad_thumb", f"thumb must be THUMB_UP or THUMB_DOWN, got {feedback.thumb}")
+    if signal == "ranking":
+        ids = list(feedback.ranking.generation_ids)
+        if not 2 <= len(ids) <= limits.max_ranking_size:
+            raise _invalid("bad_ranking", f"a ranking orders 2 to {limits.max_ranking_size} ids")
+        if len(set(ids)) != len(ids):
+            raise _invalid("bad_ranking", "a ranking lists each generation once")
+        if feedback.generation_id not in ids:
+            raise _invalid("bad_ranking", "the ranking must include generation_id")
+        for other in ids:
+            verify_id(signer, other)
+    if signal == "correction":
+        text = feedback.correction.text
+        if not text.strip():
+            raise _invalid("empty_correction", "a correction needs text")
+        if len(text) > limits.max_text_chars:
+            raise _invalid("too_long", f"correction exceeds {limits.max_text_chars} characters")
+    if signal == "score":
+        value = feedback.score.value
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise _invalid("bad_score", "score must be a number in [0, 1]")
+
+
+def validate_feedback(
+    feedback: events_pb2.Feedback, signer: GenerationIdSigner, limits: Limits
+) -> GenerationClaims:
+    """Check everything about a submission; return the verified claims of its generation id."""
+    if not feedback.generation_id:
+        raise _invalid("missing_id", "generation_id is required")
+    claims = verify_id(signer, feedback.generation_id)
+    _check_signal(feedback, signer, limits)
+    if len(feedback.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise _invalid("too_long", f"idempotency_key exceeds {MAX_IDEMPOTENCY_KEY} characters")
+    if len(feedback.comment) > limits.max_text_chars:
+        raise _invalid("too_long", f"comment exceeds {limits.max_text_chars} characters")
+    if len(feedback.tags) > MAX_TAGS or any(len(t) > MAX_TAG_CHARS for t in feedback.tags):
+        raise _invalid("bad_tags", f"at most {MAX_TAGS} tags of {MAX_TAG_CHARS} characters")
+    return claims

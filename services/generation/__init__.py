@@ -1,0 +1,1 @@
+"""Generation service: serves the policy, signs generation ids, follows policy checkpoints."""

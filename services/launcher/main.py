@@ -1,0 +1,214 @@
+"""`make up`: start the broker, every service and the simulated users, and watch the loop turn.
+
+Each service runs as its own process, exactly as in a cluster, with its logs in `run/logs/`.
+Ctrl-C (or SIGTERM) stops them in reverse order, each draining its in-flight work, then the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf import bus
+from rlhf.broker import EmbeddedBroker, free_port
+from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+HEALTH_TIMEOUT = 600.0  # the first start converts the base model
+
+
+@dataclass
+class Process:
+    name: str
+    module: str
+    grpc_port: int | None
+    metrics_port: int | None
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+
+    def start(self, log_dir: Path) -> None:
+        self.log = open(log_dir / f"{self.name}.log", "ab")  # noqa: SIM115 (closed in stop)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env={**os.environ, **self.env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C goes to the launcher, which stops us in order
+        )
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.log is not None:
+            self.log.close()
+
+
+def wait_healthy(process: Process, log_dir: Path, timeout: float = HEALTH_TIMEOUT) -> None:
+    """Block until the process answers the standard gRPC health check with SERVING."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not process.alive():
+                tail = (log_dir / f"{process.name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{process.name} exited during start-up:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{process.name} did not become healthy in {timeout:.0f} s")
+    finally:
+        channel.close()
+
+
+def plan(bootstrap: str, model: str, reward_model: str) -> list[Process]:
+    """The processes in start order, each with its own ports and settings."""
+    id_key = os.environ.get("RLHF_GENERATION_ID_KEY") or secrets.token_hex(32)
+    api_key = secrets.token_hex(16)
+    common = {"RLHF_KAFKA_BOOTSTRAP": bootstrap, "RLHF_GRPC_HOST": "127.0.0.1"}
+    ports = {name: (free_port(), free_port()) for name in ("reward", "generation", "feedback")}
+    ports["trainer"] = (free_port(), free_port())
+
+    def service(name: str, extra: dict[str, str]) -> Process:
+        grpc_port, metrics_port = ports[name]
+        env = {
+            **common,
+            "RLHF_GRPC_PORT": str(grpc_port),
+            "RLHF_METRICS_PORT": str(metrics_port),
+            **extra,
+        }
+        return Process(name, f"services.{name}", grpc_port, metrics_port, env)
+
+    return [
+        service("reward", {"RLHF_REWARD_MODEL": reward_model}),
+        service("generation", {"RLHF_POLICY_MODEL": model, "RLHF_GENERATION_ID_KEY": id_key}),
+        service(
+            "feedback",
+            {"RLHF_GENERATION_ID_KEY": id_key, "RLHF_FEEDBACK_API_KEYS": f"local={api_key}"},
+        ),
+        service(
+            "trainer",
+            {
+                "RLHF_POLICY_MODEL": model,
+                "RLHF_REWARD_ADDRESS": f"127.0.0.1:{ports['reward'][0]}",
+            },
+        ),
+        Process(
+            "simulated-users",
+            "services.simulated_users",
+            None,
+            None,
+            {
+                "RLHF_GENERATION_ADDRESS": f"127.0.0.1:{ports['generation'][0]}",
+                "RLHF_FEEDBACK_ADDRESS": f"127.0.0.1:{ports['feedback'][0]}",
+                "RLHF_SIM_API_KEY": api_key,
+            },
+        ),
+    ]
+
+
+def report(processes: list[Process]) -> str:
+    """One status line: served policy version and trainer progress."""
+    by_name = {p.name: p for p in processes}
+    parts = []
+    with grpc.insecure_channel(f"127.0.0.1:{by_name['generation'].grpc_port}") as channel:
+        info = generation_pb2_grpc.GenerationServiceStub(channel).GetPolicyInfo(
+            generation_pb2.GetPolicyInfoRequest(), timeout=5
+        )
+        parts.append(f"served policy v{info.version}")
+    with grpc.insecure_channel(f"127.0.0.1:{by_name['trainer'].grpc_port}") as channel:
+        status = trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
+            trainer_pb2.GetStatusRequest(), timeout=5
+        )
+        parts.append(
+            f"trainer step {status.step} (published v{status.policy_version}, "
+            f"reward {status.mean_reward:+.3f}, kl {status.kl:.3f}, "
+            f"feedback {status.feedback_consumed}, waiting prompts {status.pending_prompts})"
+        )
+    return " | ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--broker-port", type=int, default=int(os.environ.get("RLHF_UP_BROKER_PORT", 0))
+    )
+    parser.add_argument("--model", default=os.environ.get("RLHF_POLICY_MODEL", "smollm2-135m"))
+    parser.add_argument("--reward-model", default=os.environ.get("RLHF_REWARD_MODEL", "minilm-l6"))
+    parser.add_argument("--run-dir", type=Path, default=Path("run"))
+    args = parser.parse_args(argv)
+    log_dir = args.run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    broker = EmbeddedBroker(port=args.broker_port or None, log_path=log_dir / "broker.log")
+    broker.start()
+    bus.ensure_topics(broker.bootstrap)
+    print(f"broker        kafka://{broker.bootstrap}  (topics: {', '.join(bus.ALL_TOPICS)})")
+    processes = plan(broker.bootstrap, args.model, args.reward_model)
+    try:
+        for process in processes:
+            process.start(log_dir)
+            if process.grpc_port is not None:
+                wait_healthy(process, log_dir)
+                print(
+                    f"{process.name:<13} grpc://127.0.0.1:{process.grpc_port}  "
+                    f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
+                )
+            else:
+                print(f"{process.name:<13} running")
+            if stop.is_set():
+                break
+        print(f"logs in {log_dir}/ ; Ctrl-C stops everything")
+        while not stop.wait(15.0):
+            dead = [p.name for p in processes if not p.alive()]
+            if dead:
+                print(f"stopped unexpectedly: {', '.join(dead)} (see {log_dir}/)")
+                break
+            try:
+                print(time.strftime("%H:%M:%S"), report(processes), flush=True)
+            except grpc.RpcError as exc:
+                print(time.strftime("%H:%M:%S"), f"status unavailable: {exc.code().name}")
+    finally:
+        print("stopping ...", flush=True)
+        for process in reversed(processes):
+            process.stop()
+        broker.stop()
+        print("stopped cleanly")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Simulated users: ask for answers and rate them with vaderSentiment, like real users would."""

@@ -1,0 +1,76 @@
+"""Simulated users entry point: `rlhf-simulated-users --help` lists its settings."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from typing import Any
+
+import grpc
+
+from rlhf.config import parse_args
+from rlhf.server import configure_logging
+
+from .config import SimulatedUsersConfig
+from .users import SimulatedUser, Tally
+
+log = logging.getLogger("simulated_users")
+
+
+def run(config: SimulatedUsersConfig, stop: threading.Event) -> Tally:
+    generation = grpc.insecure_channel(config.generation_address)
+    feedback = grpc.insecure_channel(config.feedback_address)
+    tally = Tally()
+
+    def user_loop(index: int) -> None:
+        user = SimulatedUser(
+            generation,
+            feedback,
+            config.api_key,
+            config.threshold,
+            config.max_new_tokens,
+            random.Random(config.seed * 1000 + index),
+            tally,
+        )
+        while not stop.is_set():
+            try:
+                user.interact()
+            except grpc.RpcError as exc:
+                log.warning("user %d: %s %s", index, exc.code().name, exc.details())
+                stop.wait(2.0)
+            stop.wait(config.pause_seconds)
+
+    threads = [
+        threading.Thread(target=user_loop, args=(i,), daemon=True) for i in range(config.users)
+    ]
+    for thread in threads:
+        thread.start()
+    while not stop.wait(15.0):
+        rates = ", ".join(f"v{v}: {r:.0%}" for v, r in tally.rates().items())
+        log.info("thumbs-up rate by policy version: %s", rates or "no feedback yet")
+    for thread in threads:
+        thread.join(timeout=130)
+    generation.close()
+    feedback.close()
+    return tally
+
+
+def main() -> None:
+    config = parse_args(
+        SimulatedUsersConfig, "Simulated users: generate, rate with VADER sentiment, send thumbs."
+    )
+    configure_logging("simulated-users")
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run(config, stop)
+
+
+if __name__ == "__main__":
+    main()

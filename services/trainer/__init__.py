@@ -1,0 +1,1 @@
+"""Trainer: joins generations with feedback and runs PPO, publishing policy checkpoints."""

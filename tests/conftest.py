@@ -1,0 +1,66 @@
+"""Shared fixtures: a real embedded broker, real in-process gRPC servers, test keys."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from rlhf import bus
+from rlhf.broker import EmbeddedBroker
+from rlhf.config import CommonConfig, load_config
+from rlhf.server import RunningServer, Service
+
+ID_KEY = "test-generation-id-key-0123456789"
+API_KEY = "test-api-key-0123456789"
+TENANT = "tests"
+AUTH = (("authorization", f"Bearer {API_KEY}"),)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """One real Kafka-compatible broker (Tansu) for the whole session, topics created."""
+    with EmbeddedBroker() as running:
+        bus.ensure_topics(running.bootstrap)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    return load_config(CommonConfig).cache_dir
+
+
+def serve(service: Service) -> RunningServer:
+    """Start `service` on a free loopback port with its own /metrics port."""
+    return RunningServer(service, host="127.0.0.1", port=0, metrics_port=0, grace_seconds=2).start()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def scrape(server: RunningServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as reply:
+        return reply.read().decode()
+
+
+def consume_all(bootstrap: str, topic: str, message_type, timeout: float = 10.0) -> list:
+    """Every record on `topic` right now (no consumer group), for assertions."""
+    consumer = bus.EventConsumer(bootstrap, {topic: message_type}, group_id=None)
+    records, idle_since = [], time.monotonic()
+    try:
+        while time.monotonic() - idle_since < 1.5 and time.monotonic() - idle_since < timeout:
+            batch = consumer.poll(timeout=0.5)
+            if batch:
+                records.extend(batch)
+                idle_since = time.monotonic()
+    finally:
+        consumer.close()
+    return records
