@@ -87,9 +87,7 @@ def prepare_policy(cache_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
         tokenizer.eos_token = EOS_TOKEN
         tokenizer.pad_token = PAD_TOKEN
-        model = LlamaForCausalLM.from_pretrained(
-            source, gguf_file=_GGUF_FILE, torch_dtype=torch.float32
-        )
+        model = LlamaForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         for attribute in ("quantization_config", "is_quantized"):
@@ -136,9 +134,7 @@ def tiny_policy_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
 def load_base_policy(name: str, cache_dir: Path, seed: int = 0) -> LlamaForCausalLM:
     """Policy version 0: the pretrained SmolLM2, or a seeded tiny random model for tests."""
     if name == SMOLLM2:
-        model = LlamaForCausalLM.from_pretrained(
-            prepare_policy(cache_dir), torch_dtype=torch.float32
-        )
+        model = LlamaForCausalLM.from_pretrained(prepare_policy(cache_dir), dtype=torch.float32)
     elif name == TINY:
         config = tiny_policy_config(load_tokenizer(cache_dir))
         with torch.random.fork_rng(devices=[]):

@@ -10,6 +10,7 @@ import argparse
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,25 @@ from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
+# Well-known local ports (gRPC, metrics); a busy one is replaced by a free one and printed.
+PORTS = {
+    "generation": (50051, 9101),
+    "feedback": (50052, 9102),
+    "reward": (50053, 9103),
+    "trainer": (50054, 9104),
+}
+BROKER_PORT = 9092
+# Sized for a 2-core CPU: a PPO update every minute or two on SmolLM2-135M, and users who leave
+# the trainer some CPU. Any of these can be overridden from the environment.
+CPU_DEMO = {
+    "trainer": {
+        "RLHF_PPO_BATCH_SIZE": "4",
+        "RLHF_PPO_MINIBATCH_SIZE": "4",
+        "RLHF_PPO_EPOCHS": "1",
+        "RLHF_PPO_RESPONSE_TOKENS": "24",
+    },
+    "simulated-users": {"RLHF_SIM_PAUSE_SECONDS": "2", "RLHF_SIM_MAX_NEW_TOKENS": "24"},
+}
 
 
 @dataclass
@@ -40,9 +60,10 @@ class Process:
 
     def start(self, log_dir: Path) -> None:
         self.log = open(log_dir / f"{self.name}.log", "ab")  # noqa: SIM115 (closed in stop)
+        defaults = CPU_DEMO.get(self.name, {})
         self.popen = subprocess.Popen(
             [sys.executable, "-m", self.module],
-            env={**os.environ, **self.env},
+            env={**defaults, **os.environ, **self.env},
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C goes to the launcher, which stops us in order
@@ -87,13 +108,19 @@ def wait_healthy(process: Process, log_dir: Path, timeout: float = HEALTH_TIMEOU
         channel.close()
 
 
-def plan(bootstrap: str, model: str, reward_model: str) -> list[Process]:
+def _port(preferred: int) -> int:
+    with socket.socket() as probe:
+        busy = probe.connect_ex(("127.0.0.1", preferred)) == 0
+    return free_port() if busy else preferred
+
+
+def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Process]:
     """The processes in start order, each with its own ports and settings."""
     id_key = os.environ.get("RLHF_GENERATION_ID_KEY") or secrets.token_hex(32)
-    api_key = secrets.token_hex(16)
     common = {"RLHF_KAFKA_BOOTSTRAP": bootstrap, "RLHF_GRPC_HOST": "127.0.0.1"}
-    ports = {name: (free_port(), free_port()) for name in ("reward", "generation", "feedback")}
-    ports["trainer"] = (free_port(), free_port())
+    ports = {
+        name: (_port(grpc_port), _port(metrics)) for name, (grpc_port, metrics) in PORTS.items()
+    }
 
     def service(name: str, extra: dict[str, str]) -> Process:
         grpc_port, metrics_port = ports[name]
@@ -133,6 +160,18 @@ def plan(bootstrap: str, model: str, reward_model: str) -> list[Process]:
     ]
 
 
+def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: str) -> Path:
+    """Addresses and the API key, for apps and scripts to `source`."""
+    lines = [f"RLHF_KAFKA_BOOTSTRAP={bootstrap}", f"RLHF_API_KEY={api_key}"]
+    for process in processes:
+        if process.grpc_port is not None:
+            lines.append(f"RLHF_{process.name.upper()}_ADDRESS=127.0.0.1:{process.grpc_port}")
+    path = run_dir / "up.env"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def report(processes: list[Process]) -> str:
     """One status line: served policy version and trainer progress."""
     by_name = {p.name: p for p in processes}
@@ -157,7 +196,7 @@ def report(processes: list[Process]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--broker-port", type=int, default=int(os.environ.get("RLHF_UP_BROKER_PORT", 0))
+        "--broker-port", type=int, default=int(os.environ.get("RLHF_UP_BROKER_PORT", BROKER_PORT))
     )
     parser.add_argument("--model", default=os.environ.get("RLHF_POLICY_MODEL", "smollm2-135m"))
     parser.add_argument("--reward-model", default=os.environ.get("RLHF_REWARD_MODEL", "minilm-l6"))
@@ -174,11 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    broker = EmbeddedBroker(port=args.broker_port or None, log_path=log_dir / "broker.log")
+    broker = EmbeddedBroker(port=_port(args.broker_port), log_path=log_dir / "broker.log")
     broker.start()
     bus.ensure_topics(broker.bootstrap)
     print(f"broker        kafka://{broker.bootstrap}  (topics: {', '.join(bus.ALL_TOPICS)})")
-    processes = plan(broker.bootstrap, args.model, args.reward_model)
+    api_key = os.environ.get("RLHF_UP_API_KEY") or secrets.token_hex(16)
+    processes = plan(broker.bootstrap, args.model, args.reward_model, api_key)
     try:
         for process in processes:
             process.start(log_dir)
@@ -192,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{process.name:<13} running")
             if stop.is_set():
                 break
+        env_file = write_env(args.run_dir, broker.bootstrap, processes, api_key)
+        print(f"feedback API key: tenant 'local', key {api_key} (all addresses in {env_file})")
         print(f"logs in {log_dir}/ ; Ctrl-C stops everything")
         while not stop.wait(15.0):
             dead = [p.name for p in processes if not p.alive()]
