@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup protos lint test test-fast up bench clean
+.PHONY: setup protos lint test up clean
 
 setup: $(STAMP)
 

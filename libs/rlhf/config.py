@@ -92,7 +92,10 @@ def parse_args(cls: type[T], description: str, argv: Sequence[str] | None = None
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
-    return load_config(cls)
+    try:
+        return load_config(cls)
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage line
 
 
 def _default_cache() -> Path:

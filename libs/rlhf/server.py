@@ -40,6 +40,14 @@ RPC_LATENCY = Histogram(
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+class Rejected(Exception):
+    """A request refused at the edge: the status code for the client, a reason for metrics."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
 class Service(Protocol):
     name: str  # short name for logs and metrics, e.g. "generation"
 

@@ -13,9 +13,10 @@ from rlhf import bus
 from rlhf.auth import ApiKeys, Unauthenticated
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.ids import GenerationIdSigner
+from rlhf.server import Rejected
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
-from .validation import FeedbackRejected, Limits, validate_feedback
+from .validation import Limits, validate_feedback
 
 ACCEPTED = Counter(
     "rlhf_feedback_accepted_total",
@@ -60,7 +61,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         try:
             return self._submit(tenant, request.feedback)
-        except FeedbackRejected as exc:
+        except Rejected as exc:
             REJECTED.labels(exc.reason).inc()
             context.abort(exc.code, str(exc))
 
@@ -83,7 +84,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                 bus.FEEDBACK, feedback.generation_id, event, timeout=self._publish_timeout
             )
         except BusUnavailable as exc:
-            raise FeedbackRejected(
+            raise Rejected(
                 grpc.StatusCode.UNAVAILABLE,
                 "broker_unavailable",
                 f"feedback was NOT stored, retry later: {exc}",

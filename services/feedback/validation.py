@@ -14,17 +14,12 @@ from rlhf.ids import (
     GenerationIdSigner,
     InvalidGenerationId,
 )
+from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
 MAX_IDEMPOTENCY_KEY = 128
 MAX_TAGS = 16
 MAX_TAG_CHARS = 64
-
-
-class FeedbackRejected(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.reason = code, reason
 
 
 @dataclass(frozen=True)
@@ -33,17 +28,17 @@ class Limits:
     max_ranking_size: int
 
 
-def _invalid(reason: str, message: str) -> FeedbackRejected:
-    return FeedbackRejected(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
+def _invalid(reason: str, message: str) -> Rejected:
+    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
 
 
 def verify_id(signer: GenerationIdSigner, generation_id: str) -> GenerationClaims:
     try:
         return signer.verify(generation_id)
     except ForgedGenerationId as exc:
-        raise FeedbackRejected(grpc.StatusCode.PERMISSION_DENIED, "forged_id", str(exc)) from exc
+        raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "forged_id", str(exc)) from exc
     except ExpiredGenerationId as exc:
-        raise FeedbackRejected(grpc.StatusCode.FAILED_PRECONDITION, "expired_id", str(exc)) from exc
+        raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "expired_id", str(exc)) from exc
     except InvalidGenerationId as exc:
         raise _invalid("malformed_id", str(exc)) from exc
 

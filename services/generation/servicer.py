@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf import bus, decoding
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.ids import GenerationIdSigner
+from rlhf.server import Rejected
 from rlhf.serving import HotSwap
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 
@@ -35,14 +36,8 @@ MAX_STOP_CHARS = 64
 MAX_MESSAGES = 64
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.reason = code, reason
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", message)
+def _invalid(message: str) -> Rejected:
+    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", message)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -127,7 +122,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests in flight")
         try:
             return self._generate(request)
-        except RequestError as exc:
+        except Rejected as exc:
             REJECTED.labels(exc.reason).inc()
             context.abort(exc.code, str(exc))
         finally:
@@ -227,7 +222,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             )
         except BusUnavailable as exc:
             # Without the event, feedback on this answer could never be joined: fail the call.
-            raise RequestError(
+            raise Rejected(
                 grpc.StatusCode.UNAVAILABLE, "broker_unavailable", f"event store unavailable: {exc}"
             ) from exc
 

@@ -2,15 +2,16 @@ import grpc
 import pytest
 
 from rlhf.ids import GenerationIdSigner
+from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
-from services.feedback.validation import FeedbackRejected, Limits, validate_feedback
+from services.feedback.validation import Limits, validate_feedback
 
 SIGNER = GenerationIdSigner(b"k" * 32)
 LIMITS = Limits(max_text_chars=100, max_ranking_size=4)
 
 
 def _code(feedback):
-    with pytest.raises(FeedbackRejected) as caught:
+    with pytest.raises(Rejected) as caught:
         validate_feedback(feedback, SIGNER, LIMITS)
     return caught.value.code
 
