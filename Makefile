@@ -4,11 +4,20 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup protos lint test up clean
+.PHONY: setup system-packages protos lint test up bench clean
 
 setup: $(STAMP)
 
+# Debian tools the tests use as real, independent clients: promtool (alert rules), kcat (Kafka).
+# Installed when missing and we can (root with apt-get); otherwise the tests that need them say so.
+system-packages:
+	@if command -v promtool >/dev/null && command -v kcat >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus kcat >/dev/null; \
+	else echo "note: install Debian's prometheus and kcat packages for the full test suite"; fi
+
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
+	$(MAKE) system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
@@ -29,6 +38,9 @@ test: lint
 
 up: setup
 	$(BIN)/rlhf-up
+
+bench: setup
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,94 @@
+"""Shared helpers for the benchmarks: statistics, machine facts, BENCHMARKS.md assembly."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+AREAS = ("feedback", "generation", "reward", "trainer")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def repeat(fn: Callable[[], float], times: int) -> list[float]:
+    """Run a measurement `times` times; `fn` returns one figure per run."""
+    return [fn() for _ in range(times)]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, no GPU; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def write_section(area: str, body: str, command: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    path = RESULTS / f"{area}.md"
+    path.write_text(f"## {area}\n\nCommand: `{command}` ({stamp})\n\n{body.strip()}\n")
+    return path
+
+
+def assemble() -> Path:
+    """BENCHMARKS.md from every area's latest results."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    parts = [
+        "# Benchmarks\n",
+        "Produced by `make bench` (all areas) or `python -m bench <area>` (one area); medians over",
+        "repeats, each compared with a baseline measured in the same run.\n",
+        f"Machine: {machine()}. Commit: {commit}.\n",
+    ]
+    for area in AREAS:
+        path = RESULTS / f"{area}.md"
+        if path.exists():
+            parts.append(path.read_text())
+        else:
+            parts.append(f"## {area}\n\nNot measured yet.\n")
+    out = ROOT / "BENCHMARKS.md"
+    out.write_text("\n".join(parts))
+    return out
