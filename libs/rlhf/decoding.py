@@ -72,17 +72,34 @@ def _generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
 
 
-def _pick(logits: torch.Tensor, params: Sampling, generator: torch.Generator) -> tuple[int, float]:
-    """Choose one token from a row of logits; returns (token, logprob under temperature)."""
-    if params.temperature <= 0:
-        token = int(torch.argmax(logits))
-        return token, float(torch.log_softmax(logits, dim=-1)[token])
-    scaled = logits / params.temperature
+def pick_tokens(
+    logits: torch.Tensor, params: Sequence[Sampling], generators: Sequence[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row of logits [B, V]; returns (tokens [B], logprobs [B]).
+
+    Vectorised over the batch. Each row draws its uniform number from its own generator and
+    samples by inverting its CDF, so a seeded row is reproducible whatever its batch-mates are.
+    Logprobs are under the row's temperature, before top-k/top-p filtering (greedy rows: T=1).
+    """
+    temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    greedy = temperatures <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperatures), temperatures)[:, None]
     logprobs = torch.log_softmax(scaled, dim=-1)
-    filtered = filter_logits(scaled, params.top_k, params.top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logprobs[token])
+    filtered = scaled
+    if any(p.top_k > 0 or 0.0 < p.top_p < 1.0 for p in params):
+        filtered = torch.stack(
+            [filter_logits(row, p.top_k, p.top_p) for row, p in zip(scaled, params, strict=True)]
+        )
+    cdf = torch.softmax(filtered, dim=-1).cumsum(dim=-1)
+    draws = torch.cat([torch.rand(1, generator=g, dtype=cdf.dtype) for g in generators])
+    # right=True skips zero-probability tokens even for a draw of exactly 0.
+    sampled = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(1)
+    tokens = torch.where(greedy, logits.argmax(dim=-1), sampled.clamp(max=logits.shape[-1] - 1))
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+# Called with (row, token, logprob) as each token is chosen: streaming and time-to-first-token.
+OnToken = Callable[[int, int, float], None]
 
 
 @torch.inference_mode()
@@ -93,6 +110,7 @@ def generate(
     eos_ids: set[int],
     pad_id: int,
     stop_check: StopCheck | None = None,
+    on_token: OnToken | None = None,
 ) -> list[Completion]:
     """Sample a completion for each prompt (rows may differ in every sampling parameter)."""
     if len(prompts) != len(params) or not prompts:
@@ -115,14 +133,17 @@ def generate(
             position_ids=step_positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,  # the prefill needs only the last position's logits
         )
-        last = out.logits[:, -1, :].float()
+        tokens, logprobs = pick_tokens(out.logits[:, -1, :].float(), params, generators)
         next_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
         emitted = torch.zeros((len(prompts), 1), dtype=torch.long)
         for row, params_row in enumerate(params):
             if not active[row]:
                 continue
-            token, logprob = _pick(last[row], params_row, generators[row])
+            token, logprob = int(tokens[row]), float(logprobs[row])
+            if on_token is not None:
+                on_token(row, token, logprob)
             completion = completions[row]
             completion.token_ids.append(token)
             completion.logprobs.append(logprob)
@@ -139,3 +160,41 @@ def generate(
         step_positions = step_positions[:, -1:] + 1
         step_ids = next_ids
     return completions
+
+
+def stop_sequence_check(
+    decode: Callable[[list[int]], str], stops: Sequence[str]
+) -> Callable[[list[int]], bool] | None:
+    """A per-request check: did one of `stops` appear in the newest part of the text?"""
+    if not stops:
+        return None
+    window = max(len(s) for s in stops) + 2  # a token spans at least one character
+
+    def check(token_ids: list[int]) -> bool:
+        tail = decode(token_ids[-window:])
+        return any(s in tail for s in stops)
+
+    return check
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first stop sequence (the stop sequence itself is not returned)."""
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+class IncrementalText:
+    """Turns a growing list of token ids into text deltas, holding back incomplete characters."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self.token_ids: list[int] = []
+        self._emitted = ""
+
+    def push(self, token: int) -> str:
+        self.token_ids.append(token)
+        text = self._decode(self.token_ids)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            return ""
+        delta, self._emitted = text[len(self._emitted) :], text
+        return delta

@@ -25,9 +25,29 @@ class GenerationConfig(CommonConfig):
         "RLHF_DEFAULT_MAX_NEW_TOKENS", 64, "max_new_tokens when a request leaves it at 0"
     )
     max_concurrent_requests: int = setting(
-        "RLHF_MAX_CONCURRENT_REQUESTS", 32, "requests in flight before RESOURCE_EXHAUSTED"
+        "RLHF_MAX_CONCURRENT_REQUESTS", 64, "requests queued or running before RESOURCE_EXHAUSTED"
     )
+    max_batch: int = setting("RLHF_MAX_BATCH", 16, "requests decoded together in one batch")
+    batch_wait_ms: float = setting(
+        "RLHF_BATCH_WAIT_MS", 5.0, "how long a batch waits for companions once one request is in"
+    )
+    request_timeout_seconds: float = setting(
+        "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
+    )
+    http_port: int = setting(
+        "RLHF_HTTP_PORT", 8080, "TGI-compatible HTTP API port (0 = any, -1 = disabled)"
+    )
+    backend: str = setting("RLHF_GENERATION_BACKEND", "local", "local (transformers) or tgi")
+    tgi_url: str = setting("RLHF_TGI_URL", "", "TGI server base URL, with the tgi backend")
+    tgi_deployment: str = setting(
+        "RLHF_TGI_DEPLOYMENT", "", "Deployment to roll on new policies (tgi backend; empty = never)"
+    )
+    tgi_namespace: str = setting("RLHF_TGI_NAMESPACE", "default", "namespace of that Deployment")
 
     def validate(self) -> None:
         if len(self.generation_id_key.encode()) < 16:
             raise ConfigError("RLHF_GENERATION_ID_KEY must be set to at least 16 bytes")
+        if self.backend not in ("local", "tgi"):
+            raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
+        if self.backend == "tgi" and not self.tgi_url:
+            raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")

@@ -3,18 +3,71 @@
 from __future__ import annotations
 
 import grpc
+from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
+from rlhf.backends import Backend, LocalBackend, TgiBackend, TgiRolloutFollower
+from rlhf.batching import DynamicBatcher
 from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.ids import GenerationIdSigner
+from rlhf.kube import Rollout
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
 from rlhf.server import run_main
 from rlhf.serving import CheckpointFollower, HotSwap, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
 from .config import GenerationConfig
+from .core import GenerationCore
+from .http_api import TgiHttpServer
 from .servicer import GenerationServicer
+
+
+def local_backend(
+    config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
+) -> LocalBackend:
+    initial = latest_or_base(
+        store,
+        POLICY,
+        policy_from_checkpoint,
+        lambda: load_base_policy(config.policy_model, config.cache_dir),
+    )
+    slot = HotSwap(POLICY, initial)
+    batcher = DynamicBatcher(
+        slot,
+        eos_ids={tokenizer.eos_token_id},
+        pad_id=tokenizer.pad_token_id,
+        max_batch=config.max_batch,
+        max_wait_s=config.batch_wait_ms / 1000,
+        max_queue=config.max_concurrent_requests,
+    )
+    follower = CheckpointFollower(
+        slot,
+        store,
+        policy_from_checkpoint,
+        config.kafka_bootstrap,
+        bus.POLICY_CHECKPOINTS,
+        client_id="generation-follower",
+    )
+    return LocalBackend(slot, batcher, follower)
+
+
+def tgi_backend(config: GenerationConfig, store: CheckpointStore) -> TgiBackend:
+    follower = None
+    if config.tgi_deployment:
+        follower = TgiRolloutFollower(
+            store,
+            Rollout.in_cluster(config.tgi_deployment, config.tgi_namespace),
+            config.kafka_bootstrap,
+            bus.POLICY_CHECKPOINTS,
+            client_id="generation-tgi-rollout",
+        )
+    return TgiBackend(
+        config.tgi_url,
+        max_concurrency=config.max_concurrent_requests,
+        timeout=config.request_timeout_seconds,
+        rollout_follower=follower,
+    )
 
 
 class GenerationService:
@@ -23,41 +76,40 @@ class GenerationService:
     def __init__(self, config: GenerationConfig) -> None:
         self.config = config
         store = CheckpointStore(config.checkpoint_dir)
-        self.tokenizer = load_tokenizer(config.cache_dir)
-        initial = latest_or_base(
-            store,
-            POLICY,
-            policy_from_checkpoint,
-            lambda: load_base_policy(config.policy_model, config.cache_dir),
+        tokenizer = load_tokenizer(config.cache_dir)
+        backend: Backend = (
+            tgi_backend(config, store)
+            if config.backend == "tgi"
+            else local_backend(config, store, tokenizer)
         )
-        self.policy = HotSwap(POLICY, initial)
         self.publisher = Publisher(config.kafka_bootstrap, client_id="generation")
-        self.follower = CheckpointFollower(
-            self.policy,
-            store,
-            policy_from_checkpoint,
-            config.kafka_bootstrap,
-            bus.POLICY_CHECKPOINTS,
-            client_id="generation-follower",
-        )
-        self.servicer = GenerationServicer(
+        self.core = GenerationCore(
             config,
-            self.policy,
-            self.tokenizer,
+            backend,
+            tokenizer,
             self.publisher,
             GenerationIdSigner(config.generation_id_key.encode()),
-            config.policy_model,
         )
+        self.servicer = GenerationServicer(self.core, config.policy_model)
+        self.http: TgiHttpServer | None = None
+        if config.http_port >= 0:
+            self.http = TgiHttpServer(
+                self.core, config.policy_model, config.grpc_host, config.http_port
+            )
 
     def register(self, server: grpc.Server) -> list[str]:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
         return [generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name]
 
     def start(self) -> None:
-        self.follower.start()
+        self.core.backend.start()
+        if self.http is not None:
+            self.http.start()
 
     def stop(self) -> None:
-        self.follower.stop()
+        if self.http is not None:
+            self.http.stop()
+        self.core.backend.stop()
         self.publisher.close(timeout=self.config.shutdown_grace_seconds)
 
 
@@ -66,7 +118,8 @@ def main() -> None:
         "generation",
         GenerationConfig,
         GenerationService,
-        "Serve the policy over gRPC, sign generation ids and follow policy checkpoints.",
+        "Serve the policy over gRPC and a TGI-compatible HTTP API, sign generation ids and "
+        "follow policy checkpoints.",
     )
 
 

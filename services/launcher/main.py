@@ -35,6 +35,7 @@ PORTS = {
     "trainer": (50054, 9104),
 }
 BROKER_PORT = 9092
+HTTP_PORT = 8080  # the generation service's TGI-compatible API
 # Sized for a 2-core CPU: a PPO update every minute or two on SmolLM2-135M, and users who leave
 # the trainer some CPU. Any of these can be overridden from the environment.
 CPU_DEMO = {
@@ -121,6 +122,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
     ports = {
         name: (_port(grpc_port), _port(metrics)) for name, (grpc_port, metrics) in PORTS.items()
     }
+    http_port = _port(HTTP_PORT)
 
     def service(name: str, extra: dict[str, str]) -> Process:
         grpc_port, metrics_port = ports[name]
@@ -134,7 +136,14 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
 
     return [
         service("reward", {"RLHF_REWARD_MODEL": reward_model}),
-        service("generation", {"RLHF_POLICY_MODEL": model, "RLHF_GENERATION_ID_KEY": id_key}),
+        service(
+            "generation",
+            {
+                "RLHF_POLICY_MODEL": model,
+                "RLHF_GENERATION_ID_KEY": id_key,
+                "RLHF_HTTP_PORT": str(http_port),
+            },
+        ),
         service(
             "feedback",
             {"RLHF_GENERATION_ID_KEY": id_key, "RLHF_FEEDBACK_API_KEYS": f"local={api_key}"},
@@ -166,6 +175,8 @@ def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: 
     for process in processes:
         if process.grpc_port is not None:
             lines.append(f"RLHF_{process.name.upper()}_ADDRESS=127.0.0.1:{process.grpc_port}")
+        if "RLHF_HTTP_PORT" in process.env:
+            lines.append(f"RLHF_TGI_URL=http://127.0.0.1:{process.env['RLHF_HTTP_PORT']}")
     path = run_dir / "up.env"
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
@@ -228,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"{process.name:<13} grpc://127.0.0.1:{process.grpc_port}  "
                     f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
                 )
+                if "RLHF_HTTP_PORT" in process.env:
+                    http = process.env["RLHF_HTTP_PORT"]
+                    print(f"{'':<13} TGI-compatible HTTP API http://127.0.0.1:{http}/")
             else:
                 print(f"{process.name:<13} running")
             if stop.is_set():

@@ -39,7 +39,9 @@ def platform(broker, cache_dir, tmp_path):
     servers = {}
     servers["reward"] = serve(RewardService(RewardConfig(**common, reward_model=TINY)))
     servers["generation"] = serve(
-        GenerationService(GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY))
+        GenerationService(
+            GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY, http_port=0)
+        )
     )
     servers["feedback"] = serve(
         FeedbackService(

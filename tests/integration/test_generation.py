@@ -31,6 +31,7 @@ def server(broker, store, cache_dir):
         cache_dir=cache_dir,
         policy_model=TINY,
         generation_id_key=ID_KEY,
+        http_port=0,
         max_prompt_tokens=64,
         max_new_tokens_limit=32,
         default_max_new_tokens=8,

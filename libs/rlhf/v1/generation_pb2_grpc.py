@@ -40,6 +40,11 @@ class GenerationServiceStub:
                 request_serializer=rlhf_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/rlhf.v1.GenerationService/GenerateStream',
+                request_serializer=rlhf_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.GetPolicyInfo = channel.unary_unary(
                 '/rlhf.v1.GenerationService/GetPolicyInfo',
                 request_serializer=rlhf_dot_v1_dot_generation__pb2.GetPolicyInfoRequest.SerializeToString,
@@ -57,6 +62,13 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """Tokens as they are sampled, then one final message with the whole answer and its id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPolicyInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -70,6 +82,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=rlhf_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=rlhf_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_generation__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'GetPolicyInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicyInfo,
@@ -105,6 +122,33 @@ class GenerationService:
             '/rlhf.v1.GenerationService/Generate',
             rlhf_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             rlhf_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rlhf.v1.GenerationService/GenerateStream',
+            rlhf_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            rlhf_dot_v1_dot_generation__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,279 @@
+"""Generation backends behind one interface: local transformers, or a TGI server.
+
+`LocalBackend` decodes in this process with dynamic batching and hot-reloads policy checkpoints.
+`TgiBackend` forwards to a text-generation-inference server through the official
+`text-generation` client. A TGI server cannot load new weights while running, so on a new policy
+checkpoint it verifies the checkpoint and asks Kubernetes for a rolling restart of the TGI
+Deployment (`libs/rlhf/kube.py`); the new pods load the announced version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from text_generation import Client
+from text_generation.errors import OverloadedError, ValidationError
+
+from rlhf import decoding
+from rlhf.batching import DynamicBatcher, Job, JobResult, Overloaded
+from rlhf.bus import EventConsumer
+from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
+from rlhf.kube import Rollout
+from rlhf.serving import RELOADS, SERVED_VERSION, CheckpointFollower, HotSwap
+from rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class Generated:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    policy_version: int
+    text: str | None = None  # set when the backend detokenised (TGI)
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    version: int
+    manifest_sha256: str
+    loaded_at: float
+
+
+class Backend(Protocol):
+    name: str
+
+    def submit(
+        self,
+        prompt: str,
+        prompt_ids: list[int],
+        sampling: decoding.Sampling,
+        stop_check: Callable[[list[int]], bool] | None,
+        stops: list[str],
+        on_token: TokenCallback | None,
+    ) -> Future: ...
+
+    def policy(self) -> PolicyState: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class LocalBackend:
+    """In-process decoding: dynamic batching plus hot reload of policy checkpoints."""
+
+    name = "local"
+
+    def __init__(
+        self, slot: HotSwap, batcher: DynamicBatcher, follower: CheckpointFollower | None
+    ) -> None:
+        self._slot = slot
+        self._batcher = batcher
+        self._follower = follower
+
+    def submit(
+        self,
+        prompt: str,
+        prompt_ids: list[int],
+        sampling: decoding.Sampling,
+        stop_check: Callable[[list[int]], bool] | None,
+        stops: list[str],
+        on_token: TokenCallback | None,
+    ) -> Future:
+        outer: Future = Future()
+        inner = self._batcher.submit(Job(prompt_ids, sampling, stop_check, on_token))
+
+        def done(future: Future) -> None:
+            if future.exception() is not None:
+                outer.set_exception(future.exception())
+                return
+            result: JobResult = future.result()
+            completion = result.completion
+            outer.set_result(
+                Generated(
+                    completion.token_ids,
+                    completion.logprobs,
+                    completion.finish_reason,
+                    result.policy_version,
+                )
+            )
+
+        inner.add_done_callback(done)
+        return outer
+
+    def policy(self) -> PolicyState:
+        served = self._slot.current()
+        return PolicyState(served.version, served.manifest_sha256, served.loaded_at)
+
+    def start(self) -> None:
+        self._batcher.start()
+        if self._follower is not None:
+            self._follower.start()
+
+    def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+        self._batcher.stop()
+
+
+_TGI_FINISH = {"eos_token": decoding.EOS, "stop_sequence": decoding.STOP, "length": decoding.LENGTH}
+
+
+class TgiBackend:
+    """Forwards to a TGI server with the `text-generation` client; restarts it on new policies."""
+
+    name = "tgi"
+
+    def __init__(
+        self,
+        url: str,
+        max_concurrency: int = 32,
+        timeout: float = 120.0,
+        rollout_follower: TgiRolloutFollower | None = None,
+    ) -> None:
+        self._client = Client(url, timeout=int(timeout))
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="tgi")
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._follower = rollout_follower
+        self._started_at = time.time()
+
+    def submit(
+        self,
+        prompt: str,
+        prompt_ids: list[int],
+        sampling: decoding.Sampling,
+        stop_check: Callable[[list[int]], bool] | None,
+        stops: list[str],
+        on_token: TokenCallback | None,
+    ) -> Future:
+        if not self._slots.acquire(blocking=False):
+            raise Overloaded("too many requests in flight to the TGI server")
+        future = self._pool.submit(self._call, prompt, sampling, stops, on_token)
+        future.add_done_callback(lambda _f: self._slots.release())
+        return future
+
+    def _parameters(self, sampling: decoding.Sampling, stops: list[str]) -> dict:
+        sample = sampling.temperature > 0
+        return {
+            "do_sample": sample,
+            "max_new_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature if sample else None,
+            "top_p": sampling.top_p if sample and sampling.top_p < 1.0 else None,
+            "top_k": sampling.top_k if sample and sampling.top_k > 0 else None,
+            "seed": sampling.seed,
+            "stop_sequences": stops or None,
+        }
+
+    def _call(
+        self,
+        prompt: str,
+        sampling: decoding.Sampling,
+        stops: list[str],
+        on_token: TokenCallback | None,
+    ) -> Generated:
+        parameters = self._parameters(sampling, stops)
+        version = self.policy().version
+        try:
+            if on_token is None:
+                reply = self._client.generate(prompt, **parameters)
+                tokens, details, text = reply.details.tokens, reply.details, reply.generated_text
+            else:
+                tokens, details, text = [], None, ""
+                for chunk in self._client.generate_stream(prompt, **parameters):
+                    tokens.append(chunk.token)
+                    on_token(chunk.token.id, chunk.token.logprob or 0.0)
+                    if chunk.details is not None:
+                        details, text = chunk.details, chunk.generated_text or ""
+        except OverloadedError as exc:
+            raise Overloaded(str(exc)) from exc
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from exc
+        finish = _TGI_FINISH.get(getattr(details.finish_reason, "value", ""), decoding.LENGTH)
+        return Generated(
+            [t.id for t in tokens], [t.logprob or 0.0 for t in tokens], finish, version, text
+        )
+
+    def policy(self) -> PolicyState:
+        if self._follower is None:
+            return PolicyState(0, "", self._started_at)
+        return self._follower.state
+
+    def start(self) -> None:
+        if self._follower is not None:
+            self._follower.start()
+
+    def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+        self._pool.shutdown(wait=True)
+
+
+class TgiRolloutFollower:
+    """Follows policy checkpoints for TGI pods: verify, then ask Kubernetes for a rollout."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        rollout: Rollout,
+        bootstrap: str,
+        topic: str,
+        client_id: str,
+    ) -> None:
+        self._store = store
+        self._rollout = rollout
+        self.state = PolicyState(store.latest_version(POLICY) or 0, "", time.time())
+        self._consumer = EventConsumer(
+            bootstrap,
+            {topic: events_pb2.CheckpointEvent},
+            group_id=None,
+            client_id=client_id,
+            from_beginning=True,
+        )
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tgi-rollout", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        self._consumer.close()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                records = self._consumer.poll(timeout=0.5)
+            except Exception:
+                log.exception("polling checkpoint events failed; retrying")
+                self._stopping.wait(1.0)
+                continue
+            for record in records:
+                self.apply(record.message)
+
+    def apply(self, event: events_pb2.CheckpointEvent) -> bool:
+        """Roll the TGI Deployment to a newer, verified checkpoint; True if it was triggered."""
+        if event.version <= self.state.version:
+            return False
+        try:
+            # Verify before restarting anything: a tampered checkpoint must not take pods down.
+            self._store.load(POLICY, event.version, event.manifest_sha256)
+        except (CheckpointError, OSError) as exc:
+            RELOADS.labels(POLICY, "refused").inc()
+            log.error("refusing policy checkpoint v%d for TGI: %s", event.version, exc)
+            return False
+        self._rollout.restart(event.version, event.manifest_sha256)
+        self.state = PolicyState(event.version, event.manifest_sha256, time.time())
+        RELOADS.labels(POLICY, "rolled_out").inc()
+        SERVED_VERSION.labels(POLICY).set(event.version)
+        return True

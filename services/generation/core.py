@@ -1,0 +1,252 @@
+"""What a generation request does, whatever the protocol: validate at the edge, generate on the
+backend, sign the generation id, publish the generation event. gRPC and the TGI-compatible HTTP
+API are thin adapters over this."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Histogram
+from transformers import PreTrainedTokenizerBase
+
+from rlhf import bus, decoding
+from rlhf.backends import Backend, Generated
+from rlhf.batching import Overloaded, ShuttingDown
+from rlhf.bus import BusUnavailable, Publisher
+from rlhf.ids import GenerationIdSigner
+from rlhf.server import Rejected
+from rlhf.v1 import common_pb2, events_pb2
+
+from .config import GenerationConfig
+
+REQUEST_SECONDS = Histogram(
+    "rlhf_generation_request_seconds",
+    "whole request: queue, decode, publish",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+REJECTED = Counter("rlhf_generation_rejected_total", "requests refused", ["reason"])
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+MAX_MESSAGES = 64
+
+
+def _invalid(message: str) -> Rejected:
+    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", message)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for the backend."""
+
+    prompt: str
+    prompt_ids: list[int]
+    sampling: decoding.Sampling
+    stops: list[str]
+    messages: list[common_pb2.ChatMessage]
+    params: common_pb2.SamplingParams
+
+
+@dataclass(frozen=True)
+class Outcome:
+    generation_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    policy_version: int
+    prompt_tokens: int
+
+
+class GenerationCore:
+    def __init__(
+        self,
+        config: GenerationConfig,
+        backend: Backend,
+        tokenizer: PreTrainedTokenizerBase,
+        publisher: Publisher,
+        signer: GenerationIdSigner,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self._publisher = publisher
+        self._signer = signer
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        prompt: str,
+        messages: list[common_pb2.ChatMessage],
+        params: common_pb2.SamplingParams,
+    ) -> Prepared:
+        """Validate everything about a request; raises Rejected(INVALID_ARGUMENT)."""
+        text = self._prompt_text(prompt, messages)
+        sampling = self._sampling(params)
+        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        limit = self.config.max_prompt_tokens
+        if len(prompt_ids) > limit:
+            raise _invalid(f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
+        return Prepared(text, prompt_ids, sampling, list(params.stop), list(messages), params)
+
+    def _prompt_text(self, prompt: str, messages: list[common_pb2.ChatMessage]) -> str:
+        limit = self.config.max_prompt_chars
+        if prompt and messages:
+            raise _invalid("give either prompt or messages, not both")
+        if not messages:
+            if not prompt.strip():
+                raise _invalid("prompt is empty")
+            if len(prompt) > limit:
+                raise _invalid(f"prompt exceeds {limit} characters")
+            return prompt
+        if len(messages) > MAX_MESSAGES:
+            raise _invalid(f"at most {MAX_MESSAGES} messages")
+        for message in messages:
+            if message.role not in ROLES:
+                raise _invalid(f"message role must be one of {ROLES}, got {message.role!r}")
+        if sum(len(m.content) for m in messages) > limit:
+            raise _invalid(f"messages exceed {limit} characters")
+        if not any(m.content.strip() for m in messages):
+            raise _invalid("messages are empty")
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    def _sampling(self, params: common_pb2.SamplingParams) -> decoding.Sampling:
+        config = self.config
+        max_new = params.max_new_tokens or config.default_max_new_tokens
+        if max_new > config.max_new_tokens_limit:
+            raise _invalid(f"max_new_tokens must be at most {config.max_new_tokens_limit}")
+        if not 0.0 <= params.temperature <= 5.0:
+            raise _invalid("temperature must be in [0, 5]")
+        if not 0.0 <= params.top_p <= 1.0:
+            raise _invalid("top_p must be in [0, 1]")
+        if params.top_k > len(self.tokenizer):
+            raise _invalid("top_k exceeds the vocabulary")
+        if len(params.stop) > MAX_STOP_SEQUENCES or any(
+            not s or len(s) > MAX_STOP_CHARS for s in params.stop
+        ):
+            raise _invalid(
+                f"at most {MAX_STOP_SEQUENCES} non-empty stop sequences of {MAX_STOP_CHARS} chars"
+            )
+        return decoding.Sampling(
+            max_new_tokens=max_new,
+            temperature=params.temperature,
+            top_p=params.top_p or 1.0,
+            top_k=params.top_k,
+            seed=params.seed if params.HasField("seed") else None,
+        )
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def run(
+        self, prepared: Prepared, on_token: Callable[[int, float], None] | None = None
+    ) -> Outcome:
+        """Generate, sign and publish; raises Rejected with the right status code."""
+        started = time.perf_counter()
+        generated = self._generate(prepared, on_token)
+        text = generated.text if generated.text is not None else self.decode(generated.token_ids)
+        if generated.finish_reason == decoding.STOP:
+            text = decoding.cut_at_stop(text, prepared.stops)
+        outcome = Outcome(
+            generation_id=self._signer.issue(generated.policy_version),
+            text=text,
+            token_ids=generated.token_ids,
+            logprobs=generated.logprobs,
+            finish_reason=generated.finish_reason,
+            policy_version=generated.policy_version,
+            prompt_tokens=len(prepared.prompt_ids),
+        )
+        self._publish(prepared, outcome)
+        REQUEST_SECONDS.observe(time.perf_counter() - started)
+        return outcome
+
+    def stream(self, prepared: Prepared) -> Iterator[tuple[int, str, float] | Outcome]:
+        """Yields (token id, text delta, logprob) as tokens come, then the Outcome."""
+        tokens: queue.Queue = queue.Queue()
+        done = object()
+        result: list[Outcome | Exception] = []
+
+        def work() -> None:
+            try:
+                result.append(self.run(prepared, lambda t, lp: tokens.put((t, lp))))
+            except Exception as exc:  # re-raised in the reader's thread below
+                result.append(exc)
+            tokens.put(done)
+
+        threading.Thread(target=work, name="generate-stream", daemon=True).start()
+        text = decoding.IncrementalText(self.decode)
+        while (item := tokens.get()) is not done:
+            token, logprob = item
+            yield token, text.push(token), logprob
+        if isinstance(result[0], Exception):
+            raise result[0]
+        yield result[0]
+
+    def _generate(
+        self, prepared: Prepared, on_token: Callable[[int, float], None] | None
+    ) -> Generated:
+        stop_check = decoding.stop_sequence_check(self.decode, prepared.stops)
+        try:
+            future = self.backend.submit(
+                prepared.prompt,
+                prepared.prompt_ids,
+                prepared.sampling,
+                stop_check,
+                prepared.stops,
+                on_token,
+            )
+            return future.result(timeout=self.config.request_timeout_seconds)
+        except Overloaded as exc:
+            REJECTED.labels("overloaded").inc()
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", str(exc)) from exc
+        except ShuttingDown as exc:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "shutting_down", str(exc)) from exc
+        except FutureTimeout as exc:
+            REJECTED.labels("timeout").inc()
+            raise Rejected(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "timeout", "generation took too long"
+            ) from exc
+        except ValueError as exc:
+            raise _invalid(str(exc)) from exc
+
+    def _publish(self, prepared: Prepared, outcome: Outcome) -> None:
+        created = Timestamp()
+        created.GetCurrentTime()
+        event = events_pb2.GenerationEvent(
+            generation_id=outcome.generation_id,
+            messages=prepared.messages,
+            prompt=prepared.prompt,
+            response=outcome.text,
+            prompt_token_ids=prepared.prompt_ids,
+            response_token_ids=outcome.token_ids,
+            response_logprobs=outcome.logprobs,
+            policy_version=outcome.policy_version,
+            sampling=prepared.params,
+            finish_reason=outcome.finish_reason,
+            created_at=created,
+        )
+        try:
+            self._publisher.publish(
+                bus.GENERATIONS,
+                outcome.generation_id,
+                event,
+                timeout=self.config.publish_timeout_seconds,
+            )
+        except BusUnavailable as exc:
+            # Without the event, feedback on this answer could never be joined: fail the call.
+            REJECTED.labels("broker_unavailable").inc()
+            raise Rejected(
+                grpc.StatusCode.UNAVAILABLE, "broker_unavailable", f"event store unavailable: {exc}"
+            ) from exc

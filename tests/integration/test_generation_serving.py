@@ -1,0 +1,265 @@
+"""Production serving: streaming, dynamic batching, overload, hot swap under load, and the
+TGI-compatible HTTP API driven by the real `text-generation` client (sync and async)."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import requests
+import torch
+from text_generation import AsyncClient, Client
+from text_generation.errors import ValidationError
+
+from rlhf import bus
+from rlhf.checkpoints import POLICY, CheckpointStore
+from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
+from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
+from services.generation.config import GenerationConfig
+from services.generation.main import GenerationService
+from tests.conftest import ID_KEY, scrape, serve, wait_until
+
+
+def _config(broker, store, cache_dir, **overrides):
+    values = {
+        "kafka_bootstrap": broker.bootstrap,
+        "checkpoint_dir": store.root,
+        "cache_dir": cache_dir,
+        "policy_model": TINY,
+        "generation_id_key": ID_KEY,
+        "grpc_host": "127.0.0.1",
+        "http_port": 0,
+        "max_new_tokens_limit": 64,
+        "batch_wait_ms": 20.0,
+    }
+    return GenerationConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return CheckpointStore(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def service(broker, store, cache_dir):
+    generation = GenerationService(_config(broker, store, cache_dir))
+    running = serve(generation)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(service):
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def base_url(service):
+    return f"http://127.0.0.1:{service.service.http.port}"
+
+
+def _request(prompt="Tell me a story", seed=1, max_new_tokens=12, **extra):
+    return generation_pb2.GenerateRequest(
+        prompt=prompt,
+        sampling=common_pb2.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, **extra
+        ),
+        return_logprobs=True,
+    )
+
+
+def test_stream_sends_tokens_then_the_final_answer(stub):
+    items = list(stub.GenerateStream(_request(seed=4)))
+    tokens = [i.token for i in items if i.WhichOneof("item") == "token"]
+    [final] = [i.final for i in items if i.WhichOneof("item") == "final"]
+    assert items[-1].WhichOneof("item") == "final"
+    assert len(tokens) == final.completion_tokens == 12
+    assert "".join(t.text for t in tokens) == final.text
+    assert [t.logprob for t in tokens] == pytest.approx(list(final.logprobs))
+    assert final.generation_id and final.text == stub.Generate(_request(seed=4)).text
+
+
+def test_stream_refuses_bad_input_with_invalid_argument(stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.GenerateStream(_request(prompt="")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_requests_share_batches_and_keep_seeded_results(stub, service):
+    seeds = list(range(20, 28))
+    alone = {seed: stub.Generate(_request(seed=seed)).text for seed in seeds}
+    before = _batch_stats(scrape(service))
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        replies = pool.map(lambda s: stub.Generate(_request(seed=s)).text, seeds)
+        together = dict(zip(seeds, replies, strict=True))
+    after = _batch_stats(scrape(service))
+    assert together == alone  # batching never changes a seeded answer
+    batches, requests_ = after[0] - before[0], after[1] - before[1]
+    assert requests_ == len(seeds) and batches < len(seeds), "requests were not batched"
+
+
+def _batch_stats(metrics: str) -> tuple[float, float]:
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith(("rlhf_generation_batch_size_count", "rlhf_generation_batch_size_sum")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["rlhf_generation_batch_size_count"], values["rlhf_generation_batch_size_sum"]
+
+
+def test_serving_metrics_are_exported(stub, service):
+    stub.Generate(_request())
+    metrics = scrape(service)
+    for name in (
+        "rlhf_generation_time_to_first_token_seconds_count",
+        "rlhf_generation_queue_depth",
+        "rlhf_generation_tokens_total",
+        "rlhf_generation_request_seconds_count",
+        'rlhf_served_version{kind="policy"}',
+    ):
+        assert name in metrics
+
+
+def test_full_queue_is_resource_exhausted(broker, store, cache_dir):
+    config = _config(broker, store, cache_dir, max_concurrent_requests=1, max_batch=1)
+    running = serve(GenerationService(config))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+            def call(seed):
+                try:
+                    stub.Generate(_request(seed=seed, max_new_tokens=48))
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    return exc.code()
+
+            with ThreadPoolExecutor(12) as pool:
+                codes = list(pool.map(call, range(12)))
+    finally:
+        running.stop()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert grpc.StatusCode.OK in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def _publish_perturbed(broker, store, cache_dir, scale):
+    model = load_base_policy(TINY, cache_dir)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+    manifest = store.write(POLICY, *policy_checkpoint_files(model))
+    event = events_pb2.CheckpointEvent(
+        kind=events_pb2.CHECKPOINT_KIND_POLICY,
+        version=manifest.version,
+        path=manifest.path,
+        manifest_sha256=manifest.sha256,
+    )
+    with bus.Publisher(broker.bootstrap, client_id="test") as publisher:
+        publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+    return manifest
+
+
+def test_swaps_under_concurrent_load_fail_no_request(stub, broker, store, cache_dir):
+    stop, failures, versions = threading.Event(), [], []
+
+    def client(index):
+        while not stop.is_set():
+            try:
+                reply = stub.Generate(_request(seed=index, max_new_tokens=8))
+                versions.append(reply.policy_version)
+            except grpc.RpcError as exc:
+                failures.append(exc.code())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        info = generation_pb2.GetPolicyInfoRequest()
+        for scale in (0.3, 0.6):
+            manifest = _publish_perturbed(broker, store, cache_dir, scale)
+            assert wait_until(lambda m=manifest: stub.GetPolicyInfo(info).version == m.version)
+        count_at_last_swap = len(versions)
+        assert wait_until(lambda: len(versions) > count_at_last_swap + 6)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert len(set(versions)) >= 2, "load did not span a swap"
+    assert versions[-1] == manifest.version
+
+
+# -- TGI-compatible HTTP API, driven by the official client -------------------------------------
+
+
+def test_tgi_client_generate_with_details(base_url):
+    client = Client(base_url)
+    reply = client.generate("Once upon a time", max_new_tokens=6, do_sample=True, seed=3)
+    assert reply.details.generated_tokens == 6 == len(reply.details.tokens)
+    assert reply.details.finish_reason.value == "length"
+    assert reply.generated_text == "".join(t.text for t in reply.details.tokens)
+    again = client.generate("Once upon a time", max_new_tokens=6, do_sample=True, seed=3)
+    assert again.generated_text == reply.generated_text
+
+
+def test_tgi_client_stream(base_url):
+    chunks = list(Client(base_url).generate_stream("Hello", max_new_tokens=5, seed=2, top_k=50))
+    assert len(chunks) == 5
+    assert all(c.details is None for c in chunks[:-1])
+    assert chunks[-1].details.generated_tokens == 5
+    assert chunks[-1].generated_text == "".join(c.token.text for c in chunks)
+
+
+def test_tgi_async_client_and_errors(base_url):
+    async def scenario():
+        client = AsyncClient(base_url)
+        reply = await client.generate("Hi", max_new_tokens=4, do_sample=True, seed=9)
+        streamed = [c async for c in client.generate_stream("Hi", max_new_tokens=4, seed=9)]
+        with pytest.raises(ValidationError, match="max_new_tokens"):
+            await client.generate("Hi", max_new_tokens=1000)
+        return reply, streamed
+
+    reply, streamed = asyncio.run(scenario())
+    assert reply.details.generated_tokens == 4 == len(streamed)
+    with pytest.raises(ValidationError, match="empty"):
+        Client(base_url).generate("   ")
+    with pytest.raises(ValidationError, match="repetition_penalty"):
+        Client(base_url).generate("Hi", repetition_penalty=1.3)
+
+
+def test_tgi_routes_info_health_and_generation_id(base_url):
+    assert requests.get(f"{base_url}/health", timeout=5).status_code == 200
+    info = requests.get(f"{base_url}/info", timeout=5).json()
+    assert info["max_input_tokens"] > 0 and info["backend"] == "local"
+    reply = requests.post(
+        f"{base_url}/generate",
+        json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}},
+        timeout=30,
+    )
+    assert reply.status_code == 200
+    assert reply.json()["generation_id"] == reply.headers["x-generation-id"]
+    bad = requests.post(f"{base_url}/generate", data=b"not json", timeout=5)
+    assert bad.status_code == 422 and bad.json()["error_type"] == "validation"
+
+
+def test_tgi_backend_serves_grpc_through_a_tgi_server(broker, store, cache_dir, base_url):
+    """The `tgi` backend, pointed at this service's own TGI-compatible API (TGI cannot run
+    here): gRPC in, the text-generation client out, same answer as the local backend."""
+    config = _config(broker, store, cache_dir, backend="tgi", tgi_url=base_url)
+    running = serve(GenerationService(config))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            via_tgi = stub.Generate(_request(seed=8, max_new_tokens=6))
+            streamed = list(stub.GenerateStream(_request(seed=8, max_new_tokens=6)))
+            info = stub.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest())
+    finally:
+        running.stop()
+    assert info.backend == "tgi"
+    assert via_tgi.completion_tokens == 6 and len(via_tgi.logprobs) == 6
+    assert streamed[-1].final.text == via_tgi.text
+    direct = Client(base_url).generate("Tell me a story", max_new_tokens=6, seed=8, temperature=1.0)
+    assert via_tgi.text == direct.generated_text
