@@ -1,7 +1,7 @@
 """Dynamic batching for serving: concurrent requests share one forward pass per decode step.
 
-Requests queue up; a single worker thread takes up to `max_batch` of them (waiting at most
-`max_wait_s` for companions once the first arrives), snapshots the served policy once for the
+Requests queue up; a single worker thread takes up to `max_batch` of them (collecting
+companions while they arrive less than `max_wait_s` apart), snapshots the served policy once for the
 whole batch, and decodes them together. A hot swap therefore lands between batches: every request
 finishes on the version its batch started with. The queue is bounded; a full queue is refused at
 once (`Overloaded`) instead of growing latency without limit.
@@ -102,18 +102,23 @@ class DynamicBatcher:
         return job.future
 
     def _next_batch(self) -> list[Job]:
+        """The first waiting job plus every job that follows it closely.
+
+        Collection goes on while companions keep arriving less than `max_wait_s` apart (a burst
+        of clients whose handlers take turns on the GIL to tokenise), up to `max_batch` jobs or
+        ten gaps in all, so a lone request waits one gap at most.
+        """
         try:
             batch = [self._queue.get(timeout=0.1)]
         except queue.Empty:
             return []
-        deadline = time.perf_counter() + self.max_wait_s
+        deadline = time.perf_counter() + 10 * self.max_wait_s
         while len(batch) < self.max_batch:
-            remaining = deadline - time.perf_counter()
+            wait = min(self.max_wait_s, deadline - time.perf_counter())
             try:
-                if remaining > 0:
-                    batch.append(self._queue.get(timeout=remaining))
-                else:
-                    batch.append(self._queue.get_nowait())
+                batch.append(
+                    self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
         QUEUE_DEPTH.set(self._queue.qsize())

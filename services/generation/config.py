@@ -29,7 +29,7 @@ class GenerationConfig(CommonConfig):
     )
     max_batch: int = setting("RLHF_MAX_BATCH", 16, "requests decoded together in one batch")
     batch_wait_ms: float = setting(
-        "RLHF_BATCH_WAIT_MS", 5.0, "how long a batch waits for companions once one request is in"
+        "RLHF_BATCH_WAIT_MS", 5.0, "a batch keeps collecting while requests arrive this close"
     )
     request_timeout_seconds: float = setting(
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
