@@ -174,8 +174,15 @@ def test_hot_reload_then_tampered_checkpoint_is_refused(stub, broker, store, cac
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
+    refused_before = _refused(server)
     _publish_checkpoint(broker, tampered)
-    refused = 'rlhf_checkpoint_reloads_total{kind="policy",outcome="refused"} 1.0'
-    assert wait_until(lambda: refused in scrape(server))
+    assert wait_until(lambda: _refused(server) == refused_before + 1)
     assert stub.GetPolicyInfo(info).version == manifest.version
     assert stub.Generate(_request(seed=3)).text == after.text
+
+
+def _refused(server) -> float:
+    """Refused policy reloads so far (other modules' events on the shared topic count too)."""
+    prefix = 'rlhf_checkpoint_reloads_total{kind="policy",outcome="refused"} '
+    lines = [line for line in scrape(server).splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
