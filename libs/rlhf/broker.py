@@ -240,6 +240,7 @@ class EmbeddedBroker:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             self._signal(proc, sig)
+            self._signal(proc, signal.SIGCONT)  # a paused broker acts on signals only once resumed
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -247,6 +248,18 @@ class EmbeddedBroker:
                 self._signal(proc, signal.SIGKILL)
                 proc.wait()
         self._close_log()
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): it keeps its connections and data but answers nothing,
+        like a stalled broker or a network partition. `resume()` lets it carry on."""
+        if self._proc is None:
+            raise BrokerError("the broker is not running")
+        self._signal(self._proc, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo `pause()` (SIGCONT)."""
+        if self._proc is not None:
+            self._signal(self._proc, signal.SIGCONT)
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:

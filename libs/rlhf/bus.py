@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from kafka.errors import (
     ProducerFencedError,
     UnknownProducerIdError,
 )
+from kafka.partitioner import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -66,6 +68,47 @@ _STALE_PRODUCER_ERRORS = (
     ProducerFencedError,
 )
 _CONNECT_TIMEOUT_MS = 10_000
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 key hash (org.apache.kafka.common.utils.Utils.murmur2), as kafka-python
+    computes it, but reading the key as little-endian 32-bit words at once: twice as fast.
+    (Masking to 32 bits distributes over XOR, so one mask per step is enough.)"""
+    m, mask, length = 0x5BD1E995, 0xFFFFFFFF, len(data)
+    h = 0x9747B28C ^ length
+    words = length // 4
+    for k in struct.unpack_from(f"<{words}I", data):
+        k = (k * m) & mask
+        h = ((h * m) ^ ((k ^ (k >> 24)) * m)) & mask
+    tail = length - words * 4
+    if tail:
+        h ^= int.from_bytes(data[words * 4 :], "little")
+        h = (h * m) & mask
+    h = ((h ^ (h >> 13)) * m) & mask
+    return h ^ (h >> 15)
+
+
+class KeyHashPartitioner(DefaultPartitioner):
+    """kafka-python's default partitioning, with the faster murmur2.
+
+    The partition must stay exactly the default one (that of the Java client too): a generation
+    and the feedback on it are keyed by the same id so that they share a partition.
+    """
+
+    def partition(
+        self,
+        topic: str,
+        key: Any,
+        serialized_key: bytes | None,
+        value: Any,
+        serialized_value: bytes | None,
+        cluster: Any,
+    ) -> int:
+        partitions = cluster.partitions_for_topic(topic)
+        if serialized_key is None or not partitions:
+            return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+        ordered = sorted(partitions)
+        return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
 
 
 class BusUnavailable(Exception):
@@ -195,6 +238,7 @@ class Publisher:
                 request_timeout_ms=request_timeout_ms,
                 reconnect_backoff_max_ms=1000,
                 allow_auto_create_topics=False,
+                partitioner=KeyHashPartitioner(),
             )
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc

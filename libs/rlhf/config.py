@@ -126,3 +126,9 @@ class CommonConfig:
     publish_timeout_seconds: float = setting(
         "RLHF_PUBLISH_TIMEOUT_SECONDS", 5.0, "how long to wait for the broker to acknowledge"
     )
+    tls_cert_file: str = setting(
+        "RLHF_TLS_CERT_FILE", "", "PEM certificate chain: with RLHF_TLS_KEY_FILE, serve TLS only"
+    )
+    tls_key_file: str = setting(
+        "RLHF_TLS_KEY_FILE", "", "PEM private key of RLHF_TLS_CERT_FILE (empty = plaintext)"
+    )

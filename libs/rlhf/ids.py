@@ -2,7 +2,11 @@
 
 The feedback service verifies a token without a database lookup: a wrong signature is a forgery,
 an old issue time is expired. Format: `g1.<base64url(payload)>.<base64url(hmac-sha256)>` with
-payload `<uuid hex>:<policy version>:<unix seconds>`.
+payload `<uuid hex>:<policy version>:<unix seconds>[:<prompt digest>]`.
+
+The prompt digest is optional so ids issued before it existed still verify: when a generation
+service passes `prompt_hash=prompt_digest(prompt)`, the feedback service can prove that every id of
+a ranking answers the same prompt; ids without it cannot be checked for that.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
 from dataclasses import dataclass
 
 PREFIX = "g1"
 MAX_ID_LENGTH = 256
+_UNSIGNED = re.compile(r"[0-9]{1,19}")  # below 2**63: fits every integer field it lands in
 
 
 class InvalidGenerationId(ValueError):
@@ -35,6 +41,12 @@ class GenerationClaims:
     nonce: str
     policy_version: int
     issued_at: int
+    prompt_hash: str = ""  # empty when the issuer did not bind the id to its prompt
+
+
+def prompt_digest(prompt: str) -> str:
+    """A short digest of the prompt text exactly as tokenised, to bind into a generation id."""
+    return _b64(hashlib.sha256(prompt.encode("utf-8")).digest()[:16])
 
 
 def _b64(data: bytes) -> str:
@@ -55,9 +67,13 @@ class GenerationIdSigner:
     def _sign(self, payload: bytes) -> bytes:
         return hmac.new(self._key, PREFIX.encode() + b"." + payload, hashlib.sha256).digest()
 
-    def issue(self, policy_version: int, now: float | None = None) -> str:
+    def issue(self, policy_version: int, now: float | None = None, prompt_hash: str = "") -> str:
+        """A fresh signed id; pass `prompt_hash=prompt_digest(prompt)` to bind it to its prompt."""
+        if ":" in prompt_hash:
+            raise ValueError("prompt_hash must not contain ':'")
         issued = int(time.time() if now is None else now)
-        payload = f"{uuid.uuid4().hex}:{policy_version}:{issued}".encode()
+        fields = [uuid.uuid4().hex, str(policy_version), str(issued)]
+        payload = ":".join([*fields, prompt_hash] if prompt_hash else fields).encode()
         return f"{PREFIX}.{_b64(payload)}.{_b64(self._sign(payload))}"
 
     def verify(self, token: str, now: float | None = None) -> GenerationClaims:
@@ -74,11 +90,25 @@ class GenerationIdSigner:
         if not hmac.compare_digest(signature, self._sign(payload)):
             raise ForgedGenerationId("generation id signature is invalid")
         try:
-            nonce, version, issued = payload.decode().split(":")
-            claims = GenerationClaims(nonce, int(version), int(issued))
+            claims = _parse_claims(payload.decode())
         except ValueError as exc:
             raise InvalidGenerationId("generation id payload is malformed") from exc
         age = (time.time() if now is None else now) - claims.issued_at
         if age > self.max_age_seconds:
             raise ExpiredGenerationId(f"generation id expired {int(age)} s after issue")
         return claims
+
+
+def _parse_claims(payload: str) -> GenerationClaims:
+    """Three fields (ids issued without a prompt digest) or four; anything else is malformed.
+
+    Version and time must be plain ASCII digits: `int()` alone would also take " 5", "-5" or
+    non-ASCII digits, and the version must fit the uint64 it becomes in events.
+    """
+    fields = payload.split(":")
+    if len(fields) not in (3, 4) or (len(fields) == 4 and not fields[3]):
+        raise ValueError(f"expected 3 or 4 non-empty fields, got {len(fields)}")
+    if not all(_UNSIGNED.fullmatch(number) for number in fields[1:3]):
+        raise ValueError("policy version and issue time must be unsigned integers")
+    prompt_hash = fields[3] if len(fields) == 4 else ""
+    return GenerationClaims(fields[0], int(fields[1]), int(fields[2]), prompt_hash)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -21,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from rlhf.config import CommonConfig, parse_args
+from rlhf.config import CommonConfig, ConfigError, parse_args
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,39 @@ class Rejected(Exception):
         self.code, self.reason = code, reason
 
 
+@dataclass(frozen=True)
+class TlsIdentity:
+    """A server certificate chain and its private key (PEM), for gRPC and any HTTP endpoint."""
+
+    cert_chain: bytes
+    private_key: bytes
+    cert_file: str = ""
+    key_file: str = ""
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)])
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server-side context for HTTP endpoints (TLS 1.2 or newer)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def tls_from_config(config: CommonConfig) -> TlsIdentity | None:
+    """The configured TLS identity, None for plaintext; ConfigError if half set or unreadable."""
+    cert, key = config.tls_cert_file, config.tls_key_file
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ConfigError("set both RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE, or neither")
+    try:
+        return TlsIdentity(Path(cert).read_bytes(), Path(key).read_bytes(), cert, key)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the TLS certificate or key: {exc}") from exc
+
+
 class Service(Protocol):
     name: str  # short name for logs and metrics, e.g. "generation"
 
@@ -65,18 +101,29 @@ class Service(Protocol):
 
 
 class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts requests by status code and times them, for every unary-unary handler."""
+    """Counts requests by status code and times them, for unary and client-streaming handlers."""
 
     def __init__(self, service: str) -> None:
         self._service = service
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
+        if handler.unary_unary is not None:
+            wrap, inner = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+        elif handler.stream_unary is not None:
+            wrap, inner = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        else:
+            return handler
+        return wrap(
+            self._timed(method, inner),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
+    def _timed(self, method: str, inner: Callable) -> Callable:
         def timed(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             code = "OK"
@@ -92,15 +139,14 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                 RPCS.labels(self._service, method, code).inc()
                 RPC_LATENCY.labels(self._service, method).observe(time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return timed
 
 
 class RunningServer:
-    """A started gRPC server plus its /metrics endpoint; `port` is the bound port."""
+    """A started gRPC server plus its /metrics endpoint; `port` is the bound port.
+
+    With `tls`, the port serves TLS only (no plaintext fallback on the same port).
+    """
 
     def __init__(
         self,
@@ -110,8 +156,10 @@ class RunningServer:
         metrics_port: int | None = 0,
         max_workers: int = 16,
         grace_seconds: float = 10.0,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.service = service
+        self.tls = tls
         self.grace_seconds = grace_seconds
         self._health = health.HealthServicer()
         self._server = grpc.server(
@@ -126,7 +174,11 @@ class RunningServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._names = [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(self._names, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, tls.grpc_credentials())
         if self.port == 0:
             raise OSError(f"could not bind gRPC port {host}:{port}")
         self.metrics_port: int | None = None
@@ -190,13 +242,17 @@ def configure_logging(service: str) -> None:
 
 
 def server_for(service: Service, config: CommonConfig, port: int | None = None) -> RunningServer:
-    """A server for `service` on the configured address (or `port`, e.g. 0 in tests)."""
+    """A server for `service` on the configured address (or `port`, e.g. 0 in tests).
+
+    Serves TLS when RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE are set.
+    """
     return RunningServer(
         service,
         host=config.grpc_host,
         port=config.grpc_port if port is None else port,
         metrics_port=config.metrics_port,
         grace_seconds=config.shutdown_grace_seconds,
+        tls=tls_from_config(config),
     )
 
 
@@ -206,4 +262,8 @@ def run_main(
     """The whole `main()` of a service: --help, config, logs, serve until SIGTERM."""
     config = parse_args(config_cls, description)
     configure_logging(name)
-    serve_until_signalled(server_for(build(config), config).start())
+    try:
+        server = server_for(build(config), config)
+    except ConfigError as exc:
+        raise SystemExit(f"rlhf-{name}: {exc}") from exc
+    serve_until_signalled(server.start())

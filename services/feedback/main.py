@@ -7,38 +7,62 @@ import grpc
 from rlhf.auth import ApiKeys
 from rlhf.bus import Publisher
 from rlhf.ids import GenerationIdSigner
-from rlhf.server import run_main
-from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
+from rlhf.server import run_main, tls_from_config
 
 from .config import FeedbackConfig
+from .http_api import FeedbackHttpApi, FeedbackHttpServer
+from .ingest import FeedbackIngest, RecentAcks, StreamLimits
 from .servicer import FeedbackServicer
 from .validation import Limits
+
+
+def build_ingest(config: FeedbackConfig, publisher: Publisher) -> FeedbackIngest:
+    return FeedbackIngest(
+        ApiKeys.parse(config.api_keys),
+        GenerationIdSigner(config.generation_id_key.encode(), config.generation_id_max_age_seconds),
+        Limits(config.max_text_chars, config.max_ranking_size),
+        publisher,
+        config.publish_timeout_seconds,
+        RecentAcks(config.recent_keys),
+        StreamLimits(config.max_stream_items, config.stream_window),
+    )
 
 
 class FeedbackService:
     name = "feedback"
 
-    def __init__(self, config: FeedbackConfig) -> None:
+    def __init__(self, config: FeedbackConfig, publisher: Publisher | None = None) -> None:
         self.config = config
-        self.publisher = Publisher(config.kafka_bootstrap, client_id="feedback")
-        self.servicer = FeedbackServicer(
-            ApiKeys.parse(config.api_keys),
-            GenerationIdSigner(
-                config.generation_id_key.encode(), config.generation_id_max_age_seconds
-            ),
-            Limits(config.max_text_chars, config.max_ranking_size),
-            self.publisher,
-            config.publish_timeout_seconds,
+        # The producer gives up on a record when the request would: nothing waits unbounded.
+        self.publisher = publisher or Publisher(
+            config.kafka_bootstrap,
+            client_id="feedback",
+            delivery_timeout_ms=int(config.publish_timeout_seconds * 1000),
+            linger_ms=config.linger_ms,
         )
+        self.ingest = build_ingest(config, self.publisher)
+        self.servicer = FeedbackServicer(self.ingest)
+        self.http: FeedbackHttpServer | None = None
 
     def register(self, server: grpc.Server) -> list[str]:
-        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(self.servicer, server)
-        return [feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name]
+        return self.servicer.register(server)
 
     def start(self) -> None:
-        pass
+        if self.config.http_port >= 0:
+            api = FeedbackHttpApi(
+                self.ingest, self.config.http_max_body_bytes, self.config.http_cors_origins
+            )
+            self.http = FeedbackHttpServer(
+                api,
+                self.config.grpc_host,
+                self.config.http_port,
+                tls_from_config(self.config),
+                self.config.http_max_connections,
+            ).start()
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.publisher.close(timeout=self.config.shutdown_grace_seconds)
 
 
@@ -47,7 +71,8 @@ def main() -> None:
         "feedback",
         FeedbackConfig,
         FeedbackService,
-        "Accept user feedback over gRPC and publish it once the broker acknowledged it.",
+        "Accept user feedback over gRPC (and optionally HTTP JSON) and publish it once the broker "
+        "acknowledged it.",
     )
 
 

@@ -1,104 +1,139 @@
-"""FeedbackService: authenticate, validate, publish, and answer only once the broker has it."""
+"""FeedbackService over gRPC: a thin adapter between requests, status codes and FeedbackIngest."""
 
 from __future__ import annotations
 
-import time
-import uuid
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client import Counter, Histogram
+from google.protobuf.message import DecodeError, Message
 
-from rlhf import bus
-from rlhf.auth import ApiKeys, Unauthenticated
-from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner
 from rlhf.server import Rejected
-from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 
-from .validation import Limits, validate_feedback
+from .ingest import FeedbackIngest, Item, StreamIngest
 
-ACCEPTED = Counter(
-    "rlhf_feedback_accepted_total",
-    "feedback events the broker acknowledged",
-    ["tenant", "policy_version", "signal"],
-)
-THUMBS = Counter(
-    "rlhf_feedback_thumbs_total",
-    "thumbs by direction: the thumbs-up rate per policy version is the drift signal",
-    ["policy_version", "thumb"],
-)
-REJECTED = Counter("rlhf_feedback_rejected_total", "submissions refused", ["reason"])
-PUBLISH_SECONDS = Histogram(
-    "rlhf_feedback_publish_seconds",
-    "time for the broker to acknowledge a feedback event",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
+SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+
+
+class Undecodable:
+    """Stands in for request bytes that are not the expected message, so the handler answers
+    INVALID_ARGUMENT (the client's fault) rather than the framework's INTERNAL."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+def tolerant_parser(message_type: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return parse
+
+
+def _code_number(code: grpc.StatusCode) -> int:
+    return code.value[0]
+
+
+def stream_response(items: list[Item]) -> feedback_pb2.StreamFeedbackResponse:
+    """One result per item read, in order: stored ones with their position, others with why."""
+    response = feedback_pb2.StreamFeedbackResponse()
+    for item in items:
+        result = response.results.add(index=item.index, idempotency_key=item.idempotency_key)
+        if item.stored is not None:
+            result.event_id = item.stored.event_id
+            result.partition = item.stored.partition
+            result.offset = item.stored.offset
+            result.duplicate = item.stored.duplicate
+            response.stored += 1
+        else:
+            assert item.rejected is not None
+            result.code = _code_number(item.rejected.code)
+            result.reason = item.rejected.reason
+            result.message = str(item.rejected)
+            response.failed += 1
+    return response
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(
-        self,
-        api_keys: ApiKeys,
-        signer: GenerationIdSigner,
-        limits: Limits,
-        publisher: Publisher,
-        publish_timeout: float,
-    ) -> None:
-        self._api_keys = api_keys
-        self._signer = signer
-        self._limits = limits
-        self._publisher = publisher
-        self._publish_timeout = publish_timeout
+    def __init__(self, ingest: FeedbackIngest) -> None:
+        self._ingest = ingest
+
+    def register(self, server: grpc.Server) -> list[str]:
+        """Like the generated add_..._to_server, with parsers that tolerate garbage."""
+        handlers = {
+            "SubmitFeedback": grpc.unary_unary_rpc_method_handler(
+                self.SubmitFeedback,
+                request_deserializer=tolerant_parser(feedback_pb2.SubmitFeedbackRequest),
+                response_serializer=feedback_pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            "StreamFeedback": grpc.stream_unary_rpc_method_handler(
+                self.StreamFeedback,
+                request_deserializer=tolerant_parser(feedback_pb2.StreamFeedbackRequest),
+                response_serializer=feedback_pb2.StreamFeedbackResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        return [SERVICE_NAME]
 
     def SubmitFeedback(
-        self, request: feedback_pb2.SubmitFeedbackRequest, context: grpc.ServicerContext
+        self,
+        request: feedback_pb2.SubmitFeedbackRequest | Undecodable,
+        context: grpc.ServicerContext,
     ) -> feedback_pb2.SubmitFeedbackResponse:
         try:
-            tenant = self._api_keys.tenant_for(context.invocation_metadata())
-        except Unauthenticated as exc:
-            REJECTED.labels("unauthenticated").inc()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        try:
-            return self._submit(tenant, request.feedback)
+            tenant = self._ingest.authenticate(context.invocation_metadata())
+            if isinstance(request, Undecodable):
+                raise self._ingest.count_rejection(tenant, _undecodable(request))
+            stored = self._ingest.submit(tenant, request.feedback)
         except Rejected as exc:
-            REJECTED.labels(exc.reason).inc()
             context.abort(exc.code, str(exc))
-
-    def _submit(
-        self, tenant: str, feedback: events_pb2.Feedback
-    ) -> feedback_pb2.SubmitFeedbackResponse:
-        claims = validate_feedback(feedback, self._signer, self._limits)
-        received = Timestamp()
-        received.GetCurrentTime()
-        event = events_pb2.FeedbackEvent(
-            event_id=uuid.uuid4().hex,
-            tenant=tenant,
-            feedback=feedback,
-            policy_version=claims.policy_version,
-            received_at=received,
-        )
-        started = time.perf_counter()
-        try:
-            partition, offset = self._publisher.publish(
-                bus.FEEDBACK, feedback.generation_id, event, timeout=self._publish_timeout
-            )
-        except BusUnavailable as exc:
-            raise Rejected(
-                grpc.StatusCode.UNAVAILABLE,
-                "broker_unavailable",
-                f"feedback was NOT stored, retry later: {exc}",
-            ) from exc
-        PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        self._count(tenant, feedback, claims.policy_version)
         return feedback_pb2.SubmitFeedbackResponse(
-            event_id=event.event_id, partition=partition, offset=offset
+            event_id=stored.event_id,
+            partition=stored.partition,
+            offset=stored.offset,
+            duplicate=stored.duplicate,
         )
 
-    @staticmethod
-    def _count(tenant: str, feedback: events_pb2.Feedback, version: int) -> None:
-        signal = feedback.WhichOneof("signal")
-        ACCEPTED.labels(tenant, str(version), signal).inc()
-        if signal == "thumb":
-            thumb = "up" if feedback.thumb == events_pb2.THUMB_UP else "down"
-            THUMBS.labels(str(version), thumb).inc()
+    def StreamFeedback(
+        self,
+        request_iterator: Iterator[feedback_pb2.StreamFeedbackRequest | Undecodable],
+        context: grpc.ServicerContext,
+    ) -> feedback_pb2.StreamFeedbackResponse:
+        try:
+            tenant = self._ingest.authenticate(context.invocation_metadata())
+        except Rejected as exc:
+            context.abort(exc.code, str(exc))
+        stream = self._ingest.open_stream(tenant)
+        # If the client goes away mid-stream, still settle what was sent so metrics stay true.
+        with contextlib.suppress(grpc.RpcError):
+            _read(stream, request_iterator)
+        return stream_response(stream.finish())
+
+
+def _read(
+    stream: StreamIngest, requests: Iterator[feedback_pb2.StreamFeedbackRequest | Undecodable]
+) -> None:
+    """Feed items to the stream until the client closes it or the server must stop reading."""
+    for request in requests:
+        if isinstance(request, Undecodable):
+            stream.add_undecodable(request.detail)
+            return
+        for feedback in request.items:
+            if not stream.add(feedback):
+                return
+
+
+def _undecodable(request: Undecodable) -> Rejected:
+    return Rejected(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "undecodable",
+        f"request is not a SubmitFeedbackRequest: {request.detail}",
+    )

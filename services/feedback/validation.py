@@ -1,4 +1,10 @@
-"""Edge validation of submitted feedback: pure functions, one status code per kind of fault."""
+"""Edge validation of submitted feedback: pure functions, one status code per kind of fault.
+
+Ranking consistency: every id of a ranking must be genuine, unexpired and listed once, and the
+ranking must include the rated generation. Whether the ranked generations answer the same prompt
+can only be proved for ids that carry a prompt digest (`rlhf.ids.prompt_digest`); ids issued
+without one (the generation service does not bind prompts yet) are accepted unchecked.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from rlhf.v1 import events_pb2
 MAX_IDEMPOTENCY_KEY = 128
 MAX_TAGS = 16
 MAX_TAG_CHARS = 64
+THUMBS = (events_pb2.THUMB_UP, events_pb2.THUMB_DOWN)
 
 
 @dataclass(frozen=True)
@@ -43,34 +50,75 @@ def verify_id(signer: GenerationIdSigner, generation_id: str) -> GenerationClaim
         raise _invalid("malformed_id", str(exc)) from exc
 
 
+def _check_ranking(
+    feedback: events_pb2.Feedback,
+    claims: GenerationClaims,
+    signer: GenerationIdSigner,
+    limits: Limits,
+) -> None:
+    ids = list(feedback.ranking.generation_ids)
+    if not 2 <= len(ids) <= limits.max_ranking_size:
+        raise _invalid("bad_ranking", f"a ranking orders 2 to {limits.max_ranking_size} ids")
+    if len(set(ids)) != len(ids):
+        raise _invalid("bad_ranking", "a ranking lists each generation once")
+    if feedback.generation_id not in ids:
+        raise _invalid("bad_ranking", "the ranking must include generation_id")
+    others = [verify_id(signer, other) for other in ids if other != feedback.generation_id]
+    prompts = {c.prompt_hash for c in [claims, *others] if c.prompt_hash}
+    if len(prompts) > 1:
+        raise _invalid("ranking_prompt_mismatch", "ranked generations answer different prompts")
+
+
+def _check_text(feedback: events_pb2.Feedback, limits: Limits) -> None:
+    text = feedback.correction.text
+    if not text.strip():
+        raise _invalid("empty_correction", "a correction needs text")
+    if len(text) > limits.max_text_chars:
+        raise _invalid("too_long", f"correction exceeds {limits.max_text_chars} characters")
+
+
 def _check_signal(
-    feedback: events_pb2.Feedback, signer: GenerationIdSigner, limits: Limits
+    feedback: events_pb2.Feedback,
+    claims: GenerationClaims,
+    signer: GenerationIdSigner,
+    limits: Limits,
 ) -> None:
     signal = feedback.WhichOneof("signal")
     if signal is None:
         raise _invalid("no_signal", "feedback needs one of thumb, ranking, correction or score")
-    if signal == "thumb" and feedback.thumb not in (events_pb2.THUMB_UP, events_pb2.THUMB_DOWN):
+    if signal == "thumb" and feedback.thumb not in THUMBS:
         raise _invalid("bad_thumb", f"thumb must be THUMB_UP or THUMB_DOWN, got {feedback.thumb}")
     if signal == "ranking":
-        ids = list(feedback.ranking.generation_ids)
-        if not 2 <= len(ids) <= limits.max_ranking_size:
-            raise _invalid("bad_ranking", f"a ranking orders 2 to {limits.max_ranking_size} ids")
-        if len(set(ids)) != len(ids):
-            raise _invalid("bad_ranking", "a ranking lists each generation once")
-        if feedback.generation_id not in ids:
-            raise _invalid("bad_ranking", "the ranking must include generation_id")
-        for other in ids:
-            verify_id(signer, other)
+        _check_ranking(feedback, claims, signer, limits)
     if signal == "correction":
-        text = feedback.correction.text
-        if not text.strip():
-            raise _invalid("empty_correction", "a correction needs text")
-        if len(text) > limits.max_text_chars:
-            raise _invalid("too_long", f"correction exceeds {limits.max_text_chars} characters")
+        _check_text(feedback, limits)
     if signal == "score":
         value = feedback.score.value
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise _invalid("bad_score", "score must be a number in [0, 1]")
+
+
+def _check_idempotency_key(key: str) -> None:
+    if not key:
+        raise _invalid("missing_idempotency_key", "idempotency_key is required")
+    if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise _invalid(
+            "bad_idempotency_key",
+            f"idempotency_key must be up to {MAX_IDEMPOTENCY_KEY} printable characters",
+        )
+
+
+def _check_annotations(feedback: events_pb2.Feedback, limits: Limits) -> None:
+    """The optional comment and tags."""
+    if len(feedback.comment) > limits.max_text_chars:
+        raise _invalid("too_long", f"comment exceeds {limits.max_text_chars} characters")
+    tags = feedback.tags
+    if len(tags) > MAX_TAGS or any(
+        not t.strip() or len(t) > MAX_TAG_CHARS or not t.isprintable() for t in tags
+    ):
+        raise _invalid(
+            "bad_tags", f"at most {MAX_TAGS} non-blank printable tags of {MAX_TAG_CHARS} characters"
+        )
 
 
 def validate_feedback(
@@ -80,11 +128,7 @@ def validate_feedback(
     if not feedback.generation_id:
         raise _invalid("missing_id", "generation_id is required")
     claims = verify_id(signer, feedback.generation_id)
-    _check_signal(feedback, signer, limits)
-    if len(feedback.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        raise _invalid("too_long", f"idempotency_key exceeds {MAX_IDEMPOTENCY_KEY} characters")
-    if len(feedback.comment) > limits.max_text_chars:
-        raise _invalid("too_long", f"comment exceeds {limits.max_text_chars} characters")
-    if len(feedback.tags) > MAX_TAGS or any(len(t) > MAX_TAG_CHARS for t in feedback.tags):
-        raise _invalid("bad_tags", f"at most {MAX_TAGS} tags of {MAX_TAG_CHARS} characters")
+    _check_signal(feedback, claims, signer, limits)
+    _check_idempotency_key(feedback.idempotency_key)
+    _check_annotations(feedback, limits)
     return claims

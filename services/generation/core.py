@@ -20,7 +20,7 @@ from rlhf import bus, decoding
 from rlhf.backends import Backend, Generated
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, prompt_digest
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
 
@@ -160,7 +160,9 @@ class GenerationCore:
         if generated.finish_reason == decoding.STOP:
             text = decoding.cut_at_stop(text, prepared.stops)
         outcome = Outcome(
-            generation_id=self._signer.issue(generated.policy_version),
+            generation_id=self._signer.issue(
+                generated.policy_version, prompt_hash=prompt_digest(prepared.prompt)
+            ),
             text=text,
             token_ids=generated.token_ids,
             logprobs=generated.logprobs,

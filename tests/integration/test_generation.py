@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from rlhf import bus
 from rlhf.checkpoints import POLICY, CheckpointStore
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, prompt_digest
 from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.config import GenerationConfig
@@ -70,6 +70,8 @@ def test_generate_returns_text_counts_version_and_signed_id(stub, broker):
     assert len(event.message.response_token_ids) == 8
     assert list(event.message.response_logprobs) == pytest.approx(list(reply.logprobs))
     assert event.message.sampling.seed == 7
+    # The id is bound to its prompt, so a ranking can be proven to answer one prompt.
+    assert claims.prompt_hash == prompt_digest(event.message.prompt)
 
 
 def test_seed_makes_output_reproducible(stub):

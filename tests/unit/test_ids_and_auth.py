@@ -1,11 +1,15 @@
+import time
+
 import pytest
 
 from rlhf.auth import ApiKeys, Unauthenticated
 from rlhf.ids import (
     ExpiredGenerationId,
     ForgedGenerationId,
+    GenerationClaims,
     GenerationIdSigner,
     InvalidGenerationId,
+    prompt_digest,
 )
 
 KEY = b"k" * 32
@@ -64,3 +68,48 @@ def test_api_keys_map_to_tenants():
 def test_bad_api_key_config(entry):
     with pytest.raises(ValueError):
         ApiKeys.parse([entry])
+
+
+def _signed(signer, payload: bytes) -> str:
+    """A token with an arbitrary payload, correctly signed (as only the key holder could)."""
+    from rlhf import ids
+
+    return f"g1.{ids._b64(payload)}.{ids._b64(signer._sign(payload))}"
+
+
+def test_prompt_digest_claim_is_optional_and_backwards_compatible():
+    signer = GenerationIdSigner(KEY)
+    digest = prompt_digest("What is RLHF?")
+    bound = signer.verify(signer.issue(3, prompt_hash=digest))
+    assert bound.prompt_hash == digest and bound.policy_version == 3
+    assert signer.verify(signer.issue(3)).prompt_hash == ""
+    # exactly what the generation service issues today: three fields
+    legacy = _signed(signer, f"{'a' * 32}:5:{int(time.time())}".encode())
+    assert signer.verify(legacy) == GenerationClaims("a" * 32, 5, signer.verify(legacy).issued_at)
+    assert prompt_digest("What is RLHF?") == digest != prompt_digest("What is RLHF")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "n:1",
+        "n:1:2:",
+        "n:1:2:h:extra",
+        "n:x:2",
+        "n:1:2:h:",
+        "n:-1:2",
+        "n: 1:2",
+        "n:١:2",
+        "n:1:99999999999999999999",
+    ],
+)
+def test_signed_but_malformed_payloads_are_invalid_not_forged(fields):
+    signer = GenerationIdSigner(KEY)
+    with pytest.raises(InvalidGenerationId) as caught:
+        signer.verify(_signed(signer, fields.encode()))
+    assert not isinstance(caught.value, ForgedGenerationId)
+
+
+def test_prompt_hash_cannot_smuggle_fields():
+    with pytest.raises(ValueError):
+        GenerationIdSigner(KEY).issue(1, prompt_hash="h:999")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import events_pb2 as rlhf_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"<\n\x15SubmitFeedbackRequest\x12#\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.Feedback\"M\n\x16SubmitFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x32\x64\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12Q\n\x0eSubmitFeedback\x12\x1e.rlhf.v1.SubmitFeedbackRequest\x1a\x1f.rlhf.v1.SubmitFeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"<\n\x15SubmitFeedbackRequest\x12#\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.Feedback\"`\n\x16SubmitFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"9\n\x15StreamFeedbackRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.rlhf.v1.Feedback\"\xaf\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\x05\x12\x0e\n\x06offset\x18\x08 \x01(\x03\x12\x11\n\tduplicate\x18\t \x01(\x08\"b\n\x16StreamFeedbackResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rlhf.v1.FeedbackResult\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r2\xb9\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12Q\n\x0eSubmitFeedback\x12\x1e.rlhf.v1.SubmitFeedbackRequest\x1a\x1f.rlhf.v1.SubmitFeedbackResponse\x12S\n\x0eStreamFeedback\x12\x1e.rlhf.v1.StreamFeedbackRequest\x1a\x1f.rlhf.v1.StreamFeedbackResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=57
   _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=117
   _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=119
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=196
-  _globals['_FEEDBACKSERVICE']._serialized_start=198
-  _globals['_FEEDBACKSERVICE']._serialized_end=298
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=215
+  _globals['_STREAMFEEDBACKREQUEST']._serialized_start=217
+  _globals['_STREAMFEEDBACKREQUEST']._serialized_end=274
+  _globals['_FEEDBACKRESULT']._serialized_start=277
+  _globals['_FEEDBACKRESULT']._serialized_end=452
+  _globals['_STREAMFEEDBACKRESPONSE']._serialized_start=454
+  _globals['_STREAMFEEDBACKRESPONSE']._serialized_end=552
+  _globals['_FEEDBACKSERVICE']._serialized_start=555
+  _globals['_FEEDBACKSERVICE']._serialized_end=740
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class FeedbackServiceStub:
     """The front door for user feedback. Authenticated with "authorization: Bearer <api key>".
+
+    Every Feedback needs an idempotency_key, unique per tenant. The stored event's event_id is
+    derived from (tenant, idempotency_key), so resending after UNAVAILABLE or a lost reply is safe:
+    a copy the broker already holds carries the same event_id and consumers keep the first one.
     """
 
     def __init__(self, channel):
@@ -40,14 +44,35 @@ class FeedbackServiceStub:
                 request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.FromString,
                 _registered_method=True)
+        self.StreamFeedback = channel.stream_unary(
+                '/rlhf.v1.FeedbackService/StreamFeedback',
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.StreamFeedbackRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.StreamFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
     """The front door for user feedback. Authenticated with "authorization: Bearer <api key>".
+
+    Every Feedback needs an idempotency_key, unique per tenant. The stored event's event_id is
+    derived from (tenant, idempotency_key), so resending after UNAVAILABLE or a lost reply is safe:
+    a copy the broker already holds carries the same event_id and consumers keep the first one.
     """
 
     def SubmitFeedback(self, request, context):
-        """Answers only once the broker has acknowledged the event.
+        """Answers only once the broker has acknowledged the event (acks=all). UNAVAILABLE means it was
+        not confirmed: retry with the same idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamFeedback(self, request_iterator, context):
+        """For apps that batch: send any number of messages, each with one or more items, then close
+        the stream. The single reply comes once every item's publish has resolved and has one result
+        per item the server read, in order. An item is acknowledged (the broker stored it) if and
+        only if its result code is OK (0). Resend every other item, and items without a result (the
+        server stopped reading, see FeedbackResult.code), with the same idempotency key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +86,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.SerializeToString,
             ),
+            'StreamFeedback': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamFeedback,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.StreamFeedbackRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.StreamFeedbackResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rlhf.v1.FeedbackService', rpc_method_handlers)
@@ -71,6 +101,10 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class FeedbackService:
     """The front door for user feedback. Authenticated with "authorization: Bearer <api key>".
+
+    Every Feedback needs an idempotency_key, unique per tenant. The stored event's event_id is
+    derived from (tenant, idempotency_key), so resending after UNAVAILABLE or a lost reply is safe:
+    a copy the broker already holds carries the same event_id and consumers keep the first one.
     """
 
     @staticmethod
@@ -90,6 +124,33 @@ class FeedbackService:
             '/rlhf.v1.FeedbackService/SubmitFeedback',
             rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.SerializeToString,
             rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamFeedback(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/rlhf.v1.FeedbackService/StreamFeedback',
+            rlhf_dot_v1_dot_feedback__pb2.StreamFeedbackRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.StreamFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

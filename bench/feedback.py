@@ -1,0 +1,321 @@
+"""Feedback ingestion: StreamFeedback throughput next to a raw producer, SubmitFeedback latency.
+
+Everything runs on this machine: an embedded broker, the feedback service as its own process
+(`python -m services.feedback`, as in production) and the client here. Throughput counts only
+events the broker acknowledged (acks=all) and the service reported stored; the baseline is a bare
+kafka-python producer (acks=all, idempotent, same linger) sending the same serialized events in
+the same run. Latency is measured open loop: requests are sent on a fixed schedule whatever the
+replies do, and each latency runs from the scheduled send time (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kafka import KafkaProducer
+
+from bench.report import median, percentile, repeat, table
+from rlhf import bus
+from rlhf.broker import EmbeddedBroker, free_port
+from rlhf.ids import GenerationIdSigner
+from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+
+ID_KEY = "bench-generation-id-key-0123456789"
+API_KEY = "bench-api-key-0123456789"
+AUTH = (("authorization", f"Bearer {API_KEY}"),)
+SIGNER = GenerationIdSigner(ID_KEY.encode())
+LINGER_MS = 2  # the service's default (RLHF_FEEDBACK_LINGER_MS), used for the baseline too
+STREAM_ITEMS = 10_000  # items per StreamFeedback call (the service's default limit)
+TARGET_RATE, TARGET_SHARE, TARGET_P99_MS = 10_000, 0.40, 20.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    events: int  # per throughput run
+    repeats: int
+    latency_seconds: float  # per latency run, after a one second warm-up
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Plan:
+        return cls(20_000, 2, 3.0) if quick else cls(60_000, 5, 10.0)
+
+
+def _feedback(count: int) -> list[events_pb2.Feedback]:
+    """Fresh submissions (new keys each run, so the service's resend memory never answers)."""
+    run = uuid.uuid4().hex[:8]
+    ids = [SIGNER.issue(policy_version=1) for _ in range(64)]
+    return [
+        events_pb2.Feedback(
+            generation_id=ids[n % len(ids)],
+            idempotency_key=f"bench-{run}-{n}",
+            thumb=events_pb2.THUMB_UP if n % 3 else events_pb2.THUMB_DOWN,
+        )
+        for n in range(count)
+    ]
+
+
+def _events(feedback: list[events_pb2.Feedback]) -> list[tuple[bytes, bytes]]:
+    """The (key, value) records the service would publish for `feedback`."""
+    records = []
+    for item in feedback:
+        event = events_pb2.FeedbackEvent(
+            event_id=uuid.uuid4().hex, tenant="bench", feedback=item, policy_version=1
+        )
+        event.received_at.GetCurrentTime()
+        records.append((item.generation_id.encode(), event.SerializeToString()))
+    return records
+
+
+def raw_producer_rate(bootstrap: str, events: int) -> float:
+    """Events/s of a bare kafka-python producer, acks=all, every future checked."""
+    records = _events(_feedback(events))
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=LINGER_MS
+    )
+    try:
+        producer.send(bus.FEEDBACK, key=b"warm-up", value=b"").get(10)
+        started = time.perf_counter()
+        futures = [producer.send(bus.FEEDBACK, key=k, value=v) for k, v in records]
+        producer.flush(60)
+        for future in futures:
+            future.get(0)
+        return events / (time.perf_counter() - started)
+    finally:
+        producer.close(5)
+
+
+def stream_rate(
+    stub: feedback_pb2_grpc.FeedbackServiceStub, events: int, per_message: int
+) -> float:
+    """Events/s through StreamFeedback, counting only items the reply says were stored."""
+    feedback = _feedback(events)
+    messages = [
+        feedback_pb2.StreamFeedbackRequest(items=feedback[n : n + per_message])
+        for n in range(0, events, per_message)
+    ]
+    per_stream = max(1, STREAM_ITEMS // per_message)
+    stored = 0
+    started = time.perf_counter()
+    for first in range(0, len(messages), per_stream):
+        reply = stub.StreamFeedback(iter(messages[first : first + per_stream]), metadata=AUTH)
+        stored += reply.stored
+    elapsed = time.perf_counter() - started
+    if stored != events:
+        raise RuntimeError(f"only {stored} of {events} events were stored")
+    return events / elapsed
+
+
+@dataclass(frozen=True)
+class LatencyRun:
+    achieved_rate: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+
+
+def unary_latency(
+    stub: feedback_pb2_grpc.FeedbackServiceStub, rate: float, seconds: float
+) -> LatencyRun:
+    """SubmitFeedback sent open loop at `rate`/s; latencies after a one second warm-up."""
+    total = int(rate * (seconds + 1.0))
+    requests = [feedback_pb2.SubmitFeedbackRequest(feedback=f) for f in _feedback(total)]
+    latencies: list[float] = []
+    errors = [0]
+    lock, done = threading.Lock(), threading.Semaphore(0)
+    warm_up = int(rate)
+
+    def on_done(index: int, scheduled: float) -> object:
+        def record(future: grpc.Future) -> None:
+            finished = time.perf_counter()
+            with lock:
+                if future.exception() is not None:
+                    errors[0] += 1
+                elif index >= warm_up:
+                    latencies.append(finished - scheduled)
+            done.release()
+
+        return record
+
+    start = time.perf_counter() + 0.05
+    for index, request in enumerate(requests):
+        scheduled = start + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        future = stub.SubmitFeedback.future(request, metadata=AUTH, timeout=10)
+        future.add_done_callback(on_done(index, scheduled))
+    sent_for = time.perf_counter() - start
+    for _ in requests:
+        done.acquire(timeout=15)
+    milliseconds = [1000 * latency for latency in latencies] or [float("nan")]
+    return LatencyRun(
+        achieved_rate=total / sent_for,
+        p50_ms=percentile(milliseconds, 50),
+        p99_ms=percentile(milliseconds, 99),
+        max_ms=max(milliseconds),
+        errors=errors[0],
+    )
+
+
+@contextlib.contextmanager
+def feedback_service(bootstrap: str) -> Iterator[int]:
+    """The service as its own process, as deployed; yields its gRPC port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "RLHF_KAFKA_BOOTSTRAP": bootstrap,
+        "RLHF_GRPC_HOST": "127.0.0.1",
+        "RLHF_GRPC_PORT": str(port),
+        "RLHF_METRICS_PORT": "0",
+        "RLHF_GENERATION_ID_KEY": ID_KEY,
+        "RLHF_FEEDBACK_API_KEYS": f"bench={API_KEY}",
+    }
+    with tempfile.NamedTemporaryFile(prefix="bench-feedback-", suffix=".log") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.feedback"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        try:
+            _wait_serving(port, process, log.name)
+            yield port
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_serving(port: int, process: subprocess.Popen[bytes], log_name: str) -> None:
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"feedback service exited: {Path(log_name).read_text()[-2000:]}")
+            with contextlib.suppress(grpc.RpcError):
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.1)
+    raise RuntimeError("feedback service did not become healthy in 60 s")
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _throughput_section(raw: list[float], batched: list[float], single: list[float]) -> str:
+    baseline = median(raw)
+    rows = [
+        ["raw kafka-python producer (acks=all): baseline", _rate(baseline), "1.00", _runs(raw)],
+        [
+            "StreamFeedback, 100 items per message",
+            _rate(median(batched)),
+            f"{median(batched) / baseline:.2f}",
+            _runs(batched),
+        ],
+        [
+            "StreamFeedback, 1 item per message",
+            _rate(median(single)),
+            f"{median(single) / baseline:.2f}",
+            _runs(single),
+        ],
+    ]
+    share = median(batched) / baseline
+    return (
+        "### Sustained ingestion (events acknowledged by the broker)\n\n"
+        + table(["path", "events/s (median)", "vs raw producer", "runs (events/s)"], rows)
+        + f"\n\nTargets, with batched messages: at least {_rate(TARGET_RATE)} events/s: "
+        + f"**{_verdict(median(batched) >= TARGET_RATE)}** ({_rate(median(batched))}); at least "
+        + f"{TARGET_SHARE:.0%} of the raw producer: **{_verdict(share >= TARGET_SHARE)}** "
+        + f"({share:.0%}).{_crc_note()}"
+    )
+
+
+def _crc_note() -> str:
+    """Say so when kafka-python checksums record batches in pure Python (about 30 us/record)."""
+    from kafka.record import util
+
+    if getattr(util, "crc32c_c", None) is not None:
+        return ""
+    return (
+        " kafka-python computed CRC32C in pure Python in this run (the `crc32c` package is not "
+        "installed), which caps both the baseline and the service."
+    )
+
+
+def _latency_section(runs: list[LatencyRun]) -> str:
+    rows = [
+        [
+            str(n + 1),
+            _rate(run.achieved_rate),
+            f"{run.p50_ms:.2f}",
+            f"{run.p99_ms:.2f}",
+            f"{run.max_ms:.2f}",
+            str(run.errors),
+        ]
+        for n, run in enumerate(runs)
+    ]
+    p99 = median([run.p99_ms for run in runs])
+    errors = sum(run.errors for run in runs)
+    verdict = _verdict(p99 < TARGET_P99_MS and errors == 0)
+    return (
+        "### SubmitFeedback latency at 1,000 requests/s (open loop)\n\n"
+        + table(["run", "sent req/s", "p50 ms", "p99 ms", "max ms", "errors"], rows)
+        + f"\n\nMedian p99: {p99:.2f} ms; target under {TARGET_P99_MS:.0f} ms: **{verdict}**."
+    )
+
+
+def _runs(values: list[float]) -> str:
+    return ", ".join(_rate(v) for v in values)
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def _measure(stub: feedback_pb2_grpc.FeedbackServiceStub, bootstrap: str, plan: Plan) -> str:
+    stream_rate(stub, 2_000, 100)  # warm-up: connections, producer, code paths
+    raw: list[float] = []
+    batched: list[float] = []
+    single: list[float] = []
+    for _ in range(plan.repeats):  # interleaved, so drift hits every path alike
+        raw.append(raw_producer_rate(bootstrap, plan.events))
+        batched.append(stream_rate(stub, plan.events, 100))
+        single.append(stream_rate(stub, plan.events // 4, 1))
+    latency = repeat(lambda: unary_latency(stub, 1000.0, plan.latency_seconds), plan.repeats)
+    return "\n\n".join([_throughput_section(raw, batched, single), _latency_section(latency)])
+
+
+def run(quick: bool) -> str:
+    plan = Plan.for_mode(quick)
+    with (
+        EmbeddedBroker(create_topics=True) as broker,
+        feedback_service(broker.bootstrap) as port,
+        grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        results = _measure(feedback_pb2_grpc.FeedbackServiceStub(channel), broker.bootstrap, plan)
+    setup = (
+        f"{plan.events:,} events per throughput run, {plan.repeats} runs per path, "
+        f"{plan.latency_seconds:.0f} s per latency run; broker (Tansu, in memory), service "
+        "process and client share this machine."
+    )
+    return f"{setup}\n\n{results}"
