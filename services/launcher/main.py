@@ -36,6 +36,7 @@ PORTS = {
 }
 BROKER_PORT = 9092
 HTTP_PORT = 8080  # the generation service's TGI-compatible API
+FEEDBACK_HTTP_PORT = 8081  # the feedback service's HTTP JSON API
 # Sized for a 2-core CPU: a PPO update every minute or two on SmolLM2-135M, and users who leave
 # the trainer some CPU. Any of these can be overridden from the environment.
 CPU_DEMO = {
@@ -123,6 +124,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
         name: (_port(grpc_port), _port(metrics)) for name, (grpc_port, metrics) in PORTS.items()
     }
     http_port = _port(HTTP_PORT)
+    feedback_http_port = _port(FEEDBACK_HTTP_PORT)
 
     def service(name: str, extra: dict[str, str]) -> Process:
         grpc_port, metrics_port = ports[name]
@@ -146,7 +148,11 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
         ),
         service(
             "feedback",
-            {"RLHF_GENERATION_ID_KEY": id_key, "RLHF_FEEDBACK_API_KEYS": f"local={api_key}"},
+            {
+                "RLHF_GENERATION_ID_KEY": id_key,
+                "RLHF_FEEDBACK_API_KEYS": f"local={api_key}",
+                "RLHF_FEEDBACK_HTTP_PORT": str(feedback_http_port),
+            },
         ),
         service(
             "trainer",
@@ -177,6 +183,9 @@ def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: 
             lines.append(f"RLHF_{process.name.upper()}_ADDRESS=127.0.0.1:{process.grpc_port}")
         if "RLHF_HTTP_PORT" in process.env:
             lines.append(f"RLHF_TGI_URL=http://127.0.0.1:{process.env['RLHF_HTTP_PORT']}")
+        if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
+            port = process.env["RLHF_FEEDBACK_HTTP_PORT"]
+            lines.append(f"RLHF_FEEDBACK_URL=http://127.0.0.1:{port}/v1/feedback")
     path = run_dir / "up.env"
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
@@ -242,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
                 if "RLHF_HTTP_PORT" in process.env:
                     http = process.env["RLHF_HTTP_PORT"]
                     print(f"{'':<13} TGI-compatible HTTP API http://127.0.0.1:{http}/")
+                if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
+                    http = process.env["RLHF_FEEDBACK_HTTP_PORT"]
+                    print(f"{'':<13} HTTP JSON API http://127.0.0.1:{http}/v1/feedback")
             else:
                 print(f"{process.name:<13} running")
             if stop.is_set():

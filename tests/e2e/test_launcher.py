@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
@@ -65,6 +66,23 @@ def test_up_runs_the_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
                     health_pb2.HealthCheckRequest(), timeout=5
                 )
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        tgi = requests.post(
+            addresses["RLHF_TGI_URL"] + "/generate",
+            json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}},
+            timeout=60,
+        )
+        assert tgi.status_code == 200
+        thumb = requests.post(
+            addresses["RLHF_FEEDBACK_URL"],
+            json={
+                "generationId": tgi.json()["generation_id"],
+                "idempotencyKey": "launcher-test",
+                "thumb": "THUMB_UP",
+            },
+            headers={"authorization": f"Bearer {addresses['RLHF_API_KEY']}"},
+            timeout=30,
+        )
+        assert thumb.status_code == 200, thumb.text
         generation = addresses["RLHF_GENERATION_ADDRESS"]
         assert wait_until(lambda: _served_version(generation) >= 2, timeout=240, interval=1), (
             "the served policy version did not increase"
