@@ -6,7 +6,8 @@ second. For tests, `tiny-random` builds small randomly initialised models with t
 seeded so every process builds identical base weights.
 
 Policy checkpoints hold `model.safetensors` (weights, tied embeddings stored once) and
-`config.json`; `policy_from_checkpoint` rebuilds the model from those alone.
+`config.json`; `policy_from_checkpoint` rebuilds the model from those alone. Reward checkpoints
+hold the same two files; their config also carries the serving normalisation (shift, scale).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import contextlib
 import fcntl
 import importlib.util
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BatchEncoding,
     BertConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -47,6 +50,8 @@ _POLICY_FOLDER = "smollm2-135m-instruct"
 _READY = "READY"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Config attribute holding a reward model's serving normalisation {"shift", "scale"}.
+NORMALISATION = "reward_normalisation"
 # The GGUF tokenizer metadata names <|im_start|> as EOS; the chat template ends turns with
 # <|im_end|>. Pad must differ from EOS so padding never looks like a finished answer.
 EOS_TOKEN = "<|im_end|>"
@@ -195,17 +200,64 @@ def load_reward_backbone(
     return model.eval(), tokenizer
 
 
+def set_reward_normalisation(model: PreTrainedModel, shift: float, scale: float) -> None:
+    """Record how the reward service maps raw scores to served ones: (raw - shift) / scale.
+
+    Kept in the model config, so it travels in the checkpoint's verified config.json and a
+    served model can never be paired with another model's normalisation.
+    """
+    _check_normalisation(shift, scale)
+    setattr(model.config, NORMALISATION, {"shift": float(shift), "scale": float(scale)})
+
+
+def reward_normalisation(model: PreTrainedModel) -> tuple[float, float]:
+    """(shift, scale) of a reward model; (0, 1) for one that was never normalised."""
+    stored = getattr(model.config, NORMALISATION, None)
+    if stored is None:
+        return 0.0, 1.0
+    shift, scale = float(stored["shift"]), float(stored["scale"])
+    _check_normalisation(shift, scale)
+    return shift, scale
+
+
+def _check_normalisation(shift: float, scale: float) -> None:
+    if not (math.isfinite(shift) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"bad reward normalisation: shift {shift}, scale {scale}")
+
+
+def encode_reward_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_tokens: int,
+) -> BatchEncoding:
+    """The one way (prompt, response) pairs become reward-model inputs, for training and serving
+    alike: a sentence pair, the longer side truncated first."""
+    return tokenizer(
+        list(prompts),
+        list(responses),
+        padding=True,
+        truncation="longest_first",
+        max_length=max_tokens,
+        return_tensors="pt",
+    )
+
+
 def reward_checkpoint_files(model: PreTrainedModel) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensors, json files) for a reward model checkpoint."""
+    """(tensors, json files) for a reward model checkpoint; the normalisation is in the config."""
     weights = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     return {WEIGHTS_FILE: weights}, {CONFIG_FILE: model.config.to_dict()}
 
 
 def reward_from_checkpoint(checkpoint: VerifiedCheckpoint) -> PreTrainedModel:
-    """Rebuild a reward model (BERT-family sequence classifier) from verified contents."""
+    """Rebuild a reward model (BERT-family sequence classifier) from verified contents.
+
+    Raises ValueError for a malformed normalisation, so a serving pod refuses the checkpoint.
+    """
     config = BertConfig.from_dict(checkpoint.json_files[CONFIG_FILE])
     model = AutoModelForSequenceClassification.from_config(config)
     model.load_state_dict(checkpoint.tensors[WEIGHTS_FILE], strict=True)
+    reward_normalisation(model)
     return model.eval()
 
 

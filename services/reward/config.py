@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import CommonConfig, setting
+from rlhf.config import CommonConfig, ConfigError, setting
 
 
 @dataclass(frozen=True)
@@ -18,3 +18,37 @@ class RewardConfig(CommonConfig):
     max_tokens: int = setting(
         "RLHF_REWARD_MAX_TOKENS", 256, "pairs are truncated to this many tokens before scoring"
     )
+    batch_max_pairs: int = setting(
+        "RLHF_REWARD_BATCH_MAX_PAIRS",
+        64,
+        "most pairs coalesced into one forward pass (a larger single call is never split)",
+    )
+    batch_wait_ms: float = setting(
+        "RLHF_REWARD_BATCH_WAIT_MS",
+        2.0,
+        "longest a call waits for others to share its forward pass",
+    )
+    max_queued_pairs: int = setting(
+        "RLHF_REWARD_MAX_QUEUED_PAIRS",
+        1024,
+        "pairs waiting for a forward pass beyond which calls get RESOURCE_EXHAUSTED",
+    )
+    drift_sample: float = setting(
+        "RLHF_REWARD_DRIFT_SAMPLE",
+        0.1,
+        "fraction of live generations scored for the drift metrics (0 = off)",
+    )
+    drift_group: str = setting(
+        "RLHF_REWARD_DRIFT_GROUP", "rlhf-reward-drift", "consumer group of the drift sampler"
+    )
+    max_poll_interval_ms: int = setting(
+        "RLHF_KAFKA_MAX_POLL_INTERVAL_MS", 10000, "consumer group liveness bound (Kafka setting)"
+    )
+
+    def validate(self) -> None:
+        if min(self.max_batch, self.batch_max_pairs, self.max_queued_pairs, self.max_tokens) < 1:
+            raise ConfigError("batch, queue and token limits must be positive")
+        if self.batch_wait_ms < 0:
+            raise ConfigError("RLHF_REWARD_BATCH_WAIT_MS must be >= 0")
+        if not 0.0 <= self.drift_sample <= 1.0:
+            raise ConfigError("RLHF_REWARD_DRIFT_SAMPLE must be in [0, 1]")

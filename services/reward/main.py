@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 from rlhf import bus
+from rlhf.bus import EventConsumer
 from rlhf.checkpoints import REWARD, CheckpointStore
+from rlhf.drift import LiveRewardSampler
 from rlhf.models import load_reward_backbone, reward_from_checkpoint
+from rlhf.scoring import PromptResponse, ScoreBatcher, score_pairs
 from rlhf.server import run_main
 from rlhf.serving import CheckpointFollower, HotSwap, latest_or_base
-from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 
 from .config import RewardConfig
 from .servicer import RewardServicer
@@ -19,8 +24,9 @@ class RewardService:
     name = "reward"
 
     def __init__(self, config: RewardConfig) -> None:
+        self.config = config
         store = CheckpointStore(config.checkpoint_dir)
-        base, tokenizer = load_reward_backbone(config.reward_model)
+        base, self.tokenizer = load_reward_backbone(config.reward_model)
         self.model = HotSwap(
             REWARD, latest_or_base(store, REWARD, reward_from_checkpoint, lambda: base)
         )
@@ -32,17 +38,47 @@ class RewardService:
             bus.REWARD_CHECKPOINTS,
             client_id="reward-follower",
         )
-        self.servicer = RewardServicer(config, self.model, tokenizer)
+        self.batcher = ScoreBatcher(
+            self.score_batch,
+            max_batch=config.batch_max_pairs,
+            max_wait_s=config.batch_wait_ms / 1000,
+            max_queued=config.max_queued_pairs,
+        )
+        self.drift = self._drift_sampler(config) if config.drift_sample > 0 else None
+        self.servicer = RewardServicer(config, self.batcher)
+
+    def score_batch(self, pairs: Sequence[PromptResponse]) -> tuple[list[float], int]:
+        """One forward pass with the model served right now; a hot swap lands between batches."""
+        served = self.model.current()
+        scores = score_pairs(served.model, self.tokenizer, pairs, self.config.max_tokens)
+        return scores, served.version
+
+    def _drift_sampler(self, config: RewardConfig) -> LiveRewardSampler:
+        consumer = EventConsumer(
+            config.kafka_bootstrap,
+            {bus.GENERATIONS: events_pb2.GenerationEvent},
+            group_id=config.drift_group,
+            client_id="reward-drift",
+            from_beginning=False,  # drift is about live traffic, not the topic's history
+            max_poll_interval_ms=config.max_poll_interval_ms,
+        )
+        return LiveRewardSampler(consumer, config.drift_sample, self.batcher.submit)
 
     def register(self, server: grpc.Server) -> list[str]:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.servicer, server)
         return [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
 
     def start(self) -> None:
+        self.batcher.start()
         self.follower.start()
+        if self.drift is not None:
+            self.drift.start()
 
     def stop(self) -> None:
+        if self.drift is not None:
+            self.drift.stop()
         self.follower.stop()
+        self.batcher.stop()
 
 
 def main() -> None:

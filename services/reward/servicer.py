@@ -1,15 +1,11 @@
-"""RewardService: score (prompt, response) pairs with the served reward model."""
+"""RewardService: score (prompt, response) pairs with the served reward model, batched."""
 
 from __future__ import annotations
 
-import threading
-
 import grpc
-import torch
 from prometheus_client import Counter, Histogram
-from transformers import PreTrainedTokenizerBase
 
-from rlhf.serving import HotSwap
+from rlhf.scoring import Overloaded, ScoreBatcher, ShuttingDown
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 
 from .config import RewardConfig
@@ -23,14 +19,20 @@ SCORES = Histogram(
 )
 
 
+# Without a client deadline grpc reports an enormous time remaining; waiting that long would
+# overflow the platform's timeout arithmetic, so it counts as no deadline.
+_NO_DEADLINE = 24 * 3600.0
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE else max(remaining, 0.0)
+
+
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(
-        self, config: RewardConfig, model: HotSwap, tokenizer: PreTrainedTokenizerBase
-    ) -> None:
+    def __init__(self, config: RewardConfig, batcher: ScoreBatcher) -> None:
         self._config = config
-        self._model = model
-        self._tokenizer = tokenizer
-        self._lock = threading.Lock()
+        self._batcher = batcher
 
     def Score(
         self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext
@@ -38,22 +40,20 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         problem = self._check(request)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        served = self._model.current()
-        encoded = self._tokenizer(
-            [p.prompt for p in request.pairs],
-            [p.response for p in request.pairs],
-            padding=True,
-            truncation="longest_first",
-            max_length=self._config.max_tokens,
-            return_tensors="pt",
-        )
-        with self._lock, torch.inference_mode():
-            scores = served.model(**encoded).logits[:, 0].tolist()
-        version = str(served.version)
-        PAIRS.labels(version).inc(len(scores))
+        pairs = [(p.prompt, p.response) for p in request.pairs]
+        try:
+            scores, version = self._batcher.submit(pairs, timeout=_timeout(context))
+        except Overloaded as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ShuttingDown as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "scoring did not finish in time")
+        label = str(version)
+        PAIRS.labels(label).inc(len(scores))
         for score in scores:
-            SCORES.labels(version).observe(score)
-        return reward_pb2.ScoreResponse(scores=scores, model_version=served.version)
+            SCORES.labels(label).observe(score)
+        return reward_pb2.ScoreResponse(scores=scores, model_version=version)
 
     def _check(self, request: reward_pb2.ScoreRequest) -> str | None:
         if not request.pairs:

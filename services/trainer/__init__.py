@@ -1,1 +1,2 @@
-"""Trainer: joins generations with feedback and runs PPO, publishing policy checkpoints."""
+"""Trainer: joins generations with feedback and trains, one stage per process: PPO (publishing
+policy checkpoints) or the reward model (publishing reward checkpoints)."""

@@ -4,11 +4,15 @@ from dataclasses import dataclass
 
 from rlhf.config import CommonConfig, ConfigError, setting
 
+STAGES = ("ppo", "reward")
+
 
 @dataclass(frozen=True)
 class TrainerConfig(CommonConfig):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50054, "gRPC port of the control plane (0 = any)")
-    stage: str = setting("RLHF_TRAINER_STAGE", "ppo", "training stage; this build runs: ppo")
+    stage: str = setting(
+        "RLHF_TRAINER_STAGE", "ppo", "training stage: ppo, or reward (reward-model training)"
+    )
     policy_model: str = setting(
         "RLHF_POLICY_MODEL", "smollm2-135m", "base policy: smollm2-135m, or tiny-random for tests"
     )
@@ -36,9 +40,63 @@ class TrainerConfig(CommonConfig):
         "RLHF_KEEP_CHECKPOINTS", 5, "newest policy checkpoints kept in the store"
     )
     seed: int = setting("RLHF_SEED", 0, "seed for rollouts and minibatch shuffling")
+    # Reward stage
+    reward_model: str = setting(
+        "RLHF_REWARD_MODEL", "minilm-l6", "reward stage: backbone, minilm-l6 or tiny-random"
+    )
+    reward_group: str = setting(
+        "RLHF_REWARD_TRAINER_GROUP",
+        "rlhf-reward-trainer",
+        "reward stage: Kafka consumer group (not the ppo stage's: both read every event)",
+    )
+    reward_round_examples: int = setting(
+        "RLHF_REWARD_ROUND_EXAMPLES", 64, "reward stage: new examples that start a training round"
+    )
+    reward_steps: int = setting(
+        "RLHF_REWARD_STEPS_PER_ROUND", 80, "reward stage: gradient steps per round"
+    )
+    reward_batch_size: int = setting(
+        "RLHF_REWARD_BATCH_SIZE", 16, "reward stage: examples per step (a pair counts once)"
+    )
+    reward_learning_rate: float = setting(
+        "RLHF_REWARD_LEARNING_RATE", 2e-4, "reward stage: AdamW learning rate"
+    )
+    reward_trainable_layers: int = setting(
+        "RLHF_REWARD_TRAINABLE_LAYERS",
+        2,
+        "reward stage: top encoder layers trained with the head (-1 = the whole model)",
+    )
+    reward_max_tokens: int = setting(
+        "RLHF_REWARD_MAX_TOKENS", 256, "reward stage: pairs are truncated to this many tokens"
+    )
+    reward_heldout_fraction: float = setting(
+        "RLHF_REWARD_HELDOUT_FRACTION", 0.2, "reward stage: share of generations held out"
+    )
+    reward_min_heldout: int = setting(
+        "RLHF_REWARD_MIN_HELDOUT", 32, "reward stage: held-out examples needed before publishing"
+    )
+    reward_tolerance: float = setting(
+        "RLHF_REWARD_TOLERANCE",
+        0.01,
+        "reward stage: how much worse than the served model a held-out metric may be",
+    )
+    reward_desirable_weight: float = setting(
+        "RLHF_REWARD_DESIRABLE_WEIGHT",
+        1.0,
+        "reward stage: weight of thumbs-up (!= 1 rebalances thumbs but biases calibration)",
+    )
+    reward_undesirable_weight: float = setting(
+        "RLHF_REWARD_UNDESIRABLE_WEIGHT", 1.0, "reward stage: weight of thumbs-down"
+    )
 
     def validate(self) -> None:
-        if self.stage != "ppo":
-            raise ConfigError(f"RLHF_TRAINER_STAGE={self.stage!r}: this build runs the ppo stage")
+        if self.stage not in STAGES:
+            raise ConfigError(f"RLHF_TRAINER_STAGE={self.stage!r}: expected one of {STAGES}")
         if self.batch_size < 1 or self.minibatch_size < 1 or self.publish_every < 1:
             raise ConfigError("batch sizes and RLHF_PUBLISH_EVERY_UPDATES must be positive")
+        if min(self.reward_round_examples, self.reward_steps, self.reward_batch_size) < 1:
+            raise ConfigError("reward stage round sizes must be positive")
+        if not 0.0 < self.reward_heldout_fraction < 1.0:
+            raise ConfigError("RLHF_REWARD_HELDOUT_FRACTION must be in (0, 1)")
+        if min(self.reward_desirable_weight, self.reward_undesirable_weight) <= 0:
+            raise ConfigError("reward stage thumb weights must be positive")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge
@@ -24,6 +24,7 @@ from rlhf.checkpoints import POLICY, CheckpointStore, Manifest
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import FeedbackJoin, Joined
 from rlhf.models import policy_checkpoint_files
+from rlhf.scoring import reward_prompt
 from rlhf.training.online import PPOLearner, Scorer
 from rlhf.v1 import events_pb2
 
@@ -47,31 +48,89 @@ class Status:
     mean_reward: float = 0.0
     pending_prompts: int = 0
     feedback_consumed: int = 0
+    reward_version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Intake:
-    """Consumes and joins generation and feedback events (runs in its own thread)."""
+def checkpoint_event(
+    kind: events_pb2.CheckpointKind, manifest: Manifest, metrics: dict[str, float]
+) -> events_pb2.CheckpointEvent:
+    """The event announcing a checkpoint written to the store."""
+    created = Timestamp()
+    created.FromNanoseconds(int(manifest.created_at * 1e9))
+    return events_pb2.CheckpointEvent(
+        kind=kind,
+        version=manifest.version,
+        parent_version=manifest.parent_version,
+        path=manifest.path,
+        manifest_sha256=manifest.sha256,
+        created_at=created,
+        metrics=metrics,
+    )
 
-    def __init__(self, consumer: EventConsumer, max_prompt_tokens: int) -> None:
+
+class ConsumerThread:
+    """Owns a Kafka consumer in its own thread and commits its offsets when asked.
+
+    A KafkaConsumer must only be used from one thread, so the training thread cannot commit
+    itself: it calls `commit()`, which hands the request over and waits for it. Subclasses say
+    what to do with each record (`handle`).
+    """
+
+    def __init__(self, consumer: EventConsumer, name: str) -> None:
         self._consumer = consumer
-        self._join = FeedbackJoin()
-        self._max_prompt_tokens = max_prompt_tokens
-        self._queue: deque[Joined] = deque(maxlen=MAX_QUEUED)
-        self._lock = threading.Lock()
         self._commit_wanted = threading.Event()
         self._committed = threading.Event()
         self._stopping = threading.Event()
-        self.feedback_consumed = 0
-        self.skipped_long_prompts = 0
-        self._thread = threading.Thread(target=self._run, name="trainer-intake", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(timeout=15)
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
         self._consumer.close()
+
+    def commit(self, timeout: float = 30.0) -> bool:
+        """Ask the consumer thread to commit what it consumed; True once it has."""
+        self._committed.clear()
+        self._commit_wanted.set()
+        return self._committed.wait(timeout)
+
+    def handle(self, record: bus.Record) -> None:
+        raise NotImplementedError
+
+    def after_poll(self) -> None:
+        """Called after each poll, e.g. to update gauges."""
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                for record in self._consumer.poll(timeout=0.5):
+                    self.handle(record)
+                self.after_poll()
+                if self._commit_wanted.is_set():
+                    self._commit_wanted.clear()
+                    self._consumer.commit()
+                    self._committed.set()
+            except Exception:  # keep consuming through broker restarts and rebalances
+                log.exception("%s failed; retrying", self._thread.name)
+                self._stopping.wait(1.0)
+
+
+class Intake(ConsumerThread):
+    """Consumes and joins generation and feedback events (runs in its own thread)."""
+
+    def __init__(self, consumer: EventConsumer, max_prompt_tokens: int) -> None:
+        super().__init__(consumer, "trainer-intake")
+        self._join = FeedbackJoin()
+        self._max_prompt_tokens = max_prompt_tokens
+        self._queue: deque[Joined] = deque(maxlen=MAX_QUEUED)
+        self._lock = threading.Lock()
+        self.feedback_consumed = 0
+        self.skipped_long_prompts = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -85,38 +144,21 @@ class Intake:
         with self._lock:
             self._queue.extendleft(reversed(batch))
 
-    def commit(self, timeout: float = 30.0) -> bool:
-        """Ask the intake thread to commit what it consumed; True once it has."""
-        self._committed.clear()
-        self._commit_wanted.set()
-        return self._committed.wait(timeout)
+    def handle(self, record: bus.Record) -> None:
+        if record.topic == bus.GENERATIONS:
+            joined = self._join.add_generation(record.message)
+        else:
+            self.feedback_consumed += 1
+            FEEDBACK_CONSUMED.inc()
+            joined = self._join.add_feedback(record.message)
+        usable = [
+            j for j in joined if len(j.generation.prompt_token_ids) <= self._max_prompt_tokens
+        ]
+        self.skipped_long_prompts += len(joined) - len(usable)
+        with self._lock:
+            self._queue.extend(usable)
 
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._poll_once()
-                if self._commit_wanted.is_set():
-                    self._commit_wanted.clear()
-                    self._consumer.commit()
-                    self._committed.set()
-            except Exception:  # keep consuming through broker restarts and rebalances
-                log.exception("trainer intake failed; retrying")
-                self._stopping.wait(1.0)
-
-    def _poll_once(self) -> None:
-        for record in self._consumer.poll(timeout=0.5):
-            if record.topic == bus.GENERATIONS:
-                joined = self._join.add_generation(record.message)
-            else:
-                self.feedback_consumed += 1
-                FEEDBACK_CONSUMED.inc()
-                joined = self._join.add_feedback(record.message)
-            usable = [
-                j for j in joined if len(j.generation.prompt_token_ids) <= self._max_prompt_tokens
-            ]
-            self.skipped_long_prompts += len(joined) - len(usable)
-            with self._lock:
-                self._queue.extend(usable)
+    def after_poll(self) -> None:
         PENDING.set(len(self))
 
 
@@ -175,8 +217,10 @@ class TrainingLoop:
     def step(self, batch: list[Joined]) -> dict[str, float] | None:
         """One PPO iteration on a batch of joined prompts; publishes when it is time."""
         prompts = [list(j.generation.prompt_token_ids) for j in batch]
+        # The reward model is asked about the user's words, as it was trained (not the template).
+        texts = [reward_prompt(j.generation) for j in batch]
         try:
-            stats = self.learner.iterate(prompts, self._score)
+            stats = self.learner.iterate(prompts, self._score, prompt_texts=texts)
         except RewardUnavailable as exc:
             log.warning("reward service unavailable (%s); retrying the batch shortly", exc)
             self.intake.put_back(batch)
@@ -213,16 +257,8 @@ class TrainingLoop:
 
     def _announce(self, manifest: Manifest) -> None:
         """Publish the checkpoint event, then commit the offsets its data came from."""
-        created = Timestamp()
-        created.FromNanoseconds(int(manifest.created_at * 1e9))
-        event = events_pb2.CheckpointEvent(
-            kind=events_pb2.CHECKPOINT_KIND_POLICY,
-            version=manifest.version,
-            parent_version=manifest.parent_version,
-            path=manifest.path,
-            manifest_sha256=manifest.sha256,
-            created_at=created,
-            metrics=manifest.metadata.get("stats", {}),
+        event = checkpoint_event(
+            events_pb2.CHECKPOINT_KIND_POLICY, manifest, manifest.metadata.get("stats", {})
         )
         try:
             self._publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)

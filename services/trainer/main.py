@@ -1,4 +1,5 @@
-"""Trainer entry point: `rlhf-trainer --help` lists its settings."""
+"""Trainer entry point: `rlhf-trainer --help` lists its settings; RLHF_TRAINER_STAGE picks the
+stage (ppo: `TrainerService`, reward: `reward_stage.RewardTrainerService`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import RewardClient
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
-from rlhf.server import run_main
+from rlhf.server import Service, run_main
 from rlhf.serving import latest_or_base
 from rlhf.training.online import PPOLearner, RolloutSettings
 from rlhf.training.ppo import PPOConfig
@@ -17,6 +18,7 @@ from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 
 from .config import TrainerConfig
 from .loop import Intake, TrainingLoop
+from .reward_stage import RewardTrainerService
 from .servicer import TrainerServicer
 
 MAX_PPO_PROMPT_TOKENS = 512
@@ -95,12 +97,21 @@ class TrainerService:
         self.publisher.close(timeout=self.config.shutdown_grace_seconds)
 
 
+def build(config: TrainerConfig) -> Service:
+    """The service for the configured stage; both share the bootstrap and control plane."""
+    if config.stage == "reward":
+        return RewardTrainerService(config)
+    return TrainerService(config)
+
+
 def main() -> None:
     run_main(
         "trainer",
         TrainerConfig,
-        TrainerService,
-        "Join generations with feedback, run PPO against the reward service, publish policies.",
+        build,
+        "Join generations with feedback and train: PPO against the reward service, publishing "
+        "policies (RLHF_TRAINER_STAGE=ppo), or the reward model, publishing reward models "
+        "(RLHF_TRAINER_STAGE=reward).",
     )
 
 

@@ -70,13 +70,23 @@ class PPOLearner:
             self.tokenizer.pad_token_id,
         )
 
-    def iterate(self, prompts: Sequence[Sequence[int]], score: Scorer) -> dict[str, float]:
-        """One PPO iteration: sample, score, update. Returns TRL-style statistics."""
+    def iterate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        score: Scorer,
+        prompt_texts: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """One PPO iteration: sample, score, update. Returns TRL-style statistics.
+
+        The reward model sees `prompt_texts` if given (the online trainer passes the user's
+        words, as the reward model was trained on), else the decoded prompts.
+        """
         completions = self.sample(prompts)
-        prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
+        if prompt_texts is None:
+            prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
         responses = [c.token_ids for c in completions]
         response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score(prompt_texts, response_texts)
+        scores = score(list(prompt_texts), response_texts)
         rollout = build_rollout(
             prompts, responses, scores, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         )

@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\"\x12\n\x10GetStatusRequest\"\x99\x01\n\rTrainerStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\x17\n\x0fpending_prompts\x18\x06 \x01(\x04\x12\x19\n\x11\x66\x65\x65\x64\x62\x61\x63k_consumed\x18\x07 \x01(\x04\x32P\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\"\x12\n\x10GetStatusRequest\"\x97\x02\n\rTrainerStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\x17\n\x0fpending_prompts\x18\x06 \x01(\x04\x12\x19\n\x11\x66\x65\x65\x64\x62\x61\x63k_consumed\x18\x07 \x01(\x04\x12\x16\n\x0ereward_version\x18\x08 \x01(\x04\x12\x34\n\x07metrics\x18\t \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32P\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRAINERSTATUS_METRICSENTRY']._loaded_options = None
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATUSREQUEST']._serialized_start=34
   _globals['_GETSTATUSREQUEST']._serialized_end=52
   _globals['_TRAINERSTATUS']._serialized_start=55
-  _globals['_TRAINERSTATUS']._serialized_end=208
-  _globals['_TRAINERSERVICE']._serialized_start=210
-  _globals['_TRAINERSERVICE']._serialized_end=290
+  _globals['_TRAINERSTATUS']._serialized_end=334
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=288
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=334
+  _globals['_TRAINERSERVICE']._serialized_start=336
+  _globals['_TRAINERSERVICE']._serialized_end=416
 # @@protoc_insertion_point(module_scope)

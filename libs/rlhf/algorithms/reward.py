@@ -1,0 +1,172 @@
+"""Reward-model losses and metrics, as pure functions over tensors.
+
+One scalar r(prompt, response) serves every kind of feedback, on one probability scale:
+
+- a preference (a ranking, a pair, a correction beats the answer it corrects) follows the
+  Bradley-Terry model, P(a preferred to b) = sigmoid(r_a - r_b);
+- a thumb (unpaired) follows the logistic model, P(thumbs-up) = sigmoid(r).
+
+The logistic term anchors the scalar: Bradley-Terry alone only fixes differences within a
+prompt's answers, so a score of 1.0 could mean "good" for one prompt and "bad" for another; with
+thumbs on the same scale, r > 0 means "more likely liked than not" whatever the prompt.
+Evaluation reads the same two models: pairwise accuracy, AUC, and calibration (Brier, ECE).
+Serving then shifts and scales the scalar (`normalise`) so PPO sees a stable range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Smallest scale `normalisation` returns: a model scoring every reference sample alike must not
+# turn into a division by ~0 in the reward service.
+MIN_SCALE = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged (weighted, if `weights` [N] is given).
+
+    The negative log-likelihood of the observed preferences under Bradley-Terry. logsigmoid is
+    used rather than log(sigmoid(.)) so a confidently wrong pair gives a large finite loss, not
+    log(0).
+    """
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)}")
+    return _weighted_mean(-F.logsigmoid(chosen - rejected), weights)
+
+
+def binary_feedback_loss(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Logistic loss of unpaired feedback: targets in [0, 1] (1 = thumbs-up, 0 = thumbs-down, a
+    scalar score as a soft label), P(desirable) = sigmoid(score).
+
+    Per example: -(w_d * y * log sigmoid(r) + w_u * (1 - y) * log sigmoid(-r)), then divided by
+    the total weight sum(w_d * y + w_u * (1 - y)). With both weights 1 this is plain logistic
+    regression, whose sigmoid(r) is calibrated. Other weights (as in KTO's lambda_D, lambda_U)
+    rebalance a skewed stream, e.g. 9 thumbs-up per thumbs-down, at a known price: the optimum
+    moves by log(w_d / w_u), so sigmoid(r) is then calibrated to the reweighted stream.
+    """
+    if scores.shape != targets.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)}")
+    if desirable_weight <= 0 or undesirable_weight <= 0:
+        raise ValueError("desirable and undesirable weights must be > 0")
+    targets = targets.to(scores.dtype)
+    up = desirable_weight * targets
+    down = undesirable_weight * (1.0 - targets)
+    losses = -(up * F.logsigmoid(scores) + down * F.logsigmoid(-scores))
+    return losses.sum() / (up + down).sum().clamp(min=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (no gradients; NaN when the data cannot define them)
+# --------------------------------------------------------------------------------------------
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Share of pairs the model orders like the user; a tie counts half (a coin flip)."""
+    if chosen.numel() == 0:
+        return math.nan
+    wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return wins.mean().item()
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: P(a random positive scores above a random negative), ties half.
+
+    Computed from ranks (Mann-Whitney U), with tied scores sharing their average rank. NaN unless
+    both classes are present.
+    """
+    labels = labels.bool()
+    positives = int(labels.sum())
+    negatives = labels.numel() - positives
+    if positives == 0 or negatives == 0:
+        return math.nan
+    ranks = _average_ranks(scores.double())
+    rank_sum = ranks[labels].sum().item()
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of `values`, tied values getting the mean of the ranks they span."""
+    order = torch.argsort(values)
+    ordered = values[order]
+    ranks = torch.empty_like(values)
+    start = 0
+    n = values.numel()
+    while start < n:
+        end = start
+        while end + 1 < n and ordered[end + 1] == ordered[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def brier_score(probabilities: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean squared error of predicted probabilities against outcomes (lower is better)."""
+    if probabilities.numel() == 0:
+        return math.nan
+    return ((probabilities.double() - targets.double()) ** 2).mean().item()
+
+
+def expected_calibration_error(
+    probabilities: torch.Tensor, targets: torch.Tensor, bins: int = 10
+) -> float:
+    """ECE: over `bins` equal-width probability bins, the gap |mean prediction - mean outcome|,
+    weighted by the share of examples in the bin. Bins are [0, 0.1), ..., [0.9, 1.0]."""
+    if probabilities.numel() == 0:
+        return math.nan
+    probabilities = probabilities.double()
+    targets = targets.double()
+    index = (probabilities * bins).long().clamp(0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = index == b
+        count = int(in_bin.sum())
+        if count:
+            gap = probabilities[in_bin].mean() - targets[in_bin].mean()
+            total += count * abs(gap.item())
+    return total / probabilities.numel()
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation for serving
+# --------------------------------------------------------------------------------------------
+
+
+def normalisation(scores: torch.Tensor) -> tuple[float, float]:
+    """(shift, scale) that map `scores` (raw, on reference-policy samples) to mean 0, std 1.
+
+    The standard deviation is the population one (the samples are the reference distribution,
+    not an estimate of a larger one), floored at MIN_SCALE.
+    """
+    if scores.numel() == 0:
+        raise ValueError("normalisation needs at least one score")
+    scores = scores.double()
+    shift = scores.mean().item()
+    scale = max(scores.std(correction=0).item(), MIN_SCALE)
+    return shift, scale
+
+
+def normalise(scores: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+    """(scores - shift) / scale."""
+    return (scores - shift) / scale

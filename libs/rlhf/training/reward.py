@@ -1,0 +1,519 @@
+"""Reward-model training from live feedback, with no I/O: examples, rounds, held-out gate.
+
+The trainer service feeds generation and feedback events in; this module turns them into
+training examples, keeps a stable held-out split, and runs rounds. A round trains the candidate
+model on everything collected so far, evaluates it and the served (incumbent) model on the same
+held-out set, and promotes the candidate only if it does not regress; otherwise the candidate is
+reset to the incumbent, so a bad round cannot be built upon. A promoted model gets the
+normalisation (shift, scale) that maps its scores on reference-policy samples to mean 0, std 1.
+
+Feedback becomes examples as follows (see `rlhf.algorithms.reward` for the losses):
+
+| feedback | example |
+|---|---|
+| thumb up / down | `Rated(target=1 / 0)`: logistic loss |
+| scalar score in [0, 1] | `Rated(target=score)`: logistic loss with a soft label |
+| ranking of n generations | `Pair(better, worse)` for each ordered pair of known generations |
+| correction | `Pair(correction, the corrected answer)` |
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import random
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.algorithms import reward as algo
+from rlhf.joining import FeedbackJoin, Joined
+from rlhf.models import NORMALISATION, encode_reward_inputs, set_reward_normalisation
+from rlhf.scoring import reward_prompt
+from rlhf.v1 import events_pb2
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """`chosen` was preferred to `rejected` as an answer to `prompt`."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class Rated:
+    """An unpaired judgement: target 1 = desirable (thumbs-up), 0 = not; in between = a score."""
+
+    prompt: str
+    response: str
+    target: float
+
+
+Example = Pair | Rated
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """An example and the generation id that decides its split (held-out or train)."""
+
+    key: str
+    example: Example
+
+
+class FeedbackExamples:
+    """Joins feedback to generations (`FeedbackJoin`, which also drops duplicate feedback) and
+    turns each joined piece into labelled examples.
+
+    Rankings name several generations; those already seen are looked up among the recent
+    generations (bounded), and unknown ones are left out of the pairs (counted).
+    """
+
+    def __init__(self, max_pending: int = 50_000) -> None:
+        self._join = FeedbackJoin(max_pending)
+        self._recent: OrderedDict[str, events_pb2.GenerationEvent] = OrderedDict()
+        self._max = max_pending
+        self.unresolved_ranked = 0
+
+    def add_generation(self, event: events_pb2.GenerationEvent) -> list[Labelled]:
+        self._recent[event.generation_id] = event
+        self._recent.move_to_end(event.generation_id)
+        while len(self._recent) > self._max:
+            self._recent.popitem(last=False)
+        return self._examples(self._join.add_generation(event))
+
+    def add_feedback(self, event: events_pb2.FeedbackEvent) -> list[Labelled]:
+        return self._examples(self._join.add_feedback(event))
+
+    def _examples(self, joined: list[Joined]) -> list[Labelled]:
+        labelled = []
+        for item in joined:
+            key = item.generation.generation_id
+            labelled += [Labelled(key, example) for example in self._convert(item)]
+        return labelled
+
+    def _convert(self, joined: Joined) -> list[Example]:
+        generation, feedback = joined.generation, joined.feedback.feedback
+        prompt = reward_prompt(generation)
+        signal = feedback.WhichOneof("signal")
+        if signal == "thumb" and feedback.thumb in (events_pb2.THUMB_UP, events_pb2.THUMB_DOWN):
+            target = 1.0 if feedback.thumb == events_pb2.THUMB_UP else 0.0
+            return [Rated(prompt, generation.response, target)]
+        if signal == "score" and math.isfinite(feedback.score.value):
+            return [Rated(prompt, generation.response, min(max(feedback.score.value, 0.0), 1.0))]
+        if signal == "correction" and feedback.correction.text.strip():
+            return [Pair(prompt, feedback.correction.text, generation.response)]
+        if signal == "ranking":
+            return self._ranking_pairs(prompt, list(feedback.ranking.generation_ids))
+        return []
+
+    def _ranking_pairs(self, prompt: str, ranked_ids: list[str]) -> list[Example]:
+        """Every (better, worse) pair of a best-first ranking, among generations we know."""
+        known = [self._recent[g].response for g in ranked_ids if g in self._recent]
+        self.unresolved_ranked += len(ranked_ids) - len(known)
+        return [
+            Pair(prompt, known[i], known[j])
+            for i in range(len(known))
+            for j in range(i + 1, len(known))
+            if known[i] != known[j]
+        ]
+
+
+class ReferenceSamples:
+    """A uniform sample (reservoir) of answers from the oldest policy version seen.
+
+    The served reward is normalised on the reference policy's answers, the distribution PPO
+    starts from; version 0 is the base policy. If an older version than the one held turns up,
+    the sample starts over with it. Thread-safe.
+    """
+
+    def __init__(self, capacity: int = 512, seed: int = 0) -> None:
+        self.capacity = capacity
+        self.policy_version: int | None = None
+        self._samples: list[tuple[str, str]] = []
+        self._offered = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def add(self, generation: events_pb2.GenerationEvent) -> None:
+        version = generation.policy_version
+        sample = (reward_prompt(generation), generation.response)
+        with self._lock:
+            if self.policy_version is None or version < self.policy_version:
+                self.policy_version, self._samples, self._offered = version, [], 0
+            if version != self.policy_version:
+                return
+            self._offered += 1
+            if len(self._samples) < self.capacity:
+                self._samples.append(sample)
+                return
+            slot = self._rng.randrange(self._offered)
+            if slot < self.capacity:
+                self._samples[slot] = sample
+
+    def samples(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._samples)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset with a stable held-out split
+# --------------------------------------------------------------------------------------------
+
+
+def in_heldout(key: str, fraction: float) -> bool:
+    """Whether generation id `key` belongs to the held-out split.
+
+    A hash, not a random draw: the same generation is always on the same side, in every round
+    and after a restart, so a model is never evaluated on what it (or its parent) trained on.
+    """
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass
+class Examples:
+    pairs: list[Pair] = field(default_factory=list)
+    rated: list[Rated] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pairs) + len(self.rated)
+
+    def add(self, example: Example) -> None:
+        (self.pairs if isinstance(example, Pair) else self.rated).append(example)
+
+
+@dataclass(frozen=True)
+class DataSnapshot:
+    train: Examples
+    heldout: Examples
+    fresh: Examples  # everything added since the previous snapshot, from both splits
+
+
+class FeedbackDataset:
+    """Training and held-out examples, newest kept when full. Thread-safe."""
+
+    def __init__(
+        self, heldout_fraction: float = 0.2, max_train: int = 20_000, max_heldout: int = 1_000
+    ) -> None:
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        self.heldout_fraction = heldout_fraction
+        self._train: deque[Example] = deque(maxlen=max_train)
+        self._heldout: deque[Example] = deque(maxlen=max_heldout)
+        self._fresh: deque[Example] = deque(maxlen=max_heldout)
+        self._lock = threading.Lock()
+
+    def add(self, labelled: Iterable[Labelled]) -> int:
+        added = 0
+        with self._lock:
+            for item in labelled:
+                side = self._heldout if in_heldout(item.key, self.heldout_fraction) else self._train
+                side.append(item.example)
+                self._fresh.append(item.example)
+                added += 1
+        return added
+
+    @property
+    def fresh(self) -> int:
+        """Examples added since the last snapshot."""
+        with self._lock:
+            return len(self._fresh)
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {"train": len(self._train), "heldout": len(self._heldout)}
+
+    def snapshot(self) -> DataSnapshot:
+        """Copies of both splits, and the fresh examples (which are then no longer fresh)."""
+        with self._lock:
+            parts = (self._train, self._heldout, self._fresh)
+            train, heldout, fresh = (_split_kinds(p) for p in parts)
+            self._fresh.clear()
+        return DataSnapshot(train, heldout, fresh)
+
+
+def _split_kinds(examples: Iterable[Example]) -> Examples:
+    result = Examples()
+    for example in examples:
+        result.add(example)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Training rounds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RewardTrainingConfig:
+    learning_rate: float = 2e-4
+    batch_size: int = 16  # examples per step (a pair is one example, two sequences)
+    steps_per_round: int = 80
+    trainable_layers: int = 2  # top encoder layers trained with the head; < 0 trains everything
+    max_tokens: int = 128
+    pair_weight: float = 1.0
+    rated_weight: float = 1.0
+    desirable_weight: float = 1.0  # != 1 rebalances thumbs at the price of calibration
+    undesirable_weight: float = 1.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 64
+    min_heldout: int = 32  # fewer held-out examples than this cannot justify a publish
+    tolerance: float = 0.01  # how much worse than the incumbent a metric may be and still pass
+    seed: int = 0
+
+
+# Gate: metric -> +1 if higher is better, -1 if lower is better. ECE is reported, not gated:
+# with a few hundred held-out thumbs its bins are too noisy to veto a model; Brier already
+# charges miscalibration.
+GATED_METRICS = {"pairwise_accuracy": +1, "thumbs_auc": +1, "brier": -1}
+
+
+def regressions(
+    candidate: dict[str, float], incumbent: dict[str, float], tolerance: float
+) -> list[str]:
+    """Why `candidate` must not replace `incumbent` (empty: it may). Metrics that either side
+    could not compute (NaN, e.g. no pairs held out yet) are skipped; if none is left, that is
+    itself a reason."""
+    reasons = []
+    compared = 0
+    for name, direction in GATED_METRICS.items():
+        new, old = candidate.get(name, math.nan), incumbent.get(name, math.nan)
+        if math.isnan(new) or math.isnan(old):
+            continue
+        compared += 1
+        if direction * (new - old) < -tolerance:
+            reasons.append(f"{name} {new:.4f} vs served {old:.4f}")
+    if not compared:
+        reasons.append("no held-out metric to compare")
+    return reasons
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    promoted: bool
+    reasons: list[str]  # why not promoted
+    candidate: dict[str, float]  # held-out metrics
+    incumbent: dict[str, float]
+    agreement: dict[str, float]  # served model on fresh (never trained on) feedback
+    train: dict[str, float]
+    normalisation: tuple[float, float] | None  # of the promoted model
+
+
+def freeze_lower_layers(model: PreTrainedModel, trainable_layers: int) -> None:
+    """Train only the top `trainable_layers` encoder layers, the pooler and the head.
+
+    The lower layers of a pretrained sentence encoder already give good features, and freezing
+    them makes a step several times cheaper (no backward pass through them). BERT-family only.
+    """
+    if trainable_layers < 0:
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    layers = model.base_model.encoder.layer
+    for layer in list(layers)[max(0, len(layers) - trainable_layers) :]:
+        layer.requires_grad_(True)
+    if getattr(model.base_model, "pooler", None) is not None:
+        model.base_model.pooler.requires_grad_(True)
+    model.classifier.requires_grad_(True)
+
+
+class RewardTrainer:
+    """The candidate reward model, the served (incumbent) one, and the round logic."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: RewardTrainingConfig,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.incumbent = _frozen_copy(model)
+        freeze_lower_layers(self.model, config.trainable_layers)
+        self.optimizer = self._new_optimizer()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.steps = 0
+        self.rounds = 0
+        self._incumbent_cache: dict[tuple[str, str], float] = {}
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def raw_scores(
+        self,
+        model: PreTrainedModel,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        cache: dict[tuple[str, str], float] | None = None,
+    ) -> torch.Tensor:
+        """Unnormalised scores [N] in eval mode, in chunks; `cache` remembers (prompt, response)
+        scores of a model that does not change (the incumbent)."""
+        pairs = list(zip(prompts, responses, strict=True))
+        missing = [p for p in dict.fromkeys(pairs) if cache is None or p not in cache]
+        found: dict[tuple[str, str], float] = {}
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(missing), self.config.eval_batch_size):
+                chunk = missing[start : start + self.config.eval_batch_size]
+                scores = self._forward(model, [p for p, _ in chunk], [r for _, r in chunk])
+                found.update(zip(chunk, scores.tolist(), strict=True))
+        model.train(was_training)
+        if cache is not None:
+            cache.update(found)
+            found = cache
+        return torch.tensor([found[p] for p in pairs], dtype=torch.float32)
+
+    def _forward(
+        self, model: PreTrainedModel, prompts: Sequence[str], responses: Sequence[str]
+    ) -> torch.Tensor:
+        encoded = encode_reward_inputs(self.tokenizer, prompts, responses, self.config.max_tokens)
+        return model(**encoded).logits[:, 0].float()
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, model: PreTrainedModel, examples: Examples) -> dict[str, float]:
+        """Pairwise accuracy on pairs; AUC, Brier and ECE on unpaired judgements (NaN if none)."""
+        cache = self._incumbent_cache if model is self.incumbent else None
+        metrics = {"pairs": float(len(examples.pairs)), "rated": float(len(examples.rated))}
+        pairs = examples.pairs
+        chosen = self.raw_scores(model, [p.prompt for p in pairs], [p.chosen for p in pairs], cache)
+        rejected = self.raw_scores(
+            model, [p.prompt for p in pairs], [p.rejected for p in pairs], cache
+        )
+        metrics["pairwise_accuracy"] = algo.pairwise_accuracy(chosen, rejected)
+        rated = examples.rated
+        scores = self.raw_scores(
+            model, [r.prompt for r in rated], [r.response for r in rated], cache
+        )
+        targets = torch.tensor([r.target for r in rated], dtype=torch.float32)
+        probabilities = torch.sigmoid(scores)
+        metrics["thumbs_auc"] = algo.roc_auc(scores, targets >= 0.5)
+        metrics["brier"] = algo.brier_score(probabilities, targets)
+        metrics["ece"] = algo.expected_calibration_error(probabilities, targets)
+        return metrics
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self, examples: Examples) -> dict[str, float]:
+        """`steps_per_round` steps on batches drawn uniformly from `examples`."""
+        if not len(examples):
+            return {}
+        # Dropout stays off (eval mode): steps are reproducible from the seed, and the function
+        # trained is the one evaluated and served.
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for _ in range(self.config.steps_per_round):
+            stats = self.step(self._draw(examples))
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0.0) + value
+        return {name: value / self.config.steps_per_round for name, value in totals.items()}
+
+    def _draw(self, examples: Examples) -> Examples:
+        size = len(examples)
+        picks = torch.randint(size, (min(self.config.batch_size, size),), generator=self.generator)
+        batch = Examples()
+        for index in picks.tolist():
+            if index < len(examples.pairs):
+                batch.add(examples.pairs[index])
+            else:
+                batch.add(examples.rated[index - len(examples.pairs)])
+        return batch
+
+    def step(self, batch: Examples) -> dict[str, float]:
+        """One gradient step on a batch of pairs and rated answers, in one forward pass."""
+        pairs, rated = batch.pairs, batch.rated
+        prompts = [p.prompt for p in pairs] * 2 + [r.prompt for r in rated]
+        responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        responses += [r.response for r in rated]
+        scores = self._forward(self.model, prompts, responses)
+        n = len(pairs)
+        loss = torch.zeros(())
+        stats: dict[str, float] = {}
+        if pairs:
+            pair_loss = algo.bradley_terry_loss(scores[:n], scores[n : 2 * n])
+            loss = loss + self.config.pair_weight * pair_loss
+            stats["loss/pairs"] = pair_loss.item()
+        if rated:
+            targets = torch.tensor([r.target for r in rated])
+            rated_loss = algo.binary_feedback_loss(
+                scores[2 * n :],
+                targets,
+                self.config.desirable_weight,
+                self.config.undesirable_weight,
+            )
+            loss = loss + self.config.rated_weight * rated_loss
+            stats["loss/rated"] = rated_loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+        stats["loss/total"] = loss.item()
+        return stats
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def round(self, data: DataSnapshot, reference: Sequence[tuple[str, str]]) -> RoundResult:
+        """Measure the served model on fresh feedback, train, evaluate both on held-out data,
+        then promote the candidate (normalised on `reference`) or reset it to the incumbent."""
+        self.rounds += 1
+        agreement = self.evaluate(self.incumbent, data.fresh) if len(data.fresh) else {}
+        train_stats = self.train(data.train)
+        candidate = self.evaluate(self.model, data.heldout)
+        incumbent = self.evaluate(self.incumbent, data.heldout)
+        reasons = regressions(candidate, incumbent, self.config.tolerance)
+        if len(data.heldout) < self.config.min_heldout:
+            reasons.insert(0, f"only {len(data.heldout)} held-out examples")
+        if reasons:
+            self.reset_to_incumbent()
+            return RoundResult(False, reasons, candidate, incumbent, agreement, train_stats, None)
+        shift_scale = self.normalise(reference)
+        self.incumbent = _frozen_copy(self.model)
+        self._incumbent_cache = {}
+        return RoundResult(True, [], candidate, incumbent, agreement, train_stats, shift_scale)
+
+    def normalise(self, reference: Sequence[tuple[str, str]]) -> tuple[float, float]:
+        """Set the candidate's normalisation from its scores on reference-policy answers."""
+        if reference:
+            scores = self.raw_scores(
+                self.model, [p for p, _ in reference], [r for _, r in reference]
+            )
+            shift, scale = algo.normalisation(scores)
+        else:
+            shift, scale = 0.0, 1.0
+        set_reward_normalisation(self.model, shift, scale)
+        return shift, scale
+
+    def reset_to_incumbent(self) -> None:
+        """Throw the candidate's round away: incumbent weights and a fresh optimizer."""
+        self.model.load_state_dict(self.incumbent.state_dict())
+        served = getattr(self.incumbent.config, NORMALISATION, None)
+        if served is None:
+            self.model.config.__dict__.pop(NORMALISATION, None)
+        else:
+            setattr(self.model.config, NORMALISATION, dict(served))
+        self.optimizer = self._new_optimizer()
+
+
+def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    return copy.deepcopy(model).eval().requires_grad_(False)

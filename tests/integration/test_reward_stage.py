@@ -1,0 +1,219 @@
+"""The reward stage on a real broker: simulated users' feedback -> training rounds -> a reward
+checkpoint published -> the reward service hot-reloads it and scores change; a model that
+regresses on the held-out set is not published."""
+
+import statistics
+import time
+import uuid
+
+import grpc
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from rlhf import bus
+from rlhf.checkpoints import REWARD, CheckpointStore
+from rlhf.models import TINY, encode_reward_inputs, load_reward_backbone, reward_from_checkpoint
+from rlhf.training.reward import in_heldout
+from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.reward.config import RewardConfig
+from services.reward.main import RewardService
+from services.simulated_users.synthetic import feedback_stream
+from services.trainer.config import TrainerConfig
+from services.trainer.main import build
+from services.trainer.reward_stage import RewardTrainerService
+from tests.conftest import serve, wait_until
+
+HELDOUT = 0.25
+PROBE = reward_pb2.ScoreRequest(
+    pairs=[
+        reward_pb2.ScoredPair(prompt="How was your weekend?", response=text)
+        for text in ("My weekend was wonderful!", "My weekend was awful, and I hate it.")
+    ]
+)
+
+
+def _trainer_config(broker, store, **overrides):
+    settings = {
+        "kafka_bootstrap": broker.bootstrap,
+        "checkpoint_dir": store,
+        "stage": "reward",
+        "reward_model": TINY,
+        "reward_group": f"reward-stage-{uuid.uuid4().hex[:8]}",
+        "max_poll_interval_ms": 4000,
+        "reward_round_examples": 300,
+        "reward_steps": 60,
+        "reward_learning_rate": 1e-3,
+        "reward_trainable_layers": -1,
+        "reward_max_tokens": 64,
+        "reward_heldout_fraction": HELDOUT,
+        "reward_min_heldout": 10,
+        **overrides,
+    }
+    return TrainerConfig(**settings)
+
+
+@pytest.fixture
+def reward_service(broker, tmp_path):
+    config = RewardConfig(
+        kafka_bootstrap=broker.bootstrap,
+        checkpoint_dir=tmp_path / "checkpoints",
+        reward_model=TINY,
+        drift_sample=0.0,
+    )
+    running = serve(RewardService(config))
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield reward_pb2_grpc.RewardServiceStub(channel)
+    running.stop()
+
+
+def _publish(broker, events):
+    """Publish generation and feedback events as the services would, keyed by generation id."""
+    with bus.Publisher(broker.bootstrap, client_id="test-users") as publisher:
+        futures = []
+        for event in events:
+            if isinstance(event, events_pb2.GenerationEvent):
+                topic, key = bus.GENERATIONS, event.generation_id
+            else:
+                topic, key = bus.FEEDBACK, event.feedback.generation_id
+            futures.append(publisher.publish_async(topic, key, event))
+        publisher.flush()
+        for future in futures:
+            future.get(timeout=10)
+
+
+def test_trained_reward_model_is_published_and_served(broker, tmp_path, reward_service):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    service = build(_trainer_config(broker, store.root))
+    assert isinstance(service, RewardTrainerService)
+    trainer = serve(service)
+    try:
+        before = reward_service.Score(PROBE)
+        assert before.model_version == 0
+        events = list(feedback_stream(150, seed=11))
+        _publish(broker, events)
+        assert wait_until(lambda: reward_service.Score(PROBE).model_version >= 1, timeout=120), (
+            f"no reward model served; trainer: {service.loop.status}"
+        )
+        after = reward_service.Score(PROBE)
+        assert list(after.scores) != pytest.approx(list(before.scores), abs=1e-3)
+
+        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
+            status = trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
+                trainer_pb2.GetStatusRequest()
+            )
+        assert status.stage == "reward" and status.step >= 1
+        assert status.reward_version >= 1 and status.feedback_consumed >= 300
+        assert status.metrics["heldout/pairwise_accuracy"] > 0.6
+        version = store.latest_version(REWARD)
+        manifest, _ = store.read_manifest(REWARD, version)
+        stats = manifest.metadata["stats"]
+        assert stats["heldout/pairwise_accuracy"] > 0.6
+
+        # The service serves the checkpoint's raw score shifted and scaled by the normalisation
+        # the trainer computed on reference-policy answers.
+        answers = [
+            (e.messages[0].content, e.response)
+            for e in events
+            if isinstance(e, events_pb2.GenerationEvent)
+        ]
+        model = reward_from_checkpoint(store.load(REWARD, version))
+        encoded = encode_reward_inputs(
+            load_reward_backbone(TINY)[1], *zip(*answers[:32], strict=True), max_tokens=256
+        )
+        with torch.inference_mode():
+            raw = model(**encoded).logits[:, 0].tolist()
+        shift, scale = stats["normalisation/shift"], stats["normalisation/scale"]
+        reply = reward_service.Score(
+            reward_pb2.ScoreRequest(
+                pairs=[reward_pb2.ScoredPair(prompt=p, response=r) for p, r in answers[:32]]
+            )
+        )
+        assert reply.model_version == version
+        assert list(reply.scores) == pytest.approx([(r - shift) / scale for r in raw], abs=1e-4)
+        # On (mostly) those reference answers, served rewards are about N(0, 1); the exact
+        # property is pinned in tests/unit/test_reward_training.py.
+        served = []
+        for start in range(0, len(answers), 64):
+            batch = answers[start : start + 64]
+            served += reward_service.Score(
+                reward_pb2.ScoreRequest(
+                    pairs=[reward_pb2.ScoredPair(prompt=p, response=r) for p, r in batch]
+                )
+            ).scores
+        assert abs(statistics.fmean(served)) < 0.5 and 0.5 < statistics.pstdev(served) < 1.5
+    finally:
+        trainer.stop()
+
+
+def _poisoned(events, heldout_fraction):
+    """The same users, but a client bug flips every train-split signal: thumbs inverted and
+    rankings reversed. Held-out feedback stays honest, as the gate's ground truth."""
+    for event in events:
+        if isinstance(event, events_pb2.FeedbackEvent):
+            _flip_unless_heldout(event.feedback, heldout_fraction)
+        yield event
+
+
+def _flip_unless_heldout(feedback, heldout_fraction):
+    if in_heldout(feedback.generation_id, heldout_fraction):
+        return
+    if feedback.WhichOneof("signal") == "thumb":
+        up = feedback.thumb == events_pb2.THUMB_UP
+        feedback.thumb = events_pb2.THUMB_DOWN if up else events_pb2.THUMB_UP
+    else:
+        ids = list(feedback.ranking.generation_ids)
+        feedback.ranking.ClearField("generation_ids")
+        feedback.ranking.generation_ids.extend(reversed(ids))
+
+
+def _publish_and_wait(broker, service, events):
+    """Publish `events`, then wait until the intake has read as many more feedback records and
+    then nothing for 1.5 s (other tests' events on the shared topics may be read meanwhile)."""
+    target = service.intake.feedback_consumed + sum(
+        isinstance(e, events_pb2.FeedbackEvent) for e in events
+    )
+    _publish(broker, events)
+    assert wait_until(lambda: service.intake.feedback_consumed >= target, timeout=60)
+    last, quiet_since = service.intake.feedback_consumed, time.monotonic()
+    while time.monotonic() - quiet_since < 1.5:
+        time.sleep(0.1)
+        if service.intake.feedback_consumed != last:
+            last, quiet_since = service.intake.feedback_consumed, time.monotonic()
+
+
+def _rounds(outcome):
+    value = REGISTRY.get_sample_value("rlhf_reward_trainer_rounds_total", {"outcome": outcome})
+    return value or 0.0
+
+
+def test_a_regressed_reward_model_is_not_published(broker, tmp_path, reward_service):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    service = RewardTrainerService(_trainer_config(broker, store.root))
+    # Rounds are driven by the test (not the background thread), so each sees a known dataset.
+    service.intake.start()
+    try:
+        _publish_and_wait(broker, service, list(feedback_stream(120, seed=21)))
+        first = service.loop.run_round()
+        assert first.promoted, first.reasons
+        assert store.versions(REWARD) == [1]
+        assert wait_until(lambda: reward_service.Score(PROBE).model_version == 1, timeout=30)
+        served = list(reward_service.Score(PROBE).scores)
+
+        regressed = _rounds("regressed")
+        _publish_and_wait(broker, service, list(_poisoned(feedback_stream(300, seed=22), HELDOUT)))
+        second = service.loop.run_round()
+        assert not second.promoted
+        # Refused for doing worse than the served model, not for lack of held-out data.
+        assert second.reasons and all(" vs served " in reason for reason in second.reasons)
+        assert _rounds("regressed") == regressed + 1
+        # The served model judged the fresh feedback, most of it flipped: it disagrees.
+        assert second.agreement["thumbs_auc"] < 0.5
+
+        assert store.versions(REWARD) == [1]
+        assert service.loop.status.reward_version == 1
+        time.sleep(1.0)
+        reply = reward_service.Score(PROBE)
+        assert reply.model_version == 1 and list(reply.scores) == pytest.approx(served)
+    finally:
+        service.stop()
