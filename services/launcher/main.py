@@ -33,6 +33,7 @@ PORTS = {
     "feedback": (50052, 9102),
     "reward": (50053, 9103),
     "trainer": (50054, 9104),
+    "reward-trainer": (50055, 9105),
 }
 BROKER_PORT = 9092
 HTTP_PORT = 8080  # the generation service's TGI-compatible API
@@ -46,6 +47,7 @@ CPU_DEMO = {
         "RLHF_PPO_EPOCHS": "1",
         "RLHF_PPO_RESPONSE_TOKENS": "24",
     },
+    "reward-trainer": {"RLHF_REWARD_STEPS_PER_ROUND": "40"},
     "simulated-users": {"RLHF_SIM_PAUSE_SECONDS": "2", "RLHF_SIM_MAX_NEW_TOKENS": "24"},
 }
 
@@ -126,7 +128,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
     http_port = _port(HTTP_PORT)
     feedback_http_port = _port(FEEDBACK_HTTP_PORT)
 
-    def service(name: str, extra: dict[str, str]) -> Process:
+    def service(name: str, extra: dict[str, str], module: str | None = None) -> Process:
         grpc_port, metrics_port = ports[name]
         env = {
             **common,
@@ -134,7 +136,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
             "RLHF_METRICS_PORT": str(metrics_port),
             **extra,
         }
-        return Process(name, f"services.{name}", grpc_port, metrics_port, env)
+        return Process(name, module or f"services.{name}", grpc_port, metrics_port, env)
 
     return [
         service("reward", {"RLHF_REWARD_MODEL": reward_model}),
@@ -161,6 +163,11 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
                 "RLHF_REWARD_ADDRESS": f"127.0.0.1:{ports['reward'][0]}",
             },
         ),
+        service(
+            "reward-trainer",
+            {"RLHF_TRAINER_STAGE": "reward", "RLHF_REWARD_MODEL": reward_model},
+            module="services.trainer",
+        ),
         Process(
             "simulated-users",
             "services.simulated_users",
@@ -180,7 +187,8 @@ def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: 
     lines = [f"RLHF_KAFKA_BOOTSTRAP={bootstrap}", f"RLHF_API_KEY={api_key}"]
     for process in processes:
         if process.grpc_port is not None:
-            lines.append(f"RLHF_{process.name.upper()}_ADDRESS=127.0.0.1:{process.grpc_port}")
+            variable = process.name.upper().replace("-", "_")
+            lines.append(f"RLHF_{variable}_ADDRESS=127.0.0.1:{process.grpc_port}")
         if "RLHF_HTTP_PORT" in process.env:
             lines.append(f"RLHF_TGI_URL=http://127.0.0.1:{process.env['RLHF_HTTP_PORT']}")
         if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
@@ -210,6 +218,11 @@ def report(processes: list[Process]) -> str:
             f"reward {status.mean_reward:+.3f}, kl {status.kl:.3f}, "
             f"feedback {status.feedback_consumed}, waiting prompts {status.pending_prompts})"
         )
+    with grpc.insecure_channel(f"127.0.0.1:{by_name['reward-trainer'].grpc_port}") as channel:
+        status = trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
+            trainer_pb2.GetStatusRequest(), timeout=5
+        )
+        parts.append(f"reward model v{status.reward_version}")
     return " | ".join(parts)
 
 

@@ -60,7 +60,7 @@ def test_up_runs_the_loop_and_stops_cleanly_on_ctrl_c(tmp_path):
                 break
         assert launcher.poll() is None, "".join(output)
         addresses = _read_env(tmp_path / "run" / "up.env")
-        for name in ("GENERATION", "FEEDBACK", "REWARD", "TRAINER"):
+        for name in ("GENERATION", "FEEDBACK", "REWARD", "TRAINER", "REWARD_TRAINER"):
             with grpc.insecure_channel(addresses[f"RLHF_{name}_ADDRESS"]) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=5
