@@ -47,7 +47,11 @@ CPU_DEMO = {
         "RLHF_PPO_EPOCHS": "1",
         "RLHF_PPO_RESPONSE_TOKENS": "24",
     },
-    "reward-trainer": {"RLHF_REWARD_STEPS_PER_ROUND": "40"},
+    "reward-trainer": {
+        "RLHF_REWARD_STEPS_PER_ROUND": "40",
+        "RLHF_REWARD_ROUND_EXAMPLES": "16",
+        "RLHF_REWARD_MIN_HELDOUT": "8",
+    },
     "simulated-users": {"RLHF_SIM_PAUSE_SECONDS": "2", "RLHF_SIM_MAX_NEW_TOKENS": "24"},
 }
 
