@@ -9,11 +9,13 @@ Deployment (`libs/rlhf/kube.py`); the new pods load the announced version.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -64,6 +66,10 @@ class Backend(Protocol):
 
     def policy(self) -> PolicyState: ...
 
+    def arriving(self) -> AbstractContextManager[None]:
+        """Held while a request is validated and tokenised, before `submit`."""
+        ...
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
@@ -110,6 +116,9 @@ class LocalBackend:
 
         inner.add_done_callback(done)
         return outer
+
+    def arriving(self) -> AbstractContextManager[None]:
+        return self._batcher.arriving()
 
     def policy(self) -> PolicyState:
         served = self._slot.current()
@@ -202,6 +211,9 @@ class TgiBackend:
         return Generated(
             [t.id for t in tokens], [t.logprob or 0.0 for t in tokens], finish, version, text
         )
+
+    def arriving(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def policy(self) -> PolicyState:
         if self._follower is None:

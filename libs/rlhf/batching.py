@@ -9,11 +9,12 @@ once (`Overloaded`) instead of growing latency without limit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -80,6 +81,8 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._arriving = 0  # requests being validated and tokenised, about to be submitted
+        self._arriving_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
 
@@ -90,6 +93,18 @@ class DynamicBatcher:
         """Refuse new work, finish what is queued and running, then return."""
         self._stopping.set()
         self._thread.join(timeout)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way (validating, tokenising): a batch being collected waits
+        for it rather than leaving it for the next batch."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
 
     def submit(self, job: Job) -> Future:
         if self._stopping.is_set():
@@ -104,9 +119,9 @@ class DynamicBatcher:
     def _next_batch(self) -> list[Job]:
         """The first waiting job plus every job that follows it closely.
 
-        Collection goes on while companions keep arriving less than `max_wait_s` apart (a burst
-        of clients whose handlers take turns on the GIL to tokenise), up to `max_batch` jobs or
-        ten gaps in all, so a lone request waits one gap at most.
+        Collection goes on while companions keep arriving less than `max_wait_s` apart, or while
+        requests are still being tokenised (handlers of a burst of clients take turns on the
+        GIL), up to `max_batch` jobs or ten gaps in all, so a lone request waits one gap at most.
         """
         try:
             batch = [self._queue.get(timeout=0.1)]
@@ -120,6 +135,8 @@ class DynamicBatcher:
                     self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 )
             except queue.Empty:
+                if self._arriving > 0 and time.perf_counter() < deadline:
+                    continue
                 break
         QUEUE_DEPTH.set(self._queue.qsize())
         return batch

@@ -93,9 +93,10 @@ class GenerationCore:
         params: common_pb2.SamplingParams,
     ) -> Prepared:
         """Validate everything about a request; raises Rejected(INVALID_ARGUMENT)."""
-        text = self._prompt_text(prompt, messages)
-        sampling = self._sampling(params)
-        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self.backend.arriving():  # a batch being collected waits for this request
+            text = self._prompt_text(prompt, messages)
+            sampling = self._sampling(params)
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         limit = self.config.max_prompt_tokens
         if len(prompt_ids) > limit:
             raise _invalid(f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
