@@ -24,10 +24,9 @@ from text_generation.errors import OverloadedError, ValidationError
 
 from rlhf import decoding
 from rlhf.batching import DynamicBatcher, Job, JobResult, Overloaded
-from rlhf.bus import EventConsumer
 from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
 from rlhf.kube import Rollout
-from rlhf.serving import RELOADS, SERVED_VERSION, CheckpointFollower, HotSwap
+from rlhf.serving import RELOADS, SERVED_VERSION, CheckpointEvents, CheckpointFollower, HotSwap
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -244,34 +243,13 @@ class TgiRolloutFollower:
         self._store = store
         self._rollout = rollout
         self.state = PolicyState(store.latest_version(POLICY) or 0, "", time.time())
-        self._consumer = EventConsumer(
-            bootstrap,
-            {topic: events_pb2.CheckpointEvent},
-            group_id=None,
-            client_id=client_id,
-            from_beginning=True,
-        )
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tgi-rollout", daemon=True)
+        self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
 
     def start(self) -> None:
-        self._thread.start()
+        self._events.start()
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=10)
-        self._consumer.close()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                records = self._consumer.poll(timeout=0.5)
-            except Exception:
-                log.exception("polling checkpoint events failed; retrying")
-                self._stopping.wait(1.0)
-                continue
-            for record in records:
-                self.apply(record.message)
+        self._events.stop()
 
     def apply(self, event: events_pb2.CheckpointEvent) -> bool:
         """Roll the TGI Deployment to a newer, verified checkpoint; True if it was triggered."""

@@ -75,21 +75,17 @@ def load_served(
     return Served(build(checkpoint), version, checkpoint.manifest_sha256, time.time())
 
 
-class CheckpointFollower(Generic[M]):
-    """A background thread that loads each newer checkpoint announced on `topic`."""
+class CheckpointEvents:
+    """A background thread handing every checkpoint event on `topic` to `handle`."""
 
     def __init__(
         self,
-        slot: HotSwap[M],
-        store: CheckpointStore,
-        build: Callable[[VerifiedCheckpoint], M],
         bootstrap: str,
         topic: str,
         client_id: str,
+        handle: Callable[[events_pb2.CheckpointEvent], object],
     ) -> None:
-        self._slot = slot
-        self._store = store
-        self._build = build
+        self._handle = handle
         # No consumer group: every replica must see every checkpoint event. Replaying the topic
         # from the beginning is cheap (a few small events) and closes the gap between loading the
         # latest version at start-up and subscribing.
@@ -120,7 +116,31 @@ class CheckpointFollower(Generic[M]):
                 self._stopping.wait(1.0)
                 continue
             for record in records:
-                self.apply(record.message)
+                self._handle(record.message)
+
+
+class CheckpointFollower(Generic[M]):
+    """Loads each newer checkpoint announced on `topic` and swaps it into `slot`."""
+
+    def __init__(
+        self,
+        slot: HotSwap[M],
+        store: CheckpointStore,
+        build: Callable[[VerifiedCheckpoint], M],
+        bootstrap: str,
+        topic: str,
+        client_id: str,
+    ) -> None:
+        self._slot = slot
+        self._store = store
+        self._build = build
+        self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
+
+    def start(self) -> None:
+        self._events.start()
+
+    def stop(self) -> None:
+        self._events.stop()
 
     def apply(self, event: events_pb2.CheckpointEvent) -> bool:
         """Load the announced version if it is newer; returns True when it is now served."""
