@@ -34,6 +34,7 @@ STATS = Gauge("rlhf_trainer_stat", "last PPO statistics, named like TRL's", ["na
 UPDATES = Counter("rlhf_trainer_updates_total", "PPO updates done")
 FEEDBACK_CONSUMED = Counter("rlhf_trainer_feedback_consumed_total", "feedback events consumed")
 PUBLISHED_VERSION = Gauge("rlhf_trainer_published_version", "last policy version published")
+FAILED_BATCHES = Counter("rlhf_trainer_failed_batches_total", "PPO iterations that raised")
 PENDING = Gauge("rlhf_trainer_pending_prompts", "joined prompts waiting for a rollout")
 
 MAX_QUEUED = 10_000
@@ -130,7 +131,7 @@ class Intake(ConsumerThread):
         self._queue: deque[Joined] = deque(maxlen=MAX_QUEUED)
         self._lock = threading.Lock()
         self.feedback_consumed = 0
-        self.skipped_long_prompts = 0
+        self.skipped_prompts = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -151,10 +152,12 @@ class Intake(ConsumerThread):
             self.feedback_consumed += 1
             FEEDBACK_CONSUMED.inc()
             joined = self._join.add_feedback(record.message)
+        # A generation without prompt tokens (another producer, a synthetic event) or with a
+        # prompt too long for PPO cannot be rolled out: skip it, counted, rather than fail a batch.
         usable = [
-            j for j in joined if len(j.generation.prompt_token_ids) <= self._max_prompt_tokens
+            j for j in joined if 0 < len(j.generation.prompt_token_ids) <= self._max_prompt_tokens
         ]
-        self.skipped_long_prompts += len(joined) - len(usable)
+        self.skipped_prompts += len(joined) - len(usable)
         with self._lock:
             self._queue.extend(usable)
 
@@ -212,7 +215,12 @@ class TrainingLoop:
             if len(self.intake) < self._batch_size:
                 self._stopping.wait(0.2)
                 continue
-            self.step(self.intake.take(self._batch_size))
+            batch = self.intake.take(self._batch_size)
+            try:
+                self.step(batch)
+            except Exception:  # one bad batch must not stop training for good
+                FAILED_BATCHES.inc()
+                log.exception("PPO iteration failed; dropping its %d prompts", len(batch))
 
     def step(self, batch: list[Joined]) -> dict[str, float] | None:
         """One PPO iteration on a batch of joined prompts; publishes when it is time."""
