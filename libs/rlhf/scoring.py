@@ -23,6 +23,7 @@ from prometheus_client import Gauge, Histogram
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.algorithms.reward import normalise
+from rlhf.batching import Overloaded, ShuttingDown  # the one pair of refusals for batchers
 from rlhf.models import encode_reward_inputs, reward_normalisation
 from rlhf.v1 import events_pb2
 
@@ -75,14 +76,6 @@ def score_pairs(
         raw = model(**encoded).logits[:, 0].float()
     shift, scale = reward_normalisation(model)
     return normalise(raw, shift, scale).tolist()
-
-
-class Overloaded(Exception):
-    """Too many pairs are queued: answer RESOURCE_EXHAUSTED."""
-
-
-class ShuttingDown(Exception):
-    """The batcher has stopped taking work: answer UNAVAILABLE."""
 
 
 @dataclass

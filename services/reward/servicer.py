@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 from prometheus_client import Counter, Histogram
 
-from rlhf.scoring import Overloaded, ScoreBatcher, ShuttingDown
+from rlhf.batching import Overloaded, ShuttingDown
+from rlhf.scoring import ScoreBatcher
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 
 from .config import RewardConfig

@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.models import TINY, load_reward_backbone, set_reward_normalisation
-from rlhf.scoring import Overloaded, ScoreBatcher, ShuttingDown, score_pairs
+from rlhf.scoring import ScoreBatcher, score_pairs
 
 
 class GatedScorer:
