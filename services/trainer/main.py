@@ -3,8 +3,6 @@ stage (ppo: `TrainerService`, reward: `reward_stage.RewardTrainerService`)."""
 
 from __future__ import annotations
 
-import grpc
-
 from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
@@ -14,12 +12,12 @@ from rlhf.server import Service, run_main
 from rlhf.serving import latest_or_base
 from rlhf.training.online import PPOLearner, RolloutSettings
 from rlhf.training.ppo import PPOConfig
-from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
+from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
 from .loop import Intake, TrainingLoop
 from .reward_stage import RewardTrainerService
-from .servicer import TrainerServicer
+from .servicer import StageService, TrainerServicer
 
 MAX_PPO_PROMPT_TOKENS = 512
 
@@ -36,8 +34,8 @@ def ppo_config(config: TrainerConfig) -> PPOConfig:
     )
 
 
-class TrainerService:
-    name = "trainer"
+class TrainerService(StageService):
+    """The trainer process running the PPO stage (RLHF_TRAINER_STAGE=ppo)."""
 
     def __init__(self, config: TrainerConfig) -> None:
         self.config = config
@@ -82,19 +80,8 @@ class TrainerService:
         )
         self.servicer = TrainerServicer(self.loop)
 
-    def register(self, server: grpc.Server) -> list[str]:
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
-        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
-
-    def start(self) -> None:
-        self.intake.start()
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-        self.intake.stop()
+    def close_clients(self) -> None:
         self.reward.close()
-        self.publisher.close(timeout=self.config.shutdown_grace_seconds)
 
 
 def build(config: TrainerConfig) -> Service:

@@ -15,7 +15,6 @@ import math
 import threading
 from dataclasses import replace
 
-import grpc
 from prometheus_client import Counter, Gauge
 
 from rlhf import bus
@@ -31,11 +30,11 @@ from rlhf.training.reward import (
     RewardTrainingConfig,
     RoundResult,
 )
-from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
+from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
 from .loop import ConsumerThread, Status, checkpoint_event
-from .servicer import TrainerServicer
+from .servicer import StageService, TrainerServicer
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +247,8 @@ def reward_training_config(config: TrainerConfig) -> RewardTrainingConfig:
     )
 
 
-class RewardTrainerService:
+class RewardTrainerService(StageService):
     """The trainer process running the reward stage (RLHF_TRAINER_STAGE=reward)."""
-
-    name = "trainer"
 
     def __init__(self, config: TrainerConfig) -> None:
         self.config = config
@@ -285,16 +282,3 @@ class RewardTrainerService:
             keep_checkpoints=config.keep_checkpoints,
         )
         self.servicer = TrainerServicer(self.loop)
-
-    def register(self, server: grpc.Server) -> list[str]:
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
-        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
-
-    def start(self) -> None:
-        self.intake.start()
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-        self.intake.stop()
-        self.publisher.close(timeout=self.config.shutdown_grace_seconds)

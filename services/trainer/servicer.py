@@ -6,9 +6,11 @@ from typing import Protocol
 
 import grpc
 
+from rlhf.bus import Publisher
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
-from .loop import Status
+from .config import TrainerConfig
+from .loop import ConsumerThread, Status
 
 
 class HasStatus(Protocol):
@@ -16,6 +18,10 @@ class HasStatus(Protocol):
 
     @property
     def status(self) -> Status: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -37,3 +43,32 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             reward_version=status.reward_version,
             metrics=status.metrics,
         )
+
+
+class StageService:
+    """What every trainer stage shares: the control plane, an intake thread feeding a training
+    loop thread, and the drain order on SIGTERM (loop, intake, clients, producer)."""
+
+    name = "trainer"
+    config: TrainerConfig
+    intake: ConsumerThread
+    loop: HasStatus
+    publisher: Publisher
+    servicer: TrainerServicer
+
+    def register(self, server: grpc.Server) -> list[str]:
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
+        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
+
+    def start(self) -> None:
+        self.intake.start()
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.intake.stop()
+        self.close_clients()
+        self.publisher.close(timeout=self.config.shutdown_grace_seconds)
+
+    def close_clients(self) -> None:
+        """Stage-specific clients to close after the loop stopped using them."""
