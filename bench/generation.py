@@ -7,9 +7,6 @@ batch, and single-client throughput for the concurrency scaling.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,9 +15,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.report import ROOT, median, table
+from bench.report import ServiceProcess, median, table
 from rlhf import bus
-from rlhf.broker import EmbeddedBroker, free_port
+from rlhf.broker import EmbeddedBroker
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.config import CommonConfig, load_config
 from rlhf.decoding import left_pad
@@ -46,41 +43,23 @@ def _chat(tokenizer, text: str) -> str:  # noqa: ANN001
     )
 
 
-class Service:
+class Service(ServiceProcess):
     """The generation service as a subprocess on its own ports."""
 
     def __init__(self, bootstrap: str, store: Path, max_batch: int = 16) -> None:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "RLHF_KAFKA_BOOTSTRAP": bootstrap,
+        settings = {
             "RLHF_CHECKPOINT_DIR": str(store),
-            "RLHF_GRPC_HOST": "127.0.0.1",
-            "RLHF_GRPC_PORT": str(self.port),
             "RLHF_HTTP_PORT": "-1",
             "RLHF_POLICY_MODEL": SMOLLM2,
             "RLHF_GENERATION_ID_KEY": "bench-key-0123456789abcdef",
             "RLHF_MAX_BATCH": str(max_batch),
             "RLHF_BATCH_WAIT_MS": "10",
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.generation"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        super().__init__("services.generation", bootstrap, settings)
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
-        grpc.channel_ready_future(self.channel).result(timeout=300)
 
     def version(self) -> int:
         return self.stub.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest()).version
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.process.terminate()
-        self.process.wait(60)
 
 
 def _request(text: str, temperature: float, seed: int = 0) -> generation_pb2.GenerateRequest:

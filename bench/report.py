@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,3 +93,39 @@ def assemble() -> Path:
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(parts))
     return out
+
+
+class ServiceProcess:
+    """A platform service as its own process on a free loopback port, as deployed.
+
+    `settings` are its RLHF_* environment variables (host, port and broker are filled in);
+    construction returns once the gRPC channel is ready.
+    """
+
+    def __init__(self, module: str, bootstrap: str, settings: dict[str, str]) -> None:
+        import grpc
+
+        from rlhf.broker import free_port
+
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "RLHF_KAFKA_BOOTSTRAP": bootstrap,
+            "RLHF_GRPC_HOST": "127.0.0.1",
+            "RLHF_GRPC_PORT": str(self.port),
+            **settings,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        grpc.channel_ready_future(self.channel).result(timeout=300)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.process.terminate()
+        self.process.wait(60)

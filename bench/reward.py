@@ -9,10 +9,7 @@ uses (tokenise, forward, normalise), so the difference is gRPC, queueing and bat
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,10 +17,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.report import ROOT, median, table, timed
+from bench.report import ServiceProcess, median, table, timed
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.models import MINILM, load_reward_backbone
@@ -46,31 +42,19 @@ BATCHES = (1, 8, 32)
 MAX_TOKENS = 256  # the service default
 
 
-class Service:
+class Service(ServiceProcess):
     """The reward service as a subprocess on its own ports."""
 
     def __init__(self, bootstrap: str, store: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "RLHF_KAFKA_BOOTSTRAP": bootstrap,
+        self.metrics_port = free_port()
+        settings = {
             "RLHF_CHECKPOINT_DIR": str(store),
-            "RLHF_GRPC_HOST": "127.0.0.1",
-            "RLHF_GRPC_PORT": str(self.port),
             "RLHF_METRICS_PORT": str(self.metrics_port),
             "RLHF_REWARD_MODEL": MINILM,
             "RLHF_REWARD_DRIFT_SAMPLE": "0",
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.reward"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        super().__init__("services.reward", bootstrap, settings)
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
-        grpc.channel_ready_future(self.channel).result(timeout=300)
 
     def score(self, pairs: Sequence[PromptResponse]) -> list[float]:
         request = reward_pb2.ScoreRequest(
