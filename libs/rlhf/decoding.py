@@ -136,12 +136,13 @@ def generate(
             logits_to_keep=1,  # the prefill needs only the last position's logits
         )
         tokens, logprobs = pick_tokens(out.logits[:, -1, :].float(), params, generators)
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one copy, not one per row
         next_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
         emitted = torch.zeros((len(prompts), 1), dtype=torch.long)
         for row, params_row in enumerate(params):
             if not active[row]:
                 continue
-            token, logprob = int(tokens[row]), float(logprobs[row])
+            token, logprob = token_list[row], logprob_list[row]
             if on_token is not None:
                 on_token(row, token, logprob)
             completion = completions[row]
