@@ -22,23 +22,42 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\"\x12\n\x10GetStatusRequest\"\x97\x02\n\rTrainerStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\x17\n\x0fpending_prompts\x18\x06 \x01(\x04\x12\x19\n\x11\x66\x65\x65\x64\x62\x61\x63k_consumed\x18\x07 \x01(\x04\x12\x16\n\x0ereward_version\x18\x08 \x01(\x04\x12\x34\n\x07metrics\x18\t \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32P\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x13\n\x11\x43heckpointRequest\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"1\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05pause\x18\x02 \x01(\x08\"\x9f\x02\n\x0e\x43heckpointInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07metrics\x18\x07 \x03(\x0b\x32$.rlhf.v1.CheckpointInfo.MetricsEntry\x12\x18\n\x10rolled_back_from\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListCheckpointsReply\x12,\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x17.rlhf.v1.CheckpointInfo\"\xf4\x02\n\rTrainerStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\x17\n\x0fpending_prompts\x18\x06 \x01(\x04\x12\x19\n\x11\x66\x65\x65\x64\x62\x61\x63k_consumed\x18\x07 \x01(\x04\x12\x16\n\x0ereward_version\x18\x08 \x01(\x04\x12\x34\n\x07metrics\x18\t \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x12\x0e\n\x06paused\x18\n \x01(\x08\x12\x15\n\rfeedback_used\x18\x0b \x01(\x04\x12\x1e\n\x16\x64\x61ta_staleness_seconds\x18\x0c \x01(\x01\x12\x14\n\x0c\x63onsumer_lag\x18\r \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x97\x03\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x41\n\nCheckpoint\x12\x1a.rlhf.v1.CheckpointRequest\x1a\x17.rlhf.v1.CheckpointInfo\x12Q\n\x0fListCheckpoints\x12\x1f.rlhf.v1.ListCheckpointsRequest\x1a\x1d.rlhf.v1.ListCheckpointsReply\x12=\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x17.rlhf.v1.CheckpointInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._loaded_options = None
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINERSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_GETSTATUSREQUEST']._serialized_start=34
-  _globals['_GETSTATUSREQUEST']._serialized_end=52
-  _globals['_TRAINERSTATUS']._serialized_start=55
-  _globals['_TRAINERSTATUS']._serialized_end=334
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=288
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=334
-  _globals['_TRAINERSERVICE']._serialized_start=336
-  _globals['_TRAINERSERVICE']._serialized_end=416
+  _globals['_GETSTATUSREQUEST']._serialized_start=67
+  _globals['_GETSTATUSREQUEST']._serialized_end=85
+  _globals['_PAUSEREQUEST']._serialized_start=87
+  _globals['_PAUSEREQUEST']._serialized_end=101
+  _globals['_RESUMEREQUEST']._serialized_start=103
+  _globals['_RESUMEREQUEST']._serialized_end=118
+  _globals['_CHECKPOINTREQUEST']._serialized_start=120
+  _globals['_CHECKPOINTREQUEST']._serialized_end=139
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=141
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=180
+  _globals['_ROLLBACKREQUEST']._serialized_start=182
+  _globals['_ROLLBACKREQUEST']._serialized_end=231
+  _globals['_CHECKPOINTINFO']._serialized_start=234
+  _globals['_CHECKPOINTINFO']._serialized_end=521
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_start=475
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_end=521
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=523
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=591
+  _globals['_TRAINERSTATUS']._serialized_start=594
+  _globals['_TRAINERSTATUS']._serialized_end=966
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=475
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=521
+  _globals['_TRAINERSERVICE']._serialized_start=969
+  _globals['_TRAINERSERVICE']._serialized_end=1376
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,11 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -10,8 +13,67 @@ class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PauseRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("version", "pause")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    pause: bool
+    def __init__(self, version: _Optional[int] = ..., pause: _Optional[bool] = ...) -> None: ...
+
+class CheckpointInfo(_message.Message):
+    __slots__ = ("kind", "version", "parent_version", "path", "manifest_sha256", "created_at", "metrics", "rolled_back_from")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FROM_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    version: int
+    parent_version: int
+    path: str
+    manifest_sha256: str
+    created_at: _timestamp_pb2.Timestamp
+    metrics: _containers.ScalarMap[str, float]
+    rolled_back_from: int
+    def __init__(self, kind: _Optional[str] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., path: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., rolled_back_from: _Optional[int] = ...) -> None: ...
+
+class ListCheckpointsReply(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
 class TrainerStatus(_message.Message):
-    __slots__ = ("stage", "step", "policy_version", "kl", "mean_reward", "pending_prompts", "feedback_consumed", "reward_version", "metrics")
+    __slots__ = ("stage", "step", "policy_version", "kl", "mean_reward", "pending_prompts", "feedback_consumed", "reward_version", "metrics", "paused", "feedback_used", "data_staleness_seconds", "consumer_lag")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +90,10 @@ class TrainerStatus(_message.Message):
     FEEDBACK_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     REWARD_VERSION_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_USED_FIELD_NUMBER: _ClassVar[int]
+    DATA_STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_LAG_FIELD_NUMBER: _ClassVar[int]
     stage: str
     step: int
     policy_version: int
@@ -37,4 +103,8 @@ class TrainerStatus(_message.Message):
     feedback_consumed: int
     reward_version: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., kl: _Optional[float] = ..., mean_reward: _Optional[float] = ..., pending_prompts: _Optional[int] = ..., feedback_consumed: _Optional[int] = ..., reward_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    paused: bool
+    feedback_used: int
+    data_staleness_seconds: float
+    consumer_lag: int
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., kl: _Optional[float] = ..., mean_reward: _Optional[float] = ..., pending_prompts: _Optional[int] = ..., feedback_consumed: _Optional[int] = ..., reward_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., feedback_used: _Optional[int] = ..., data_staleness_seconds: _Optional[float] = ..., consumer_lag: _Optional[int] = ...) -> None: ...

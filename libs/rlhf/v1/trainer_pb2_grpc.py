@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """The trainer's control plane.
+    """The trainer's control plane. Every stage (sft, reward, ppo) serves it.
     """
 
     def __init__(self, channel):
@@ -40,14 +40,75 @@ class TrainerServiceStub:
                 request_serializer=rlhf_dot_v1_dot_trainer__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
                 _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/rlhf.v1.TrainerService/Pause',
+                request_serializer=rlhf_dot_v1_dot_trainer__pb2.PauseRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/rlhf.v1.TrainerService/Resume',
+                request_serializer=rlhf_dot_v1_dot_trainer__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+                _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/rlhf.v1.TrainerService/Checkpoint',
+                request_serializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/rlhf.v1.TrainerService/ListCheckpoints',
+                request_serializer=rlhf_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_trainer__pb2.ListCheckpointsReply.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/rlhf.v1.TrainerService/Rollback',
+                request_serializer=rlhf_dot_v1_dot_trainer__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
-    """The trainer's control plane.
+    """The trainer's control plane. Every stage (sft, reward, ppo) serves it.
     """
 
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Stop taking new batches after the current one; consumption and joining go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Write (and announce) a checkpoint of the current model now, after the running update.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The stage's checkpoints in the store, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Roll the served model back to an earlier version: its weights are republished as a new,
+        higher version (so every follower takes it) and training continues from them. With
+        `pause`, the trainer also pauses, which pins the served model until Resume.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +121,31 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     request_deserializer=rlhf_dot_v1_dot_trainer__pb2.GetStatusRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.SerializeToString,
             ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=rlhf_dot_v1_dot_trainer__pb2.PauseRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=rlhf_dot_v1_dot_trainer__pb2.ResumeRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=rlhf_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_trainer__pb2.ListCheckpointsReply.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=rlhf_dot_v1_dot_trainer__pb2.RollbackRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rlhf.v1.TrainerService', rpc_method_handlers)
@@ -69,7 +155,7 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """The trainer's control plane.
+    """The trainer's control plane. Every stage (sft, reward, ppo) serves it.
     """
 
     @staticmethod
@@ -89,6 +175,141 @@ class TrainerService:
             '/rlhf.v1.TrainerService/GetStatus',
             rlhf_dot_v1_dot_trainer__pb2.GetStatusRequest.SerializeToString,
             rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.TrainerService/Pause',
+            rlhf_dot_v1_dot_trainer__pb2.PauseRequest.SerializeToString,
+            rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.TrainerService/Resume',
+            rlhf_dot_v1_dot_trainer__pb2.ResumeRequest.SerializeToString,
+            rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.TrainerService/Checkpoint',
+            rlhf_dot_v1_dot_trainer__pb2.CheckpointRequest.SerializeToString,
+            rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.TrainerService/ListCheckpoints',
+            rlhf_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+            rlhf_dot_v1_dot_trainer__pb2.ListCheckpointsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.TrainerService/Rollback',
+            rlhf_dot_v1_dot_trainer__pb2.RollbackRequest.SerializeToString,
+            rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.FromString,
             options,
             channel_credentials,
             insecure,
