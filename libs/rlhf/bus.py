@@ -16,6 +16,7 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -390,6 +391,7 @@ class _Positions(ConsumerRebalanceListener):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._next: dict[TopicPartition, int] = {}
+        self.on_assigned: Any = None  # called with the assigned TopicPartitions, if set
 
     def advance(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
@@ -416,7 +418,8 @@ class _Positions(ConsumerRebalanceListener):
                 self._next.pop(tp, None)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        pass
+        if self.on_assigned is not None:
+            self.on_assigned(list(assigned))
 
 
 def _utc_now() -> Timestamp:
@@ -505,6 +508,44 @@ class EventConsumer:
         else:
             self._consumer.seek_to_end()
 
+    def resume_from(self, offsets: Callable[[], dict[tuple[str, int], int]]) -> None:
+        """On every partition assignment, start each partition at `offsets()[(topic, p)]` when
+        given, instead of the group's committed offset.
+
+        A consumer that keeps state in its own checkpoints (the trainer's join state) restarts
+        exactly where that state ends, even if it crashed before committing, and after a
+        rebalance continues where its memory ends rather than replaying into it.
+        """
+
+        def seek(assigned: list[TopicPartition]) -> None:
+            wanted = offsets()
+            for tp in assigned:
+                if (tp.topic, tp.partition) in wanted:
+                    self._consumer.seek(tp, wanted[(tp.topic, tp.partition)])
+
+        self._positions.on_assigned = seek
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Next offset per (topic, partition) after every record poll() has returned."""
+        return {(tp.topic, tp.partition): n for tp, n in self._positions.snapshot().items()}
+
+    def pause(self) -> None:
+        """Stop fetching (polls return nothing) while staying in the group; see `resume`."""
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        self._consumer.resume(*self._consumer.paused())
+
+    def lag(self) -> int:
+        """Records in the assigned partitions not polled yet (0 until the first fetch)."""
+        total = 0
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            position = self._positions.snapshot().get(tp)
+            if highwater is not None and position is not None:
+                total += max(0, highwater - position)
+        return total
+
     def assignment(self) -> set[tuple[str, int]]:
         """(topic, partition) pairs this consumer currently reads; empty until a group join ends."""
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -567,8 +608,11 @@ class EventConsumer:
         self.dead_lettered += 1
         log.warning("Dead-lettered record %s: %s", where, reason)
 
-    def commit(self, timeout: float = 10.0) -> None:
-        """Commit the position after every record poll() has returned so far.
+    def commit(
+        self, timeout: float = 10.0, offsets: dict[tuple[str, int], int] | None = None
+    ) -> None:
+        """Commit the position after every record poll() has returned so far, or `offsets`
+        (next offset per (topic, partition)) when given, e.g. those a checkpoint covers.
 
         Call it only once their processing is durable. Raises BusUnavailable if the broker did
         not confirm (positions are kept and go out with the next commit). If a rebalance took
@@ -576,7 +620,10 @@ class EventConsumer:
         """
         if self.group_id is None:
             return
-        positions = self._positions.snapshot()
+        if offsets is None:
+            positions = self._positions.snapshot()
+        else:
+            positions = {TopicPartition(t, p): n for (t, p), n in offsets.items()}
         if not positions:
             return
         offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in positions.items()}

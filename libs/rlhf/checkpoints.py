@@ -26,7 +26,10 @@ MANIFEST = "manifest.json"
 ALLOWED_SUFFIXES = (".safetensors", ".json")
 POLICY = "policy"
 REWARD = "reward"
-KINDS = (POLICY, REWARD)
+# The PPO trainer's own state (value head, optimizer, join state, offsets), stored under the
+# version of the policy it belongs to. Serving pods never read it.
+PPO_STATE = "ppo-state"
+KINDS = (POLICY, REWARD, PPO_STATE)
 
 
 class CheckpointError(Exception):
@@ -168,13 +171,26 @@ class CheckpointStore:
             raise
         return manifest
 
-    def prune(self, kind: str, keep: int) -> list[int]:
-        """Delete all but the newest `keep` versions (and stale staging folders)."""
+    def prune(self, kind: str, keep: int, protect: frozenset[int] = frozenset()) -> list[int]:
+        """Delete all but the newest `keep` versions and those in `protect`."""
         folder = self._kind_dir(kind)
-        doomed = self.versions(kind)[:-keep] if keep > 0 else []
+        older = self.versions(kind)[:-keep] if keep > 0 else []
+        doomed = [v for v in older if v not in protect]
         for version in doomed:
             shutil.rmtree(folder / version_dir(version), ignore_errors=True)
         return doomed
+
+    def discard(self, kind: str, version: int) -> bool:
+        """Delete one version if it exists (e.g. trainer state left by a crash before its
+        policy was written); True if there was one."""
+        folder = self._kind_dir(kind) / version_dir(version)
+        if not folder.is_dir():
+            return False
+        # Renamed away first, so no reader ever sees a half-deleted checkpoint.
+        doomed = folder.with_name(f".tmp-{uuid.uuid4().hex}")
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     def read_manifest(self, kind: str, version: int) -> tuple[Manifest, str]:
         path = self._kind_dir(kind) / version_dir(version) / MANIFEST

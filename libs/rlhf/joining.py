@@ -12,7 +12,9 @@ same partition (keyed by generation id), so one consumer sees every copy.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from rlhf.v1 import events_pb2
@@ -24,12 +26,26 @@ class Joined:
     feedback: events_pb2.FeedbackEvent
 
 
+@dataclass(frozen=True)
+class JoinState:
+    """Everything a FeedbackJoin holds, for a checkpoint: generations waiting for feedback,
+    feedback waiting for its generation (arrival order) and the feedback ids already seen."""
+
+    generations: list[events_pb2.GenerationEvent]
+    orphans: list[events_pb2.FeedbackEvent]
+    seen_feedback_ids: list[str]
+
+
 class RecentIds:
     """A bounded set remembering the last `capacity` ids added."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __iter__(self) -> Iterator[str]:
+        """Oldest first, so adding them in this order rebuilds the same set."""
+        return iter(list(self._ids))
 
     def add(self, id_: str) -> bool:
         """Remember `id_`; False if it was already remembered."""
@@ -80,6 +96,49 @@ class FeedbackJoin:
             entries.popitem(last=False)
             self.evicted += 1
 
+    def snapshot(self) -> JoinState:
+        return JoinState(
+            generations=list(self._generations.values()),
+            orphans=[event for waiting in self._orphans.values() for event in waiting],
+            seen_feedback_ids=list(self._feedback_ids),
+        )
+
+    def restore(self, state: JoinState) -> None:
+        """Replace the contents with a snapshot's (counters are not part of it)."""
+        self._generations.clear()
+        self._orphans.clear()
+        self._feedback_ids = RecentIds(self._feedback_ids.capacity)
+        for id_ in state.seen_feedback_ids:
+            self._feedback_ids.add(id_)
+        for generation in state.generations:
+            self._generations[generation.generation_id] = generation
+        for event in state.orphans:
+            self._orphans.setdefault(event.feedback.generation_id, []).append(event)
+
     @property
     def pending(self) -> int:
         return len(self._generations) + len(self._orphans)
+
+
+@dataclass
+class Ledger:
+    """Counts feedback events and sums a 64-bit hash of their ids, so "every event used exactly
+    once" can be checked from two numbers: a lost event lowers both, a repeat raises both."""
+
+    count: int = 0
+    digest: int = 0
+
+    def add(self, event_id: str) -> None:
+        self.count += 1
+        self.digest = (self.digest + id_hash(event_id)) % 2**64
+
+    @classmethod
+    def of(cls, event_ids: Iterable[str]) -> Ledger:
+        ledger = cls()
+        for event_id in event_ids:
+            ledger.add(event_id)
+        return ledger
+
+
+def id_hash(event_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(event_id.encode()).digest()[:8], "big")

@@ -1,17 +1,20 @@
 """Trainer configuration."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from rlhf.config import CommonConfig, ConfigError, setting
 
-STAGES = ("ppo", "reward")
+STAGES = ("ppo", "reward", "sft")
 
 
 @dataclass(frozen=True)
 class TrainerConfig(CommonConfig):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50054, "gRPC port of the control plane (0 = any)")
     stage: str = setting(
-        "RLHF_TRAINER_STAGE", "ppo", "training stage: ppo, or reward (reward-model training)"
+        "RLHF_TRAINER_STAGE",
+        "ppo",
+        "training stage: ppo, reward (reward-model training) or sft (demonstrations)",
     )
     policy_model: str = setting(
         "RLHF_POLICY_MODEL", "smollm2-135m", "base policy: smollm2-135m, or tiny-random for tests"
@@ -38,6 +41,26 @@ class TrainerConfig(CommonConfig):
     )
     keep_checkpoints: int = setting(
         "RLHF_KEEP_CHECKPOINTS", 5, "newest policy checkpoints kept in the store"
+    )
+    lora_rank: int = setting(
+        "RLHF_PPO_LORA_RANK", 0, "LoRA adapter rank for PPO (0 = train every weight)"
+    )
+    lora_alpha: float = setting("RLHF_PPO_LORA_ALPHA", 16.0, "LoRA scaling numerator")
+    max_staleness_seconds: float = setting(
+        "RLHF_PPO_MAX_STALENESS_SECONDS",
+        3600.0,
+        "joined prompts older than this (since generation) are dropped, not trained on",
+    )
+    kl_alarm: float = setting(
+        "RLHF_PPO_KL_ALARM", 50.0, "warn when the KL to the reference exceeds this (nats)"
+    )
+    metrics_log: str = setting(
+        "RLHF_TRAINER_METRICS_LOG",
+        "",
+        "JSONL file, one line per update ('' = <checkpoint dir>/logs/<stage>.jsonl, off = none)",
+    )
+    keep_states: int = setting(
+        "RLHF_KEEP_TRAINER_STATES", 2, "newest trainer states (optimizer, join) kept in the store"
     )
     seed: int = setting("RLHF_SEED", 0, "seed for rollouts and minibatch shuffling")
     # Reward stage
@@ -89,11 +112,45 @@ class TrainerConfig(CommonConfig):
         "RLHF_REWARD_UNDESIRABLE_WEIGHT", 1.0, "reward stage: weight of thumbs-down"
     )
 
+    # SFT stage
+    sft_data: str = setting(
+        "RLHF_SFT_DATA",
+        "",
+        "sft stage: JSONL file of {prompt, response} demonstrations to train on",
+    )
+    sft_group: str = setting(
+        "RLHF_SFT_TRAINER_GROUP", "rlhf-sft-trainer", "sft stage: Kafka consumer group"
+    )
+    sft_round_examples: int = setting(
+        "RLHF_SFT_ROUND_EXAMPLES", 16, "sft stage: new corrections that start a training round"
+    )
+    sft_epochs: int = setting("RLHF_SFT_EPOCHS", 2, "sft stage: passes over each round's data")
+    sft_learning_rate: float = setting(
+        "RLHF_SFT_LEARNING_RATE", 2e-5, "sft stage: AdamW learning rate"
+    )
+    sft_max_tokens: int = setting(
+        "RLHF_SFT_MAX_TOKENS", 512, "sft stage: longest prompt + answer trained on"
+    )
+
+    def metrics_log_path(self) -> Path | None:
+        if self.metrics_log == "off":
+            return None
+        if self.metrics_log:
+            return Path(self.metrics_log).expanduser()
+        return self.checkpoint_dir / "logs" / f"{self.stage}.jsonl"
+
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"RLHF_TRAINER_STAGE={self.stage!r}: expected one of {STAGES}")
         if self.batch_size < 1 or self.minibatch_size < 1 or self.publish_every < 1:
             raise ConfigError("batch sizes and RLHF_PUBLISH_EVERY_UPDATES must be positive")
+        if self.lora_rank < 0 or self.keep_states < 1 or self.max_staleness_seconds <= 0:
+            raise ConfigError(
+                "RLHF_PPO_LORA_RANK must be >= 0, RLHF_KEEP_TRAINER_STATES >= 1 and "
+                "RLHF_PPO_MAX_STALENESS_SECONDS > 0"
+            )
+        if min(self.sft_round_examples, self.sft_epochs, self.sft_max_tokens) < 1:
+            raise ConfigError("sft stage round sizes must be positive")
         if min(self.reward_round_examples, self.reward_steps, self.reward_batch_size) < 1:
             raise ConfigError("reward stage round sizes must be positive")
         if not 0.0 < self.reward_heldout_fraction < 1.0:

@@ -1,23 +1,27 @@
 """Trainer entry point: `rlhf-trainer --help` lists its settings; RLHF_TRAINER_STAGE picks the
-stage (ppo: `TrainerService`, reward: `reward_stage.RewardTrainerService`)."""
+stage (ppo: `TrainerService`, reward: `reward_stage.RewardTrainerService`, sft:
+`sft_stage.SFTTrainerService`)."""
 
 from __future__ import annotations
+
+import torch
 
 from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import RewardClient
-from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
+from rlhf.models import load_base_policy, load_tokenizer
 from rlhf.server import Service, run_main
-from rlhf.serving import latest_or_base
-from rlhf.training.online import PPOLearner, RolloutSettings
+from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
 from rlhf.training.ppo import PPOConfig
 from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
-from .loop import Intake, TrainingLoop
+from .loop import Intake, LoopSettings, TrainingLoop
+from .ppo_state import resume
 from .reward_stage import RewardTrainerService
 from .servicer import StageService, TrainerServicer
+from .sft_stage import SFTTrainerService
 
 MAX_PPO_PROMPT_TOKENS = 512
 
@@ -42,19 +46,23 @@ class TrainerService(StageService):
         store = CheckpointStore(config.checkpoint_dir)
         tokenizer = load_tokenizer(config.cache_dir)
         reference = load_base_policy(config.policy_model, config.cache_dir)
-        # Continue from the newest published policy; the reference stays the base model.
-        current = latest_or_base(
+
+        def make_learner(weights: torch.nn.Module) -> PPOLearner:
+            return PPOLearner(
+                weights,
+                reference,
+                tokenizer,
+                ppo_config(config),
+                RolloutSettings(max_new_tokens=config.response_tokens, seed=config.seed),
+                LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha),
+            )
+
+        # Continue from the newest policy and its trainer state; the reference stays the base.
+        resumed = resume(
             store,
-            POLICY,
-            policy_from_checkpoint,
             lambda: load_base_policy(config.policy_model, config.cache_dir),
-        )
-        learner = PPOLearner(
-            current.model,
-            reference,
-            tokenizer,
-            ppo_config(config),
-            RolloutSettings(max_new_tokens=config.response_tokens, seed=config.seed),
+            make_learner,
+            config.lora_rank,
         )
         self.publisher = Publisher(config.kafka_bootstrap, client_id="trainer")
         consumer = EventConsumer(
@@ -66,19 +74,27 @@ class TrainerService(StageService):
             max_poll_interval_ms=config.max_poll_interval_ms,
         )
         self.reward = RewardClient(config.reward_address)
-        self.intake = Intake(consumer, MAX_PPO_PROMPT_TOKENS)
+        self.intake = Intake(consumer, MAX_PPO_PROMPT_TOKENS, config.max_staleness_seconds)
+        if resumed.intake is not None:
+            self.intake.restore(resumed.intake)
         self.loop = TrainingLoop(
-            learner,
+            resumed.learner,
             self.intake,
             self.reward,
             store,
             self.publisher,
-            batch_size=config.batch_size,
-            publish_every=config.publish_every,
-            start_version=current.version,
-            keep_checkpoints=config.keep_checkpoints,
+            LoopSettings(
+                batch_size=config.batch_size,
+                publish_every=config.publish_every,
+                keep_checkpoints=config.keep_checkpoints,
+                keep_states=config.keep_states,
+                kl_alarm=config.kl_alarm,
+                metrics_log=config.metrics_log_path(),
+            ),
+            start_version=resumed.policy_version,
+            lora_base_version=resumed.lora_base_version,
         )
-        self.servicer = TrainerServicer(self.loop)
+        self.servicer = TrainerServicer(self.loop, store, POLICY)
 
     def close_clients(self) -> None:
         self.reward.close()
@@ -88,6 +104,8 @@ def build(config: TrainerConfig) -> Service:
     """The service for the configured stage; both share the bootstrap and control plane."""
     if config.stage == "reward":
         return RewardTrainerService(config)
+    if config.stage == "sft":
+        return SFTTrainerService(config)
     return TrainerService(config)
 
 
@@ -97,8 +115,9 @@ def main() -> None:
         TrainerConfig,
         build,
         "Join generations with feedback and train: PPO against the reward service, publishing "
-        "policies (RLHF_TRAINER_STAGE=ppo), or the reward model, publishing reward models "
-        "(RLHF_TRAINER_STAGE=reward).",
+        "policies (RLHF_TRAINER_STAGE=ppo); the reward model, publishing reward models "
+        "(RLHF_TRAINER_STAGE=reward); or supervised fine-tuning on corrections and a "
+        "demonstrations file (RLHF_TRAINER_STAGE=sft).",
     )
 
 

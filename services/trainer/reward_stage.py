@@ -18,7 +18,7 @@ from dataclasses import replace
 from prometheus_client import Counter, Gauge
 
 from rlhf import bus
-from rlhf.bus import BusUnavailable, EventConsumer, Publisher
+from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import REWARD, CheckpointError, CheckpointStore, Manifest
 from rlhf.models import load_reward_backbone, reward_checkpoint_files, reward_from_checkpoint
 from rlhf.serving import latest_or_base
@@ -33,8 +33,8 @@ from rlhf.training.reward import (
 from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
-from .loop import ConsumerThread, Status, checkpoint_event
-from .servicer import StageService, TrainerServicer
+from .loop import ConsumerThread, Status, announce
+from .servicer import StageService, TrainerServicer, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class RewardRounds:
         self._status = Status(stage="reward", reward_version=start_version)
         self._unannounced: Manifest | None = None
         self._stopping = threading.Event()
+        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reward-rounds", daemon=True)
 
     @property
@@ -128,7 +129,23 @@ class RewardRounds:
             self._status,
             pending_prompts=self.intake.dataset.fresh,
             feedback_consumed=self.intake.feedback_consumed,
+            consumer_lag=self.intake.lag,
+            paused=self._paused.is_set(),
         )
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def checkpoint_now(self, timeout: float = 0.0) -> Manifest:
+        raise Unsupported(
+            "the reward stage publishes a model only when it passes the held-out gate"
+        )
+
+    def rollback(self, version: int, pause: bool, timeout: float = 0.0) -> Manifest:
+        raise Unsupported("rollback is offered by the ppo stage (the served policy)")
 
     def start(self) -> None:
         self._thread.start()
@@ -142,6 +159,8 @@ class RewardRounds:
         while not self._stopping.is_set():
             if self._unannounced is not None:
                 self._announce(self._unannounced)
+            elif self._paused.is_set():
+                self._stopping.wait(0.2)
             elif self.intake.dataset.fresh >= self._round_examples:
                 try:
                     self.run_round()
@@ -208,20 +227,13 @@ class RewardRounds:
 
     def _announce(self, manifest: Manifest) -> None:
         """Publish the checkpoint event, then commit the offsets its data came from."""
-        event = checkpoint_event(
-            events_pb2.CHECKPOINT_KIND_REWARD, manifest, manifest.metadata.get("stats", {})
-        )
-        try:
-            self._publisher.publish(bus.REWARD_CHECKPOINTS, REWARD, event)
-        except BusUnavailable as exc:
-            log.warning("could not announce reward v%d yet: %s", manifest.version, exc)
+        if not announce(self._publisher, manifest):
             self._unannounced = manifest
             self._stopping.wait(1.0)
             return
         self._unannounced = None
         self._status = replace(self._status, reward_version=manifest.version)
         PUBLISHED_VERSION.set(manifest.version)
-        log.info("published reward v%d", manifest.version)
         self._store.prune(REWARD, keep=self._keep_checkpoints)
         if not self.intake.commit():
             log.warning("offset commit did not finish in time; events may be replayed")
@@ -281,4 +293,4 @@ class RewardTrainerService(StageService):
             start_version=current.version,
             keep_checkpoints=config.keep_checkpoints,
         )
-        self.servicer = TrainerServicer(self.loop)
+        self.servicer = TrainerServicer(self.loop, store, REWARD)

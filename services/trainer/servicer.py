@@ -1,19 +1,27 @@
-"""TrainerService: the trainer's control plane."""
+"""TrainerService: the trainer's control plane, shared by every stage."""
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from rlhf.bus import Publisher
+from rlhf.checkpoints import CheckpointError, CheckpointStore, Manifest
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
 from .config import TrainerConfig
-from .loop import ConsumerThread, Status
+from .loop import COMMAND_TIMEOUT, ConsumerThread, Status
 
 
-class HasStatus(Protocol):
+class Unsupported(Exception):
+    """A control-plane command the stage does not offer (FAILED_PRECONDITION)."""
+
+
+class StageLoop(Protocol):
     """A stage's training loop, as the control plane sees it."""
 
     @property
@@ -23,10 +31,36 @@ class HasStatus(Protocol):
 
     def stop(self) -> None: ...
 
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def checkpoint_now(self, timeout: float = ...) -> Manifest: ...
+
+    def rollback(self, version: int, pause: bool, timeout: float = ...) -> Manifest: ...
+
+
+def checkpoint_info(manifest: Manifest, manifest_sha256: str) -> trainer_pb2.CheckpointInfo:
+    created = Timestamp()
+    created.FromNanoseconds(int(manifest.created_at * 1e9))
+    stats = manifest.metadata.get("stats", {})
+    return trainer_pb2.CheckpointInfo(
+        kind=manifest.kind,
+        version=manifest.version,
+        parent_version=manifest.parent_version,
+        path=manifest.path,
+        manifest_sha256=manifest_sha256,
+        created_at=created,
+        metrics={k: float(v) for k, v in stats.items() if isinstance(v, int | float)},
+        rolled_back_from=int(manifest.metadata.get("rolled_back_from", 0)),
+    )
+
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, loop: HasStatus) -> None:
+    def __init__(self, loop: StageLoop, store: CheckpointStore, kind: str) -> None:
         self._loop = loop
+        self._store = store
+        self._kind = kind
 
     def GetStatus(
         self, request: trainer_pb2.GetStatusRequest, context: grpc.ServicerContext
@@ -42,7 +76,75 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             feedback_consumed=status.feedback_consumed,
             reward_version=status.reward_version,
             metrics=status.metrics,
+            paused=status.paused,
+            feedback_used=status.feedback_used,
+            data_staleness_seconds=status.data_staleness_seconds,
+            consumer_lag=status.consumer_lag,
         )
+
+    def Pause(
+        self, request: trainer_pb2.PauseRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.TrainerStatus:
+        self._loop.pause()
+        return self.GetStatus(trainer_pb2.GetStatusRequest(), context)
+
+    def Resume(
+        self, request: trainer_pb2.ResumeRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.TrainerStatus:
+        self._loop.resume()
+        return self.GetStatus(trainer_pb2.GetStatusRequest(), context)
+
+    def Checkpoint(
+        self, request: trainer_pb2.CheckpointRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.CheckpointInfo:
+        return self._command(context, lambda timeout: self._loop.checkpoint_now(timeout))
+
+    def Rollback(
+        self, request: trainer_pb2.RollbackRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.CheckpointInfo:
+        versions = self._store.versions(self._kind)
+        if request.version not in versions:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no {self._kind} version {request.version} in the store (have {versions})",
+            )
+        return self._command(
+            context, lambda timeout: self._loop.rollback(request.version, request.pause, timeout)
+        )
+
+    def ListCheckpoints(
+        self, request: trainer_pb2.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.ListCheckpointsReply:
+        versions = sorted(self._store.versions(self._kind), reverse=True)
+        if request.limit:
+            versions = versions[: request.limit]
+        infos = []
+        for version in versions:
+            try:
+                infos.append(checkpoint_info(*self._store.read_manifest(self._kind, version)))
+            except CheckpointError:  # pruned meanwhile, or malformed: not listable
+                continue
+        return trainer_pb2.ListCheckpointsReply(checkpoints=infos)
+
+    def _command(
+        self, context: grpc.ServicerContext, run: Callable[[float], Manifest]
+    ) -> trainer_pb2.CheckpointInfo:
+        """Run a command on the training thread within the call's deadline; map failures."""
+        remaining = context.time_remaining()
+        timeout = COMMAND_TIMEOUT if remaining is None else max(0.0, remaining - 0.5)
+        try:
+            manifest = run(timeout)
+        except Unsupported as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except CheckpointError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"checkpoint refused: {exc}")
+        except concurrent.futures.TimeoutError:
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the running update did not finish in time"
+            )
+        except RuntimeError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return checkpoint_info(*self._store.read_manifest(self._kind, manifest.version))
 
 
 class StageService:
@@ -52,7 +154,7 @@ class StageService:
     name = "trainer"
     config: TrainerConfig
     intake: ConsumerThread
-    loop: HasStatus
+    loop: StageLoop
     publisher: Publisher
     servicer: TrainerServicer
 

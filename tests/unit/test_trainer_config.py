@@ -7,14 +7,31 @@ from services.trainer.config import TrainerConfig
 from services.trainer.reward_stage import reward_training_config
 
 
-def test_ppo_is_the_default_stage_and_reward_is_accepted():
+def test_ppo_is_the_default_stage_and_reward_and_sft_are_accepted():
     assert load_config(TrainerConfig, {}).stage == "ppo"
-    assert load_config(TrainerConfig, {"RLHF_TRAINER_STAGE": "reward"}).stage == "reward"
+    for stage in ("reward", "sft"):
+        assert load_config(TrainerConfig, {"RLHF_TRAINER_STAGE": stage}).stage == stage
 
 
 def test_an_unknown_stage_is_refused_by_name():
     with pytest.raises(ConfigError, match="RLHF_TRAINER_STAGE"):
-        load_config(TrainerConfig, {"RLHF_TRAINER_STAGE": "sft"})
+        load_config(TrainerConfig, {"RLHF_TRAINER_STAGE": "dpo"})
+
+
+@pytest.mark.parametrize(
+    "env", [{"RLHF_PPO_LORA_RANK": "-1"}, {"RLHF_PPO_MAX_STALENESS_SECONDS": "0"}]
+)
+def test_unusable_ppo_settings_are_refused(env):
+    with pytest.raises(ConfigError):
+        load_config(TrainerConfig, env)
+
+
+def test_the_metrics_log_defaults_beside_the_checkpoints_and_can_be_turned_off(tmp_path):
+    config = load_config(TrainerConfig, {"RLHF_CHECKPOINT_DIR": str(tmp_path)})
+    assert config.metrics_log_path() == tmp_path / "logs" / "ppo.jsonl"
+    assert (
+        load_config(TrainerConfig, {"RLHF_TRAINER_METRICS_LOG": "off"}).metrics_log_path() is None
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,29 +1,56 @@
 """The PPO learner behind the online trainer: rollout, score, update, checkpoint contents.
 
-It owns the trainable policy, its value head, the frozen reference and the optimizer. Scoring is
-injected (the trainer service passes a reward-service client), so this file does no I/O.
+It owns the trainable policy (optionally a LoRA adapter over frozen weights), its value head, the
+frozen reference and the optimizer. Scoring is injected (the trainer service passes a
+reward-service client), so this file does no I/O. `state_files` / `load_state` carry everything
+a resumed trainer needs beyond the policy weights: value head, optimizer moments, KL controller,
+RNG states and counters.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import decoding
 from rlhf.training.ppo import PPOConfig, ValueHead, build_rollout, ppo_step
+from rlhf.training.state import load_optimizer_state, optimizer_state
 
 # (prompts, responses) -> one scalar per pair
 Scorer = Callable[[list[str], list[str]], list[float]]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+LEARNER_FILE = "learner.json"
 
 
 @dataclass(frozen=True)
 class RolloutSettings:
     max_new_tokens: int = 48
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """rank 0 trains every weight; rank > 0 trains a LoRA adapter on these projections."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
 
 
 class PPOLearner:
@@ -34,19 +61,50 @@ class PPOLearner:
         tokenizer: PreTrainedTokenizerBase,
         config: PPOConfig,
         rollout: RolloutSettings,
+        lora: LoraSettings | None = None,
     ) -> None:
-        self.policy = policy
         self.reference = reference.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = config
         self.rollout_settings = rollout
+        self.lora = lora or LoraSettings()
         self.value_head = ValueHead(policy.config.hidden_size)
-        params = [*policy.parameters(), *self.value_head.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
         self.kl_controller = config.make_kl_controller()
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.updates = 0
         self._rollout_calls = 0
+        self._set_policy(policy)
+
+    def _set_policy(self, weights: PreTrainedModel) -> None:
+        """Train `weights` (or a fresh adapter over them) with a fresh optimizer."""
+        if self.lora.enabled:
+            adapter = LoraConfig(
+                r=self.lora.rank,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=0.0,
+                target_modules=list(self.lora.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            self.policy = get_peft_model(weights, adapter)
+        else:
+            self.policy = weights
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        params = [*trainable, *self.value_head.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate)
+
+    def rebase(self, weights: PreTrainedModel) -> None:
+        """Continue training from other weights (a rollback): the value head and KL controller
+        are kept, the optimizer moments (which belong to the old trajectory) start over."""
+        self._set_policy(weights)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.optimizer.param_groups[0]["params"])
+
+    def export_policy(self) -> PreTrainedModel:
+        """The policy as plain weights, for serving: a LoRA adapter is merged into a copy."""
+        if not self.lora.enabled:
+            return self.policy
+        return copy.deepcopy(self.policy).merge_and_unload()
 
     def sample(self, prompts: Sequence[Sequence[int]]) -> list[decoding.Completion]:
         """Rollouts from the current policy at the PPO temperature, with no top-k/top-p, so
@@ -103,7 +161,41 @@ class PPOLearner:
         self.updates += 1
         return stats
 
+    def state_files(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """(tensors, json files) with the learner's state, for the checkpoint store."""
+        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        tensors = {
+            VALUE_HEAD_FILE: dict(self.value_head.state_dict()),
+            OPTIMIZER_FILE: opt_tensors,
+            RNG_FILE: {"shuffle": self.shuffle.get_state(), "torch": torch.get_rng_state()},
+        }
+        if self.lora.enabled:
+            adapter = get_peft_model_state_dict(self.policy)
+            tensors[ADAPTER_FILE] = {k: v.detach().clone() for k, v in adapter.items()}
+        learner = {
+            "updates": self.updates,
+            "rollout_calls": self._rollout_calls,
+            "kl_controller": self.kl_controller.state_dict(),
+            "optimizer": opt_meta,
+            "lora_rank": self.lora.rank,
+        }
+        return tensors, {LEARNER_FILE: learner}
 
-def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A detached copy to use as the reference when the policy starts from the base weights."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], json_files: dict) -> None:
+        """Inverse of `state_files`; the policy must already hold the weights the state was
+        saved with (with LoRA: the adapter's base weights; the adapter comes from here)."""
+        learner = json_files[LEARNER_FILE]
+        if learner["lora_rank"] != self.lora.rank:
+            raise ValueError(
+                f"trainer state was saved with LoRA rank {learner['lora_rank']}, "
+                f"this trainer uses {self.lora.rank}"
+            )
+        if self.lora.enabled:
+            set_peft_model_state_dict(self.policy, tensors[ADAPTER_FILE])
+        self.value_head.load_state_dict(tensors[VALUE_HEAD_FILE])
+        load_optimizer_state(self.optimizer, tensors[OPTIMIZER_FILE], learner["optimizer"])
+        self.shuffle.set_state(tensors[RNG_FILE]["shuffle"])
+        torch.set_rng_state(tensors[RNG_FILE]["torch"])
+        self.kl_controller.load_state_dict(learner["kl_controller"])
+        self.updates = int(learner["updates"])
+        self._rollout_calls = int(learner["rollout_calls"])

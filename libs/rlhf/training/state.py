@@ -1,0 +1,84 @@
+"""Training state as safetensors tensors plus JSON: optimizer moments, RNG states, queued
+protobuf events and id lists, so a trainer checkpoint never needs pickle.
+
+Pure conversions; the checkpoint store does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+from google.protobuf.message import Message
+
+M = TypeVar("M", bound=Message)
+
+
+def pack_blobs(prefix: str, blobs: Sequence[bytes]) -> dict[str, torch.Tensor]:
+    """Byte strings as one uint8 tensor and their lengths (safetensors has no string type)."""
+    joined = b"".join(blobs)
+    data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0)
+    return {
+        f"{prefix}.data": data.to(torch.uint8),
+        f"{prefix}.lengths": torch.tensor([len(b) for b in blobs], dtype=torch.int64),
+    }
+
+
+def unpack_blobs(prefix: str, tensors: dict[str, torch.Tensor]) -> list[bytes]:
+    data = tensors[f"{prefix}.data"].numpy().tobytes()
+    blobs, start = [], 0
+    for length in tensors[f"{prefix}.lengths"].tolist():
+        blobs.append(data[start : start + length])
+        start += length
+    if start != len(data):
+        raise ValueError(f"{prefix}: lengths cover {start} bytes of {len(data)}")
+    return blobs
+
+
+def pack_messages(prefix: str, messages: Sequence[Message]) -> dict[str, torch.Tensor]:
+    return pack_blobs(prefix, [m.SerializeToString() for m in messages])
+
+
+def unpack_messages(
+    prefix: str, tensors: dict[str, torch.Tensor], message_type: type[M]
+) -> list[M]:
+    return [message_type.FromString(blob) for blob in unpack_blobs(prefix, tensors)]
+
+
+def pack_strings(prefix: str, strings: Sequence[str]) -> dict[str, torch.Tensor]:
+    return pack_blobs(prefix, [s.encode("utf-8") for s in strings])
+
+
+def unpack_strings(prefix: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [blob.decode("utf-8") for blob in unpack_blobs(prefix, tensors)]
+
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, json) for an optimizer's state dict: per-parameter tensors go to safetensors,
+    hyperparameters and plain numbers to JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Inverse of `optimizer_state`; the optimizer must cover the same parameters."""
+    per_param: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    for index, values in meta.get("scalars", {}).items():
+        per_param.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})

@@ -1,0 +1,176 @@
+"""What the PPO trainer saves beside each policy checkpoint, and how it comes back.
+
+A policy checkpoint vN holds the served weights. The trainer state vN (kind `ppo-state`, same
+version) holds the rest of a resumable trainer: the learner's state (value head, optimizer,
+KL controller, RNG, LoRA adapter), the intake's join state (generations waiting for feedback,
+feedback waiting for its generation, feedback ids seen, joined prompts not trained on yet), the
+consumer offsets all of that covers, and the ledger of feedback used. The state is written
+before the policy, so a policy version that exists always has its state, and state without a
+policy (a crash in between) is discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointError, CheckpointStore, Manifest
+from rlhf.joining import Joined, JoinState, Ledger
+from rlhf.models import policy_checkpoint_files, policy_from_checkpoint
+from rlhf.training.online import LEARNER_FILE, PPOLearner
+from rlhf.training.state import pack_messages, pack_strings, unpack_messages, unpack_strings
+from rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+INTAKE_TENSORS = "intake.safetensors"
+INTAKE_JSON = "intake.json"
+LOOP_JSON = "loop.json"
+
+
+@dataclass
+class IntakeSnapshot:
+    """The intake at one instant: what it holds and the offsets it has consumed up to."""
+
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    join: JoinState = field(default_factory=lambda: JoinState([], [], []))
+    queue: list[Joined] = field(default_factory=list)
+    used: Ledger = field(default_factory=Ledger)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def intake_files(snapshot: IntakeSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {
+        **pack_messages("generations", snapshot.join.generations),
+        **pack_messages("orphans", snapshot.join.orphans),
+        **pack_strings("seen", snapshot.join.seen_feedback_ids),
+        **pack_messages("queue.generations", [j.generation for j in snapshot.queue]),
+        **pack_messages("queue.feedback", [j.feedback for j in snapshot.queue]),
+    }
+    meta = {
+        "offsets": [[topic, part, offset] for (topic, part), offset in snapshot.offsets.items()],
+        "used": {"count": snapshot.used.count, "digest": f"{snapshot.used.digest:016x}"},
+        "counters": snapshot.counters,
+    }
+    return tensors, meta
+
+
+def intake_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> IntakeSnapshot:
+    generations = unpack_messages("queue.generations", tensors, events_pb2.GenerationEvent)
+    feedback = unpack_messages("queue.feedback", tensors, events_pb2.FeedbackEvent)
+    return IntakeSnapshot(
+        offsets={(topic, part): offset for topic, part, offset in meta["offsets"]},
+        join=JoinState(
+            generations=unpack_messages("generations", tensors, events_pb2.GenerationEvent),
+            orphans=unpack_messages("orphans", tensors, events_pb2.FeedbackEvent),
+            seen_feedback_ids=unpack_strings("seen", tensors),
+        ),
+        queue=[Joined(g, f) for g, f in zip(generations, feedback, strict=True)],
+        used=Ledger(meta["used"]["count"], int(meta["used"]["digest"], 16)),
+        counters=dict(meta["counters"]),
+    )
+
+
+def write_checkpoint(
+    store: CheckpointStore,
+    learner: PPOLearner,
+    snapshot: IntakeSnapshot,
+    parent_version: int,
+    lora_base_version: int,
+    metadata: dict[str, Any],
+) -> Manifest:
+    """Write trainer state vN, then policy vN (the served weights); returns the policy's
+    manifest. N is the next policy version."""
+    version = (store.latest_version(POLICY) or 0) + 1
+    if store.discard(PPO_STATE, version):
+        log.warning("discarded trainer state v%d left without its policy", version)
+    state_tensors, state_json = learner.state_files()
+    intake_tensors, intake_meta = intake_files(snapshot)
+    store.write(
+        PPO_STATE,
+        {**state_tensors, INTAKE_TENSORS: intake_tensors},
+        {**state_json, INTAKE_JSON: intake_meta, LOOP_JSON: {"lora_base": lora_base_version}},
+        parent_version=parent_version,
+        version=version,
+    )
+    tensors, json_files = policy_checkpoint_files(learner.export_policy())
+    ledger = {
+        "feedback_used": snapshot.used.count,
+        "feedback_digest": f"{snapshot.used.digest:016x}",
+    }
+    return store.write(
+        POLICY,
+        tensors,
+        json_files,
+        parent_version=parent_version,
+        version=version,
+        metadata={**metadata, **ledger},
+    )
+
+
+@dataclass
+class Resumed:
+    """Where a starting trainer picks up."""
+
+    learner: PPOLearner
+    policy_version: int  # newest published policy (0: the base model)
+    lora_base_version: int  # the weights under the LoRA adapter (0: the base model)
+    intake: IntakeSnapshot | None = None  # None: start from the group's committed offsets
+
+
+def resume(
+    store: CheckpointStore,
+    load_base: Callable[[], torch.nn.Module],
+    make_learner: Callable[[torch.nn.Module], PPOLearner],
+    lora_rank: int,
+) -> Resumed:
+    """A learner continuing from the newest policy and, when it has one, its trainer state.
+
+    Without usable state (a first start, or state saved with another LoRA rank) training
+    continues from the policy weights with a fresh optimizer; the intake's state is still
+    restored when present, so no feedback is lost or counted twice either way.
+    """
+    version = store.latest_version(POLICY) or 0
+    if version == 0:
+        return Resumed(make_learner(load_base()), 0, lora_base_version=0)
+    policy = _load_policy(store, version)
+    try:
+        state = store.load(PPO_STATE, version)
+    except CheckpointError as exc:
+        log.warning("policy v%d has no trainer state (%s); fresh optimizer", version, exc)
+        return Resumed(make_learner(policy), version, lora_base_version=version)
+    snapshot = intake_from_files(
+        state.tensors.pop(INTAKE_TENSORS), state.json_files.pop(INTAKE_JSON)
+    )
+    saved_rank = int(state.json_files[LEARNER_FILE]["lora_rank"])
+    lora_base = int(state.json_files[LOOP_JSON]["lora_base"])
+    if saved_rank != lora_rank:
+        log.warning(
+            "trainer state v%d was saved with LoRA rank %d, not %d: fresh optimizer and value "
+            "head from the policy weights",
+            version,
+            saved_rank,
+            lora_rank,
+        )
+        return Resumed(make_learner(policy), version, version, snapshot)
+    if lora_rank > 0:
+        # The adapter applies to the weights it was trained on, not to the merged policy.
+        policy = load_base() if lora_base == 0 else _load_policy(store, lora_base)
+    learner = make_learner(policy)
+    learner.load_state(state.tensors, state.json_files)
+    log.info(
+        "resumed from policy v%d at update %d: %d queued prompts, %d feedback events used",
+        version,
+        learner.updates,
+        len(snapshot.queue),
+        snapshot.used.count,
+    )
+    return Resumed(learner, version, lora_base, snapshot)
+
+
+def _load_policy(store: CheckpointStore, version: int) -> torch.nn.Module:
+    return policy_from_checkpoint(store.load(POLICY, version))
