@@ -1,0 +1,325 @@
+"""Writes deploy/helm/rlhf/values.schema.json: `python deploy/helm/make_schema.py`.
+
+The schema is generated because six workloads share most of their keys and JSON Schema (draft 7,
+which Helm 3 and 4 both read) cannot extend an object that refuses unknown keys. Refusing unknown
+keys is the point: a typo such as `replica: 3` fails the install instead of being ignored.
+tests/deploy checks that the committed file is what this script writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "rlhf" / "values.schema.json"
+
+Schema = dict[str, Any]
+
+
+def obj(properties: dict[str, Schema], required: list[str] | None = None, **extra: Any) -> Schema:
+    """An object that refuses keys it does not list."""
+    schema: Schema = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = required
+    schema.update(extra)
+    return schema
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/definitions/{name}"}
+
+
+def integer(minimum: int | None = None, maximum: int | None = None, **extra: Any) -> Schema:
+    schema: Schema = {"type": "integer", **extra}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    if maximum is not None:
+        schema["maximum"] = maximum
+    return schema
+
+
+STRING: Schema = {"type": "string"}
+BOOLEAN: Schema = {"type": "boolean"}
+STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+ANY_OBJECT: Schema = {"type": "object"}
+OBJECT_LIST: Schema = {"type": "array", "items": {"type": "object"}}
+
+DEFINITIONS: dict[str, Schema] = {
+    "quantity": {
+        "description": "A Kubernetes quantity, e.g. 500m, 2, 4Gi",
+        "type": ["string", "number"],
+        "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$",
+    },
+    "port": integer(1, 65535),
+    "resources": obj(
+        {
+            "requests": {"type": "object", "additionalProperties": ref("quantity")},
+            "limits": {"type": "object", "additionalProperties": ref("quantity")},
+        },
+        description="Container resources; GPUs are set with gpu.count, not here",
+    ),
+    "gpu": obj(
+        {
+            "count": integer(0, 16, description="GPUs per pod; > 0 selects the CUDA image"),
+            "resource": {
+                "description": "The extended resource: nvidia.com/gpu, or a MIG profile",
+                "type": "string",
+                "pattern": r"^nvidia\.com/(gpu|mig-[0-9]+g\.[0-9]+gb)$",
+            },
+        },
+        required=["count", "resource"],
+    ),
+    "env": {
+        "description": "Extra environment variables (RLHF_* settings: see rlhf-<service> --help)",
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+        "additionalProperties": {"type": ["string", "number", "boolean"]},
+    },
+    "extraEnv": {
+        "description": "Extra EnvVar entries (e.g. valueFrom)",
+        "type": "array",
+        "items": {"type": "object", "required": ["name"]},
+    },
+    "tolerations": {
+        "type": "array",
+        "items": obj(
+            {
+                "key": STRING,
+                "operator": {"enum": ["Exists", "Equal"]},
+                "value": STRING,
+                "effect": {"enum": ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]},
+                "tolerationSeconds": integer(0),
+            }
+        ),
+    },
+    "probe": obj(
+        {
+            "initialDelaySeconds": integer(0),
+            "periodSeconds": integer(1),
+            "timeoutSeconds": integer(1),
+            "failureThreshold": integer(1),
+        },
+        required=["periodSeconds", "failureThreshold"],
+    ),
+    "probes": obj(
+        {"startup": ref("probe"), "readiness": ref("probe"), "liveness": ref("probe")},
+        required=["startup", "readiness", "liveness"],
+    ),
+    "autoscaling": obj(
+        {
+            "enabled": BOOLEAN,
+            "minReplicas": integer(1),
+            "maxReplicas": integer(1),
+            "targetCPUUtilizationPercentage": integer(1, 100),
+            "metrics": OBJECT_LIST,
+            "behavior": ANY_OBJECT,
+        },
+        required=["enabled", "minReplicas", "maxReplicas"],
+    ),
+    "pdb": obj(
+        {
+            "enabled": BOOLEAN,
+            "maxUnavailable": {
+                "oneOf": [integer(1), {"type": "string", "pattern": "^[0-9]+%$"}],
+            },
+        },
+        required=["enabled", "maxUnavailable"],
+    ),
+    "service": obj(
+        {"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "annotations": STRING_MAP}
+    ),
+}
+
+
+def pod_keys() -> dict[str, Schema]:
+    """Scheduling and metadata keys every workload has."""
+    return {
+        "env": ref("env"),
+        "extraEnv": ref("extraEnv"),
+        "resources": ref("resources"),
+        "nodeSelector": STRING_MAP,
+        "tolerations": ref("tolerations"),
+        "affinity": ANY_OBJECT,
+        "podAnnotations": STRING_MAP,
+        "podLabels": STRING_MAP,
+    }
+
+
+def server_keys(ports: list[str]) -> dict[str, Schema]:
+    """Keys of a workload running a gRPC server (probes, drain, GPUs)."""
+    return {
+        **pod_keys(),
+        "enabled": BOOLEAN,
+        "ports": obj({p: ref("port") for p in ports}, required=ports),
+        "gpu": ref("gpu"),
+        "priorityClassName": STRING,
+        "probes": ref("probes"),
+        "shutdownGraceSeconds": integer(0),
+        "terminationGracePeriodSeconds": integer(1),
+    }
+
+
+def service_keys(ports: list[str]) -> dict[str, Schema]:
+    """Keys of generation, feedback and reward: scaled, disrupted and exposed."""
+    return {
+        **server_keys(ports),
+        "replicas": integer(0, description="Pods, when autoscaling is disabled"),
+        "service": ref("service"),
+        "topologySpreadConstraints": OBJECT_LIST,
+        "autoscaling": ref("autoscaling"),
+        "pdb": ref("pdb"),
+        "preStopSleepSeconds": integer(0),
+    }
+
+
+def build() -> Schema:
+    http = {"http": obj({"enabled": BOOLEAN}, required=["enabled"])}
+    stage = obj(server_keys(["grpc", "metrics"]), required=["enabled", "ports", "gpu", "probes"])
+    properties: dict[str, Schema] = {
+        "global": ANY_OBJECT,
+        "nameOverride": STRING,
+        "fullnameOverride": STRING,
+        "image": obj(
+            {
+                "repository": {"type": "string", "minLength": 1},
+                "tag": STRING,
+                "cudaTagSuffix": STRING,
+                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+            },
+            required=["repository"],
+        ),
+        "imagePullSecrets": {
+            "type": "array",
+            "items": obj({"name": STRING}, required=["name"]),
+        },
+        "externalKafka": obj(
+            {
+                "bootstrapServers": {
+                    "description": "host:port[,host:port] (required)",
+                    "type": "string",
+                    "pattern": r"^$|^[^,\s]+:[0-9]{1,5}(,[^,\s]+:[0-9]{1,5})*$",
+                }
+            }
+        ),
+        "topics": obj(
+            {
+                "create": BOOLEAN,
+                "partitions": integer(1),
+                "replicationFactor": integer(1),
+                "minInsyncReplicas": {"type": ["integer", "null"], "minimum": 1},
+                "retentionMs": {"type": ["integer", "null"], "minimum": -1},
+                "deadLetterRetentionMs": {"type": ["integer", "null"], "minimum": -1},
+                "timeoutSeconds": integer(1),
+                "backoffLimit": integer(0),
+                "resources": ref("resources"),
+            }
+        ),
+        "secrets": obj(
+            {
+                "existingSecret": STRING,
+                "generationIdKey": STRING,
+                "feedbackApiKeys": {
+                    "type": "array",
+                    "items": {
+                        "description": "tenant=key, the key 16+ characters",
+                        "type": "string",
+                        "pattern": r"^[^=,\s]+=[^,\s]{16,}$",
+                    },
+                },
+                "simulatedUsersApiKey": STRING,
+            }
+        ),
+        "checkpoints": obj(
+            {
+                "mountPath": {"type": "string", "pattern": "^/"},
+                "existingClaim": STRING,
+                "size": ref("quantity"),
+                "storageClassName": STRING,
+                "accessModes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"]},
+                },
+                "keepOnUninstall": BOOLEAN,
+            }
+        ),
+        "serviceAccount": obj({"annotations": STRING_MAP}),
+        "podSecurityContext": ANY_OBJECT,
+        "securityContext": ANY_OBJECT,
+        "scratch": obj({"tmpSizeLimit": ref("quantity"), "cacheSizeLimit": ref("quantity")}),
+        "networkPolicy": obj(
+            {
+                "enabled": BOOLEAN,
+                "clients": OBJECT_LIST,
+                "metricsFrom": OBJECT_LIST,
+                "controlPlaneFrom": OBJECT_LIST,
+            }
+        ),
+        "monitoring": obj(
+            {
+                "serviceMonitor": obj(
+                    {
+                        "enabled": BOOLEAN,
+                        "interval": STRING,
+                        "scrapeTimeout": STRING,
+                        "labels": STRING_MAP,
+                    }
+                ),
+                "prometheusRule": obj({"enabled": BOOLEAN, "labels": STRING_MAP}),
+                "grafanaDashboard": obj(
+                    {"enabled": BOOLEAN, "labels": STRING_MAP, "annotations": STRING_MAP}
+                ),
+            }
+        ),
+        "generation": obj(
+            {
+                **service_keys(["grpc", "http", "metrics"]),
+                **http,
+                "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
+                "backend": {"enum": ["local", "tgi"]},
+                "tgi": obj({"url": STRING, "deployment": STRING, "namespace": STRING}),
+            }
+        ),
+        "feedback": obj({**service_keys(["grpc", "http", "metrics"]), **http}),
+        "reward": obj(
+            {
+                **service_keys(["grpc", "metrics"]),
+                "rewardModel": {"enum": ["minilm-l6", "tiny-random"]},
+            }
+        ),
+        "trainer": obj(
+            {
+                "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
+                "rewardModel": {"enum": ["minilm-l6", "tiny-random"]},
+                "stages": obj(
+                    {"ppo": stage, "reward": stage, "sft": stage},
+                    required=["ppo", "reward", "sft"],
+                ),
+            }
+        ),
+        "simulatedUsers": obj({**pod_keys(), "enabled": BOOLEAN, "replicas": integer(0)}),
+    }
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "rlhf chart values",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "definitions": DEFINITIONS,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    SCHEMA_PATH.write_text(render())
+    print(f"wrote {SCHEMA_PATH}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

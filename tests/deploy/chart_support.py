@@ -1,0 +1,182 @@
+"""Rendering the Helm chart offline (helm-python-sdk) and reading what it rendered."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "rlhf"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+RELEASE, NAMESPACE = "rlhf", "ml"
+# Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas.
+KUBE_VERSIONS = ("1.27.0", "1.37.0")
+# Kinds from CRDs (Prometheus Operator): kubernetes-validate has no schema for them.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+# What the defaults lack and an install must give: the Kafka cluster and the keys.
+REQUIRED = {
+    "externalKafka": {"bootstrapServers": "kafka-0.kafka.svc:9092,kafka-1.kafka.svc:9092"},
+    "secrets": {"existingSecret": "rlhf-keys-managed-elsewhere"},
+}
+ID_KEY = "test-generation-id-key-0123456789"
+API_KEY = "tenant-key-0123456789abcdef"
+INLINE_SECRETS = {
+    "secrets": {
+        "existingSecret": "",
+        "generationIdKey": ID_KEY,
+        "feedbackApiKeys": [f"app={API_KEY}", "other=another-key-0123456789"],
+        "simulatedUsersApiKey": API_KEY,
+    }
+}
+# Every optional part on: monitoring, simulated users, the TGI backend with rollouts, sft.
+EVERYTHING = {
+    "simulatedUsers": {"enabled": True},
+    "monitoring": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True},
+    },
+    "generation": {
+        "backend": "tgi",
+        "tgi": {"url": "http://tgi.serving.svc:80", "deployment": "tgi", "namespace": "serving"},
+    },
+    "trainer": {"stages": {"sft": {"enabled": True}}},
+    "networkPolicy": {
+        "clients": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+    },
+    "checkpoints": {"existingClaim": "shared-checkpoints"},
+}
+
+
+def merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Values layered like repeated `-f` files: maps merge, everything else is replaced."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out = _merge(out, layer)
+    return out
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def gpu_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Refuses duplicate keys, which PyYAML would silently collapse and kubectl refuses."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+@dataclass
+class Rendered:
+    """The manifests of one render, by kind and name."""
+
+    docs: list[dict[str, Any]]
+    notes: str = ""
+    by_key: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for doc in self.docs:
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in self.by_key, f"{key} rendered twice"
+            self.by_key[key] = doc
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        return self.by_key[(kind, name)]
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def names(self, kind: str) -> set[str]:
+        return {d["metadata"]["name"] for d in self.kind(kind)}
+
+    def deployments(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(Deployment, its one container)."""
+        for deployment in self.kind("Deployment"):
+            (container,) = deployment["spec"]["template"]["spec"]["containers"]
+            yield deployment, container
+
+    def env(self, deployment: dict[str, Any]) -> dict[str, Any]:
+        """A container's environment: its ConfigMap's data, then its env entries (values or
+        secretKeyRef dicts)."""
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env: dict[str, Any] = {}
+        for source in container.get("envFrom", []):
+            env.update(self.get("ConfigMap", source["configMapRef"]["name"])["data"])
+        for entry in container.get("env", []):
+            env[entry["name"]] = entry.get("value", entry.get("valueFrom"))
+        return env
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> Rendered:
+    """Render like `helm install` would (schema checked), parse strictly, drop empty files."""
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs, notes = [], ""
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        assert "/tests/" not in path, "the chart ships no helm test hooks"
+        docs.extend(doc for doc in yaml.load_all(text, Loader=_StrictLoader) if doc)
+    return Rendered(docs, notes)
+
+
+def component(doc: dict[str, Any]) -> str:
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def stage(doc: dict[str, Any]) -> str | None:
+    return doc["metadata"]["labels"].get("rlhf.io/stage")
+
+
+_METRIC_DEF = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"")
+_SUFFIXES = {
+    "Counter": ("_total",),
+    "Gauge": ("",),
+    "Histogram": ("_bucket", "_sum", "_count"),
+    "Summary": ("_sum", "_count", ""),
+}
+
+
+def exported_metrics() -> set[str]:
+    """Every series name the services export, from the metric definitions in libs/ and services/
+    (prometheus_client appends _total to counters, and _bucket/_sum/_count to histograms)."""
+    names: set[str] = set()
+    for folder in ("libs", "services"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for kind, name in _METRIC_DEF.findall(path.read_text()):
+                base = name.removesuffix("_total") if kind == "Counter" else name
+                names.update(base + suffix for suffix in _SUFFIXES[kind])
+    return names

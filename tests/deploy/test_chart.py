@@ -1,0 +1,586 @@
+"""The Helm chart, rendered offline with Helm's own Go SDK (helm-python-sdk), linted, and every
+manifest validated against the Kubernetes schemas of the oldest and newest supported versions
+(kubernetes-validate --strict). Then what operators rely on, asserted on the rendered objects."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import tomllib
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from rlhf.config import describe, load_config
+from services.feedback.config import FeedbackConfig
+from services.generation.config import GenerationConfig
+from services.reward.config import RewardConfig
+from services.simulated_users.config import SimulatedUsersConfig
+from services.trainer.config import STAGES, TrainerConfig
+from tests.deploy.chart_support import (
+    API_KEY,
+    CHART,
+    CRD_KINDS,
+    EVERYTHING,
+    ID_KEY,
+    INLINE_SECRETS,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    REQUIRED,
+    ROOT,
+    RULES,
+    component,
+    exported_metrics,
+    gpu_values,
+    merged,
+    render,
+    stage,
+)
+
+CONFIGS = {
+    "generation": GenerationConfig,
+    "feedback": FeedbackConfig,
+    "reward": RewardConfig,
+    "trainer": TrainerConfig,
+    "simulated-users": SimulatedUsersConfig,
+}
+# A series name in PromQL (not a label value such as name="objective/rlhf_reward").
+METRIC = r"(?<![\w/])rlhf_[a-z0-9_]+"
+VALUE_SETS = {
+    "defaults": lambda: merged(REQUIRED),
+    "gpu": lambda: merged(gpu_values(), REQUIRED, INLINE_SECRETS),
+    "everything": lambda: merged(REQUIRED, INLINE_SECRETS, EVERYTHING),
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def renders(chart):
+    """Each value set rendered once for the whole module."""
+    return {name: render(chart, values()) for name, values in VALUE_SETS.items()}
+
+
+@pytest.fixture(scope="module")
+def default(renders):
+    return renders["defaults"]
+
+
+@pytest.fixture(scope="module")
+def gpu(renders):
+    return renders["gpu"]
+
+
+@pytest.fixture(scope="module")
+def everything(renders):
+    return renders["everything"]
+
+
+def test_render_is_fast(chart):
+    start = time.perf_counter()
+    render(chart, merged(gpu_values(), REQUIRED, INLINE_SECRETS))
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_helm_lint_is_clean(values, kube_version):
+    report = helm.lint(
+        CHART,
+        VALUE_SETS[values](),
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=f"v{kube_version}",
+    )
+    assert report["total_charts_linted"] == 1
+    assert report["errors"] == []
+    # Severity 1 is information ("icon is recommended"); warnings and errors are not allowed.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_every_manifest_is_valid_kubernetes(renders, values, kube_version):
+    unchecked = set()
+    for doc in renders[values].docs:
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except SchemaNotFoundError:
+            unchecked.add(doc["kind"])
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+    assert unchecked <= CRD_KINDS  # only custom resources lack a schema
+
+
+def test_kubernetes_validate_cli_strict(gpu, tmp_path):
+    """The same check through the command operators would run."""
+    manifests = tmp_path / "manifests.yaml"
+    manifests.write_text(yaml.safe_dump_all(gpu.docs))
+    for version in KUBE_VERSIONS:
+        result = subprocess.run(
+            [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"]
+            + ["-k", version, str(manifests)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_one_deployment_per_service_and_stage(default, everything):
+    assert default.names("Deployment") == {
+        "rlhf-generation",
+        "rlhf-feedback",
+        "rlhf-reward",
+        "rlhf-trainer-ppo",
+        "rlhf-trainer-reward",
+    }
+    assert everything.names("Deployment") == default.names("Deployment") | {
+        "rlhf-trainer-sft",
+        "rlhf-simulated-users",
+    }
+    images = set()
+    for deployment, container in everything.deployments():
+        images.add(container["image"])
+        assert container["args"][0] == component(deployment)
+        if component(deployment) == "trainer":
+            assert everything.env(deployment)["RLHF_TRAINER_STAGE"] == stage(deployment)
+            assert deployment["spec"]["replicas"] == 1
+            assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert images == {"rlhf-platform:0.1.0"}  # one image for every service
+
+
+def test_probes_use_grpc_health_on_the_grpc_port(everything):
+    for deployment, container in everything.deployments():
+        if component(deployment) == "simulated-users":
+            assert "readinessProbe" not in container  # a client, no server to probe
+            continue
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert int(everything.env(deployment)["RLHF_GRPC_PORT"]) == ports["grpc"]
+        assert int(everything.env(deployment)["RLHF_METRICS_PORT"]) == ports["metrics"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": ports["grpc"]}, (deployment, probe)
+        spec = deployment["spec"]["template"]["spec"]
+        grace = float(everything.env(deployment)["RLHF_SHUTDOWN_GRACE_SECONDS"])
+        assert spec["terminationGracePeriodSeconds"] > grace
+
+
+def test_services_have_named_grpc_metrics_and_http_ports(everything):
+    expected = {
+        "rlhf-generation": {"grpc", "metrics", "http"},
+        "rlhf-feedback": {"grpc", "metrics", "http"},
+        "rlhf-reward": {"grpc", "metrics"},
+        "rlhf-trainer-ppo": {"grpc", "metrics"},
+        "rlhf-trainer-reward": {"grpc", "metrics"},
+        "rlhf-trainer-sft": {"grpc", "metrics"},
+    }
+    assert everything.names("Service") == set(expected)
+    for name, ports in expected.items():
+        service = everything.get("Service", name)
+        deployment = everything.get("Deployment", name)
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert {p["name"] for p in service["spec"]["ports"]} == ports
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        declared = {p["name"] for p in container["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= declared
+    generation = everything.env(everything.get("Deployment", "rlhf-generation"))
+    feedback = everything.env(everything.get("Deployment", "rlhf-feedback"))
+    assert generation["RLHF_HTTP_PORT"] == "8080"
+    assert feedback["RLHF_FEEDBACK_HTTP_PORT"] == "8081"
+
+
+def test_every_container_has_resources(everything):
+    for deployment, container in everything.deployments():
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]), deployment["metadata"]["name"]
+        assert "memory" in resources["limits"], deployment["metadata"]["name"]
+    (job,) = everything.kind("Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+
+
+def test_pods_run_non_root_on_a_read_only_root_filesystem(everything):
+    pods = [d["spec"]["template"]["spec"] for d in everything.kind("Deployment")]
+    pods += [j["spec"]["template"]["spec"] for j in everything.kind("Job")]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001  # the image's user
+        (container,) = pod["containers"]
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        if container["name"] != "topics":
+            assert "emptyDir" in volumes[mounts["/home/rlhf/.cache"]]
+    # Only generation with the TGI rollout talks to the Kubernetes API.
+    tokens = {
+        d["metadata"]["name"]
+        for d in everything.kind("Deployment")
+        if d["spec"]["template"]["spec"]["automountServiceAccountToken"]
+    }
+    assert tokens == {"rlhf-generation"}
+
+
+def test_gpu_values_put_trainer_and_generation_on_gpu_nodes(gpu, default):
+    on_gpu = {"rlhf-generation", "rlhf-trainer-ppo", "rlhf-trainer-reward"}
+    for deployment, container in gpu.deployments():
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        limits = container["resources"]["limits"]
+        if name in on_gpu:
+            assert limits["nvidia.com/gpu"] == 1, name
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+                "tolerations"
+            ]
+            assert container["image"] == "rlhf-platform:0.1.0-cuda"
+        else:
+            assert "nvidia.com/gpu" not in limits, name
+            assert pod["nodeSelector"] == {"pool": "cpu"}, name
+            assert "tolerations" not in pod
+            assert container["image"] == "rlhf-platform:0.1.0"
+    for _, container in default.deployments():
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
+        assert not container["image"].endswith("-cuda")
+
+
+def test_topic_job_runs_before_the_services(default):
+    job = default.get("Job", "rlhf-topics")
+    hooks = job["metadata"]["annotations"]
+    assert set(hooks["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
+    assert "before-hook-creation" in hooks["helm.sh/hook-delete-policy"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == [
+        "topics",
+        "--partitions=6",
+        "--replication-factor=3",
+        "--min-insync-replicas=2",
+        "--retention-ms=604800000",
+        "--dead-letter-retention-ms=2592000000",
+        "--timeout=300",
+    ]
+    assert container["env"] == [
+        {"name": "RLHF_KAFKA_BOOTSTRAP", "value": REQUIRED["externalKafka"]["bootstrapServers"]}
+    ]
+    # The job's arguments are the CLI's own.
+    from rlhf.topics_cli import _parser
+
+    parsed = _parser().parse_args(container["args"][1:])
+    assert (parsed.partitions, parsed.replication_factor) == (6, 3)
+
+
+def test_checkpoint_store_is_a_shared_volume(default, everything):
+    (pvc,) = default.kind("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for rendered, claim in ((default, pvc["metadata"]["name"]), (everything, "shared-checkpoints")):
+        for deployment, container in rendered.deployments():
+            pod = deployment["spec"]["template"]["spec"]
+            volumes = {
+                v["name"]: v["persistentVolumeClaim"]["claimName"]
+                for v in pod["volumes"]
+                if "persistentVolumeClaim" in v
+            }
+            mounts = [m for m in container["volumeMounts"] if m["name"] in volumes]
+            kind = component(deployment)
+            if kind in ("feedback", "simulated-users"):
+                assert not mounts
+                continue
+            (mount,) = mounts
+            assert volumes[mount["name"]] == claim
+            assert rendered.env(deployment)["RLHF_CHECKPOINT_DIR"] == mount["mountPath"]
+            # Trainers write checkpoints; serving pods only read them.
+            assert mount["readOnly"] is (kind != "trainer"), deployment["metadata"]["name"]
+    assert not everything.kind("PersistentVolumeClaim")  # existingClaim: none created
+
+
+def test_keys_come_from_the_secret(default, gpu):
+    assert not default.kind("Secret")  # existingSecret: the chart creates none
+    secret = gpu.get("Secret", "rlhf-keys")
+    assert secret["stringData"]["generation-id-key"] == ID_KEY
+    assert secret["stringData"]["feedback-api-keys"].split(",")[0] == f"app={API_KEY}"
+    for rendered, name in ((default, REQUIRED["secrets"]["existingSecret"]), (gpu, "rlhf-keys")):
+        for deployment, _ in rendered.deployments():
+            env = rendered.env(deployment)
+            wanted = {"generation": {"RLHF_GENERATION_ID_KEY"}}
+            wanted["feedback"] = {"RLHF_GENERATION_ID_KEY", "RLHF_FEEDBACK_API_KEYS"}
+            for variable in wanted.get(component(deployment), ()):
+                assert env[variable]["secretKeyRef"]["name"] == name
+    # No key ends up in a ConfigMap.
+    for config_map in gpu.kind("ConfigMap"):
+        text = json.dumps(config_map)
+        assert ID_KEY not in text and API_KEY not in text
+
+
+def _environ(rendered, deployment):
+    """What the container's process would see, secrets resolved from the rendered Secret."""
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in rendered.kind("Secret")}
+    environ = {}
+    for name, value in rendered.env(deployment).items():
+        if isinstance(value, dict):
+            ref = value["secretKeyRef"]
+            value = secrets[ref["name"]][ref["key"]]
+        environ[name] = value
+    return environ
+
+
+@pytest.mark.parametrize("values", ["gpu", "everything"])
+def test_services_accept_the_environment_the_chart_gives_them(renders, values):
+    """Every RLHF_* variable is a real setting of that service, secret settings come from the
+    Secret, and the service's own config validation accepts the values."""
+    rendered = renders[values]
+    for deployment, _ in rendered.deployments():
+        cls = CONFIGS[component(deployment)]
+        settings = {row[0]: row for row in describe(cls)}
+        secret = {
+            f.metadata["env"] for f in cls.__dataclass_fields__.values() if f.metadata["secret"]
+        }
+        env = rendered.env(deployment)
+        for variable, value in env.items():
+            if variable.startswith("RLHF_"):
+                assert variable in settings, f"{deployment['metadata']['name']}: {variable}"
+            if variable in secret:
+                assert isinstance(value, dict) and "secretKeyRef" in value, variable
+        if component(deployment) == "trainer" and stage(deployment) not in STAGES:
+            continue  # a stage this trainer build does not have yet (sft)
+        load_config(cls, _environ(rendered, deployment))  # raises ConfigError if refused
+
+
+def test_trainer_reaches_the_reward_service(default):
+    env = default.env(default.get("Deployment", "rlhf-trainer-ppo"))
+    host, port = env["RLHF_REWARD_ADDRESS"].rsplit(":", 1)
+    assert host == f"rlhf-reward.{NAMESPACE}.svc"
+    reward = default.get("Service", "rlhf-reward")
+    assert int(port) in {p["port"] for p in reward["spec"]["ports"] if p["name"] == "grpc"}
+
+
+def test_autoscaling_and_disruption_budgets(default):
+    hpas = {h["metadata"]["name"]: h for h in default.kind("HorizontalPodAutoscaler")}
+    assert set(hpas) == {"rlhf-generation", "rlhf-reward", "rlhf-feedback"}
+    for name, hpa in hpas.items():
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+        }
+        # The HPA owns the replica count: the Deployment must not reset it on upgrades.
+        assert "replicas" not in default.get("Deployment", name)["spec"]
+    pdbs = {p["metadata"]["name"]: p for p in default.kind("PodDisruptionBudget")}
+    # Not for reward (minReplicas 1) nor the single-pod trainers: it would block node drains.
+    assert set(pdbs) == {"rlhf-generation", "rlhf-feedback"}
+    for name, pdb in pdbs.items():
+        assert pdb["spec"]["maxUnavailable"] == 1
+        selector = default.get("Deployment", name)["spec"]["selector"]
+        assert pdb["spec"]["selector"] == selector
+
+
+def test_network_policies(default, everything):
+    policies = {p["metadata"]["name"]: p for p in default.kind("NetworkPolicy")}
+    assert set(policies) == {"rlhf-generation", "rlhf-feedback", "rlhf-reward", "rlhf-trainer"}
+    reward_grpc = policies["rlhf-reward"]["spec"]["ingress"][0]
+    (peer,) = reward_grpc["from"]
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
+    trainer_grpc = policies["rlhf-trainer"]["spec"]["ingress"][0]
+    assert trainer_grpc["from"][0]["podSelector"]["matchLabels"]["rlhf.io/trainer-client"]
+    # Every pod a policy selects exists (selectors match the Deployments' labels).
+    for policy in policies.values():
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert any(
+            selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in default.kind("Deployment")
+        )
+    # With restricted clients, the simulated users may still call generation.
+    generation = {p["metadata"]["name"]: p for p in everything.kind("NetworkPolicy")}
+    peers = generation["rlhf-generation"]["spec"]["ingress"][0]["from"]
+    components = [p.get("podSelector", {}).get("matchLabels", {}) for p in peers]
+    assert {"app.kubernetes.io/component": "simulated-users"}.items() <= components[-1].items()
+
+
+def test_tgi_backend_gets_exactly_the_rbac_its_rollout_needs(default, everything):
+    assert not default.kind("Role") and not default.kind("RoleBinding")
+    role = everything.get("Role", "rlhf-generation-tgi-rollout")
+    assert role["metadata"]["namespace"] == "serving"
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": ["tgi"],
+            "verbs": ["patch"],
+        }
+    ]
+    binding = everything.get("RoleBinding", "rlhf-generation-tgi-rollout")
+    (subject,) = binding["subjects"]
+    generation = everything.get("Deployment", "rlhf-generation")
+    assert subject["name"] == generation["spec"]["template"]["spec"]["serviceAccountName"]
+    assert subject["namespace"] == NAMESPACE
+    env = everything.env(generation)
+    assert (env["RLHF_TGI_DEPLOYMENT"], env["RLHF_TGI_NAMESPACE"]) == ("tgi", "serving")
+
+
+def test_prometheus_rule_carries_the_tested_alert_rules(everything):
+    chart_copy = CHART / "files" / "rules.yml"
+    assert chart_copy.read_bytes() == RULES.read_bytes(), (
+        "deploy/helm/rlhf/files/rules.yml must be a copy of deploy/prometheus/rules.yml: "
+        "cp deploy/prometheus/rules.yml deploy/helm/rlhf/files/rules.yml"
+    )
+    (rule,) = everything.kind("PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {"RewardLiveMeanShift", "ThumbsUpRateDrop", "RewardHackingSuspected"} <= alerts
+
+
+def test_service_monitor_scrapes_every_metrics_port(everything):
+    (monitor,) = everything.kind("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [
+        s for s in everything.kind("Service") if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert {s["metadata"]["name"] for s in selected} == everything.names("Service")
+    assert all("metrics" in {p["name"] for p in s["spec"]["ports"]} for s in selected)
+
+
+def test_grafana_dashboard_uses_metrics_that_exist(default):
+    config_map = default.get("ConfigMap", "rlhf-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["rlhf.json"])
+    titles = {p["title"] for p in dashboard["panels"]}
+    for wanted in (
+        "Thumbs-up rate by policy version",
+        "KL to the reference policy",
+        "Reload events",
+    ):
+        assert wanted in titles
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
+    known = exported_metrics()
+    used = {m for e in exprs for m in re.findall(METRIC, e)}
+    assert used and used <= known, sorted(used - known)
+    rules = yaml.safe_load(RULES.read_text())["groups"]
+    rules_used = {m for g in rules for r in g["rules"] for m in re.findall(METRIC, r["expr"])}
+    assert rules_used <= known, sorted(rules_used - known)
+    # Reward, thumbs-up rate per policy version, KL, throughput, latency and reloads are shown.
+    for metric in (
+        "rlhf_reward_live_sum",
+        "rlhf_feedback_thumbs_total",
+        "rlhf_trainer_stat",
+        "rlhf_generation_tokens_total",
+        "rlhf_grpc_request_seconds_bucket",
+        "rlhf_checkpoint_reloads_total",
+    ):
+        assert metric in used
+
+
+BAD_VALUES = {
+    "negative replicas": (
+        {"generation": {"replicas": -1}},
+        "at '/generation/replicas': minimum: got -1, want 0",
+    ),
+    "unknown gpu type": (
+        {"trainer": {"stages": {"ppo": {"gpu": {"count": 1, "resource": "amd.com/gpu"}}}}},
+        "at '/trainer/stages/ppo/gpu/resource': 'amd.com/gpu' does not match pattern",
+    ),
+    "typo in a key": (
+        {"feedback": {"replica": 3}},
+        "at '/feedback': additional properties 'replica' not allowed",
+    ),
+    "bad bootstrap": (
+        {"externalKafka": {"bootstrapServers": "kafka"}},
+        "at '/externalKafka/bootstrapServers': 'kafka' does not match pattern",
+    ),
+    "short api key": (
+        {"secrets": {"feedbackApiKeys": ["app=short"]}},
+        "at '/secrets/feedbackApiKeys/0': 'app=short' does not match pattern",
+    ),
+    "bad cpu quantity": (
+        {"reward": {"resources": {"requests": {"cpu": "two"}}}},
+        "at '/reward/resources/requests/cpu': 'two' does not match pattern",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_schema_refuses_bad_values_naming_the_key(chart, case):
+    override, message = BAD_VALUES[case]
+    with pytest.raises(helm.HelmValuesError) as refused:
+        render(chart, merged(REQUIRED, override))
+    assert message in str(refused.value)
+
+
+REFUSED_BY_TEMPLATES = {
+    "no kafka": ({"externalKafka": {"bootstrapServers": ""}}, "externalKafka.bootstrapServers is"),
+    "no keys": ({"secrets": {"existingSecret": ""}}, "secrets.generationIdKey is required"),
+    "short id key": (
+        {"secrets": {"existingSecret": "", "generationIdKey": "too-short", "feedbackApiKeys": []}},
+        "secrets.generationIdKey must be at least 16 bytes",
+    ),
+    "chart-owned setting": (
+        {"generation": {"env": {"RLHF_GRPC_PORT": "1"}}},
+        "generation.env.RLHF_GRPC_PORT is set by the chart",
+    ),
+    "secret in plain values": (
+        {"feedback": {"env": {"RLHF_FEEDBACK_API_KEYS": "a=b"}}},
+        "feedback.env.RLHF_FEEDBACK_API_KEYS is a secret",
+    ),
+    "no time to drain": (
+        {"generation": {"terminationGracePeriodSeconds": 10}},
+        "terminationGracePeriodSeconds (10) must exceed",
+    ),
+    "tgi without url": ({"generation": {"backend": "tgi"}}, "generation.tgi.url is required"),
+    "ppo without reward": ({"reward": {"enabled": False}}, "enable reward too"),
+    "hpa bounds": (
+        {"feedback": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
+        "feedback.autoscaling: minReplicas (5) is above maxReplicas (2)",
+    ),
+    "simulated users without key": (
+        {
+            "simulatedUsers": {"enabled": True},
+            **merged(INLINE_SECRETS, {"secrets": {"simulatedUsersApiKey": ""}}),
+        },
+        "simulatedUsers.enabled needs secrets.simulatedUsersApiKey",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BY_TEMPLATES))
+def test_inconsistent_values_fail_with_a_clear_message(chart, case):
+    override, message = REFUSED_BY_TEMPLATES[case]
+    with pytest.raises(helm.HelmError) as refused:
+        render(chart, merged(REQUIRED, override))
+    assert message in str(refused.value)
+
+
+def test_schema_file_is_generated_from_make_schema():
+    sys.path.insert(0, str(ROOT / "deploy" / "helm"))
+    try:
+        import make_schema
+    finally:
+        sys.path.pop(0)
+    assert (CHART / "values.schema.json").read_text() == make_schema.render(), (
+        "values.schema.json is stale: python deploy/helm/make_schema.py"
+    )
+
+
+def test_chart_version_is_the_project_version():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    chart_meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart_meta["appVersion"] == project  # the image tag `make images` builds
+
+
+def test_notes_tell_where_to_connect(default):
+    assert f"rlhf-generation.{NAMESPACE}.svc:50051" in default.notes
+    assert f"rlhf-feedback.{NAMESPACE}.svc:50052" in default.notes
