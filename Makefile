@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup system-packages protos lint test up bench clean
+.PHONY: setup system-packages protos lint test up bench images clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus kcat >/dev/null; \
 	else echo "note: install Debian's prometheus and kcat packages for the full test suite"; fi
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt requirements-models.txt pyproject.toml
 	$(MAKE) system-packages
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -41,6 +41,17 @@ up: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# Container images (docker/): with podman, or docker when its daemon answers.
+IMAGE     ?= rlhf-platform
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	@if command -v podman >/dev/null; then engine=podman; \
+	elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker; \
+	else echo "make images: no podman, and no docker with a running daemon: install podman (apt-get install podman) or start docker"; exit 1; fi; \
+	set -x; \
+	$$engine build -f docker/Dockerfile -t $(IMAGE):$(IMAGE_TAG) . && \
+	$$engine build -f docker/Dockerfile.cuda -t $(IMAGE):$(IMAGE_TAG)-cuda .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,38 @@
+#!/bin/sh
+# Entrypoint of the rlhf-platform images: the first argument selects what runs, the rest is
+# passed on. Settings are environment variables; `<service> --help` lists them.
+set -eu
+
+usage() {
+    cat <<'USAGE'
+usage: <service> [arguments]
+
+services:
+  generation        serve the policy (gRPC and a TGI-compatible HTTP API)
+  feedback          ingest users' feedback
+  reward            serve the reward model
+  trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo or reward)
+  simulated-users   demo traffic
+  topics            create the Kafka topics (python -m rlhf.topics_cli --help)
+USAGE
+}
+
+service="${1:-}"
+case "$service" in
+    generation | feedback | reward | trainer | simulated-users)
+        shift
+        exec "rlhf-$service" "$@"
+        ;;
+    topics)
+        shift
+        exec python -m rlhf.topics_cli "$@"
+        ;;
+    -h | --help | help)
+        usage
+        ;;
+    *)
+        usage >&2
+        echo "unknown service: '$service'" >&2
+        exit 64
+        ;;
+esac
