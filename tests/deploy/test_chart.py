@@ -584,3 +584,27 @@ def test_chart_version_is_the_project_version():
 def test_notes_tell_where_to_connect(default):
     assert f"rlhf-generation.{NAMESPACE}.svc:50051" in default.notes
     assert f"rlhf-feedback.{NAMESPACE}.svc:50052" in default.notes
+
+
+def test_readme_install_command_renders(chart):
+    """The `helm install` of the README's "Deploy on Kubernetes", placeholders filled in."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploy on Kubernetes", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"helm install .*?\n```", section, re.S).group(0)
+    sets = re.findall(r"--set (.+?)\s*\\?$", command, re.M)
+    assert sets, "the README's helm install sets the required values"
+    filled = {
+        "<your registry>": "registry.example.com/ml",
+        "<kafka bootstrap host:port>": "kafka-bootstrap.kafka:9092",
+        "<a ReadWriteMany class>": "nfs",
+    }
+    values: dict = {}
+    for expression in sets:
+        for placeholder, value in filled.items():
+            expression = expression.replace(placeholder, value)
+        values = merged(values, helm.parse_set_string(expression))
+    rendered = render(chart, values)
+    (pvc,) = rendered.kind("PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "nfs"
+    for _, container in rendered.deployments():
+        assert container["image"].startswith("registry.example.com/ml/rlhf-platform:")
