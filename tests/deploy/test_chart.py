@@ -541,6 +541,14 @@ REFUSED_BY_TEMPLATES = {
         "terminationGracePeriodSeconds (10) must exceed",
     ),
     "tgi without url": ({"generation": {"backend": "tgi"}}, "generation.tgi.url is required"),
+    "tls without tls probes": (
+        {"feedback": {"env": {"RLHF_TLS_CERT_FILE": "/tls/tls.crt"}}},
+        "do not speak TLS",
+    ),
+    "min isr above replication": (
+        {"topics": {"replicationFactor": 1}},
+        "topics.minInsyncReplicas (2) is above topics.replicationFactor (1)",
+    ),
     "ppo without reward": ({"reward": {"enabled": False}}, "enable reward too"),
     "hpa bounds": (
         {"feedback": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},

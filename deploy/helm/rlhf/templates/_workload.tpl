@@ -29,6 +29,9 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
 {{- if hasKey $.env $key -}}
 {{- fail (printf "%s.env.%s is set by the chart from its own values (ports, addresses, models, stage); set those values instead" $where $key) -}}
 {{- end -}}
+{{- if hasPrefix "RLHF_TLS_" $key -}}
+{{- fail (printf "%s.env.%s: the chart's probes are Kubernetes gRPC probes, which do not speak TLS; terminate TLS at your ingress or mesh" $where $key) -}}
+{{- end -}}
 {{- range $.secretEnv -}}
 {{- if eq .name $key -}}
 {{- fail (printf "%s.env.%s is a secret: put it in the keys Secret (secrets.*), not in plain values" $where $key) -}}
