@@ -110,3 +110,60 @@ def test_feedback_turns_into_a_new_served_policy(platform):
         list(before.logprobs), abs=1e-6
     )
     assert list(after.logprobs) != pytest.approx(list(before.logprobs), abs=1e-6)
+
+
+def test_an_operator_checkpoints_pauses_and_rolls_back_the_served_policy(platform):
+    channels, store = platform
+    generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
+    trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
+    info = generation_pb2.GetPolicyInfoRequest()
+    fixed = generation_pb2.GenerateRequest(
+        prompt="Tell me about your weekend.",
+        sampling=common_pb2.SamplingParams(max_new_tokens=12, temperature=1.0, seed=99),
+        return_logprobs=True,
+    )
+    base = generation.Generate(fixed)
+
+    # A checkpoint on demand, before any update: v1 holds the base weights.
+    v1 = trainer.Checkpoint(trainer_pb2.CheckpointRequest(), timeout=60)
+    assert v1.version == 1 and v1.kind == "policy" and len(v1.manifest_sha256) == 64
+
+    user = SimulatedUser(
+        channels["generation"], channels["feedback"], API_KEY, 0.3, 8, random.Random(1), Tally()
+    )
+    for _ in range(2):
+        user.interact(timeout=60)
+    assert wait_until(lambda: generation.GetPolicyInfo(info).version >= 2, timeout=120)
+    trained = generation.Generate(fixed)
+    assert list(trained.logprobs) != pytest.approx(list(base.logprobs), abs=1e-6)
+
+    with pytest.raises(grpc.RpcError) as missing:
+        trainer.Rollback(trainer_pb2.RollbackRequest(version=99), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    rolled = trainer.Rollback(trainer_pb2.RollbackRequest(version=1, pause=True), timeout=60)
+    assert rolled.rolled_back_from == 1 and rolled.version > v1.version
+    assert wait_until(lambda: generation.GetPolicyInfo(info).version == rolled.version, 60)
+    again = generation.Generate(fixed)
+    assert again.text == base.text
+    assert list(again.logprobs) == pytest.approx(list(base.logprobs), abs=1e-5)
+
+    # Paused: new feedback is consumed but not trained on, so the rollback stays served.
+    status = trainer.GetStatus(trainer_pb2.GetStatusRequest())
+    assert status.paused and status.policy_version == rolled.version
+    for _ in range(2):
+        user.interact(timeout=60)
+    assert wait_until(
+        lambda: trainer.GetStatus(trainer_pb2.GetStatusRequest()).pending_prompts >= 2, 60
+    )
+    assert trainer.GetStatus(trainer_pb2.GetStatusRequest()).step == status.step
+
+    listed = trainer.ListCheckpoints(trainer_pb2.ListCheckpointsRequest(limit=2))
+    assert [c.version for c in listed.checkpoints] == [rolled.version, rolled.version - 1]
+    assert listed.checkpoints[0].rolled_back_from == 1
+
+    resumed = trainer.Resume(trainer_pb2.ResumeRequest())
+    assert not resumed.paused
+    assert wait_until(
+        lambda: trainer.GetStatus(trainer_pb2.GetStatusRequest()).step > status.step, 120
+    )

@@ -1,6 +1,5 @@
 """The feedback service as a real process (`python -m services.feedback`), killed mid-stream."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf import bus
 from rlhf.broker import free_port
@@ -18,44 +16,21 @@ from rlhf.joining import FeedbackJoin
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.feedback.ingest import event_id_for
 from tests.conftest import API_KEY, AUTH, ID_KEY, TENANT, consume_all
+from tests.processes import start_service
 
 SIGNER = GenerationIdSigner(ID_KEY.encode())
 OK = 0
 ITEMS = 1200
 
 
-def start_service(bootstrap, port, log_path):
+def start_feedback(bootstrap, port, log_path):
     env = {
-        **os.environ,
         "RLHF_KAFKA_BOOTSTRAP": bootstrap,
-        "RLHF_GRPC_HOST": "127.0.0.1",
-        "RLHF_GRPC_PORT": str(port),
-        "RLHF_METRICS_PORT": "0",
         "RLHF_GENERATION_ID_KEY": ID_KEY,
         "RLHF_FEEDBACK_API_KEYS": f"{TENANT}={API_KEY}",
         "RLHF_PUBLISH_TIMEOUT_SECONDS": "3",
     }
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.feedback"], env=env, stdout=log, stderr=log
-        )
-    wait_healthy(port, process)
-    return process
-
-
-def wait_healthy(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the feedback service exited during start-up"
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise TimeoutError("the feedback service did not become healthy")
+    return start_service("services.feedback", env, port, log_path, timeout=30.0)
 
 
 class Resender:
@@ -102,7 +77,7 @@ def test_service_killed_mid_stream_loses_nothing_acknowledged(broker, service_lo
         )
         for n in range(ITEMS)
     ]
-    process = start_service(broker.bootstrap, port, service_log)
+    process = start_feedback(broker.bootstrap, port, service_log)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             client = Resender(feedback_pb2_grpc.FeedbackServiceStub(channel), items)
@@ -112,7 +87,7 @@ def test_service_killed_mid_stream_loses_nothing_acknowledged(broker, service_lo
             process.send_signal(signal.SIGKILL)
             process.wait(10)
             assert _wait(lambda: client.broken_streams >= 1)
-            process = start_service(broker.bootstrap, port, service_log)
+            process = start_feedback(broker.bootstrap, port, service_log)
             thread.join()
             # Resending already acknowledged items to the new process (nothing in its memory)
             # publishes them again: the copies carry the same event ids.
