@@ -117,6 +117,7 @@ def test_a_killed_trainer_resumes_and_uses_every_feedback_event_exactly_once(
         trainer = start_service("services.trainer", env, port, log_path)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             control = trainer_pb2_grpc.TrainerServiceStub(channel)
+
             def all_used():
                 status = control.GetStatus(trainer_pb2.GetStatusRequest(), timeout=5)
                 return status.feedback_used == 24 and status.pending_prompts == 0
