@@ -26,18 +26,9 @@ from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
+from .addresses import BROKER_PORT, FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
+
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
-# Well-known local ports (gRPC, metrics); a busy one is replaced by a free one and printed.
-PORTS = {
-    "generation": (50051, 9101),
-    "feedback": (50052, 9102),
-    "reward": (50053, 9103),
-    "trainer": (50054, 9104),
-    "reward-trainer": (50055, 9105),
-}
-BROKER_PORT = 9092
-HTTP_PORT = 8080  # the generation service's TGI-compatible API
-FEEDBACK_HTTP_PORT = 8081  # the feedback service's HTTP JSON API
 # Sized for a 2-core CPU: a PPO update every minute or two on SmolLM2-135M, and users who leave
 # the trainer some CPU. Any of these can be overridden from the environment.
 CPU_DEMO = {
@@ -191,8 +182,7 @@ def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: 
     lines = [f"RLHF_KAFKA_BOOTSTRAP={bootstrap}", f"RLHF_API_KEY={api_key}"]
     for process in processes:
         if process.grpc_port is not None:
-            variable = process.name.upper().replace("-", "_")
-            lines.append(f"RLHF_{variable}_ADDRESS=127.0.0.1:{process.grpc_port}")
+            lines.append(f"{address_variable(process.name)}=127.0.0.1:{process.grpc_port}")
         if "RLHF_HTTP_PORT" in process.env:
             lines.append(f"RLHF_TGI_URL=http://127.0.0.1:{process.env['RLHF_HTTP_PORT']}")
         if "RLHF_FEEDBACK_HTTP_PORT" in process.env:

@@ -1,0 +1,46 @@
+"""Where `make up` serves things: the well-known local ports and `run/up.env`.
+
+The launcher writes `run/up.env`; the `rlhf` command line reads it, so both name the addresses
+the same way. Kept free of heavy imports: the command line loads it on every call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Well-known local ports (gRPC, metrics); a busy one is replaced by a free one and printed.
+PORTS = {
+    "generation": (50051, 9101),
+    "feedback": (50052, 9102),
+    "reward": (50053, 9103),
+    "trainer": (50054, 9104),
+    "reward-trainer": (50055, 9105),
+}
+BROKER_PORT = 9092
+HTTP_PORT = 8080  # the generation service's TGI-compatible API
+FEEDBACK_HTTP_PORT = 8081  # the feedback service's HTTP JSON API
+PROMETHEUS_PORT = 9090
+UP_ENV = Path("run") / "up.env"
+
+
+def address_variable(service: str) -> str:
+    """The variable holding a service's gRPC address, e.g. RLHF_REWARD_TRAINER_ADDRESS."""
+    return f"RLHF_{service.upper().replace('-', '_')}_ADDRESS"
+
+
+def default_address(service: str) -> str:
+    return f"127.0.0.1:{PORTS[service][0]}"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of an up.env file; empty if it does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and not name.startswith("#"):
+            values[name] = value
+    return values

@@ -1,0 +1,113 @@
+"""The `rlhf` command line without servers: where addresses come from, how words become a
+feedback signal, and that every gRPC failure reads as one human line."""
+
+import grpc
+import pytest
+
+from rlhf.cli import (
+    SERVICES,
+    Target,
+    UsageError,
+    build_parser,
+    explain,
+    resolve_addresses,
+    set_signal,
+)
+from rlhf.v1 import events_pb2
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details=""):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+def test_addresses_flag_beats_environment_beats_up_env_beats_default(tmp_path):
+    env_file = tmp_path / "up.env"
+    env_file.write_text(
+        "RLHF_API_KEY=k\nRLHF_GENERATION_ADDRESS=10.0.0.1:1\nRLHF_FEEDBACK_ADDRESS=10.0.0.1:2\n"
+        "RLHF_TRAINER_ADDRESS=10.0.0.1:3\n"
+    )
+    environ = {"RLHF_GENERATION_ADDRESS": "10.0.0.2:1", "RLHF_FEEDBACK_ADDRESS": "10.0.0.2:2"}
+    flags = {"generation": "10.0.0.3:1"}
+    addresses = resolve_addresses(flags, environ, env_file)
+    assert addresses == {
+        "generation": "10.0.0.3:1",
+        "feedback": "10.0.0.2:2",
+        "trainer": "10.0.0.1:3",
+        "reward-trainer": "127.0.0.1:50055",
+    }
+    assert resolve_addresses({}, {}, tmp_path / "missing.env")["trainer"] == "127.0.0.1:50054"
+    assert set(addresses) == set(SERVICES)
+
+
+def test_options_work_before_and_after_the_command():
+    parser = build_parser()
+    before = parser.parse_args(["--timeout", "5", "--trainer", "h:1", "status"])
+    after = parser.parse_args(["status", "--timeout", "5", "--trainer", "h:1"])
+    assert (before.timeout, before.trainer) == (after.timeout, after.trainer) == (5.0, "h:1")
+    assert parser.parse_args(["pause"]).timeout == 60.0
+
+
+@pytest.mark.parametrize(
+    ("words", "field", "value"),
+    [
+        (("up",), "thumb", events_pb2.THUMB_UP),
+        (("down",), "thumb", events_pb2.THUMB_DOWN),
+        (("score", "0.5"), "score", 0.5),
+        (("correct", "Better."), "correction", "Better."),
+        (("rank", "b", "a"), "ranking", ["b", "a"]),
+    ],
+)
+def test_signal_words(words, field, value):
+    feedback = events_pb2.Feedback(generation_id="a")
+    set_signal(feedback, words[0], words[1:])
+    assert feedback.WhichOneof("signal") == field
+    got = {
+        "thumb": feedback.thumb,
+        "score": feedback.score.value,
+        "correction": feedback.correction.text,
+        "ranking": list(feedback.ranking.generation_ids),
+    }[field]
+    assert got == value
+
+
+@pytest.mark.parametrize(
+    "words", [("up", "x"), ("score",), ("score", "lots"), ("correct", "a", "b"), ("rank", "a")]
+)
+def test_signal_words_that_do_not_fit_are_usage_errors(words):
+    with pytest.raises(UsageError):
+        set_signal(events_pb2.Feedback(), words[0], words[1:])
+
+
+TARGET = Target("trainer", "127.0.0.1:50054")
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "expected"),
+    [
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50054",
+            "cannot reach trainer (127.0.0.1:50054): is `make up` running?",
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "broker did not acknowledge",
+            "trainer (127.0.0.1:50054) is unavailable: broker did not acknowledge",
+        ),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "", "did not answer within 7 s"),
+        (grpc.StatusCode.UNAUTHENTICATED, "bad key", "refused the API key"),
+        (grpc.StatusCode.UNIMPLEMENTED, "", "does not implement this call"),
+        (grpc.StatusCode.NOT_FOUND, "no version 9", "not found: no version 9"),
+        (grpc.StatusCode.INTERNAL, "boom", "failed with INTERNAL: boom"),
+    ],
+)
+def test_every_failure_is_one_human_line(code, details, expected):
+    message = explain(TARGET, FakeRpcError(code, details), timeout=7)
+    assert expected in message and "\n" not in message
