@@ -116,8 +116,10 @@ class BusUnavailable(Exception):
     """The broker did not acknowledge in time (down, unreachable or refusing our requests)."""
 
 
-def _topic_specs(partitions: int) -> dict[str, dict[str, Any]]:
-    """The CreateTopics request body for every platform topic."""
+def topic_specs(partitions: int) -> dict[str, dict[str, Any]]:
+    """The CreateTopics request body for every platform topic: which topics exist, their
+    partition counts (`partitions`, or one for the checkpoint topics) and topic configs, with
+    replication factor 1. `rlhf.topics_cli` adds a production cluster's durability settings."""
     specs: dict[str, dict[str, Any]] = {}
     for topic in ALL_TOPICS:
         configs = _SINGLE_PARTITION_TOPICS.get(topic)
@@ -139,7 +141,7 @@ def _create_topics_once(bootstrap: str, partitions: int, timeout_ms: int) -> Non
     )
     try:
         result = admin.create_topics(
-            _topic_specs(partitions), timeout_ms=timeout_ms, raise_errors=False
+            topic_specs(partitions), timeout_ms=timeout_ms, raise_errors=False
         )
         failed = [
             f"{t['name']}: {t['error_code']} {t.get('error_message')}"

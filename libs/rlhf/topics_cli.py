@@ -51,7 +51,7 @@ def topic_specs(
         raise ValueError("partitions and replication factor must be at least 1")
     if min_insync_replicas is not None and not 1 <= min_insync_replicas <= replication_factor:
         raise ValueError("min.insync.replicas must be between 1 and the replication factor")
-    specs = bus._topic_specs(partitions)
+    specs = bus.topic_specs(partitions)
     for topic, spec in specs.items():
         spec["replication_factor"] = replication_factor
         configs: dict[str, str] = spec["configs"]
