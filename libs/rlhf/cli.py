@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToJson
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -161,13 +162,19 @@ def api_key(flag: str | None, environ: Mapping[str, str], env_file: Path) -> str
 # --- formatting ---------------------------------------------------------------------------
 
 
+def _age(stamp: Timestamp) -> str:
+    age = max(0, int(time.time()) - stamp.seconds)
+    return f"{age} s" if age < 120 else f"{age // 60} min" if age < 7200 else f"{age // 3600} h"
+
+
+def _local(stamp: Timestamp, layout: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return time.strftime(layout, time.localtime(stamp.seconds))
+
+
 def _when(stamp: Timestamp) -> str:
     if not stamp.seconds and not stamp.nanos:
         return "-"
-    seconds = stamp.seconds
-    age = max(0, int(time.time()) - seconds)
-    ago = f"{age} s" if age < 120 else f"{age // 60} min" if age < 7200 else f"{age // 3600} h"
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(seconds))} ({ago} ago)"
+    return f"{_local(stamp)} ({_age(stamp)} ago)"
 
 
 def _metrics_table(title: str, metrics: Mapping[str, float]) -> Table:
@@ -240,17 +247,21 @@ def reward_table(status: trainer_pb2.TrainerStatus) -> Table:
 def checkpoints_table(
     title: str, checkpoints: Sequence[trainer_pb2.CheckpointInfo], served: int | None
 ) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("version", "parent", "created", "rolled back from", "manifest", ""):
+    # Borderless and short cells: the table fits 80 columns.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("version", "parent", "created", "age", "manifest", "note"):
         table.add_column(column)
     for info in checkpoints:
+        notes = ["served"] if info.version == served else []
+        if info.rolled_back_from:
+            notes.append(f"weights of v{info.rolled_back_from}")
         table.add_row(
             f"v{info.version}",
             f"v{info.parent_version}",
-            _when(info.created_at),
-            f"v{info.rolled_back_from}" if info.rolled_back_from else "",
-            info.manifest_sha256[:12],
-            "served" if info.version == served else "",
+            _local(info.created_at, "%Y-%m-%d %H:%M"),
+            _age(info.created_at),
+            info.manifest_sha256[:8],
+            ", ".join(notes),
         )
     return table
 

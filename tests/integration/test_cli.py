@@ -4,6 +4,7 @@ stderr captured, and as a real `python -m rlhf.cli` subprocess."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -17,7 +18,7 @@ from rlhf.broker import free_port
 from rlhf.cli import main
 from rlhf.ids import GenerationIdSigner
 from rlhf.models import TINY
-from rlhf.v1 import events_pb2, trainer_pb2_grpc
+from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.feedback.config import FeedbackConfig
 from services.feedback.main import FeedbackService
 from services.generation.config import GenerationConfig
@@ -191,6 +192,61 @@ def test_unreachable_service_is_one_line_and_exit_1(rlhf):
     status, out, err = rlhf("--generation", address, "generate", "hi")
     assert status == 1 and out == ""
     assert err == f"rlhf: cannot reach generation ({address}): is `make up` running?\n"
+
+
+def _checkpoint_now(servers, name="trainer"):
+    """A new version to list and roll back to (the Checkpoint call; the CLI does not wrap it)."""
+    with grpc.insecure_channel(f"127.0.0.1:{servers[name].port}") as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        return stub.Checkpoint(trainer_pb2.CheckpointRequest(), timeout=60).version
+
+
+def _rows(table):
+    """The words of each row of a checkpoints table."""
+    return [line.split() for line in table.splitlines() if re.match(r"\s*v\d+ ", line)]
+
+
+def test_pause_and_resume(rlhf):
+    status, out, _ = rlhf("pause")
+    assert status == 0 and out.startswith("ppo trainer paused at step 0, last published v")
+    assert "│ state                    │ paused" in rlhf("status")[1]
+    status, out, _ = rlhf("resume")
+    assert status == 0 and out.startswith("ppo trainer training at step 0")
+    status, out, _ = rlhf("pause", "--stage", "reward")
+    assert status == 0 and out.startswith("reward trainer paused at step 0")
+    assert rlhf("resume", "--stage", "reward")[0] == 0
+
+
+def test_checkpoints_and_a_pinned_rollback_the_generation_service_follows(rlhf, platform):
+    _, servers = platform
+    first, second = _checkpoint_now(servers), _checkpoint_now(servers)
+    status, out, err = rlhf("checkpoints")
+    assert status == 0, err
+    assert [row[0] for row in _rows(out)[:2]] == [f"v{second}", f"v{first}"]  # newest first
+
+    status, out, err = rlhf("rollback", str(first), "--pin", "--wait")
+    assert status == 0, err
+    rolled = second + 1
+    assert out.splitlines() == [
+        f"published v{rolled} with the weights of v{first}",
+        f"ppo trainer paused: v{rolled} stays until `rlhf resume`",
+        f"generation serves v{rolled}",
+    ]
+    _, out, _ = rlhf("checkpoints", "--limit", "1")
+    [row] = _rows(out)
+    assert row[0] == f"v{rolled}" and row[-4:] == ["served,", "weights", "of", f"v{first}"]
+    assert "│ state                    │ paused" in rlhf("status")[1]
+    assert rlhf("resume")[0] == 0
+
+
+def test_rollback_to_a_version_not_in_the_store_is_one_line(rlhf):
+    status, out, err = rlhf("rollback", "999")
+    assert status == 1 and out == ""
+    assert err.startswith("rlhf: trainer (127.0.0.1:") and "not found: no policy version 999" in err
+
+
+def test_reward_checkpoints_before_any_round(rlhf):
+    assert rlhf("checkpoints", "--stage", "reward")[1] == "no reward checkpoints yet\n"
 
 
 @pytest.fixture
