@@ -176,7 +176,34 @@ def service_keys(ports: list[str]) -> dict[str, Schema]:
 
 def build() -> Schema:
     http = {"http": obj({"enabled": BOOLEAN}, required=["enabled"])}
-    stage = obj(server_keys(["grpc", "metrics"]), required=["enabled", "ports", "gpu", "probes"])
+    stage_required = ["enabled", "ports", "gpu", "probes"]
+    stage = obj(server_keys(["grpc", "metrics"]), required=stage_required)
+    sft_stage = obj(
+        {
+            **server_keys(["grpc", "metrics"]),
+            "demonstrations": obj(
+                {
+                    "configMap": {
+                        "description": "ConfigMap holding the JSONL demonstrations file",
+                        "type": "string",
+                        "pattern": r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                    },
+                    "key": {
+                        "description": "the file's key in that ConfigMap",
+                        "type": "string",
+                        "pattern": r"^[-._a-zA-Z0-9]+$",
+                    },
+                    "checkpointPath": {
+                        "description": "or the file's path relative to the checkpoint volume",
+                        "type": "string",
+                        "pattern": r"^$|^[^/]",
+                    },
+                },
+                required=["configMap", "key", "checkpointPath"],
+            ),
+        },
+        required=[*stage_required, "demonstrations"],
+    )
     properties: dict[str, Schema] = {
         "global": ANY_OBJECT,
         "nameOverride": STRING,
@@ -294,7 +321,7 @@ def build() -> Schema:
                 "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
                 "rewardModel": {"enum": ["minilm-l6", "tiny-random"]},
                 "stages": obj(
-                    {"ppo": stage, "reward": stage, "sft": stage},
+                    {"ppo": stage, "reward": stage, "sft": sft_stage},
                     required=["ppo", "reward", "sft"],
                 ),
             }

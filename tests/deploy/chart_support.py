@@ -36,8 +36,20 @@ INLINE_SECRETS = {
         "simulatedUsersApiKey": API_KEY,
     }
 }
-# Every optional part on: monitoring, simulated users, the TGI backend with rollouts, sft.
+# The sft phase: supervised fine-tuning (demonstrations from a ConfigMap) before ppo runs; the
+# chart refuses both stages at once (both publish policy versions).
+SFT_PHASE = {
+    "trainer": {
+        "stages": {
+            "ppo": {"enabled": False},
+            "sft": {"enabled": True, "demonstrations": {"configMap": "sft-demos"}},
+        }
+    }
+}
+# Every optional part on: monitoring, simulated users, the TGI backend with rollouts, and the sft
+# stage (in place of ppo).
 EVERYTHING = {
+    **SFT_PHASE,
     "simulatedUsers": {"enabled": True},
     "monitoring": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
@@ -47,7 +59,6 @@ EVERYTHING = {
         "backend": "tgi",
         "tgi": {"url": "http://tgi.serving.svc:80", "deployment": "tgi", "namespace": "serving"},
     },
-    "trainer": {"stages": {"sft": {"enabled": True}}},
     "networkPolicy": {
         "clients": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
         "metricsFrom": [

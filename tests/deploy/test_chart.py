@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
@@ -35,6 +36,7 @@ from tests.deploy.chart_support import (
     REQUIRED,
     ROOT,
     RULES,
+    SFT_PHASE,
     component,
     exported_metrics,
     gpu_values,
@@ -146,10 +148,13 @@ def test_one_deployment_per_service_and_stage(default, everything):
         "rlhf-trainer-ppo",
         "rlhf-trainer-reward",
     }
-    assert everything.names("Deployment") == default.names("Deployment") | {
-        "rlhf-trainer-sft",
-        "rlhf-simulated-users",
-    }
+    # The sft stage replaces ppo (both publish policy versions).
+    without_ppo = default.names("Deployment") - {"rlhf-trainer-ppo"}
+    added = {"rlhf-trainer-sft", "rlhf-simulated-users"}
+    assert everything.names("Deployment") == without_ppo | added
+    # A Deployment for every stage the trainer has.
+    stages = {stage(d) for r in (default, everything) for d in r.kind("Deployment")}
+    assert stages - {None} == set(STAGES)
     images = set()
     for deployment, container in everything.deployments():
         images.add(container["image"])
@@ -181,7 +186,6 @@ def test_services_have_named_grpc_metrics_and_http_ports(everything):
         "rlhf-generation": {"grpc", "metrics", "http"},
         "rlhf-feedback": {"grpc", "metrics", "http"},
         "rlhf-reward": {"grpc", "metrics"},
-        "rlhf-trainer-ppo": {"grpc", "metrics"},
         "rlhf-trainer-reward": {"grpc", "metrics"},
         "rlhf-trainer-sft": {"grpc", "metrics"},
     }
@@ -354,8 +358,6 @@ def test_services_accept_the_environment_the_chart_gives_them(renders, values):
                 assert variable in settings, f"{deployment['metadata']['name']}: {variable}"
             if variable in secret:
                 assert isinstance(value, dict) and "secretKeyRef" in value, variable
-        if component(deployment) == "trainer" and stage(deployment) not in STAGES:
-            continue  # a stage this trainer build does not have yet (sft)
         load_config(cls, _environ(rendered, deployment))  # raises ConfigError if refused
 
 
@@ -365,6 +367,67 @@ def test_trainer_reaches_the_reward_service(default):
     assert host == f"rlhf-reward.{NAMESPACE}.svc"
     reward = default.get("Service", "rlhf-reward")
     assert int(port) in {p["port"] for p in reward["spec"]["ports"] if p["name"] == "grpc"}
+
+
+def _trainer_config(rendered, name):
+    deployment = rendered.get("Deployment", name)
+    return deployment, load_config(TrainerConfig, _environ(rendered, deployment))
+
+
+def _mount_of(deployment, path):
+    """The container's volume mount holding `path`, and the pod volume behind it."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        if path.is_relative_to(mount["mountPath"]):
+            return mount, volumes[mount["name"]]
+    raise AssertionError(f"{path} is on no volume of {deployment['metadata']['name']}")
+
+
+def test_sft_demonstrations_from_a_config_map(everything):
+    deployment, config = _trainer_config(everything, "rlhf-trainer-sft")
+    data = Path(config.sft_data)
+    mount, volume = _mount_of(deployment, data)
+    assert mount["readOnly"] is True
+    assert volume["configMap"] == {
+        "name": "sft-demos",
+        "items": [{"key": "demonstrations.jsonl", "path": "demonstrations.jsonl"}],
+    }
+    assert data == Path(mount["mountPath"], "demonstrations.jsonl")
+
+
+def test_sft_demonstrations_from_the_checkpoint_volume(chart):
+    on_volume = {"demonstrations": {"configMap": "", "checkpointPath": "sft/demos.jsonl"}}
+    rendered = render(
+        chart,
+        merged(REQUIRED, SFT_PHASE, {"trainer": {"stages": {"sft": on_volume}}}),
+    )
+    deployment, config = _trainer_config(rendered, "rlhf-trainer-sft")
+    mount, volume = _mount_of(deployment, Path(config.sft_data))
+    assert "persistentVolumeClaim" in volume
+    assert Path(config.sft_data) == config.checkpoint_dir / "sft" / "demos.jsonl"
+    assert mount["mountPath"] == str(config.checkpoint_dir)
+
+
+def test_sft_without_demonstrations_trains_on_corrections_only(chart):
+    corrections_only = {"trainer": {"stages": {"sft": {"demonstrations": {"configMap": ""}}}}}
+    rendered = render(chart, merged(REQUIRED, SFT_PHASE, corrections_only))
+    deployment, config = _trainer_config(rendered, "rlhf-trainer-sft")
+    assert config.sft_data == ""
+    pod = deployment["spec"]["template"]["spec"]
+    assert "demonstrations" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_gpu_values_put_the_sft_stage_on_a_gpu(chart):
+    rendered = render(chart, merged(gpu_values(), REQUIRED, SFT_PHASE))
+    deployment = rendered.get("Deployment", "rlhf-trainer-sft")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"].endswith("-cuda")
+    assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.present": "true"
+    }
 
 
 def test_autoscaling_and_disruption_budgets(default):
@@ -506,6 +569,10 @@ BAD_VALUES = {
         {"secrets": {"feedbackApiKeys": ["app=short"]}},
         "at '/secrets/feedbackApiKeys/0': 'app=short' does not match pattern",
     ),
+    "absolute demonstrations path": (
+        {"trainer": {"stages": {"sft": {"demonstrations": {"checkpointPath": "/data/d.jsonl"}}}}},
+        "at '/trainer/stages/sft/demonstrations/checkpointPath': '/data/d.jsonl' does not match",
+    ),
     "bad cpu quantity": (
         {"reward": {"resources": {"requests": {"cpu": "two"}}}},
         "at '/reward/resources/requests/cpu': 'two' does not match pattern",
@@ -550,6 +617,21 @@ REFUSED_BY_TEMPLATES = {
         "topics.minInsyncReplicas (2) is above topics.replicationFactor (1)",
     ),
     "ppo without reward": ({"reward": {"enabled": False}}, "enable reward too"),
+    "sft beside ppo": (
+        {"trainer": {"stages": {"sft": {"enabled": True}}}},
+        "trainer.stages.sft and trainer.stages.ppo both publish policy versions",
+    ),
+    "two demonstration sources": (
+        merged(
+            SFT_PHASE,
+            {"trainer": {"stages": {"sft": {"demonstrations": {"checkpointPath": "demos.jsonl"}}}}},
+        ),
+        "set configMap or checkpointPath, not both",
+    ),
+    "sft data in env": (
+        merged(SFT_PHASE, {"trainer": {"stages": {"sft": {"env": {"RLHF_SFT_DATA": "/x.jsonl"}}}}}),
+        "trainer.stages.sft.env.RLHF_SFT_DATA is set by the chart",
+    ),
     "hpa bounds": (
         {"feedback": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
         "feedback.autoscaling: minReplicas (5) is above maxReplicas (2)",
@@ -589,9 +671,13 @@ def test_chart_version_is_the_project_version():
     assert chart_meta["appVersion"] == project  # the image tag `make images` builds
 
 
-def test_notes_tell_where_to_connect(default):
+def test_notes_tell_where_to_connect(default, everything):
     assert f"rlhf-generation.{NAMESPACE}.svc:50051" in default.notes
     assert f"rlhf-feedback.{NAMESPACE}.svc:50052" in default.notes
+    # Logs of the trainer stages that run.
+    assert "deploy/rlhf-trainer-ppo" in default.notes
+    assert "deploy/rlhf-trainer-sft" in everything.notes
+    assert "deploy/rlhf-trainer-ppo" not in everything.notes
 
 
 def test_readme_install_command_renders(chart):
@@ -616,3 +702,4 @@ def test_readme_install_command_renders(chart):
     assert pvc["spec"]["storageClassName"] == "nfs"
     for _, container in rendered.deployments():
         assert container["image"].startswith("registry.example.com/ml/rlhf-platform:")
+

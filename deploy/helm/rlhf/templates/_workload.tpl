@@ -11,6 +11,7 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
   ports       [{name, port}]: container and Service ports
   grpcPort    port of the gRPC health service for the probes (0: no probes)
   checkpoints "ro", "rw" or "" (no checkpoint volume)
+  volumes     extra [{volume, mount}]: a pod volume and its container mount (optional)
   serviceAccountName, automountToken, strategy ("" = RollingUpdate), autoscaled, replicas
 */}}
 
@@ -27,7 +28,7 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
 {{- $user := .values.env | default dict -}}
 {{- range $key, $_ := $user -}}
 {{- if hasKey $.env $key -}}
-{{- fail (printf "%s.env.%s is set by the chart from its own values (ports, addresses, models, stage); set those values instead" $where $key) -}}
+{{- fail (printf "%s.env.%s is set by the chart from its own values (ports, addresses, models, stage, sft demonstrations); set those values instead" $where $key) -}}
 {{- end -}}
 {{- if hasPrefix "RLHF_TLS_" $key -}}
 {{- fail (printf "%s.env.%s: the chart's probes are Kubernetes gRPC probes, which do not speak TLS; terminate TLS at your ingress or mesh" $where $key) -}}
@@ -211,6 +212,9 @@ spec:
               mountPath: {{ $root.Values.checkpoints.mountPath }}
               readOnly: {{ eq .checkpoints "ro" }}
             {{- end }}
+            {{- range .volumes }}
+            - {{ toYaml .mount | nindent 14 | trim }}
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
@@ -222,6 +226,9 @@ spec:
         - name: checkpoints
           persistentVolumeClaim:
             claimName: {{ include "rlhf.checkpointClaim" $root }}
+        {{- end }}
+        {{- range .volumes }}
+        - {{ toYaml .volume | nindent 10 | trim }}
         {{- end }}
 {{- if .ports }}
 ---
