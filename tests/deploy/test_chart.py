@@ -419,6 +419,17 @@ def test_sft_without_demonstrations_trains_on_corrections_only(chart):
     assert "demonstrations" not in {v["name"] for v in pod["volumes"]}
 
 
+def test_ppo_trains_every_weight_and_logs_metrics_on_the_shared_volume(default, gpu):
+    for rendered in (default, gpu):
+        deployment, config = _trainer_config(rendered, "rlhf-trainer-ppo")
+        assert config.lora_rank == 0  # full fine-tuning; LoRA is an opt-in for CPU clusters
+        # The JSONL metrics log goes to <checkpoint dir>/logs/, on the writable shared volume.
+        log = config.metrics_log_path()
+        assert log == config.checkpoint_dir / "logs" / "ppo.jsonl"
+        mount, volume = _mount_of(deployment, log)
+        assert mount["readOnly"] is False and "persistentVolumeClaim" in volume
+
+
 def test_gpu_values_put_the_sft_stage_on_a_gpu(chart):
     rendered = render(chart, merged(gpu_values(), REQUIRED, SFT_PHASE))
     deployment = rendered.get("Deployment", "rlhf-trainer-sft")
@@ -703,3 +714,17 @@ def test_readme_install_command_renders(chart):
     for _, container in rendered.deployments():
         assert container["image"].startswith("registry.example.com/ml/rlhf-platform:")
 
+
+def test_chart_readme_sft_then_ppo_commands_render(chart):
+    """The chart README's two `helm upgrade --reuse-values` steps: sft alone, then ppo alone."""
+    readme = (ROOT / "deploy" / "helm" / "README.md").read_text()
+    commands = re.findall(r"helm upgrade .*?(?=\n\s*(?:#|helm|```))", readme, re.S)
+    assert len(commands) == 2
+    values = merged(REQUIRED)
+    trainers = []
+    for command in commands:
+        for expression in re.findall(r"--set (\S+)", command):
+            values = merged(values, helm.parse_set_string(expression))
+        rendered = render(chart, values)
+        trainers.append({stage(d) for d in rendered.kind("Deployment") if stage(d)})
+    assert trainers == [{"sft", "reward"}, {"ppo", "reward"}]
