@@ -420,18 +420,18 @@ def _wait_served(session: Session, version: int) -> bool:
 
 
 def cmd_rollback(args: argparse.Namespace, session: Session, console: Console) -> int:
-    service = STAGE_SERVICE[args.stage]
-    with session.calling(service):
-        info = session.trainer(service).Rollback(
+    # The served policy only: the ppo stage owns it (the reward stage refuses rollbacks).
+    with session.calling("trainer"):
+        info = session.trainer().Rollback(
             trainer_pb2.RollbackRequest(version=args.version, pause=args.pin),
             timeout=session.timeout,
         )
     console.print(
-        f"published v{info.version} with the weights of v{info.rolled_back_from or args.version}",
+        f"published v{info.version} with the weights of v{info.rolled_back_from or args.version}"
     )
     if args.pin:
-        console.print(f"{args.stage} trainer paused: v{info.version} stays until `rlhf resume`")
-    if args.wait and args.stage == "ppo":
+        console.print(f"ppo trainer paused: v{info.version} stays until `rlhf resume`")
+    if args.wait:
         if not _wait_served(session, info.version):
             raise CommandError(
                 f"generation does not serve v{info.version} after {session.timeout:g} s "
@@ -547,14 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.set_defaults(run=cmd_checkpoints)
 
     rollback = command(
-        "rollback", help="serve an earlier version again (republished as a new version)"
+        "rollback", help="serve an earlier policy again (republished as a new version)"
     )
     rollback.add_argument("version", type=int)
     rollback.add_argument("--pin", action="store_true", help="pause training: keep serving it")
     rollback.add_argument(
         "--wait", action="store_true", help="wait until the generation service serves it"
     )
-    _stage_flag(rollback)
     rollback.set_defaults(run=cmd_rollback)
 
     for name, rpc, text in (
