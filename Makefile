@@ -29,6 +29,10 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt requirem
 protos: setup
 	$(BIN)/python protos/generate.py libs
 
+# The configuration and metrics references in docs/operations.md, from the code.
+docs: setup
+	$(BIN)/python -m rlhf.docs
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
