@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup system-packages protos lint test up bench images clean
+.PHONY: setup system-packages protos docs lint test up bench images clean
 
 setup: $(STAMP)
 
