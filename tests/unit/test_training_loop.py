@@ -1,0 +1,86 @@
+"""The PPO loop's bookkeeping around an update: JSONL metrics, KL warnings, feedback ledger,
+staleness, and a batch put back when the reward service is down. The learner is a stand-in
+(a pure unit seam); the real one is exercised by the e2e tests."""
+
+import json
+import logging
+from unittest import mock
+
+import pytest
+
+from rlhf import bus
+from rlhf.clients import RewardUnavailable
+from rlhf.joining import Ledger
+from rlhf.v1 import events_pb2
+from services.trainer.loop import KL_WARNINGS, Intake, LoopSettings, TrainingLoop
+
+
+class FakeLearner:
+    def __init__(self, kl=0.5):
+        self.kl = kl
+        self.updates = 0
+        self.fail_with = None
+
+    def iterate(self, prompts, score, prompt_texts=None):
+        if self.fail_with:
+            raise self.fail_with
+        self.updates += 1
+        return {"objective/kl": self.kl, "objective/scores": 0.25, "policy/clipfrac": 0.1}
+
+
+def _loop(tmp_path, learner, intake):
+    settings = LoopSettings(batch_size=2, publish_every=1000, metrics_log=tmp_path / "m.jsonl")
+    return TrainingLoop(learner, intake, None, mock.Mock(), mock.Mock(), settings, start_version=3)
+
+
+def _intake_with(gids):
+    intake = Intake(mock.Mock(), max_prompt_tokens=8)
+    for gid in gids:
+        generation = events_pb2.GenerationEvent(generation_id=gid, prompt_token_ids=[1, 2])
+        feedback = events_pb2.FeedbackEvent(
+            event_id=f"e-{gid}", feedback=events_pb2.Feedback(generation_id=gid, thumb=1)
+        )
+        intake.handle(bus.Record(bus.GENERATIONS, 0, 0, gid, generation, 0))
+        intake.handle(bus.Record(bus.FEEDBACK, 0, 0, gid, feedback, 0))
+    return intake
+
+
+def test_an_update_is_logged_as_jsonl_and_its_feedback_counted_as_used(tmp_path):
+    intake = _intake_with(["a", "b"])
+    loop = _loop(tmp_path, FakeLearner(), intake)
+    batch, staleness = intake.take(2)
+    loop.step(batch, staleness)
+    [line] = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert line["step"] == 1 and line["policy_version"] == 3 and line["feedback_used"] == 2
+    assert line["objective/kl"] == 0.5 and line["policy/clipfrac"] == 0.1
+    assert intake.used == Ledger.of(["e-a", "e-b"])
+    status = loop.status
+    assert status.step == 1 and status.kl == 0.5 and status.feedback_used == 2
+
+
+@pytest.mark.parametrize("kl, kind", [(-0.5, "negative"), (80.0, "exploded")])
+def test_negative_or_exploding_kl_is_warned_about_and_counted(tmp_path, caplog, kl, kind):
+    intake = _intake_with(["a", "b"])
+    loop = _loop(tmp_path, FakeLearner(kl=kl), intake)
+    before = KL_WARNINGS.labels(kind)._value.get()
+    with caplog.at_level(logging.WARNING):
+        loop.step(*intake.take(2))
+    assert KL_WARNINGS.labels(kind)._value.get() == before + 1
+    assert any(kind in r.getMessage() for r in caplog.records)
+
+
+def test_small_sampling_noise_below_zero_is_not_a_warning(tmp_path, caplog):
+    intake = _intake_with(["a", "b"])
+    loop = _loop(tmp_path, FakeLearner(kl=-0.01), intake)
+    with caplog.at_level(logging.WARNING):
+        loop.step(*intake.take(2))
+    assert not caplog.records
+
+
+def test_a_batch_is_put_back_unused_when_the_reward_service_is_down(tmp_path):
+    intake = _intake_with(["a", "b"])
+    learner = FakeLearner()
+    learner.fail_with = RewardUnavailable("down")
+    loop = _loop(tmp_path, learner, intake)
+    assert loop.step(*intake.take(2)) is None
+    assert len(intake) == 2 and intake.used.count == 0
