@@ -10,6 +10,7 @@ Run it before the ppo stage, not beside it: both publish policy versions.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
-from rlhf.checkpoints import POLICY, CheckpointStore, Manifest
+from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore, Manifest
 from rlhf.joining import FeedbackJoin, Joined
 from rlhf.models import (
     load_base_policy,
@@ -45,6 +46,7 @@ from .servicer import StageService, TrainerServicer, Unsupported
 log = logging.getLogger(__name__)
 
 Encode = Callable[[str], list[int]]
+SFT_DATA_SHA = "sft_data_sha256"
 
 DEMONSTRATIONS = Counter(
     "rlhf_sft_demonstrations_total",
@@ -65,10 +67,12 @@ class CorrectionIntake(ConsumerThread):
         self.demos: list[Demonstration] = []
         self.feedback_consumed = 0
 
-    def take(self) -> list[Demonstration]:
+    def take(self) -> tuple[list[Demonstration], dict[tuple[str, int], int]]:
+        """The demonstrations collected so far and the offsets they come from, so a commit
+        after training never covers corrections that arrived during the round."""
         with self.lock:
             demos, self.demos = self.demos, []
-            return demos
+            return demos, dict(self.offsets)
 
     def handle(self, record: bus.Record) -> None:
         if record.topic == bus.GENERATIONS:
@@ -109,6 +113,7 @@ class SFTRounds:
         round_examples: int,
         start_version: int,
         initial: list[Demonstration],
+        initial_metadata: dict[str, str] | None = None,
     ) -> None:
         self.learner = learner
         self.intake = intake
@@ -116,6 +121,8 @@ class SFTRounds:
         self._publisher = publisher
         self._round_examples = round_examples
         self._waiting = list(initial)
+        self._covered: dict[tuple[str, int], int] = {}
+        self._initial_metadata = initial_metadata or {}
         self._status = Status(stage="sft", policy_version=start_version)
         self._stopping = threading.Event()
         self._paused = threading.Event()
@@ -155,7 +162,8 @@ class SFTRounds:
         # A file's demonstrations make the first round, however many there are.
         ready = bool(self._waiting)
         while not self._stopping.is_set():
-            self._waiting.extend(self.intake.take())
+            demos, self._covered = self.intake.take()
+            self._waiting.extend(demos)
             ready = ready or len(self._waiting) >= self._round_examples
             if self._paused.is_set() or not ready:
                 self._stopping.wait(0.5)
@@ -183,14 +191,15 @@ class SFTRounds:
             tensors,
             json_files,
             parent_version=self._status.policy_version,
-            metadata={"stats": stats, "stage": "sft"},
+            metadata={"stats": stats, "stage": "sft", **self._initial_metadata},
         )
         while not announce(self._publisher, manifest) and not self._stopping.is_set():
             self._stopping.wait(1.0)
+        self._initial_metadata = {}  # the file's round is done
         self._status = replace(
             self._status, policy_version=manifest.version, step=self.learner.steps, metrics=stats
         )
-        if not self.intake.commit():
+        if not self.intake.commit(offsets=self._covered):
             log.warning("offset commit did not finish in time; corrections may be replayed")
         return stats
 
@@ -212,11 +221,15 @@ class SFTTrainerService(StageService):
         def encode(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        initial = (
-            load_file(Path(config.sft_data), encode, config.sft_max_tokens)
-            if config.sft_data
-            else []
-        )
+        initial: list[Demonstration] = []
+        file_metadata: dict[str, str] = {}
+        if config.sft_data:
+            digest = hashlib.sha256(Path(config.sft_data).read_bytes()).hexdigest()
+            file_metadata = {SFT_DATA_SHA: digest}
+            if trained_on(store, digest):
+                log.info("%s was trained on already (same sha256); not again", config.sft_data)
+            else:
+                initial = load_file(Path(config.sft_data), encode, config.sft_max_tokens)
         learner = SFTLearner(
             current.model,
             tokenizer.pad_token_id,
@@ -246,8 +259,22 @@ class SFTTrainerService(StageService):
             round_examples=config.sft_round_examples,
             start_version=current.version,
             initial=initial,
+            initial_metadata=file_metadata if initial else None,
         )
         self.servicer = TrainerServicer(self.loop, store, POLICY)
+
+
+def trained_on(store: CheckpointStore, digest: str) -> bool:
+    """Whether a policy in the store came from a round on the demonstrations file with this
+    sha256 (a restarted pod must not train the same file again on top of itself)."""
+    for version in store.versions(POLICY):
+        try:
+            manifest, _ = store.read_manifest(POLICY, version)
+        except CheckpointError:
+            continue
+        if manifest.metadata.get(SFT_DATA_SHA) == digest:
+            return True
+    return False
 
 
 def load_file(path: Path, encode: Encode, max_tokens: int) -> list[Demonstration]:

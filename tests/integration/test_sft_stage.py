@@ -1,6 +1,7 @@
 """The sft stage on a real broker: a demonstrations file makes the first round, user corrections
 joined to their generations make the next, and each round publishes a policy checkpoint."""
 
+import hashlib
 import json
 import uuid
 
@@ -40,6 +41,7 @@ def test_file_then_corrections_become_policy_checkpoints(broker, cache_dir, tmp_
         assert wait_until(lambda: store.versions(POLICY) == [1], timeout=60)
         first, _ = store.read_manifest(POLICY, 1)
         assert first.metadata["stage"] == "sft" and first.metadata["stats"]["sft/examples"] == 3
+        assert first.metadata["sft_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
 
         tokenizer = load_tokenizer(cache_dir)
         with bus.Publisher(broker.bootstrap, client_id="sft-test") as publisher:
@@ -82,3 +84,10 @@ def test_file_then_corrections_become_policy_checkpoints(broker, cache_dir, tmp_
                 assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         server.stop()
+
+    # A restarted stage does not train the same file again on top of itself.
+    restarted = build(config)
+    try:
+        assert restarted.loop.status.pending_prompts == 0
+    finally:
+        restarted.stop()
