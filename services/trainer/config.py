@@ -42,6 +42,11 @@ class TrainerConfig(CommonConfig):
     keep_checkpoints: int = setting(
         "RLHF_KEEP_CHECKPOINTS", 5, "newest policy checkpoints kept in the store"
     )
+    reference_version: int = setting(
+        "RLHF_PPO_REFERENCE_VERSION",
+        0,
+        "policy version the KL penalty holds PPO to (0 = the base model; e.g. the sft result)",
+    )
     lora_rank: int = setting(
         "RLHF_PPO_LORA_RANK", 0, "LoRA adapter rank for PPO (0 = train every weight)"
     )

@@ -328,6 +328,7 @@ class LoopSettings:
     keep_states: int = 2
     kl_alarm: float = 50.0  # nats per sequence: above it, warn that KL exploded
     metrics_log: Path | None = None
+    protect: frozenset[int] = frozenset()  # policy versions never pruned (the reference)
 
 
 class TrainingLoop:
@@ -565,7 +566,9 @@ class TrainingLoop:
         PUBLISHED_VERSION.set(manifest.version)
         keep = self.settings.keep_checkpoints
         # With LoRA, the adapter's base weights must outlive pruning: resuming needs them.
-        protect = frozenset({self._lora_base}) if self.learner.lora.enabled else frozenset()
+        protect = self.settings.protect
+        if self.learner.lora.enabled:
+            protect = protect | {self._lora_base}
         self._store.prune(POLICY, keep=keep, protect=protect)
         self._store.prune(PPO_STATE, keep=self.settings.keep_states)
         if not self.intake.commit(offsets=self._pending_offsets):

@@ -10,7 +10,7 @@ from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import RewardClient
-from rlhf.models import load_base_policy, load_tokenizer
+from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
 from rlhf.server import Service, run_main
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
 from rlhf.training.ppo import PPOConfig
@@ -38,6 +38,14 @@ def ppo_config(config: TrainerConfig) -> PPOConfig:
     )
 
 
+def load_reference(config: TrainerConfig, store: CheckpointStore) -> torch.nn.Module:
+    """The frozen model the KL penalty measures against: the base model, or a policy version
+    from the store (typically what the sft stage produced)."""
+    if config.reference_version == 0:
+        return load_base_policy(config.policy_model, config.cache_dir)
+    return policy_from_checkpoint(store.load(POLICY, config.reference_version))
+
+
 class TrainerService(StageService):
     """The trainer process running the PPO stage (RLHF_TRAINER_STAGE=ppo)."""
 
@@ -45,7 +53,7 @@ class TrainerService(StageService):
         self.config = config
         store = CheckpointStore(config.checkpoint_dir)
         tokenizer = load_tokenizer(config.cache_dir)
-        reference = load_base_policy(config.policy_model, config.cache_dir)
+        reference = load_reference(config, store)
 
         def make_learner(weights: torch.nn.Module) -> PPOLearner:
             return PPOLearner(
@@ -90,6 +98,8 @@ class TrainerService(StageService):
                 keep_states=config.keep_states,
                 kl_alarm=config.kl_alarm,
                 metrics_log=config.metrics_log_path(),
+                # The reference must outlive pruning: a restarted trainer loads it again.
+                protect=frozenset({config.reference_version} - {0}),
             ),
             start_version=resumed.policy_version,
             lora_base_version=resumed.lora_base_version,

@@ -94,3 +94,20 @@ def test_prune_keeps_the_newest(tmp_path):
         _write(store)
     assert store.prune(POLICY, keep=2) == [1, 2]
     assert store.versions(POLICY) == [3, 4]
+
+
+def test_prune_spares_protected_versions(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for _ in range(5):
+        _write(store)
+    assert store.prune(POLICY, keep=2, protect=frozenset({2})) == [1, 3]
+    assert store.versions(POLICY) == [2, 4, 5]
+
+
+def test_discard_removes_one_version_and_reports_whether_it_existed(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _write(store)
+    _write(store)
+    assert store.discard(POLICY, 2) and not store.discard(POLICY, 2)
+    assert store.versions(POLICY) == [1]
+    assert not [p for p in (tmp_path / POLICY).iterdir() if p.name.startswith(".tmp")]

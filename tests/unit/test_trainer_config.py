@@ -1,6 +1,7 @@
 """The trainer's stages share one configuration; the reward stage's settings reach its loop."""
 
 import pytest
+import torch
 
 from rlhf.config import ConfigError, load_config
 from services.trainer.config import TrainerConfig
@@ -64,3 +65,26 @@ def test_reward_settings_reach_the_training_loop():
     assert training.learning_rate == 3e-4 and training.steps_per_round == 12
     assert training.trainable_layers == -1 and training.min_heldout == 7
     assert training.undesirable_weight == 2.5 and training.seed == 9
+
+
+def test_the_kl_reference_can_be_a_policy_version_from_the_store(tmp_path, cache_dir):
+    from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
+    from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
+    from services.trainer.main import load_reference
+
+    store = CheckpointStore(tmp_path)
+    tuned = load_base_policy(TINY, cache_dir, seed=7)
+    store.write(POLICY, *policy_checkpoint_files(tuned))
+    env = {"RLHF_CHECKPOINT_DIR": str(tmp_path), "RLHF_CACHE_DIR": str(cache_dir)}
+    env["RLHF_POLICY_MODEL"] = TINY
+    base = load_reference(load_config(TrainerConfig, env), store)
+    reference = load_reference(
+        load_config(TrainerConfig, {**env, "RLHF_PPO_REFERENCE_VERSION": "1"}), store
+    )
+    name = "model.embed_tokens.weight"
+    assert torch.equal(reference.state_dict()[name], tuned.state_dict()[name])
+    assert not torch.equal(base.state_dict()[name], tuned.state_dict()[name])
+    with pytest.raises(CheckpointError):
+        load_reference(
+            load_config(TrainerConfig, {**env, "RLHF_PPO_REFERENCE_VERSION": "9"}), store
+        )
