@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker
 from rlhf.config import CommonConfig, load_config
+from rlhf.scrape import scrape as scrape_port
 from rlhf.server import RunningServer, Service
 
 ID_KEY = "test-generation-id-key-0123456789"
@@ -47,8 +47,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
 
 
 def scrape(server: RunningServer) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as reply:
-        return reply.read().decode()
+    """The server's /metrics page."""
+    return scrape_port(server.metrics_port)
 
 
 def consume_all(bootstrap: str, topic: str, message_type, timeout: float = 10.0) -> list:
