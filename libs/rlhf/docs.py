@@ -16,6 +16,7 @@ import pkgutil
 import re
 import sys
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 
@@ -72,6 +73,14 @@ def service_configs() -> list[tuple[str, type]]:
     return sorted(found, key=lambda item: item[0])
 
 
+def _command(service: str) -> str:
+    """How the service is started: its console script, from the installed package's metadata."""
+    for script in entry_points(group="console_scripts"):
+        if script.value.startswith(f"services.{service}.main:"):
+            return script.name
+    return f"python -m services.{service}"
+
+
 def configuration() -> str:
     common = set(describe(CommonConfig))
     lines = [
@@ -85,7 +94,7 @@ def configuration() -> str:
     for name, cls in service_configs():
         shared = common if issubclass(cls, CommonConfig) else set()
         note = " (and the settings every service has)" if shared else ""
-        lines += ["", f"### {name.replace('_', ' ')}: `rlhf-{name.replace('_', '-')}`{note}", ""]
+        lines += ["", f"### {name.replace('_', ' ')}: `{_command(name)}`{note}", ""]
         lines += _rows(cls, shared)
     return "\n".join(lines)
 

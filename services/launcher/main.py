@@ -1,12 +1,15 @@
 """`make up`: start the broker, every service and the simulated users, and watch the loop turn.
 
 Each service runs as its own process, exactly as in a cluster, with its logs in `run/logs/`.
-Ctrl-C (or SIGTERM) stops them in reverse order, each draining its in-flight work, then the broker.
+On a terminal a live panel shows the served policy, the thumbs-up rate and live reward per
+policy version, KL, the feedback rate and the trainer's progress; otherwise a status line is
+logged now and then. Prometheus (Debian's `prometheus`, if installed) scrapes every service with
+the platform's alert rules. Ctrl-C (or SIGTERM) stops Prometheus, then the services in reverse
+order, each draining its in-flight work, then the broker.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import signal
@@ -15,20 +18,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.live import Live
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
-from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from rlhf.config import parse_args
 
-from .addresses import BROKER_PORT, FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
+from . import prometheus
+from .addresses import FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
+from .config import LauncherConfig
+from .view import Watcher, line, panel
 
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
+PROMETHEUS_READY_TIMEOUT = 30.0
 # Sized for a 2-core CPU: a PPO update every minute or two on SmolLM2-135M, and users who leave
 # the trainer some CPU. Any of these can be overridden from the environment.
 CPU_DEMO = {
@@ -43,6 +54,9 @@ CPU_DEMO = {
         "RLHF_REWARD_ROUND_EXAMPLES": "16",
         "RLHF_REWARD_MIN_HELDOUT": "8",
     },
+    # Score every live answer (a few ms each at demo traffic), so the view's live reward per
+    # policy version has numbers within minutes instead of a 10% sample's trickle.
+    "reward": {"RLHF_REWARD_DRIFT_SAMPLE": "1.0"},
     "simulated-users": {"RLHF_SIM_PAUSE_SECONDS": "2", "RLHF_SIM_MAX_NEW_TOKENS": "24"},
 }
 
@@ -50,18 +64,21 @@ CPU_DEMO = {
 @dataclass
 class Process:
     name: str
-    module: str
+    command: list[str]
     grpc_port: int | None
     metrics_port: int | None
     env: dict[str, str]
     popen: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
 
+    def log_path(self, log_dir: Path) -> Path:
+        return log_dir / f"{self.name}.log"
+
     def start(self, log_dir: Path) -> None:
-        self.log = open(log_dir / f"{self.name}.log", "ab")  # noqa: SIM115 (closed in stop)
+        self.log = open(self.log_path(log_dir), "ab")  # noqa: SIM115 (closed in stop)
         defaults = CPU_DEMO.get(self.name, {})
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", self.module],
+            self.command,
             env={**defaults, **os.environ, **self.env},
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -85,23 +102,44 @@ class Process:
             self.log.close()
 
 
-def wait_healthy(process: Process, log_dir: Path, timeout: float = HEALTH_TIMEOUT) -> None:
-    """Block until the process answers the standard gRPC health check with SERVING."""
+def last_log_line(path: Path, limit: int = 70) -> str:
+    """The message of the newest line of a log, for the start-up progress."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+            lines = log.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    message = lines[-1].split(": ", 1)[-1] if lines else ""
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def wait_healthy(
+    process: Process,
+    log_dir: Path,
+    stop: threading.Event,
+    tick: Callable[[], None] = lambda: None,
+    timeout: float = HEALTH_TIMEOUT,
+) -> bool:
+    """Block until the process answers the standard gRPC health check with SERVING; False if
+    `stop` was set first. `tick` runs between checks (the progress display)."""
     channel = grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}")
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if not process.alive():
-                tail = (log_dir / f"{process.name}.log").read_text(errors="replace")[-3000:]
+                tail = process.log_path(log_dir).read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{process.name} exited during start-up:\n{tail}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                    return True
             except grpc.RpcError:
                 pass
-            time.sleep(0.5)
+            tick()
+            if stop.wait(0.5):
+                return False
         raise TimeoutError(f"{process.name} did not become healthy in {timeout:.0f} s")
     finally:
         channel.close()
@@ -113,9 +151,8 @@ def _port(preferred: int) -> int:
     return free_port() if busy else preferred
 
 
-def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Process]:
+def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: str) -> list[Process]:
     """The processes in start order, each with its own ports and settings."""
-    id_key = os.environ.get("RLHF_GENERATION_ID_KEY") or secrets.token_hex(32)
     common = {"RLHF_KAFKA_BOOTSTRAP": bootstrap, "RLHF_GRPC_HOST": "127.0.0.1"}
     ports = {
         name: (_port(grpc_port), _port(metrics)) for name, (grpc_port, metrics) in PORTS.items()
@@ -131,7 +168,8 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
             "RLHF_METRICS_PORT": str(metrics_port),
             **extra,
         }
-        return Process(name, module or f"services.{name}", grpc_port, metrics_port, env)
+        command = [sys.executable, "-m", module or f"services.{name}"]
+        return Process(name, command, grpc_port, metrics_port, env)
 
     return [
         service("reward", {"RLHF_REWARD_MODEL": reward_model}),
@@ -165,7 +203,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
         ),
         Process(
             "simulated-users",
-            "services.simulated_users",
+            [sys.executable, "-m", "services.simulated_users"],
             None,
             None,
             {
@@ -177,8 +215,10 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str) -> list[Pr
     ]
 
 
-def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: str) -> Path:
-    """Addresses and the API key, for apps and scripts to `source`."""
+def write_env(
+    run_dir: Path, bootstrap: str, processes: list[Process], api_key: str, extra: dict[str, str]
+) -> Path:
+    """Addresses and the API key, for apps, scripts and the `rlhf` command line."""
     lines = [f"RLHF_KAFKA_BOOTSTRAP={bootstrap}", f"RLHF_API_KEY={api_key}"]
     for process in processes:
         if process.grpc_port is not None:
@@ -188,50 +228,160 @@ def write_env(run_dir: Path, bootstrap: str, processes: list[Process], api_key: 
         if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
             port = process.env["RLHF_FEEDBACK_HTTP_PORT"]
             lines.append(f"RLHF_FEEDBACK_URL=http://127.0.0.1:{port}/v1/feedback")
+    lines += [f"{name}={value}" for name, value in extra.items()]
     path = run_dir / "up.env"
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
     return path
 
 
-def report(processes: list[Process]) -> str:
-    """One status line: served policy version and trainer progress."""
-    by_name = {p.name: p for p in processes}
-    parts = []
-    with grpc.insecure_channel(f"127.0.0.1:{by_name['generation'].grpc_port}") as channel:
-        info = generation_pb2_grpc.GenerationServiceStub(channel).GetPolicyInfo(
-            generation_pb2.GetPolicyInfoRequest(), timeout=5
+class Launcher:
+    """Starts and stops the platform and shows it: a live panel, or plain log lines."""
+
+    def __init__(self, config: LauncherConfig, console: Console, stop: threading.Event) -> None:
+        self.config = config
+        self.console = console
+        self.stop = stop
+        self.live = config.view == "live" or (config.view == "auto" and console.is_terminal)
+        self.log_dir = config.run_dir / "logs"
+        self.processes: list[Process] = []
+        self.prometheus: Process | None = None
+        self.prometheus_url = ""
+
+    def say(self, text: str) -> None:
+        # No wrapping or markup: plain mode output is read by people and by scripts alike.
+        self.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    def _announce(self, process: Process) -> None:
+        if process.grpc_port is None:
+            self.say(f"{process.name:<15} running")
+            return
+        self.say(
+            f"{process.name:<15} grpc://127.0.0.1:{process.grpc_port}  "
+            f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
         )
-        parts.append(f"served policy v{info.version}")
-    with grpc.insecure_channel(f"127.0.0.1:{by_name['trainer'].grpc_port}") as channel:
-        status = trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
-            trainer_pb2.GetStatusRequest(), timeout=5
+        if "RLHF_HTTP_PORT" in process.env:
+            http = process.env["RLHF_HTTP_PORT"]
+            self.say(f"{'':<15} TGI-compatible HTTP API http://127.0.0.1:{http}/")
+        if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
+            http = process.env["RLHF_FEEDBACK_HTTP_PORT"]
+            self.say(f"{'':<15} HTTP JSON API http://127.0.0.1:{http}/v1/feedback")
+
+    def _wait(self, process: Process) -> bool:
+        """Wait for a service; on a terminal with a spinner, its time and newest log line."""
+        if not self.live:
+            return wait_healthy(process, self.log_dir, self.stop)
+        columns = (
+            SpinnerColumn(),
+            TextColumn("[bold]starting {task.fields[name]}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[detail]}", markup=False, style="dim"),
         )
-        parts.append(
-            f"trainer step {status.step} (published v{status.policy_version}, "
-            f"reward {status.mean_reward:+.3f}, kl {status.kl:.3f}, "
-            f"feedback {status.feedback_consumed}, waiting prompts {status.pending_prompts})"
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            task = progress.add_task("", name=process.name, detail="")
+
+            def tick() -> None:
+                detail = last_log_line(process.log_path(self.log_dir))
+                progress.update(task, detail=detail)
+
+            return wait_healthy(process, self.log_dir, self.stop, tick)
+
+    def start_services(self, bootstrap: str, api_key: str) -> bool:
+        """Start every process in order; False if stopped before all were healthy."""
+        id_key = self.config.generation_id_key or secrets.token_hex(32)
+        config = self.config
+        self.processes = plan(bootstrap, config.policy_model, config.reward_model, api_key, id_key)
+        for process in self.processes:
+            process.start(self.log_dir)
+            if process.grpc_port is not None and not self._wait(process):
+                return False
+            self._announce(process)
+        return not self.stop.is_set()
+
+    def start_prometheus(self) -> None:
+        if not self.config.prometheus:
+            return
+        if prometheus.binary() is None:
+            self.say("prometheus      not installed (Debian: apt-get install prometheus), skipped")
+            return
+        port = _port(self.config.prometheus_port)
+        targets = {p.name: p.metrics_port for p in self.processes if p.metrics_port is not None}
+        command = prometheus.command(self.config.run_dir, port, targets)
+        self.prometheus = Process("prometheus", command, None, port, {})
+        self.prometheus.start(self.log_dir)
+        if prometheus.ready(port, PROMETHEUS_READY_TIMEOUT):
+            self.prometheus_url = f"http://127.0.0.1:{port}"
+            self.say(f"{'prometheus':<15} {self.prometheus_url}  (alert rules loaded)")
+        else:
+            self.say(f"prometheus      did not start, see {self.prometheus.log_path(self.log_dir)}")
+
+    def _dead(self) -> list[str]:
+        return [p.name for p in self.processes if not p.alive()]
+
+    def watch(self) -> None:
+        """Show the loop until Ctrl-C or a service dies."""
+        watcher = Watcher(
+            {p.name: p.grpc_port for p in self.processes if p.grpc_port is not None},
+            {p.name: p.metrics_port for p in self.processes if p.metrics_port is not None},
         )
-    with grpc.insecure_channel(f"127.0.0.1:{by_name['reward-trainer'].grpc_port}") as channel:
-        status = trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
-            trainer_pb2.GetStatusRequest(), timeout=5
+        try:
+            if self.live:
+                self._watch_live(watcher)
+            else:
+                self._watch_plain(watcher)
+        finally:
+            watcher.close()
+        dead = self._dead()
+        if dead:
+            self.say(f"stopped unexpectedly: {', '.join(dead)} (see {self.log_dir}/)")
+
+    def _watch_live(self, watcher: Watcher) -> None:
+        started = time.monotonic()
+        footer = " · ".join(
+            part
+            for part in (
+                f"Prometheus {self.prometheus_url}" if self.prometheus_url else "",
+                f"logs {self.log_dir}/",
+                "rlhf status",
+                "Ctrl-C stops everything",
+            )
+            if part
         )
-        parts.append(f"reward model v{status.reward_version}")
-    return " | ".join(parts)
+        with Live(console=self.console, auto_refresh=False) as view:
+            while not self._dead():
+                shot = watcher.snapshot()
+                view.update(panel(shot, footer, time.monotonic() - started), refresh=True)
+                if self.stop.wait(self.config.refresh_seconds):
+                    return
+
+    def _watch_plain(self, watcher: Watcher) -> None:
+        while not self.stop.wait(self.config.status_every_seconds) and not self._dead():
+            self.say(f"{time.strftime('%H:%M:%S')} {line(watcher.snapshot())}")
+
+    def run(self, bootstrap: str) -> bool:
+        """Start everything, then watch until Ctrl-C; False if a service stopped on its own."""
+        api_key = self.config.api_key or secrets.token_hex(16)
+        if not self.start_services(bootstrap, api_key):
+            return True  # Ctrl-C during start-up
+        self.start_prometheus()
+        extra = {"RLHF_PROMETHEUS_URL": self.prometheus_url} if self.prometheus_url else {}
+        env_file = write_env(self.config.run_dir, bootstrap, self.processes, api_key, extra)
+        self.say(f"feedback API key: tenant 'local', key {api_key} (all addresses in {env_file})")
+        self.say(f"logs in {self.log_dir}/ ; Ctrl-C stops everything")
+        self.watch()
+        return not self._dead()
+
+    def stop_all(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        for process in reversed(self.processes):
+            process.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--broker-port", type=int, default=int(os.environ.get("RLHF_UP_BROKER_PORT", BROKER_PORT))
-    )
-    parser.add_argument("--model", default=os.environ.get("RLHF_POLICY_MODEL", "smollm2-135m"))
-    parser.add_argument("--reward-model", default=os.environ.get("RLHF_REWARD_MODEL", "minilm-l6"))
-    parser.add_argument("--run-dir", type=Path, default=Path("run"))
-    args = parser.parse_args(argv)
-    log_dir = args.run_dir / "logs"
+def main() -> None:
+    config = parse_args(LauncherConfig, __doc__)
+    log_dir = config.run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: Any) -> None:
@@ -240,49 +390,26 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    broker = EmbeddedBroker(port=_port(args.broker_port), log_path=log_dir / "broker.log")
+    launcher = Launcher(config, Console(), stop)
+    broker = EmbeddedBroker(port=_port(config.broker_port), log_path=log_dir / "broker.log")
     broker.start()
     bus.ensure_topics(broker.bootstrap)
-    print(f"broker        kafka://{broker.bootstrap}  (topics: {', '.join(bus.ALL_TOPICS)})")
-    api_key = os.environ.get("RLHF_UP_API_KEY") or secrets.token_hex(16)
-    processes = plan(broker.bootstrap, args.model, args.reward_model, api_key)
+    launcher.say(
+        f"{'broker':<15} kafka://{broker.bootstrap}  (topics: {', '.join(bus.ALL_TOPICS)})"
+    )
+    failed = False
     try:
-        for process in processes:
-            process.start(log_dir)
-            if process.grpc_port is not None:
-                wait_healthy(process, log_dir)
-                print(
-                    f"{process.name:<13} grpc://127.0.0.1:{process.grpc_port}  "
-                    f"metrics http://127.0.0.1:{process.metrics_port}/metrics"
-                )
-                if "RLHF_HTTP_PORT" in process.env:
-                    http = process.env["RLHF_HTTP_PORT"]
-                    print(f"{'':<13} TGI-compatible HTTP API http://127.0.0.1:{http}/")
-                if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
-                    http = process.env["RLHF_FEEDBACK_HTTP_PORT"]
-                    print(f"{'':<13} HTTP JSON API http://127.0.0.1:{http}/v1/feedback")
-            else:
-                print(f"{process.name:<13} running")
-            if stop.is_set():
-                break
-        env_file = write_env(args.run_dir, broker.bootstrap, processes, api_key)
-        print(f"feedback API key: tenant 'local', key {api_key} (all addresses in {env_file})")
-        print(f"logs in {log_dir}/ ; Ctrl-C stops everything")
-        while not stop.wait(15.0):
-            dead = [p.name for p in processes if not p.alive()]
-            if dead:
-                print(f"stopped unexpectedly: {', '.join(dead)} (see {log_dir}/)")
-                break
-            try:
-                print(time.strftime("%H:%M:%S"), report(processes), flush=True)
-            except grpc.RpcError as exc:
-                print(time.strftime("%H:%M:%S"), f"status unavailable: {exc.code().name}")
+        failed = not launcher.run(broker.bootstrap)
+    except (RuntimeError, TimeoutError) as exc:  # a service that cannot start: its log says why
+        launcher.say(str(exc))
+        failed = True
     finally:
-        print("stopping ...", flush=True)
-        for process in reversed(processes):
-            process.stop()
+        launcher.say("stopping ...")
+        launcher.stop_all()
         broker.stop()
-        print("stopped cleanly")
+        launcher.say("stopped cleanly")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
