@@ -135,10 +135,16 @@ def _json_object(line: str) -> dict[str, Any]:
     return item
 
 
+# Fields that tell a line of the other kind: a likely mix-up of the command's kind argument.
+_OTHER_KIND = {"prompt": ("chosen", "preferences"), "chosen": ("prompt", "demonstrations")}
+
+
 def _text(item: dict[str, Any], key: str) -> str:
     value = item.get(key)
     if value is None:
-        raise LineError(f'"{key}" is missing')
+        other_key, other_kind = _OTHER_KIND.get(key, ("", ""))
+        hint = f" (it has {other_key!r}: a line of {other_kind}?)" if other_key in item else ""
+        raise LineError(f'"{key}" is missing{hint}')
     if not isinstance(value, str):
         raise LineError(f'"{key}" must be a string, got {type(value).__name__}')
     if not value.strip():
@@ -679,7 +685,8 @@ def _progress_bar(path: Path) -> Iterator[Progress | None]:
         task = bar.add_task(path.name, total=path.stat().st_size, counts="")
 
         def update(done: int, report: ImportReport) -> None:
-            counts = f"{report.imported} imported, {report.rejected} rejected"
+            done = f"{report.valid} valid" if report.dry_run else f"{report.imported} imported"
+            counts = f"{done}, {report.rejected} rejected"
             bar.update(task, completed=done, counts=counts)
 
         yield update
