@@ -170,6 +170,20 @@ def test_score_is_credited_at_the_last_real_token_not_the_last_column():
     close(rewards, [[-0.05, 1.1, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
 
 
+def test_kl_penalty_skips_post_eos_positions_even_where_the_estimate_overflows():
+    # Column 1 is after the EOS. There the policy finds the pad 180 nats less likely than the
+    # reference does: k3 = expm1(180) - 180 overflows to inf in float32, and inf * 0 is NaN.
+    scores = torch.tensor([1.0, 0.5])
+    logp = torch.tensor([[-1.0, -200.0], [-2.0, -1.0]])
+    ref = torch.tensor([[-1.5, -20.0], [-2.0, -1.0]])
+    mask = torch.tensor([[T, F], [T, T]])
+    rewards, kl = compute_rewards(scores, logp, ref, mask, kl_coef=0.1, estimator="k3")
+    # Row 0, column 0: r = e^-0.5 = 0.606531, k3 = 0.606531 - 1 + 0.5 = 0.106531;
+    # reward -0.1 * 0.106531 + score 1.0 = 0.989347. Row 1: no KL, score 0.5 at column 1.
+    close(kl, [[0.106531, 0.0], [0.0, 0.0]])
+    close(rewards, [[0.989347, 0.0], [0.0, 0.5]])
+
+
 def test_no_eos_penalty_is_added_to_unfinished_responses_only():
     scores = torch.tensor([0.5, 0.5, -0.2])
     # 0.5 kept; 0.5 - 1 = -0.5; -0.2 - 1 = -1.2.
@@ -199,6 +213,14 @@ def test_gae_ignores_masked_positions():
     advantages, returns = gae(values, rewards, mask, gamma=1.0, lam=0.95)
     close(advantages, [[0.50275, 0.845, 1.1, 0.0, 0.0]])
     close(returns, [[1.00275, 1.045, 1.0, 0.0, 0.0]])
+
+
+def test_gae_is_not_poisoned_by_inf_or_nan_on_padding():
+    values = torch.tensor([[0.5, 0.2, -0.1, float("nan")]])
+    rewards = torch.tensor([[0.0, 0.1, 1.0, float("inf")]])
+    advantages, returns = gae(values, rewards, torch.tensor([[T, T, T, F]]), 1.0, 0.95)
+    close(advantages, [[0.50275, 0.845, 1.1, 0.0]])  # as in the three-step example
+    close(returns, [[1.00275, 1.045, 1.0, 0.0]])
 
 
 def test_gae_discounts_with_gamma():

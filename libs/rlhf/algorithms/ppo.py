@@ -172,8 +172,12 @@ def compute_rewards(
     not go to the last column: for a short response that column is padding, which the masks
     would then silently drop together with the score. A row with no real tokens gets nothing.
     """
-    mask_f = mask.to(logprobs.dtype)
-    kl = kl_estimate(logprobs, ref_logprobs, estimator) * mask_f
+    # Selected away, not multiplied by 0: k3 at a padding position can overflow to inf (its
+    # expm1 does once the policy is ~89 nats less likely than the reference to emit a pad
+    # there), and inf * 0 = NaN would spread through GAE and whitening to the whole batch.
+    kl = torch.where(
+        mask.bool(), kl_estimate(logprobs, ref_logprobs, estimator), torch.zeros_like(logprobs)
+    )
     rewards = -kl_coef * kl
     last = last_token_index(mask)
     has_tokens = last >= 0
@@ -216,8 +220,9 @@ def gae(
     advantage and 0 return. Returns are A + V: the regression target of the value head.
     """
     mask_f = mask.to(values.dtype)
-    values = values * mask_f
-    rewards = rewards * mask_f
+    # Selected away rather than multiplied by 0, so inf or NaN on padding cannot leak in.
+    values = torch.where(mask.bool(), values, torch.zeros_like(values))
+    rewards = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))
     width = values.shape[-1]
     advantages = torch.zeros_like(values)
     next_value = torch.zeros_like(values[:, 0])
