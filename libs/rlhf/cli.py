@@ -571,8 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = {service: getattr(args, service.replace("-", "_")) for service in SERVICES}
     session = Session(resolve_addresses(flags, os.environ, args.env_file), args.timeout)
-    # No markup: server messages may contain brackets ("score must be in [0, 1]").
-    console = Console(highlight=False, markup=False)
+    # No markup: server messages may contain brackets ("score must be in [0, 1]"). Soft wrap:
+    # message lines stay whole for scripts and copy and paste; tables still fit the width.
+    console = Console(highlight=False, markup=False, soft_wrap=True)
     try:
         return args.run(args, session, console)
     except CommandError as exc:
