@@ -372,10 +372,15 @@ class Launcher:
         return not self._dead()
 
     def stop_all(self) -> None:
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        for process in reversed(self.processes):
+        """Prometheus, then the services in reverse start order (the trainer may first finish
+        its running update, which can take a while on a CPU)."""
+        stopping = [self.prometheus] if self.prometheus is not None else []
+        for process in stopping + list(reversed(self.processes)):
+            if process.popen is None:  # Ctrl-C came before it was started
+                continue
+            started = time.monotonic()
             process.stop()
+            self.say(f"  {process.name} stopped ({time.monotonic() - started:.1f} s)")
 
 
 def main() -> None:

@@ -191,7 +191,10 @@ def test_second_up_on_a_terminal_shows_the_live_view_and_stops_on_ctrl_c(folders
         assert "served policy" in text and "trainer" in text and "live reward" in text
         served = int(re.search(r"served policy\s+v(\d+)", text).group(1))
         assert served >= 2, text[-3000:]  # continued from the first run's policies
-        assert _read_env(run_dir / "up.env")["RLHF_API_KEY"] != first_run["RLHF_API_KEY"]
+        second_run = _read_env(run_dir / "up.env")
+        assert second_run["RLHF_API_KEY"] != first_run["RLHF_API_KEY"]
+        if prometheus.binary() is not None:  # on the same storage as the first run's
+            assert f"Prometheus {second_run['RLHF_PROMETHEUS_URL']}" in text
     finally:
         terminal.process.send_signal(signal.SIGINT)
         code = terminal.process.wait(timeout=120)
