@@ -12,6 +12,7 @@ from rlhf.training.ppo import (
     PPOConfig,
     Rollout,
     ValueHead,
+    _score_rollout,
     build_rollout,
     forward_policy,
     ppo_step,
@@ -243,3 +244,123 @@ def test_repeated_ppo_steps_make_the_rewarded_response_more_likely():
     # sampled from the policy; on this fixed rollout half the tokens lost probability, so the
     # sum can come out negative: only its size says anything here.
     assert abs(stats["objective/kl"]) > 0.1
+
+
+def test_scoring_pass_by_hand_reward_at_the_last_token_then_gae_then_whitening():
+    # The policy equals the reference (KL 0) and the value head starts at 0, so everything
+    # after the forward passes is hand-computable from the scores alone.
+    policy = tiny_llama()
+    reference = copy.deepcopy(policy)
+    config = PPOConfig(gamma=1.0, lam=0.95, no_eos_penalty=-1.0, whiten_advantages=False)
+    with torch.no_grad():
+        raw = _score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
+    # Scores 1.0, 0.5, -0.5, 0.0; rows 0 and 3 never ended: 1 - 1 = 0, 0.5, -0.5, 0 - 1 = -1.
+    torch.testing.assert_close(raw["scores"], torch.tensor([0.0, 0.5, -0.5, -1.0]))
+    assert torch.equal(raw["kl"], torch.zeros(4, 5))
+    assert torch.equal(raw["old_values"], torch.zeros(4, 5))
+    # With V = 0 and gamma = 1, A_t = 0.95^(steps to the last real token) * score there.
+    decay5 = [0.95**4, 0.95**3, 0.95**2, 0.95, 1.0]
+    expected = [
+        [0.0] * 5,
+        [0.95 * 0.5, 0.5, 0.0, 0.0, 0.0],  # ends at column 1 (its EOS); then padding
+        [-0.5 * d for d in decay5],
+        [-1.0 * d for d in decay5],
+    ]
+    torch.testing.assert_close(raw["advantages"], torch.tensor(expected))
+    torch.testing.assert_close(raw["returns"], torch.tensor(expected))  # A + V, V = 0
+
+    config.whiten_advantages = True
+    with torch.no_grad():
+        white = _score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
+    real = [a for row, n in zip(expected, [5, 2, 5, 5], strict=True) for a in row[:n]]
+    mean = sum(real) / len(real)
+    std = math.sqrt(sum((a - mean) ** 2 for a in real) / (len(real) - 1))
+    mask = hand_rollout().response_mask
+    whitened = [
+        [(a - mean) / std if m else 0.0 for a, m in zip(row, mask_row, strict=True)]
+        for row, mask_row in zip(expected, mask.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(white["advantages"], torch.tensor(whitened), atol=1e-5, rtol=0)
+    # Whitening is for the policy loss only: the value head still regresses on raw returns.
+    torch.testing.assert_close(white["returns"], torch.tensor(expected))
+
+
+@pytest.mark.parametrize(("minibatch_size", "sizes"), [(2, [2, 2]), (3, [3, 1])])
+def test_each_epoch_visits_every_row_once_in_shuffled_minibatches(minibatch_size, sizes):
+    policy = tiny_llama()
+    head = ValueHead(HIDDEN)
+    optimizer = make_optimizer(policy, head)
+    calls: list[list[int]] = []
+    steps = []
+
+    def record(_module, _args, kwargs):
+        calls.append(kwargs["input_ids"][:, 3].tolist())  # each row's first response token
+
+    policy.register_forward_pre_hook(record, with_kwargs=True)
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    config = PPOConfig(ppo_epochs=3, minibatch_size=minibatch_size)
+    ppo_step(policy, head, tiny_llama(), optimizer, hand_rollout(), config, FixedKLController(0.1))
+
+    minibatches = calls[1:]  # the first forward is the scoring pass over the whole batch
+    assert calls[0] == [20, 30, 40, 50]
+    assert [len(m) for m in minibatches] == sizes * 3
+    assert len(steps) == len(minibatches), "one optimizer step per minibatch"
+    per_epoch = len(sizes)
+    epochs = [minibatches[i : i + per_epoch] for i in range(0, len(minibatches), per_epoch)]
+    for epoch in epochs:
+        assert sorted(row for m in epoch for row in m) == [20, 30, 40, 50]
+    assert len({tuple(row for m in e for row in m) for e in epochs}) > 1, "never reshuffled"
+
+
+def test_gradients_are_clipped_jointly_over_policy_and_value_head():
+    def step_norms(max_grad_norm: float) -> list[float]:
+        policy = tiny_llama()
+        head = ValueHead(HIDDEN)
+        optimizer = make_optimizer(policy, head)
+        params = [*policy.parameters(), *head.parameters()]
+        norms = []
+        step = optimizer.step
+
+        def checked_step(*args, **kwargs):
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            norms.append(torch.stack(grads).norm().item())
+            return step(*args, **kwargs)
+
+        optimizer.step = checked_step
+        config = PPOConfig(ppo_epochs=2, minibatch_size=2, max_grad_norm=max_grad_norm)
+        ppo_step(
+            policy, head, tiny_llama(), optimizer, hand_rollout(), config, FixedKLController(0.1)
+        )
+        return norms
+
+    unclipped = step_norms(1e9)
+    assert min(unclipped) > 1e-3, "the test needs gradients larger than the clip"
+    clipped = step_norms(1e-3)
+    assert len(clipped) == 4
+    assert all(n <= 1e-3 * (1 + 1e-4) for n in clipped), clipped
+
+
+def test_kl_controller_is_updated_once_with_the_mean_sequence_kl_and_the_batch_size():
+    class Recording(FixedKLController):
+        def __init__(self) -> None:
+            super().__init__(0.1)
+            self.calls: list[tuple[float, int]] = []
+
+        def update(self, current_kl: float, n_steps: int) -> None:
+            self.calls.append((current_kl, n_steps))
+
+    policy = tiny_llama()
+    head = ValueHead(HIDDEN)
+    controller = Recording()
+    stats = ppo_step(
+        policy,
+        head,
+        tiny_llama(seed=1),  # a different reference, so the KL is not 0
+        make_optimizer(policy, head),
+        hand_rollout(),
+        PPOConfig(ppo_epochs=1, minibatch_size=4),
+        controller,
+    )
+    assert controller.calls == [(stats["objective/kl"], 4)]
+    assert stats["objective/kl"] != 0.0
