@@ -425,7 +425,7 @@ class ImportReport:
 
     def summary(self) -> list[str]:
         """The report for a person, one line per fact and per rejected line shown."""
-        head = f'{self.kind} {self.path} as "{self.name}": {self.lines} lines read, '
+        head = f'{self.kind} {self.path} as "{self.name}": {_count(self.lines, "line")} read, '
         if self.dry_run:
             head += f"{self.valid} valid (dry run: nothing published)"
         else:
@@ -442,10 +442,15 @@ class ImportReport:
     def _broker_failure(self) -> str:
         where = f"reading stopped at line {self.stopped_at}" if self.stopped_at else "at the end"
         return (
-            f"the broker did not confirm {self.unconfirmed} lines ({where}): {self.broker_error}. "
+            f"the broker did not confirm {_count(self.unconfirmed, 'line')} ({where}): "
+            f"{self.broker_error}. "
             "Running the same command again is safe: events already stored carry the same ids "
             "and the trainers keep one copy."
         )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def read_lines(
