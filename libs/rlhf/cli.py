@@ -299,8 +299,7 @@ def cmd_generate(args: argparse.Namespace, session: Session, console: Console) -
         print(MessageToJson(final, indent=2))
     else:
         print()
-        # On stderr, so stdout is exactly the answer when piped; not through rich, which would
-        # wrap the id and break copy and paste.
+        # On stderr, so stdout is exactly the answer when piped.
         print(
             f"generation id {final.generation_id}\npolicy v{final.policy_version}, "
             f"{final.completion_tokens} tokens, finished by {final.finish_reason}",

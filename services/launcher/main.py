@@ -311,7 +311,8 @@ class Launcher:
         self.prometheus.start(self.log_dir)
         if prometheus.ready(port, PROMETHEUS_READY_TIMEOUT):
             self.prometheus_url = f"http://127.0.0.1:{port}"
-            self.say(f"{'prometheus':<15} {self.prometheus_url}  (alert rules loaded)")
+            rules = "alert rules loaded" if prometheus.RULES.exists() else "no alert rules found"
+            self.say(f"{'prometheus':<15} {self.prometheus_url}  ({rules})")
         else:
             self.say(f"prometheus      did not start, see {self.prometheus.log_path(self.log_dir)}")
 
