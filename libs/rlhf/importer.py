@@ -49,7 +49,7 @@ from rich.progress import Progress as Bar
 from rlhf import bus
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.config import CommonConfig, load_config
-from rlhf.models import load_tokenizer
+from rlhf.models import chat_text, encode_text, load_tokenizer
 from rlhf.training.sft import make_demonstration
 from rlhf.v1 import common_pb2, events_pb2
 from services.feedback.config import FeedbackConfig
@@ -244,11 +244,12 @@ class TokenizerPrompts:
         self._tokenizer = tokenizer
 
     def chat(self, messages: Sequence[common_pb2.ChatMessage]) -> str:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self._tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return chat_text(
+            self._tokenizer, [{"role": m.role, "content": m.content} for m in messages]
+        )
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self._tokenizer, text)
 
 
 @dataclass(frozen=True)

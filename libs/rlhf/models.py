@@ -19,7 +19,7 @@ import importlib.util
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,22 @@ def load_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("pad token equals EOS: padding would read as a finished answer")
     return tokenizer
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> str:
+    """A chat rendered with the policy's template and opened for the answer: exactly what the
+    generation service feeds the model for a chat request (and what SFT must train on)."""
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of prompt text as the generation service encodes it (no special tokens added:
+    the chat template already has its own)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def tiny_policy_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:

@@ -21,6 +21,7 @@ from rlhf.backends import Backend, Generated
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.ids import GenerationIdSigner, prompt_digest
+from rlhf.models import CHAT_ROLES, chat_text, encode_text
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
 
@@ -33,7 +34,7 @@ REQUEST_SECONDS = Histogram(
 )
 REJECTED = Counter("rlhf_generation_rejected_total", "requests refused", ["reason"])
 
-ROLES = ("system", "user", "assistant")
+ROLES = CHAT_ROLES
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 MAX_MESSAGES = 64
@@ -96,7 +97,7 @@ class GenerationCore:
         with self.backend.arriving():  # a batch being collected waits for this request
             text = self._prompt_text(prompt, messages)
             sampling = self._sampling(params)
-            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt_ids = encode_text(self.tokenizer, text)
         limit = self.config.max_prompt_tokens
         if len(prompt_ids) > limit:
             raise _invalid(f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
@@ -121,8 +122,7 @@ class GenerationCore:
             raise _invalid(f"messages exceed {limit} characters")
         if not any(m.content.strip() for m in messages):
             raise _invalid("messages are empty")
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return chat_text(self.tokenizer, [{"role": m.role, "content": m.content} for m in messages])
 
     def _sampling(self, params: common_pb2.SamplingParams) -> decoding.Sampling:
         config = self.config

@@ -24,6 +24,8 @@ from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore, Manifest
 from rlhf.joining import FeedbackJoin, Joined
 from rlhf.models import (
+    chat_text,
+    encode_text,
     load_base_policy,
     load_tokenizer,
     policy_checkpoint_files,
@@ -32,6 +34,8 @@ from rlhf.models import (
 from rlhf.serving import latest_or_base
 from rlhf.training.sft import (
     Demonstration,
+    Prompt,
+    PromptEncoder,
     SFTConfig,
     SFTLearner,
     make_demonstration,
@@ -219,7 +223,10 @@ class SFTTrainerService(StageService):
         )
 
         def encode(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+            return encode_text(tokenizer, text)
+
+        def encode_prompt(prompt: Prompt) -> list[int]:
+            return encode(prompt if isinstance(prompt, str) else chat_text(tokenizer, prompt))
 
         initial: list[Demonstration] = []
         file_metadata: dict[str, str] = {}
@@ -229,7 +236,9 @@ class SFTTrainerService(StageService):
             if trained_on(store, digest):
                 log.info("%s was trained on already (same sha256); not again", config.sft_data)
             else:
-                initial = load_file(Path(config.sft_data), encode, config.sft_max_tokens)
+                initial = load_file(
+                    Path(config.sft_data), encode_prompt, encode, config.sft_max_tokens
+                )
         learner = SFTLearner(
             current.model,
             tokenizer.pad_token_id,
@@ -277,9 +286,11 @@ def trained_on(store: CheckpointStore, digest: str) -> bool:
     return False
 
 
-def load_file(path: Path, encode: Encode, max_tokens: int) -> list[Demonstration]:
+def load_file(
+    path: Path, encode_prompt: PromptEncoder, encode: Encode, max_tokens: int
+) -> list[Demonstration]:
     """The file's demonstrations; rejected lines are logged with their line number."""
-    demos, rejected = read_demonstrations(path, encode, encode, max_tokens)
+    demos, rejected = read_demonstrations(path, encode_prompt, encode, max_tokens)
     for bad in rejected[:20]:
         log.warning("%s:%d skipped: %s", path, bad.line, bad.reason)
     DEMONSTRATIONS.labels("file", "accepted").inc(len(demos))

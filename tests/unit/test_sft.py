@@ -84,3 +84,24 @@ def test_a_demonstration_needs_tokens_on_both_sides():
         make_demonstration([], [1], 10)
     with pytest.raises(ValueError):
         make_demonstration([1], [], 10)
+
+
+def test_a_chat_prompt_is_encoded_through_the_chat_encoder_and_bad_messages_are_refused(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}], "response": "Hello"}
+    lines = [
+        good,
+        {"messages": [{"role": "robot", "content": "Hi"}], "response": "x"},
+        {"messages": [], "response": "x"},
+        {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "response": "x"},
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+
+    def encode_prompt(prompt):
+        text = prompt if isinstance(prompt, str) else "|".join(m["content"] for m in prompt) + "|>"
+        return [ord(c) for c in text]
+
+    demos, rejected = read_demonstrations(path, encode_prompt, lambda t: [ord(c) for c in t], 64)
+    assert [d.prompt_ids for d in demos] == [tuple(ord(c) for c in "Hi|>")]
+    assert [r.line for r in rejected] == [2, 3, 4]
+    assert "role" in rejected[0].reason and "exactly one" in rejected[2].reason

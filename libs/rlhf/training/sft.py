@@ -15,8 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf.models import CHAT_ROLES
+
 IGNORE = -100  # label value cross_entropy skips
 Encoder = Callable[[str], list[int]]
+# A prompt: plain text, or chat messages ({"role", "content"}) the policy's template renders.
+Prompt = str | list[dict[str, str]]
+PromptEncoder = Callable[[Prompt], list[int]]
 
 
 @dataclass(frozen=True)
@@ -114,9 +119,11 @@ class RejectedLine:
 
 
 def read_demonstrations(
-    path: Path, encode_prompt: Encoder, encode_answer: Encoder, max_tokens: int
+    path: Path, encode_prompt: PromptEncoder, encode_answer: Encoder, max_tokens: int
 ) -> tuple[list[Demonstration], list[RejectedLine]]:
-    """Demonstrations from a JSONL file of {"prompt": str, "response": str} objects.
+    """Demonstrations from a JSONL file of {"prompt": str, "response": str} objects, or
+    {"messages": [{"role", "content"}, ...], "response": str} for chats (encoded with the chat
+    template, as the generation service does, so SFT trains on the prompts users send).
 
     Bad lines are reported (line number and reason), not fatal: one typo must not discard a
     dataset, and the caller decides what to print.
@@ -136,16 +143,33 @@ def read_demonstrations(
 
 
 def _demonstration(
-    item: object, encode_prompt: Encoder, encode_answer: Encoder, max_tokens: int
+    item: object, encode_prompt: PromptEncoder, encode_answer: Encoder, max_tokens: int
 ) -> Demonstration:
     if not isinstance(item, dict):
         raise ValueError("expected a JSON object")
-    prompt, response = item.get("prompt"), item.get("response")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError('"prompt" must be a non-empty string')
+    prompt, response = _prompt(item), item.get("response")
     if not isinstance(response, str) or not response.strip():
         raise ValueError('"response" must be a non-empty string')
     return make_demonstration(encode_prompt(prompt), encode_answer(response), max_tokens)
+
+
+def _prompt(item: dict) -> Prompt:
+    if ("prompt" in item) == ("messages" in item):
+        raise ValueError('give exactly one of "prompt" and "messages"')
+    if "prompt" in item:
+        prompt = item["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError('"prompt" must be a non-empty string')
+        return prompt
+    messages = item["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('"messages" must be a non-empty list')
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise ValueError(f'each message needs a "role" in {CHAT_ROLES}')
+        if not isinstance(message.get("content"), str):
+            raise ValueError('each message needs a "content" string')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def make_demonstration(
