@@ -40,6 +40,10 @@ from .view import Watcher, line, panel
 
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
 PROMETHEUS_READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0  # SIGTERM to SIGKILL
+# A trainer drains RPCs (10 s), then lets its running update finish (up to 120 s): a PPO update on
+# SmolLM2 can take a minute on 2 cores, and killing it would redo that work on the next start.
+TRAINER_STOP_TIMEOUT = 150.0
 # Sized for a 2-core CPU: a PPO update every minute or two on SmolLM2-135M, and users who leave
 # the trainer some CPU. Any of these can be overridden from the environment.
 CPU_DEMO = {
@@ -68,6 +72,7 @@ class Process:
     grpc_port: int | None
     metrics_port: int | None
     env: dict[str, str]
+    stop_timeout: float = STOP_TIMEOUT
     popen: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
 
@@ -88,13 +93,13 @@ class Process:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self) -> None:
         if self.popen is None:
             return
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
-                self.popen.wait(timeout)
+                self.popen.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
@@ -169,7 +174,8 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
             **extra,
         }
         command = [sys.executable, "-m", module or f"services.{name}"]
-        return Process(name, command, grpc_port, metrics_port, env)
+        stop_timeout = TRAINER_STOP_TIMEOUT if "trainer" in name else STOP_TIMEOUT
+        return Process(name, command, grpc_port, metrics_port, env, stop_timeout)
 
     return [
         service("reward", {"RLHF_REWARD_MODEL": reward_model}),

@@ -25,6 +25,8 @@ from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb
 
 RATE_WINDOW = 60.0  # seconds the feedback rate is averaged over
 VERSIONS_SHOWN = 8  # newest policy versions in the table
+# A trainer busy with a PPO update on 2 cores can take seconds to answer GetStatus.
+CALL_TIMEOUT = 5.0
 
 
 @dataclass
@@ -92,14 +94,14 @@ class Watcher:
     def _status(self, name: str, missing: list[str]) -> trainer_pb2.TrainerStatus | None:
         try:
             stub = trainer_pb2_grpc.TrainerServiceStub(self._channels[name])
-            return stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=2)
+            return stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT)
         except grpc.RpcError:
             missing.append(name)
             return None
 
     def _metrics(self, name: str, missing: list[str]) -> str | None:
         try:
-            return scrape(self._metrics_ports[name], timeout=2)
+            return scrape(self._metrics_ports[name], timeout=CALL_TIMEOUT)
         except OSError:
             missing.append(f"{name} metrics")
             return None
@@ -119,7 +121,8 @@ class Watcher:
         shot = Snapshot()
         try:
             stub = generation_pb2_grpc.GenerationServiceStub(self._channels["generation"])
-            shot.policy = stub.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest(), timeout=2)
+            request = generation_pb2.GetPolicyInfoRequest()
+            shot.policy = stub.GetPolicyInfo(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError:
             shot.missing.append("generation")
         shot.ppo = self._status("trainer", shot.missing)
