@@ -1,0 +1,187 @@
+"""The whole loop, measured the way a product owner would: simulated users are happier with the
+last policy than with the first.
+
+sft -> reward -> ppo, every stage and service real (broker, gRPC over loopback), the policy the
+tiny model. A random tiny model only babbles, so the sft stage first teaches it two kinds of
+answer to the users' questions, a cheerful one and a grumpy one, equally often: the users
+(VADER, thumbs-up for clearly positive answers) then rate about half its answers up. The reward
+stage learns their taste from those thumbs (MiniLM), and PPO, held to the sft policy by the KL
+penalty, shifts the policy towards the answers they like.
+"""
+
+import json
+import random
+import uuid
+
+import grpc
+import pytest
+
+from rlhf.checkpoints import POLICY, CheckpointStore
+from rlhf.models import MINILM, TINY
+from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.feedback.config import FeedbackConfig
+from services.feedback.main import FeedbackService
+from services.generation.config import GenerationConfig
+from services.generation.main import GenerationService
+from services.reward.config import RewardConfig
+from services.reward.main import RewardService
+from services.simulated_users.users import PROMPTS, SimulatedUser, Tally
+from services.trainer.config import TrainerConfig
+from services.trainer.main import build
+from tests.conftest import API_KEY, ID_KEY, TENANT, serve, wait_until
+
+THRESHOLD = 0.3
+CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely and fun!"]
+GRUMPY = ["I hate it, what an awful and sad time.", "Terrible, it is horrible and boring."]
+BEFORE, AFTER = 64, 64  # users' ratings of the sft policy, and of the final policy
+# Measured over 4 runs (48 and 32 ratings): 0.52 -> 0.91, 0.58 -> 0.84, 0.50 -> 0.78, 0.44 -> 0.88
+# (gains 0.26 to 0.44, KL 0.2 to 6 nats). With 64 ratings each side, the noise on the gain is
+# about 0.075, so 0.15 keeps a wide margin below the smallest gain seen.
+MARGIN = 0.15
+
+
+def _demonstrations(path):
+    lines = [
+        {"messages": [{"role": "user", "content": q}], "response": answer}
+        for q in PROMPTS
+        for answer in CHEERFUL + GRUMPY
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+
+
+def _interact(user, times):
+    for _ in range(times):
+        user.interact(timeout=60)
+
+
+@pytest.fixture
+def common(broker, cache_dir, tmp_path):
+    return {
+        "kafka_bootstrap": broker.bootstrap,
+        "checkpoint_dir": tmp_path / "checkpoints",
+        "cache_dir": cache_dir,
+    }
+
+
+def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
+    store = CheckpointStore(common["checkpoint_dir"])
+    group = uuid.uuid4().hex[:8]
+    data = tmp_path / "demos.jsonl"
+    _demonstrations(data)
+    sft = serve(
+        build(
+            TrainerConfig(
+                **common,
+                stage="sft",
+                policy_model=TINY,
+                sft_data=str(data),
+                sft_group=f"sft-{group}",
+                sft_epochs=25,
+                sft_learning_rate=1e-2,
+                minibatch_size=8,
+            )
+        )
+    )
+    try:
+        assert wait_until(lambda: store.versions(POLICY) == [1], timeout=180)
+    finally:
+        sft.stop()
+
+    servers = {}
+    try:
+        servers["reward"] = serve(RewardService(RewardConfig(**common, reward_model=MINILM)))
+        servers["reward-trainer"] = serve(
+            build(
+                TrainerConfig(
+                    **common,
+                    stage="reward",
+                    reward_model=MINILM,
+                    reward_group=f"reward-{group}",
+                    reward_round_examples=32,
+                    reward_min_heldout=6,
+                    reward_steps=60,
+                    max_poll_interval_ms=4000,
+                )
+            )
+        )
+        servers["generation"] = serve(
+            GenerationService(
+                GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY, http_port=0)
+            )
+        )
+        servers["feedback"] = serve(
+            FeedbackService(
+                FeedbackConfig(
+                    **common, generation_id_key=ID_KEY, api_keys=(f"{TENANT}={API_KEY}",)
+                )
+            )
+        )
+        servers["trainer"] = serve(
+            build(
+                TrainerConfig(
+                    **common,
+                    policy_model=TINY,
+                    reward_address=f"127.0.0.1:{servers['reward'].port}",
+                    consumer_group=f"ppo-{group}",
+                    max_poll_interval_ms=4000,
+                    batch_size=4,
+                    minibatch_size=4,
+                    ppo_epochs=2,
+                    learning_rate=5e-4,
+                    init_kl_coef=0.1,
+                    response_tokens=16,
+                    publish_every=2,
+                    reference_version=1,
+                )
+            )
+        )
+        channels = {n: grpc.insecure_channel(f"127.0.0.1:{s.port}") for n, s in servers.items()}
+        trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
+        reward_trainer = trainer_pb2_grpc.TrainerServiceStub(channels["reward-trainer"])
+        generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
+        # PPO waits until a reward model has learnt the users' taste: before that, scores are
+        # an untrained head's noise.
+        trainer.Pause(trainer_pb2.PauseRequest())
+        assert generation.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest()).version == 1
+
+        tally = Tally()
+        user = SimulatedUser(
+            channels["generation"],
+            channels["feedback"],
+            API_KEY,
+            THRESHOLD,
+            16,
+            random.Random(0),
+            tally,
+        )
+        _interact(user, BEFORE)
+        first_rate = tally.rates()[1]
+        assert 0.2 <= first_rate <= 0.8, f"the sft policy should please about half: {first_rate}"
+
+        def reward_published():
+            return reward_trainer.GetStatus(trainer_pb2.GetStatusRequest()).reward_version >= 1
+
+        assert wait_until(reward_published, timeout=240)
+        trainer.Resume(trainer_pb2.ResumeRequest())
+
+        def trained(updates):
+            return trainer.GetStatus(trainer_pb2.GetStatusRequest()).step >= updates
+
+        assert wait_until(lambda: trained(12), timeout=300)
+        # Pin the last policy while users rate it: pause, then checkpoint after the running
+        # update, so no newer version appears meanwhile.
+        trainer.Pause(trainer_pb2.PauseRequest())
+        pinned = trainer.Checkpoint(trainer_pb2.CheckpointRequest(), timeout=120).version
+        final = trainer.GetStatus(trainer_pb2.GetStatusRequest())
+        info = generation_pb2.GetPolicyInfoRequest()
+        assert wait_until(lambda: generation.GetPolicyInfo(info).version == pinned)
+        _interact(user, AFTER)
+        last_rate = tally.rates()[pinned]
+        assert last_rate >= first_rate + MARGIN, (
+            f"thumbs-up {first_rate:.2f} (v1) -> {last_rate:.2f} (v{pinned}); trainer: {final}"
+        )
+        assert final.kl < 25.0, "PPO stayed near the sft policy"
+    finally:
+        for name in ("trainer", "feedback", "generation", "reward-trainer", "reward"):
+            if name in servers:
+                servers[name].stop()
