@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.algorithms.ppo import AdaptiveKLController, FixedKLController
+from rlhf.training import ppo as ppo_module
 from rlhf.training.ppo import (
     PPOConfig,
     Rollout,
@@ -253,7 +254,7 @@ def test_scoring_pass_by_hand_reward_at_the_last_token_then_gae_then_whitening()
     reference = copy.deepcopy(policy)
     config = PPOConfig(gamma=1.0, lam=0.95, no_eos_penalty=-1.0, whiten_advantages=False)
     with torch.no_grad():
-        raw = _score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
+        raw, _ = _score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
     # Scores 1.0, 0.5, -0.5, 0.0; rows 0 and 3 never ended: 1 - 1 = 0, 0.5, -0.5, 0 - 1 = -1.
     torch.testing.assert_close(raw["scores"], torch.tensor([0.0, 0.5, -0.5, -1.0]))
     assert torch.equal(raw["kl"], torch.zeros(4, 5))
@@ -271,7 +272,9 @@ def test_scoring_pass_by_hand_reward_at_the_last_token_then_gae_then_whitening()
 
     config.whiten_advantages = True
     with torch.no_grad():
-        white = _score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
+        white, _ = _score_rollout(
+            policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05
+        )
     real = [a for row, n in zip(expected, [5, 2, 5, 5], strict=True) for a in row[:n]]
     mean = sum(real) / len(real)
     std = math.sqrt(sum((a - mean) ** 2 for a in real) / (len(real) - 1))
@@ -302,8 +305,11 @@ def test_each_epoch_visits_every_row_once_in_shuffled_minibatches(minibatch_size
     config = PPOConfig(ppo_epochs=3, minibatch_size=minibatch_size)
     ppo_step(policy, head, tiny_llama(), optimizer, hand_rollout(), config, FixedKLController(0.1))
 
-    minibatches = calls[1:]  # the first forward is the scoring pass over the whole batch
-    assert calls[0] == [20, 30, 40, 50]
+    # The scoring pass runs the first minibatch's rows with autograd on, and that forward is
+    # the first minibatch's: only the other rows are scored separately, and never re-run.
+    first, rest, *others = calls
+    assert sorted(first + rest) == [20, 30, 40, 50]
+    minibatches = [first, *others]
     assert [len(m) for m in minibatches] == sizes * 3
     assert len(steps) == len(minibatches), "one optimizer step per minibatch"
     per_epoch = len(sizes)
@@ -364,3 +370,25 @@ def test_kl_controller_is_updated_once_with_the_mean_sequence_kl_and_the_batch_s
     )
     assert controller.calls == [(stats["objective/kl"], 4)]
     assert stats["objective/kl"] != 0.0
+
+
+def test_reusing_the_scoring_forward_for_the_first_minibatch_changes_nothing(monkeypatch):
+    def trained(reuse: bool) -> dict[str, torch.Tensor]:
+        policy = tiny_llama()
+        head = ValueHead(HIDDEN)
+        torch.nn.init.normal_(head.linear.weight)  # non-zero, so the value loss has gradients
+        optimizer = torch.optim.SGD([*policy.parameters(), *head.parameters()], lr=0.1)
+        score = ppo_module._score_rollout
+        if not reuse:  # score without tracking rows: the first minibatch runs its own forward
+            monkeypatch.setattr(ppo_module, "_score_rollout", lambda *a: score(*a[:6]))
+        config = PPOConfig(ppo_epochs=2, minibatch_size=2, whiten_advantages=False)
+        ppo_step(
+            policy, head, tiny_llama(1), optimizer, hand_rollout(), config, FixedKLController(0.1)
+        )
+        monkeypatch.setattr(ppo_module, "_score_rollout", score)
+        return {**policy.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}}
+
+    reused, recomputed = trained(reuse=True), trained(reuse=False)
+    assert any(not torch.equal(v, tiny_llama().state_dict().get(k, v)) for k, v in reused.items())
+    for key, value in reused.items():
+        torch.testing.assert_close(value, recomputed[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -164,7 +164,10 @@ def forward_policy(
     states = slice(prompt_width - 1, width - 1)
     response_ids = input_ids[:, prompt_width:]
     logprobs = algo.logprobs_from_logits(logits, response_ids, temperature)
-    entropy = algo.entropy_from_logits(logits.float() / temperature) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # a statistic only: never part of a loss
+            entropy = algo.entropy_from_logits(logits.float() / temperature)
     values = None if value_head is None else value_head(out.hidden_states[-1][:, states])
     return logprobs, values, entropy
 
@@ -204,16 +207,26 @@ def ppo_step(
     rollout = rollout.to(device)
     mask = rollout.response_mask.bool()
     kl_coef = kl_controller.value
+    if generator is None:
+        generator = torch.Generator().manual_seed(config.seed)
+    size = rollout.input_ids.shape[0]
+    # Every epoch's shuffle is drawn up front (same draws, same order as one per epoch): the
+    # scoring pass needs to know which rows the first minibatch will train on.
+    orders = [
+        torch.randperm(size, generator=generator).to(device) for _ in range(config.ppo_epochs)
+    ]
+    first = orders[0][: config.minibatch_size] if orders else None
 
     with _eval_mode(policy, value_head, reference):
-        with torch.no_grad():
-            batch = _score_rollout(policy, value_head, reference, rollout, config, kl_coef)
+        batch, first_forward = _score_rollout(
+            policy, value_head, reference, rollout, config, kl_coef, first
+        )
         train_stats = _train_epochs(
-            policy, value_head, optimizer, rollout, batch, config, generator
+            policy, value_head, optimizer, rollout, batch, config, orders, first_forward
         )
 
     seq_kl = batch["kl"].sum(-1).mean()
-    kl_controller.update(seq_kl.item(), n_steps=rollout.input_ids.shape[0])
+    kl_controller.update(seq_kl.item(), n_steps=size)
     scores = batch["scores"]
     return {
         "objective/kl": seq_kl.item(),
@@ -227,6 +240,10 @@ def ppo_step(
     }
 
 
+# The policy's (logprobs, values) for some rows, still attached to the autograd graph.
+TrackedForward = tuple[torch.Tensor, torch.Tensor]
+
+
 def _score_rollout(
     policy: nn.Module,
     value_head: ValueHead,
@@ -234,23 +251,39 @@ def _score_rollout(
     rollout: Rollout,
     config: PPOConfig,
     kl_coef: float,
-) -> dict[str, torch.Tensor]:
-    """Everything fixed during the update: old logprobs and values, rewards, advantages."""
-    mask = rollout.response_mask.bool()
-    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, config.temperature)
-    old_logprobs, old_values, entropy = forward_policy(policy, value_head, *args)
-    ref_logprobs, _, _ = forward_policy(reference, None, *args, with_entropy=False)
-    assert old_values is not None and entropy is not None
+    tracked_rows: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], TrackedForward | None]:
+    """Everything fixed during the update: old logprobs and values, rewards, advantages.
 
-    # The scores are what the step optimises, so statistics report them after the penalty.
-    scores = algo.apply_no_eos_penalty(rollout.scores.float(), rollout.ended, config.no_eos_penalty)
-    rewards, kl = algo.compute_rewards(
-        scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator
+    The policy's pass over `tracked_rows` keeps its autograd graph and is returned too: before
+    any update it is exactly what the first minibatch of the first epoch (those rows) would
+    compute again, one forward pass of a minibatch per step.
+    """
+    mask = rollout.response_mask.bool()
+    old_logprobs, old_values, entropy, tracked = _old_policy_pass(
+        policy, value_head, rollout, config.temperature, tracked_rows
     )
-    advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
-    if config.whiten_advantages:
-        advantages = algo.masked_whiten(advantages, mask)
-    return {
+    with torch.no_grad():
+        ref_logprobs, _, _ = forward_policy(
+            reference,
+            None,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.prompt_width,
+            config.temperature,
+            with_entropy=False,
+        )
+        # The scores are what the step optimises, so statistics report them after the penalty.
+        scores = algo.apply_no_eos_penalty(
+            rollout.scores.float(), rollout.ended, config.no_eos_penalty
+        )
+        rewards, kl = algo.compute_rewards(
+            scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator
+        )
+        advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = algo.masked_whiten(advantages, mask)
+    batch = {
         "old_logprobs": old_logprobs,
         "old_values": old_values,
         "entropy": entropy,
@@ -259,6 +292,46 @@ def _score_rollout(
         "advantages": advantages,
         "returns": returns,
     }
+    return batch, tracked
+
+
+def _old_policy_pass(
+    policy: nn.Module,
+    value_head: ValueHead,
+    rollout: Rollout,
+    temperature: float,
+    tracked_rows: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrackedForward | None]:
+    """(old logprobs, old values, entropy) for every row, detached, and the tracked forward of
+    `tracked_rows` (None if not asked for): one pass over those rows with autograd on, one
+    without over the others."""
+    args = (rollout.prompt_width, temperature)
+    ids, attention = rollout.input_ids, rollout.attention_mask
+    if tracked_rows is None:
+        with torch.no_grad():
+            logprobs, values, entropy = forward_policy(policy, value_head, ids, attention, *args)
+        assert values is not None and entropy is not None
+        return logprobs, values, entropy, None
+    with torch.enable_grad():
+        tracked = forward_policy(
+            policy, value_head, ids[tracked_rows], attention[tracked_rows], *args
+        )
+    rest = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    rest[tracked_rows] = False
+    parts = [(tracked_rows, tracked)]
+    if bool(rest.any()):
+        with torch.no_grad():
+            parts.append(
+                (rest, forward_policy(policy, value_head, ids[rest], attention[rest], *args))
+            )
+    merged = []
+    for field in range(3):  # logprobs, values, entropy
+        out = torch.empty(rollout.response_mask.shape, dtype=torch.float32, device=ids.device)
+        for rows, outputs in parts:
+            out[rows] = outputs[field].detach().float()
+        merged.append(out)
+    assert tracked[1] is not None
+    return merged[0], merged[1], merged[2], (tracked[0], tracked[1])
 
 
 def _train_epochs(
@@ -268,21 +341,21 @@ def _train_epochs(
     rollout: Rollout,
     batch: dict[str, torch.Tensor],
     config: PPOConfig,
-    generator: torch.Generator | None,
+    orders: list[torch.Tensor],
+    first_forward: TrackedForward | None,
 ) -> dict[str, float]:
-    """`ppo_epochs` passes over shuffled minibatches; returns the loss statistics averaged
-    over all minibatches."""
-    if generator is None:
-        generator = torch.Generator().manual_seed(config.seed)
+    """One pass over shuffled minibatches per order in `orders` (one per epoch); returns the
+    loss statistics averaged over all minibatches. `first_forward` stands in for the first
+    minibatch's forward pass."""
     params = [p for p in [*policy.parameters(), *value_head.parameters()] if p.requires_grad]
     size = rollout.input_ids.shape[0]
     totals: dict[str, float] = {}
     n_minibatches = 0
-    for _ in range(config.ppo_epochs):
-        order = torch.randperm(size, generator=generator).to(rollout.input_ids.device)
+    for order in orders:
         for start in range(0, size, config.minibatch_size):
             idx = order[start : start + config.minibatch_size]
-            loss, stats = _minibatch_loss(policy, value_head, rollout, batch, idx, config)
+            forward = first_forward if n_minibatches == 0 else None
+            loss, stats = _minibatch_loss(policy, value_head, rollout, batch, idx, config, forward)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -300,18 +373,23 @@ def _minibatch_loss(
     batch: dict[str, torch.Tensor],
     idx: torch.Tensor,
     config: PPOConfig,
+    forward: TrackedForward | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss + vf_coef * clipped value loss on the rows `idx`."""
+    """Clipped policy loss + vf_coef * clipped value loss on the rows `idx`; `forward` is their
+    (logprobs, values) if already computed with autograd on."""
     mask = rollout.response_mask.bool()[idx]
-    logprobs, values, _ = forward_policy(
-        policy,
-        value_head,
-        rollout.input_ids[idx],
-        rollout.attention_mask[idx],
-        rollout.prompt_width,
-        config.temperature,
-        with_entropy=False,  # reported from the scoring pass; here it would only cost time
-    )
+    if forward is None:
+        logprobs, values, _ = forward_policy(
+            policy,
+            value_head,
+            rollout.input_ids[idx],
+            rollout.attention_mask[idx],
+            rollout.prompt_width,
+            config.temperature,
+            with_entropy=False,  # reported from the scoring pass; here it would only cost time
+        )
+    else:
+        logprobs, values = forward
     assert values is not None
     pg_loss, pg_stats = algo.policy_loss(
         logprobs, batch["old_logprobs"][idx], batch["advantages"][idx], mask, config.clip_range
