@@ -63,6 +63,7 @@ def common(broker, cache_dir, tmp_path):
     }
 
 
+@pytest.mark.timeout(900)  # three stages and five services; about 2-3 minutes on 2 cores
 def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
     store = CheckpointStore(common["checkpoint_dir"])
     group = uuid.uuid4().hex[:8]
