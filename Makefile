@@ -43,7 +43,12 @@ test: lint
 up: setup
 	$(BIN)/rlhf-up
 
-bench: setup
+# Baselines for the benchmarks (TRL), kept out of the runtime and test environment's needs.
+$(VENV)/.bench-setup-done: $(STAMP) requirements-bench.txt
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: setup $(VENV)/.bench-setup-done
 	$(BIN)/python -m bench
 
 # Container images (docker/): with podman, or docker when its daemon answers.

@@ -1,0 +1,318 @@
+"""Trainer benchmarks on SmolLM2-135M: PPO iteration throughput against TRL's PPOTrainer.
+
+One iteration is what the online trainer does per batch: sample rollouts from the current policy,
+score them, and run the PPO update (old-policy and reference forward passes, then epochs over
+minibatches). Scoring is a cheap programmatic function on both sides (well under a millisecond),
+so the figures measure PPO, not a reward model.
+
+The baseline is TRL's PPOTrainer (trl.experimental.ppo, the last TRL release that has it) on the
+same weights, batch, minibatch, epochs, response length and temperature, in fp32 without gradient
+checkpointing like ours (TRL defaults to bf16 and checkpointing, both slower on this CPU). TRL
+trains a separate value model (a second copy of the backbone), its documented setup; ours puts a
+linear value head on the policy. Each side runs in this process, one after the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from bench.report import median, table
+from rlhf import decoding
+from rlhf.config import CommonConfig, load_config
+from rlhf.models import SMOLLM2, load_base_policy, load_tokenizer, prepare_policy
+from rlhf.training import online
+from rlhf.training import ppo as ppo_training
+from rlhf.training.ppo import PPOConfig
+
+BATCH = 8
+MINIBATCH = 4
+NEW_TOKENS = 48
+EPOCHS = 2
+TEMPERATURE = 0.7
+LEARNING_RATE = 1e-5
+LORA_RANK = 16
+# Asking for long answers, so most responses use all NEW_TOKENS and both sides do equal work.
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how a neural network learns.",
+    "Describe, step by step, how to bake bread at home.",
+    "Write a long letter to a friend about your travels.",
+    "Explain the history of the bicycle in detail.",
+    "Describe a busy market in a large city at length.",
+    "Write a detailed guide to planting a vegetable garden.",
+    "Explain how trains are scheduled on a large network.",
+]
+PHASES = ("rollout", "scoring", "old/ref forward", "training epochs")
+
+
+def cheap_score(texts: list[str]) -> list[float]:
+    """Share of letters that are vowels: programmatic, and negligible next to the model."""
+    return [sum(c in "aeiou" for c in t) / max(sum(c.isalpha() for c in t), 1) for t in texts]
+
+
+@dataclass
+class Run:
+    """Per measured iteration: seconds and tokens (prompt + response); seconds per phase."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def samples_per_second(self) -> float:
+        return median([BATCH / s for s in self.seconds])
+
+    def tokens_per_second(self) -> float:
+        return median([t / s for t, s in zip(self.tokens, self.seconds, strict=True)])
+
+
+def _chat_prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+
+
+@contextlib.contextmanager
+def _timing(module: object, name: str, totals: dict[str, float], phase: str) -> Iterator[None]:
+    """Wrap `module.name` so the seconds spent in it add up under `phase`."""
+    original: Callable = getattr(module, name)
+
+    def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - started
+
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def ours(repeats: int, lora_rank: int = 0) -> Run:
+    """`PPOLearner.iterate`, the trainer's own loop, timed per iteration and per phase."""
+    cache = load_config(CommonConfig).cache_dir
+    tokenizer = load_tokenizer(cache)
+    config = PPOConfig(
+        ppo_epochs=EPOCHS,
+        minibatch_size=MINIBATCH,
+        learning_rate=LEARNING_RATE,
+        temperature=TEMPERATURE,
+    )
+    learner = online.PPOLearner(
+        load_base_policy(SMOLLM2, cache),
+        load_base_policy(SMOLLM2, cache),
+        tokenizer,
+        config,
+        online.RolloutSettings(max_new_tokens=NEW_TOKENS, seed=0),
+        online.LoraSettings(rank=lora_rank),
+    )
+    prompts = _chat_prompts(tokenizer)
+    prompt_tokens = sum(len(p) for p in prompts)
+    run, totals = Run(), {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_timing(decoding, "generate", totals, "rollout"))
+        stack.enter_context(_timing(ppo_training, "_score_rollout", totals, "old/ref forward"))
+        stack.enter_context(_timing(ppo_training, "_train_epochs", totals, "training epochs"))
+
+        def score(_prompts: list[str], responses: list[str]) -> list[float]:
+            started = time.perf_counter()
+            scores = cheap_score(responses)
+            totals["scoring"] = totals.get("scoring", 0.0) + time.perf_counter() - started
+            return scores
+
+        learner.iterate(prompts, score)  # warm-up: allocator, threads, optimizer state
+        totals.clear()
+        for _ in range(repeats):
+            started = time.perf_counter()
+            stats = learner.iterate(prompts, score)
+            run.seconds.append(time.perf_counter() - started)
+            run.tokens.append(prompt_tokens + round(stats["response/length"] * BATCH))
+    run.phases = {k: v / repeats for k, v in totals.items()}
+    return run
+
+
+class _ProgrammaticReward(nn.Module):
+    """A reward "model" in the shape TRL's get_reward expects (a backbone and a score head),
+    computing a programmatic score from the token ids instead of running a network."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = self._ids_as_hidden
+
+    @staticmethod
+    def _ids_as_hidden(input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+        return SimpleNamespace(hidden_states=[input_ids.unsqueeze(-1).float()])
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden.remainder(5) == 0).float()  # read at each sequence's last token
+
+
+def trl(repeats: int, lora_rank: int = 0) -> Run:
+    """TRL's PPOTrainer.train() for warm-up + `repeats` iterations, timed between steps."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import LlamaForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig as TRLConfig
+    from trl.experimental.ppo import PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    cache = load_config(CommonConfig).cache_dir
+    tokenizer = load_tokenizer(cache)
+    tokenizer.padding_side = "left"  # TRL's PPO queries are left-padded
+    prompts = _chat_prompts(tokenizer)
+    prompt_tokens = sum(len(p) for p in prompts)
+    value_model = LlamaForSequenceClassification.from_pretrained(
+        prepare_policy(cache), num_labels=1, dtype=torch.float32
+    )
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = None
+    if lora_rank:
+        from peft import LoraConfig
+
+        ours = online.LoraSettings(rank=lora_rank)  # the same adapters as ours
+        peft_config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=ours.alpha,
+            target_modules=list(ours.target_modules),
+            task_type="CAUSAL_LM",
+        )
+    run, totals, marks = Run(), {}, []
+    response_tokens: list[int] = []
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            marks.append(time.perf_counter())
+
+    original_generation = trl_ppo.batch_generation
+
+    def generation(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        started = time.perf_counter()
+        query_responses, logits = original_generation(*args, **kwargs)
+        totals.setdefault("rollout", []).append(time.perf_counter() - started)
+        responses = query_responses[:, args[1].shape[1] :]
+        real = ~responses.eq(tokenizer.pad_token_id)
+        # Up to and including the first EOS, as TRL truncates them.
+        is_eos = responses.eq(tokenizer.eos_token_id)
+        real &= (is_eos.cumsum(-1) - is_eos.long()) == 0
+        response_tokens.append(int(real.sum()))
+        return query_responses, logits
+
+    with tempfile.TemporaryDirectory() as folder:
+        args = TRLConfig(
+            output_dir=folder,
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            num_mini_batches=BATCH // MINIBATCH,
+            num_ppo_epochs=EPOCHS,
+            response_length=NEW_TOKENS,
+            total_episodes=BATCH * (repeats + 1),
+            local_rollout_forward_batch_size=BATCH,
+            temperature=TEMPERATURE,
+            stop_token="eos",
+            missing_eos_penalty=1.0,
+            kl_coef=0.05,
+            learning_rate=LEARNING_RATE,
+            num_sample_generations=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            seed=0,
+        )
+        dataset = Dataset.from_dict({"input_ids": prompts})
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=load_base_policy(SMOLLM2, cache),
+            ref_model=None if lora_rank else load_base_policy(SMOLLM2, cache),
+            reward_model=_ProgrammaticReward(),
+            train_dataset=dataset,
+            value_model=value_model,
+            eval_dataset=dataset,
+            callbacks=[Marks()],
+            peft_config=peft_config,
+        )
+        trainer.log = lambda *a, **k: None  # keep the console quiet; logging is not the work
+        trl_ppo.batch_generation = generation
+        try:
+            trainer.train()
+        finally:
+            trl_ppo.batch_generation = original_generation
+    durations = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    run.seconds = durations[1:]  # the first iteration is the warm-up
+    run.tokens = [prompt_tokens + n for n in response_tokens[1:]]
+    run.phases = {"rollout": sum(totals["rollout"][1:]) / repeats}
+    return run
+
+
+def _phase_rows(label: str, run: Run) -> list[list[str]]:
+    total = median(run.seconds)
+    rows = []
+    for phase in PHASES:
+        if phase in run.phases:
+            seconds = run.phases[phase]
+            rows.append([label, phase, f"{seconds:.2f}", f"{100 * seconds / total:.0f}%"])
+    return rows
+
+
+def run(quick: bool) -> str:
+    repeats = 2 if quick else 5
+    torch.manual_seed(0)
+    results = {
+        "ours": ours(repeats),
+        f"ours, LoRA r={LORA_RANK}": ours(repeats, lora_rank=LORA_RANK),
+        "TRL": trl(repeats),
+        f"TRL, LoRA r={LORA_RANK}": trl(repeats, lora_rank=LORA_RANK),
+    }
+    return report(results, repeats)
+
+
+def report(results: dict[str, Run], repeats: int) -> str:
+    base = results["TRL"]
+    rows = []
+    for label, measured in results.items():
+        reference = results[f"TRL, LoRA r={LORA_RANK}"] if "LoRA" in label else base
+        rows.append(
+            [
+                label,
+                f"{median(measured.seconds):.2f}",
+                f"{measured.samples_per_second():.2f}",
+                f"{measured.tokens_per_second():.0f}",
+                f"{measured.samples_per_second() / reference.samples_per_second():.2f}x",
+                ", ".join(f"{s:.2f}" for s in measured.seconds),
+            ]
+        )
+    phases = [r for label, m in results.items() for r in _phase_rows(label, m)]
+    return (
+        f"### PPO iteration throughput (batch {BATCH}, minibatch {MINIBATCH}, {NEW_TOKENS} new "
+        f"tokens, {EPOCHS} PPO epochs, T={TEMPERATURE}, median of {repeats} after a warm-up)\n\n"
+        + table(
+            ["trainer", "s / iteration", "samples/s", "tokens/s", "vs TRL", "runs (s)"],
+            rows,
+        )
+        + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
+        " of the batch. LoRA rows compare with TRL using the same LoRA rank.\n\n"
+        "### Where an iteration's time goes (mean seconds per iteration)\n\n"
+        + table(["trainer", "phase", "seconds", "share"], phases)
+        + "\n"
+    )
