@@ -51,7 +51,7 @@ PROMPTS = [
     "Write a detailed guide to planting a vegetable garden.",
     "Explain how trains are scheduled on a large network.",
 ]
-PHASES = ("rollout", "scoring", "old/ref forward", "training epochs")
+PHASES = ("rollout", "scoring", "old/ref forward", "training epochs", "rest of the loop")
 
 
 def cheap_score(texts: list[str]) -> list[float]:
@@ -261,7 +261,9 @@ def trl(repeats: int, lora_rank: int = 0) -> Run:
     durations = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     run.seconds = durations[1:]  # the first iteration is the warm-up
     run.tokens = [prompt_tokens + n for n in response_tokens[1:]]
-    run.phases = {"rollout": sum(totals["rollout"][1:]) / repeats}
+    rollout = sum(totals["rollout"][1:]) / repeats
+    # TRL's reference, value and reward passes and its epochs are one loop: timed together.
+    run.phases = {"rollout": rollout, "rest of the loop": sum(run.seconds) / repeats - rollout}
     return run
 
 
@@ -278,16 +280,18 @@ def _phase_rows(label: str, run: Run) -> list[list[str]]:
 def run(quick: bool) -> str:
     repeats = 2 if quick else 5
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     results = {
         "ours": ours(repeats),
         f"ours, LoRA r={LORA_RANK}": ours(repeats, lora_rank=LORA_RANK),
         "TRL": trl(repeats),
         f"TRL, LoRA r={LORA_RANK}": trl(repeats, lora_rank=LORA_RANK),
     }
-    return report(results, repeats)
+    loads = (load_before, os.getloadavg()[0])
+    return report(results, repeats, loads)
 
 
-def report(results: dict[str, Run], repeats: int) -> str:
+def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) -> str:
     base = results["TRL"]
     rows = []
     for label, measured in results.items():
@@ -311,8 +315,12 @@ def report(results: dict[str, Run], repeats: int) -> str:
             rows,
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
-        " of the batch. LoRA rows compare with TRL using the same LoRA rank.\n\n"
+        " of the batch. LoRA rows compare with TRL using the same LoRA rank and target modules."
+        f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after.\n\n"
         "### Where an iteration's time goes (mean seconds per iteration)\n\n"
         + table(["trainer", "phase", "seconds", "share"], phases)
-        + "\n"
+        + '\n\nFor ours, "old/ref forward" is the policy and reference passes over the rollout'
+        " (the policy's pass also serves as the first training minibatch's forward); TRL's loop"
+        " is timed as a whole apart from its rollout. What the profile found and what changed:"
+        " [trainer-profile.md](bench/results/trainer-profile.md).\n"
     )
