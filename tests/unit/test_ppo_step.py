@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.algorithms.ppo import AdaptiveKLController, FixedKLController
+from rlhf.models import load_tokenizer
 from rlhf.training import ppo as ppo_module
 from rlhf.training.ppo import (
     PPOConfig,
@@ -392,3 +393,10 @@ def test_reusing_the_scoring_forward_for_the_first_minibatch_changes_nothing(mon
     assert any(not torch.equal(v, tiny_llama().state_dict().get(k, v)) for k, v in reused.items())
     for key, value in reused.items():
         torch.testing.assert_close(value, recomputed[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_the_policy_tokenizer_pads_with_a_token_that_is_not_eos(cache_dir):
+    # With pad = EOS, padding after a short answer would read as the answer ending again.
+    tokenizer = load_tokenizer(cache_dir)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.eos_token == "<|im_end|>"  # what the chat template ends a turn with
