@@ -90,7 +90,9 @@ class PPOLearner:
             self.policy = weights
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         params = [*trainable, *self.value_head.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate)
+        # Fused: one kernel over all parameters instead of a Python loop of elementwise passes
+        # (measured 0.16 s instead of 0.67 s per step on SmolLM2's weights on this CPU).
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate, fused=True)
 
     def rebase(self, weights: PreTrainedModel) -> None:
         """Continue training from other weights (a rollback): the value head and KL controller
