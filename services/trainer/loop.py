@@ -79,6 +79,45 @@ ANNOUNCED = {
 }
 
 
+class Unsupported(Exception):
+    """A control-plane command the stage does not offer (FAILED_PRECONDITION)."""
+
+
+class PauseSwitch:
+    """The operator's pause for a stage loop: its thread takes no new work while paused (the
+    intake goes on consuming)."""
+
+    def __init__(self) -> None:
+        self._paused = threading.Event()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        self._paused.set()
+        PAUSED.set(1)
+        log.info("training paused")
+
+    def resume(self) -> None:
+        self._paused.clear()
+        PAUSED.set(0)
+        log.info("training resumed")
+
+
+class RoundsLoop(PauseSwitch):
+    """A stage that publishes when its own rounds end (sft, reward): no checkpoint on demand
+    and no rollback, which belong to the ppo stage and the served policy."""
+
+    stage = ""
+
+    def checkpoint_now(self, timeout: float = 0.0) -> Manifest:
+        raise Unsupported(f"the {self.stage} stage publishes when a round ends, not on demand")
+
+    def rollback(self, version: int, pause: bool, timeout: float = 0.0) -> Manifest:
+        raise Unsupported("rollback is offered by the ppo stage (the served policy)")
+
+
 @dataclass(frozen=True)
 class Status:
     stage: str = "ppo"
@@ -331,7 +370,7 @@ class LoopSettings:
     protect: frozenset[int] = frozenset()  # policy versions never pruned (the reference)
 
 
-class TrainingLoop:
+class TrainingLoop(PauseSwitch):
     """Runs PPO iterations as joined prompts arrive and publishes policy checkpoints."""
 
     def __init__(
@@ -345,6 +384,7 @@ class TrainingLoop:
         start_version: int,
         lora_base_version: int = 0,
     ) -> None:
+        super().__init__()
         self.learner = learner
         self.intake = intake
         self._score = score
@@ -357,7 +397,6 @@ class TrainingLoop:
         self._unannounced: Manifest | None = None
         self._pending_offsets: dict[tuple[str, int], int] | None = None
         self._commands: SimpleQueue[tuple[Callable[[], Any], Future]] = SimpleQueue()
-        self._paused = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainer-ppo", daemon=True)
 
@@ -369,7 +408,7 @@ class TrainingLoop:
             feedback_consumed=self.intake.feedback_consumed,
             feedback_used=self.intake.used.count,
             consumer_lag=self.intake.lag,
-            paused=self._paused.is_set(),
+            paused=self.paused,
         )
 
     def start(self) -> None:
@@ -380,17 +419,6 @@ class TrainingLoop:
         self._thread.join(timeout=120)
 
     # Operator commands -----------------------------------------------------------------------
-
-    def pause(self) -> None:
-        """Take no new batch after the running one (intake goes on)."""
-        self._paused.set()
-        PAUSED.set(1)
-        log.info("training paused")
-
-    def resume(self) -> None:
-        self._paused.clear()
-        PAUSED.set(0)
-        log.info("training resumed")
 
     def checkpoint_now(self, timeout: float = COMMAND_TIMEOUT) -> Manifest:
         """Write and announce a checkpoint of the current policy, after the running update."""
@@ -440,7 +468,7 @@ class TrainingLoop:
             self._serve_commands()
             if self._unannounced is not None:
                 self._announce(self._unannounced)
-            if self._paused.is_set() or len(self.intake) < self.settings.batch_size:
+            if self.paused or len(self.intake) < self.settings.batch_size:
                 self._stopping.wait(0.2)
                 continue
             batch, staleness = self.intake.take(self.settings.batch_size)

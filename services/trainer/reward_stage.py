@@ -33,8 +33,8 @@ from rlhf.training.reward import (
 from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
-from .loop import ConsumerThread, Status, announce
-from .servicer import StageService, TrainerServicer, Unsupported
+from .loop import ConsumerThread, RoundsLoop, Status, announce
+from .servicer import StageService, TrainerServicer
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ def _finite(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in metrics.items() if not math.isnan(v)}
 
 
-class RewardRounds:
+class RewardRounds(RoundsLoop):
     """Runs a training round whenever enough new examples arrived; publishes what passes."""
+
+    stage = "reward"
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class RewardRounds:
         start_version: int,
         keep_checkpoints: int = 5,
     ) -> None:
+        super().__init__()
         self.trainer = trainer
         self.intake = intake
         self._store = store
@@ -120,7 +123,6 @@ class RewardRounds:
         self._status = Status(stage="reward", reward_version=start_version)
         self._unannounced: Manifest | None = None
         self._stopping = threading.Event()
-        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reward-rounds", daemon=True)
 
     @property
@@ -130,22 +132,8 @@ class RewardRounds:
             pending_prompts=self.intake.dataset.fresh,
             feedback_consumed=self.intake.feedback_consumed,
             consumer_lag=self.intake.lag,
-            paused=self._paused.is_set(),
+            paused=self.paused,
         )
-
-    def pause(self) -> None:
-        self._paused.set()
-
-    def resume(self) -> None:
-        self._paused.clear()
-
-    def checkpoint_now(self, timeout: float = 0.0) -> Manifest:
-        raise Unsupported(
-            "the reward stage publishes a model only when it passes the held-out gate"
-        )
-
-    def rollback(self, version: int, pause: bool, timeout: float = 0.0) -> Manifest:
-        raise Unsupported("rollback is offered by the ppo stage (the served policy)")
 
     def start(self) -> None:
         self._thread.start()
@@ -159,7 +147,7 @@ class RewardRounds:
         while not self._stopping.is_set():
             if self._unannounced is not None:
                 self._announce(self._unannounced)
-            elif self._paused.is_set():
+            elif self.paused:
                 self._stopping.wait(0.2)
             elif self.intake.dataset.fresh >= self._round_examples:
                 try:

@@ -14,11 +14,7 @@ from rlhf.checkpoints import CheckpointError, CheckpointStore, Manifest
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
 from .config import TrainerConfig
-from .loop import COMMAND_TIMEOUT, ConsumerThread, Status
-
-
-class Unsupported(Exception):
-    """A control-plane command the stage does not offer (FAILED_PRECONDITION)."""
+from .loop import COMMAND_TIMEOUT, ConsumerThread, Status, Unsupported
 
 
 class StageLoop(Protocol):

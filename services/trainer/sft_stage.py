@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
-from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore, Manifest
+from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
 from rlhf.joining import FeedbackJoin, Joined
 from rlhf.models import (
     chat_text,
@@ -44,8 +44,8 @@ from rlhf.training.sft import (
 from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
-from .loop import ConsumerThread, Status, announce
-from .servicer import StageService, TrainerServicer, Unsupported
+from .loop import ConsumerThread, RoundsLoop, Status, announce
+from .servicer import StageService, TrainerServicer
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,10 @@ class CorrectionIntake(ConsumerThread):
         self.demos.append(demo)
 
 
-class SFTRounds:
+class SFTRounds(RoundsLoop):
     """Trains whenever enough demonstrations arrived; publishes each round's policy."""
+
+    stage = "sft"
 
     def __init__(
         self,
@@ -119,6 +121,7 @@ class SFTRounds:
         initial: list[Demonstration],
         initial_metadata: dict[str, str] | None = None,
     ) -> None:
+        super().__init__()
         self.learner = learner
         self.intake = intake
         self._store = store
@@ -129,7 +132,6 @@ class SFTRounds:
         self._initial_metadata = initial_metadata or {}
         self._status = Status(stage="sft", policy_version=start_version)
         self._stopping = threading.Event()
-        self._paused = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sft-rounds", daemon=True)
 
     @property
@@ -139,7 +141,7 @@ class SFTRounds:
             pending_prompts=len(self._waiting) + len(self.intake.demos),
             feedback_consumed=self.intake.feedback_consumed,
             consumer_lag=self.intake.lag,
-            paused=self._paused.is_set(),
+            paused=self.paused,
         )
 
     def start(self) -> None:
@@ -150,18 +152,6 @@ class SFTRounds:
         if self._thread.is_alive():
             self._thread.join(timeout=120)
 
-    def pause(self) -> None:
-        self._paused.set()
-
-    def resume(self) -> None:
-        self._paused.clear()
-
-    def checkpoint_now(self, timeout: float = 0.0) -> Manifest:
-        raise Unsupported("the sft stage publishes a policy after every round")
-
-    def rollback(self, version: int, pause: bool, timeout: float = 0.0) -> Manifest:
-        raise Unsupported("rollback is offered by the ppo stage (the served policy)")
-
     def _run(self) -> None:
         # A file's demonstrations make the first round, however many there are.
         ready = bool(self._waiting)
@@ -169,7 +159,7 @@ class SFTRounds:
             demos, self._covered = self.intake.take()
             self._waiting.extend(demos)
             ready = ready or len(self._waiting) >= self._round_examples
-            if self._paused.is_set() or not ready:
+            if self.paused or not ready:
                 self._stopping.wait(0.5)
                 continue
             demos, self._waiting, ready = self._waiting, [], False
