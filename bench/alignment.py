@@ -323,7 +323,9 @@ def run(quick: bool) -> str:
     verdict = (
         f"**Thumbs-up rate {100 * first.thumbs_up:.1f}% -> {100 * last.thumbs_up:.1f}% "
         f"({gain:+.1f} points) after {last.minutes:.0f} min, KL {last.kl:.2f} nats.** "
-        "Target: +30 points with KL under 10 nats."
+        "Target: +30 points with KL under 10 nats. Each point rates one answer per held-out "
+        f"prompt ({len(prompts(HELDOUT_TOPICS))}), so a rate carries about +-7 points of "
+        "sampling noise: read the trend, not one point."
     )
     endings = " / ".join(f"_{e.strip()}_" for e in result["examples"][:3])
     return "\n".join(
