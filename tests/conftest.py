@@ -27,6 +27,15 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield running
 
 
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    """A broker of the test's own, for tests that count every event on the topics (the
+    session broker carries other tests' generations and feedback)."""
+    with EmbeddedBroker() as running:
+        bus.ensure_topics(running.bootstrap)
+        yield running
+
+
 @pytest.fixture(scope="session")
 def cache_dir():
     return load_config(CommonConfig).cache_dir

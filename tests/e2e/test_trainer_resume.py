@@ -1,8 +1,9 @@
 """kill -9 the PPO trainer mid-training, start it again: it continues from its last checkpoint
 and every feedback event is used exactly once (counted by the ledger in the final checkpoint).
 
-Real broker, the real reward service, the trainer as a real process with the tiny model. Events
-are produced straight to the topics, as the generation and feedback services would.
+A real broker of its own (the test counts every event on the topics), the real reward service,
+the trainer as a real process with the tiny model. Events are produced straight to the topics, as
+the generation and feedback services would.
 """
 
 import json
@@ -57,9 +58,9 @@ def _publish(publisher, events, topic):
 
 
 @pytest.fixture
-def reward(broker, cache_dir, tmp_path):
+def reward(own_broker, cache_dir, tmp_path):
     config = RewardConfig(
-        kafka_bootstrap=broker.bootstrap,
+        kafka_bootstrap=own_broker.bootstrap,
         checkpoint_dir=tmp_path / "checkpoints",
         cache_dir=cache_dir,
         reward_model=TINY,
@@ -70,13 +71,13 @@ def reward(broker, cache_dir, tmp_path):
 
 
 def test_a_killed_trainer_resumes_and_uses_every_feedback_event_exactly_once(
-    broker, cache_dir, tmp_path, reward
+    own_broker, cache_dir, tmp_path, reward
 ):
     store = CheckpointStore(tmp_path / "checkpoints")
     metrics_log = tmp_path / "ppo.jsonl"
     port = free_port()
     env = {
-        "RLHF_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "RLHF_KAFKA_BOOTSTRAP": own_broker.bootstrap,
         "RLHF_CHECKPOINT_DIR": str(store.root),
         "RLHF_CACHE_DIR": str(cache_dir),
         "RLHF_POLICY_MODEL": TINY,
@@ -91,7 +92,7 @@ def test_a_killed_trainer_resumes_and_uses_every_feedback_event_exactly_once(
         "RLHF_TRAINER_METRICS_LOG": str(metrics_log),
     }
     tokenizer = load_tokenizer(cache_dir)
-    publisher = bus.Publisher(broker.bootstrap, client_id="resume-test")
+    publisher = bus.Publisher(own_broker.bootstrap, client_id="resume-test")
     first_generations, first_feedback = _events(tokenizer, 16, "first")
     _publish(publisher, first_generations, bus.GENERATIONS)
     _publish(publisher, first_feedback, bus.FEEDBACK)

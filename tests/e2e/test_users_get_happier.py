@@ -55,9 +55,10 @@ def _interact(user, times):
 
 
 @pytest.fixture
-def common(broker, cache_dir, tmp_path):
+def common(own_broker, cache_dir, tmp_path):
+    # Its own broker: the stages would otherwise learn from other tests' feedback too.
     return {
-        "kafka_bootstrap": broker.bootstrap,
+        "kafka_bootstrap": own_broker.bootstrap,
         "checkpoint_dir": tmp_path / "checkpoints",
         "cache_dir": cache_dir,
     }
