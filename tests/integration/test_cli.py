@@ -66,7 +66,17 @@ def platform(broker, cache_dir, tmp_path_factory):
         )
     )
     servers["reward-trainer"] = serve(
-        build(TrainerConfig(**common, **trainer, stage="reward", reward_group=f"cli-rw-{group}"))
+        build(
+            TrainerConfig(
+                **common,
+                **trainer,
+                stage="reward",
+                reward_group=f"cli-rw-{group}",
+                # No round either: the session's topics hold other tests' feedback, enough for
+                # a round that would publish a reward model mid-test.
+                reward_round_examples=10_000,
+            )
+        )
     )
     env_file = root / "up.env"
     lines = [f"RLHF_API_KEY={API_KEY}"] + [
