@@ -16,7 +16,9 @@ from services.trainer.main import build
 from tests.conftest import consume_all, serve, wait_until
 
 
-def test_file_then_corrections_become_policy_checkpoints(broker, cache_dir, tmp_path):
+def test_file_then_corrections_become_policy_checkpoints(own_broker, cache_dir, tmp_path):
+    # Its own broker: the session topics carry other tests' corrections, which it would learn too.
+    broker = own_broker
     data = tmp_path / "demos.jsonl"
     data.write_text(
         "\n".join(
