@@ -268,7 +268,7 @@ def trl(repeats: int, lora_rank: int = 0) -> Run:
 
 
 def _phase_rows(label: str, run: Run) -> list[list[str]]:
-    total = median(run.seconds)
+    total = sum(run.seconds) / len(run.seconds)  # phases are means too
     rows = []
     for phase in PHASES:
         if phase in run.phases:
@@ -300,6 +300,7 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
             [
                 label,
                 f"{median(measured.seconds):.2f}",
+                f"{min(measured.seconds):.2f}",
                 f"{measured.samples_per_second():.2f}",
                 f"{measured.tokens_per_second():.0f}",
                 f"{measured.samples_per_second() / reference.samples_per_second():.2f}x",
@@ -311,7 +312,7 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         f"### PPO iteration throughput (batch {BATCH}, minibatch {MINIBATCH}, {NEW_TOKENS} new "
         f"tokens, {EPOCHS} PPO epochs, T={TEMPERATURE}, median of {repeats} after a warm-up)\n\n"
         + table(
-            ["trainer", "s / iteration", "samples/s", "tokens/s", "vs TRL", "runs (s)"],
+            ["trainer", "s / iteration", "fastest", "samples/s", "tokens/s", "vs TRL", "runs (s)"],
             rows,
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
