@@ -33,10 +33,12 @@ from tests.conftest import API_KEY, ID_KEY, TENANT, serve, wait_until
 THRESHOLD = 0.3
 CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely and fun!"]
 GRUMPY = ["I hate it, what an awful and sad time.", "Terrible, it is horrible and boring."]
-BEFORE, AFTER = 64, 64  # users' ratings of the sft policy, and of the final policy
+# Users' ratings of the sft policy (48: also PPO's data, 12 batches of 4) and of the last policy.
+BEFORE, AFTER = 48, 64
 # Measured over 4 runs (48 and 32 ratings): 0.52 -> 0.91, 0.58 -> 0.84, 0.50 -> 0.78, 0.44 -> 0.88
-# (gains 0.26 to 0.44, KL 0.2 to 6 nats). With 64 ratings each side, the noise on the gain is
-# about 0.075, so 0.15 keeps a wide margin below the smallest gain seen.
+# (gains 0.26 to 0.44, KL 0.2 to 6 nats). With 64 ratings before, PPO trained on 16 batches and
+# drifted past 11 nats in some runs, pleasing users less: keep PPO's data at 48. The noise on the
+# gain is about 0.085 here, so 0.15 stays well below the smallest gain seen.
 MARGIN = 0.15
 
 
