@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class GenerationServiceStub:
-    """Serves the current policy. Every response carries a signed generation id to attach feedback to.
+    """Serves the current policy. Every response carries a signed generation id to attach feedback to
+    (except trainer rollouts, see GenerateRequest.rollout).
     """
 
     def __init__(self, channel):
@@ -53,7 +54,8 @@ class GenerationServiceStub:
 
 
 class GenerationServiceServicer:
-    """Serves the current policy. Every response carries a signed generation id to attach feedback to.
+    """Serves the current policy. Every response carries a signed generation id to attach feedback to
+    (except trainer rollouts, see GenerateRequest.rollout).
     """
 
     def Generate(self, request, context):
@@ -102,7 +104,8 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GenerationService:
-    """Serves the current policy. Every response carries a signed generation id to attach feedback to.
+    """Serves the current policy. Every response carries a signed generation id to attach feedback to
+    (except trainer rollouts, see GenerateRequest.rollout).
     """
 
     @staticmethod
