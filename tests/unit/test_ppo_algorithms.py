@@ -317,3 +317,36 @@ def test_kl_controller_state_dict_round_trip():
     fixed = FixedKLController(0.3)
     fixed.load_state_dict(FixedKLController(0.07).state_dict())
     assert fixed.value == 0.07
+
+
+def test_whitening_split_across_ranks_equals_whitening_the_whole_batch():
+    """Two 'ranks' (threads) holding halves of a batch, summing through a barrier the way an
+    all-reduce does, whiten exactly as one process holding all of it."""
+    import threading
+
+    x = torch.tensor([[1.0, 2.0, 9.0], [4.0, -3.0, 0.5], [7.0, 7.5, 2.0], [0.0, 1.0, 3.0]])
+    mask = torch.tensor([[T, T, F], [T, T, T], [T, F, F], [T, T, T]])
+    whole = masked_whiten(x, mask)
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+    posted: list[torch.Tensor | None] = [None, None]
+    barrier = threading.Barrier(2)
+    results: list[torch.Tensor | None] = [None, None]
+
+    def run(rank: int) -> None:
+        def all_sum(t: torch.Tensor) -> torch.Tensor:
+            posted[rank] = t
+            barrier.wait()
+            total = posted[0] + posted[1]
+            barrier.wait()  # both have read before either posts its next tensor
+            return total
+
+        results[rank] = masked_whiten(*halves[rank], all_sum=all_sum)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.testing.assert_close(torch.cat([results[0], results[1]]), whole, atol=1e-6, rtol=0)
+    # Each half whitened on its own would not be: the split matters.
+    assert not torch.allclose(masked_whiten(*halves[0]), whole[:2], atol=1e-3)

@@ -11,6 +11,7 @@ the real response tokens; masked positions never contribute to a statistic, a re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
@@ -19,6 +20,9 @@ KLEstimator = Literal["k1", "k3"]
 
 # Added to variances before the square root so that whitening a constant stays finite.
 _WHITEN_EPS = 1e-8
+
+# Sums a tensor over every data-parallel rank (identity in a single process).
+AllSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,31 +45,56 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return selected.sum(dim) / count.sum(dim).clamp(min=1.0)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    unbiased: bool = True,
+    all_sum: AllSum | None = None,
+) -> torch.Tensor:
     """Variance of `x` over the masked positions.
 
     With `unbiased`, Bessel's correction n / (n - 1) is applied; with fewer than two real
     positions the variance is 0 (there is nothing to spread), instead of dividing by zero.
+    `all_sum` (data parallel) adds a tensor up over every rank, so the variance is that of
+    all ranks' positions together, the one a single process with the whole batch computes.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.to(x.dtype).sum()
-        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1.0), torch.zeros_like(var))
-    return var
+    return _masked_moments(x, mask, unbiased, all_sum)[1]
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise `x` to unit variance (and zero mean if `shift_mean`) over the masked positions.
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    all_sum: AllSum | None = None,
+) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean if `shift_mean`) over the masked positions
+    (of every rank, with `all_sum`; see `masked_var`).
 
     Masked positions are set to 0 in the result so they cannot leak into a later sum.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean, var = _masked_moments(x, mask, True, all_sum)
     whitened = (x - mean) * torch.rsqrt(var + _WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def _masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool, all_sum: AllSum | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) over the masked positions, summed across ranks by `all_sum`: two
+    rounds (the mean first), so each rank's squared deviations are from the global mean."""
+    total = all_sum or (lambda t: t)
+    mask = mask.bool()
+    selected = torch.where(mask, x, torch.zeros_like(x))
+    count_and_sum = total(torch.stack([mask.to(x.dtype).sum(), selected.sum()]))
+    n = count_and_sum[0]
+    mean = count_and_sum[1] / n.clamp(min=1.0)
+    squares = total(torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum())
+    var = squares / n.clamp(min=1.0)
+    if unbiased:
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1.0), torch.zeros_like(var))
+    return mean, var
 
 
 # --------------------------------------------------------------------------------------------
