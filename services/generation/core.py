@@ -7,7 +7,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ from rlhf import bus, decoding
 from rlhf.backends import Backend, Generated
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner, prompt_digest
+from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
 from rlhf.models import CHAT_ROLES, chat_text, encode_text
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
@@ -33,6 +33,10 @@ REQUEST_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 REJECTED = Counter("rlhf_generation_rejected_total", "requests refused", ["reason"])
+ROLLOUTS = Counter(
+    "rlhf_generation_rollouts_total",
+    "trainer rollout requests served (no generation event, no generation id)",
+)
 
 ROLES = CHAT_ROLES
 MAX_STOP_SEQUENCES = 4
@@ -54,6 +58,8 @@ class Prepared:
     stops: list[str]
     messages: list[common_pb2.ChatMessage]
     params: common_pb2.SamplingParams
+    # A trainer's PPO rollout: neither signed nor published (see generation.proto).
+    rollout: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,16 +98,66 @@ class GenerationCore:
         prompt: str,
         messages: list[common_pb2.ChatMessage],
         params: common_pb2.SamplingParams,
+        prompt_token_ids: Sequence[int] = (),
+        rollout: bool = False,
     ) -> Prepared:
-        """Validate everything about a request; raises Rejected(INVALID_ARGUMENT)."""
+        """Validate everything about a request; raises Rejected (INVALID_ARGUMENT, or
+        FAILED_PRECONDITION for what this backend cannot do).
+
+        `prompt_token_ids` replace prompt and messages and are decoded exactly as given: a
+        trainer's rollout must continue the very ids it will score, and decoding then
+        re-tokenising text does not always give them back. `rollout` marks a trainer's PPO
+        rollout (see `run`)."""
+        if (prompt_token_ids or rollout) and self.backend.name != "local":
+            # TGI takes text and reports logprobs after its own logits processors: neither the
+            # exact ids nor the sampling distribution's logprobs could be promised.
+            raise Rejected(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "unsupported",
+                f"prompt_token_ids and rollouts need the local backend, not {self.backend.name}",
+            )
         with self.backend.arriving():  # a batch being collected waits for this request
-            text = self._prompt_text(prompt, messages)
-            sampling = self._sampling(params)
-            prompt_ids = encode_text(self.tokenizer, text)
+            if prompt_token_ids:
+                if prompt or messages:
+                    raise _invalid("give prompt_token_ids or prompt / messages, not both")
+                prompt_ids = self._checked_ids(prompt_token_ids)
+                text = self.tokenizer.decode(prompt_ids)
+                sampling = self._sampling(params)
+            else:
+                text = self._prompt_text(prompt, messages)
+                sampling = self._sampling(params)
+                prompt_ids = encode_text(self.tokenizer, text)
+            if rollout:
+                self._check_rollout_sampling(sampling)
         limit = self.config.max_prompt_tokens
         if len(prompt_ids) > limit:
             raise _invalid(f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
-        return Prepared(text, prompt_ids, sampling, list(params.stop), list(messages), params)
+        return Prepared(
+            text, prompt_ids, sampling, list(params.stop), list(messages), params, rollout
+        )
+
+    def _checked_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """The ids as a list, bounded before anything is decoded: the prompt-token limit (the
+        same as for text) and the vocabulary (an id past it would fail the whole batch)."""
+        limit = self.config.max_prompt_tokens
+        if len(prompt_token_ids) > limit:
+            raise _invalid(f"prompt has {len(prompt_token_ids)} tokens; the limit is {limit}")
+        vocabulary = len(self.tokenizer)
+        ids = list(prompt_token_ids)
+        if max(ids) >= vocabulary:
+            raise _invalid(f"prompt_token_ids must be below the vocabulary size {vocabulary}")
+        return ids
+
+    @staticmethod
+    def _check_rollout_sampling(sampling: decoding.Sampling) -> None:
+        """A rollout's logprobs are the PPO behaviour policy: they must be those of the
+        distribution actually sampled from. The decode loop reports log softmax(logits / T)
+        before top-k/top-p filtering, which is that distribution only when nothing is filtered,
+        and greedy decoding has no distribution at all."""
+        if sampling.temperature <= 0:
+            raise _invalid("a rollout needs temperature > 0 (greedy has no sampling distribution)")
+        if sampling.top_k > 0 or sampling.top_p < 1.0:
+            raise _invalid("a rollout samples without top_k / top_p (its logprobs must be exact)")
 
     def _prompt_text(self, prompt: str, messages: list[common_pb2.ChatMessage]) -> str:
         limit = self.config.max_prompt_chars
@@ -160,6 +216,20 @@ class GenerationCore:
         text = generated.text if generated.text is not None else self.decode(generated.token_ids)
         if generated.finish_reason == decoding.STOP:
             text = decoding.cut_at_stop(text, prepared.stops)
+        if prepared.rollout:
+            # Not a user's generation: unsigned (no feedback can attach to it) and unpublished,
+            # so it never reaches the trainer's intake, the raters or the drift sampler.
+            ROLLOUTS.inc()
+            REQUEST_SECONDS.observe(time.perf_counter() - started)
+            return Outcome(
+                generation_id="",
+                text=text,
+                token_ids=generated.token_ids,
+                logprobs=generated.logprobs,
+                finish_reason=generated.finish_reason,
+                policy_version=generated.policy_version,
+                prompt_tokens=len(prepared.prompt_ids),
+            )
         outcome = Outcome(
             generation_id=self._signer.issue(
                 generated.policy_version, prompt_hash=prompt_digest(prepared.prompt)
@@ -243,7 +313,7 @@ class GenerationCore:
         try:
             self._publisher.publish(
                 bus.GENERATIONS,
-                outcome.generation_id,
+                partition_key(outcome.generation_id),  # the feedback service keys the same way
                 event,
                 timeout=self.config.publish_timeout_seconds,
             )

@@ -22,6 +22,7 @@ def _response(outcome: Outcome, with_logprobs: bool) -> generation_pb2.GenerateR
         policy_version=outcome.policy_version,
         finish_reason=outcome.finish_reason,
         logprobs=outcome.logprobs if with_logprobs else [],
+        token_ids=outcome.token_ids if with_logprobs else [],
     )
 
 
@@ -34,7 +35,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Prepared:
         try:
-            return self._core.prepare(request.prompt, list(request.messages), request.sampling)
+            return self._core.prepare(
+                request.prompt,
+                list(request.messages),
+                request.sampling,
+                request.prompt_token_ids,
+                request.rollout,
+            )
         except Rejected as exc:
             REJECTED.labels(exc.reason).inc()
             context.abort(exc.code, str(exc))

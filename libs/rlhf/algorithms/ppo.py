@@ -11,6 +11,7 @@ the real response tokens; masked positions never contribute to a statistic, a re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal, Protocol
 
@@ -276,6 +277,7 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate loss, averaged over real tokens, and its statistics.
 
@@ -285,6 +287,11 @@ def policy_loss(
     Stats (detached): "clipfrac", the share of tokens where the clipped term was chosen;
     "approx_kl", 0.5 * mean((logp - old)^2) between the old and current policy; "ratio", the
     mean probability ratio.
+
+    `weights` [B, R] (detached, e.g. `truncated_importance_weights`) multiply each token's
+    clipped term before the mean, which stays over real tokens (not divided by the weights'
+    sum): the decoupled objective of Hilton et al. 2021 when the samples came from another
+    (behaviour) policy than `old_logprobs`'. Without weights the loss is plain PPO's.
     """
     # Zero the log-ratio on padding first: exp of a junk difference there could overflow, and
     # the backward pass of an inf is NaN even where the loss ignores it.
@@ -292,7 +299,10 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    surrogate = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        surrogate = surrogate * weights
+    loss = masked_mean(surrogate, mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -386,3 +396,47 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+# --------------------------------------------------------------------------------------------
+# Off-policy correction (rollouts sampled by another policy version)
+# --------------------------------------------------------------------------------------------
+
+
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token importance weights [B, R] from the behaviour policy to the old policy,
+    w = min(exp(old - behaviour), cap), detached, 0 on masked positions; and their statistics.
+
+    When rollouts come from a generation pool serving an older policy version (the behaviour
+    policy), the tokens are not samples of the policy PPO's ratio is taken against (the
+    trainer's own, `old_logprobs`). Weighting each token's surrogate by pi_old / pi_behaviour
+    corrects the expectation (decoupled PPO, Hilton et al. 2021, "Batch size-invariance for
+    policy optimization"); truncating at `cap` bounds the variance a token the pool found far
+    likelier than the trainer does not bring (truncated IS, as in IMPALA's V-trace). The weights
+    carry no gradient: they re-weight samples, they are not part of what is optimised.
+
+    The log-weight is clamped before the exponential, so even a huge difference gives the cap
+    and never inf. `cap` must be >= 1: a cap below 1 would shrink tokens that are on-policy.
+    Stats: "mean", the mean weight over real tokens; "capped_frac", the share of real tokens
+    whose weight the cap cut.
+    """
+    if not cap >= 1.0:
+        raise ValueError(f"the importance weight cap must be >= 1, got {cap}")
+    mask = mask.bool()
+    with torch.no_grad():
+        log_weight = torch.where(
+            mask, old_logprobs.float() - behaviour_logprobs.float(), torch.zeros_like(old_logprobs)
+        )
+        log_cap = math.log(cap)
+        weights = torch.exp(log_weight.clamp(max=log_cap))
+        weights = torch.where(mask, weights, torch.zeros_like(weights))
+        stats = {
+            "mean": masked_mean(weights, mask),
+            "capped_frac": masked_mean((log_weight > log_cap).float(), mask),
+        }
+    return weights, stats
