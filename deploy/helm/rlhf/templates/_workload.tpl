@@ -13,6 +13,14 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
   checkpoints "ro", "rw" or "" (no checkpoint volume)
   volumes     extra [{volume, mount}]: a pod volume and its container mount (optional)
   serviceAccountName, automountToken, strategy ("" = RollingUpdate), autoscaled, replicas
+The pod template alone ("rlhf.workload.podTemplate", also used by the distributed PPO trainer)
+reads these optional keys too:
+  containerName  container name (default: component)
+  command        container command, replacing the image's entrypoint
+  fieldEnv       [{name, fieldPath}]: variables from the downward API
+  extraPorts     [{name, port}]: container ports the Service does not expose
+  extraLabels    pod labels besides the selector labels
+and "rlhf.workload.service" reads serviceSelector: labels narrowing the selector.
 */}}
 
 {{- define "rlhf.workload.selector" -}}
@@ -49,7 +57,23 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
 {{- toJson $all -}}
 {{- end -}}
 
-{{- define "rlhf.workload" -}}
+{{- define "rlhf.workload.configMap" -}}
+{{- $env := include "rlhf.workload.env" . | fromJson -}}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ .name }}-env
+  labels:
+    {{- include "rlhf.commonLabels" .root | nindent 4 }}
+    {{- include "rlhf.workload.selector" . | nindent 4 }}
+data:
+  {{- range $key, $value := $env }}
+  {{ $key }}: {{ $value | quote }}
+  {{- end }}
+{{- end -}}
+
+{{/* A workload's pod template (metadata and spec), at column 0: nindent it under template:. */}}
+{{- define "rlhf.workload.podTemplate" -}}
 {{- $root := .root -}}
 {{- $v := .values -}}
 {{- $env := include "rlhf.workload.env" . | fromJson -}}
@@ -66,17 +90,186 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
 {{- fail (printf "%s: terminationGracePeriodSeconds (%v) must exceed preStopSleepSeconds (%v) + shutdownGraceSeconds (%v), or Kubernetes kills pods before they drain" .where $v.terminationGracePeriodSeconds $preStop $v.shutdownGraceSeconds) -}}
 {{- end -}}
 {{- end -}}
-apiVersion: v1
-kind: ConfigMap
 metadata:
-  name: {{ .name }}-env
   labels:
     {{- include "rlhf.commonLabels" $root | nindent 4 }}
     {{- include "rlhf.workload.selector" . | nindent 4 }}
-data:
-  {{- range $key, $value := $env }}
-  {{ $key }}: {{ $value | quote }}
+    {{- with .extraLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    rlhf.io/config-sha256: {{ toJson $env | sha256sum }}
+    {{- if not $root.Values.secrets.existingSecret }}
+    rlhf.io/keys-sha256: {{ toJson $root.Values.secrets | sha256sum }}
+    {{- end }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ .serviceAccountName }}
+  automountServiceAccountToken: {{ .automountToken }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds | default 30 }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .containerName | default .component }}
+      image: {{ include "rlhf.image" (list $root $gpu.count) | quote }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- with .command }}
+      command:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      args:
+        {{- toYaml .args | nindent 8 }}
+      {{- with concat (.ports | default list) (.extraPorts | default list) }}
+      ports:
+        {{- range . }}
+        - name: {{ .name }}
+          containerPort: {{ .port }}
+          protocol: TCP
+        {{- end }}
+      {{- end }}
+      envFrom:
+        - configMapRef:
+            name: {{ .name }}-env
+      {{- if or .fieldEnv .secretEnv $v.extraEnv }}
+      env:
+        {{- range .fieldEnv }}
+        - name: {{ .name }}
+          valueFrom:
+            fieldRef:
+              fieldPath: {{ .fieldPath }}
+        {{- end }}
+        {{- range .secretEnv }}
+        - name: {{ .name }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "rlhf.secretName" $root }}
+              key: {{ .key }}
+        {{- end }}
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      {{- if .grpcPort }}
+      {{- $probes := $v.probes }}
+      startupProbe:
+        grpc:
+          port: {{ .grpcPort }}
+        {{- toYaml $probes.startup | nindent 8 }}
+      readinessProbe:
+        grpc:
+          port: {{ .grpcPort }}
+        {{- toYaml $probes.readiness | nindent 8 }}
+      livenessProbe:
+        grpc:
+          port: {{ .grpcPort }}
+        {{- toYaml $probes.liveness | nindent 8 }}
+      {{- end }}
+      {{- if $v.preStopSleepSeconds }}
+      lifecycle:
+        preStop:
+          exec:
+            command: ["sleep", "{{ $v.preStopSleepSeconds }}"]
+      {{- end }}
+      resources:
+        {{- toYaml $resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        - name: cache
+          mountPath: /home/rlhf/.cache
+        {{- if .checkpoints }}
+        - name: checkpoints
+          mountPath: {{ $root.Values.checkpoints.mountPath }}
+          readOnly: {{ eq .checkpoints "ro" }}
+        {{- end }}
+        {{- range .volumes }}
+        - {{ toYaml .mount | nindent 10 | trim }}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $root.Values.scratch.tmpSizeLimit }}
+    - name: cache
+      emptyDir:
+        sizeLimit: {{ $root.Values.scratch.cacheSizeLimit }}
+    {{- if .checkpoints }}
+    - name: checkpoints
+      persistentVolumeClaim:
+        claimName: {{ include "rlhf.checkpointClaim" $root }}
+    {{- end }}
+    {{- range .volumes }}
+    - {{ toYaml .volume | nindent 6 | trim }}
+    {{- end }}
+{{- end -}}
+
+{{/* The Service of a workload's ports (named grpc, metrics, http). */}}
+{{- define "rlhf.workload.service" -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "rlhf.commonLabels" .root | nindent 4 }}
+    {{- include "rlhf.workload.selector" . | nindent 4 }}
+  {{- with (.values.service | default dict).annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  type: {{ (.values.service | default dict).type | default "ClusterIP" }}
+  selector:
+    {{- include "rlhf.workload.selector" . | nindent 4 }}
+    {{- with .serviceSelector }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    {{- range .ports }}
+    - name: {{ .name }}
+      port: {{ .port }}
+      targetPort: {{ .name }}
+      protocol: TCP
+      {{- if eq .name "grpc" }}
+      appProtocol: grpc
+      {{- else }}
+      appProtocol: http
+      {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{- define "rlhf.workload" -}}
+{{- $root := .root -}}
+{{- $v := .values -}}
+{{ include "rlhf.workload.configMap" . }}
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -103,162 +296,10 @@ spec:
       maxUnavailable: 0
     {{- end }}
   template:
-    metadata:
-      labels:
-        {{- include "rlhf.commonLabels" $root | nindent 8 }}
-        {{- include "rlhf.workload.selector" . | nindent 8 }}
-        {{- with $v.podLabels }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-      annotations:
-        rlhf.io/config-sha256: {{ toJson $env | sha256sum }}
-        {{- if not $root.Values.secrets.existingSecret }}
-        rlhf.io/keys-sha256: {{ toJson $root.Values.secrets | sha256sum }}
-        {{- end }}
-        {{- with $v.podAnnotations }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-    spec:
-      serviceAccountName: {{ .serviceAccountName }}
-      automountServiceAccountToken: {{ .automountToken }}
-      {{- with $root.Values.imagePullSecrets }}
-      imagePullSecrets:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $v.priorityClassName }}
-      priorityClassName: {{ . }}
-      {{- end }}
-      securityContext:
-        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
-      terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds | default 30 }}
-      {{- with $v.nodeSelector }}
-      nodeSelector:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $v.tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $v.affinity }}
-      affinity:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $v.topologySpreadConstraints }}
-      topologySpreadConstraints:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      containers:
-        - name: {{ .component }}
-          image: {{ include "rlhf.image" (list $root $gpu.count) | quote }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          args:
-            {{- toYaml .args | nindent 12 }}
-          {{- with .ports }}
-          ports:
-            {{- range . }}
-            - name: {{ .name }}
-              containerPort: {{ .port }}
-              protocol: TCP
-            {{- end }}
-          {{- end }}
-          envFrom:
-            - configMapRef:
-                name: {{ .name }}-env
-          {{- if or .secretEnv $v.extraEnv }}
-          env:
-            {{- range .secretEnv }}
-            - name: {{ .name }}
-              valueFrom:
-                secretKeyRef:
-                  name: {{ include "rlhf.secretName" $root }}
-                  key: {{ .key }}
-            {{- end }}
-            {{- with $v.extraEnv }}
-            {{- toYaml . | nindent 12 }}
-            {{- end }}
-          {{- end }}
-          {{- if .grpcPort }}
-          {{- $probes := $v.probes }}
-          startupProbe:
-            grpc:
-              port: {{ .grpcPort }}
-            {{- toYaml $probes.startup | nindent 12 }}
-          readinessProbe:
-            grpc:
-              port: {{ .grpcPort }}
-            {{- toYaml $probes.readiness | nindent 12 }}
-          livenessProbe:
-            grpc:
-              port: {{ .grpcPort }}
-            {{- toYaml $probes.liveness | nindent 12 }}
-          {{- end }}
-          {{- if $v.preStopSleepSeconds }}
-          lifecycle:
-            preStop:
-              exec:
-                command: ["sleep", "{{ $v.preStopSleepSeconds }}"]
-          {{- end }}
-          resources:
-            {{- toYaml $resources | nindent 12 }}
-          securityContext:
-            {{- toYaml $root.Values.securityContext | nindent 12 }}
-          volumeMounts:
-            - name: tmp
-              mountPath: /tmp
-            - name: cache
-              mountPath: /home/rlhf/.cache
-            {{- if .checkpoints }}
-            - name: checkpoints
-              mountPath: {{ $root.Values.checkpoints.mountPath }}
-              readOnly: {{ eq .checkpoints "ro" }}
-            {{- end }}
-            {{- range .volumes }}
-            - {{ toYaml .mount | nindent 14 | trim }}
-            {{- end }}
-      volumes:
-        - name: tmp
-          emptyDir:
-            sizeLimit: {{ $root.Values.scratch.tmpSizeLimit }}
-        - name: cache
-          emptyDir:
-            sizeLimit: {{ $root.Values.scratch.cacheSizeLimit }}
-        {{- if .checkpoints }}
-        - name: checkpoints
-          persistentVolumeClaim:
-            claimName: {{ include "rlhf.checkpointClaim" $root }}
-        {{- end }}
-        {{- range .volumes }}
-        - {{ toYaml .volume | nindent 10 | trim }}
-        {{- end }}
+    {{- include "rlhf.workload.podTemplate" . | nindent 4 }}
 {{- if .ports }}
 ---
-apiVersion: v1
-kind: Service
-metadata:
-  name: {{ .name }}
-  labels:
-    {{- include "rlhf.commonLabels" $root | nindent 4 }}
-    {{- include "rlhf.workload.selector" . | nindent 4 }}
-  {{- with ($v.service | default dict).annotations }}
-  annotations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-spec:
-  type: {{ ($v.service | default dict).type | default "ClusterIP" }}
-  selector:
-    {{- include "rlhf.workload.selector" . | nindent 4 }}
-  ports:
-    {{- range .ports }}
-    - name: {{ .name }}
-      port: {{ .port }}
-      targetPort: {{ .name }}
-      protocol: TCP
-      {{- if eq .name "grpc" }}
-      appProtocol: grpc
-      {{- else }}
-      appProtocol: http
-      {{- end }}
-    {{- end }}
+{{ include "rlhf.workload.service" . }}
 {{- end }}
 {{- if .autoscaled }}
 {{- $hpa := $v.autoscaling }}
