@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import grpc
 
-from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from rlhf import decoding
+from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 
 class RewardUnavailable(Exception):
@@ -41,6 +45,129 @@ class RewardClient:
             scores.extend(reply.scores)
             self.last_model_version = reply.model_version
         return scores
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+# Codes that say "not now" (retry later) rather than "never" (this request is wrong).
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class RolloutsUnavailable(RewardUnavailable):
+    """The generation pool could not give rollouts for a batch now (down, overloaded, or only
+    serving policy versions older than the staleness bound allows).
+
+    A subclass of `RewardUnavailable` on purpose: for the training loop both mean "this batch's
+    inputs cannot be had right now", and its handling (put the batch back, wait, retry) is the
+    right one for both, where a generic failure would drop the batch's feedback.
+    """
+
+
+class RolloutRejected(Exception):
+    """The generation pool refused a rollout request as wrong (INVALID_ARGUMENT,
+    FAILED_PRECONDITION, ...) or answered it malformed: retrying would fail the same way."""
+
+
+@dataclass(frozen=True)
+class PoolCompletion:
+    """One rollout from the pool: the sampled tokens, their logprobs under the sampling
+    distribution, why it ended, and the policy version that sampled it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    policy_version: int
+
+
+class GenerationClient:
+    """Trainer rollouts on the generation service pool (`GenerateRequest.rollout`).
+
+    Requests carry the exact prompt token ids and come back with the sampled ids, their
+    logprobs and the policy version; they publish no generation event. `rollouts` sends a
+    whole batch at once (gRPC futures, no threads), so the server's batcher decodes them
+    together.
+    """
+
+    def __init__(self, address: str, timeout: float = 120.0) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address)
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._timeout = timeout
+
+    def rollouts(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[decoding.Sampling]
+    ) -> list[PoolCompletion]:
+        """Sample one completion per prompt; raises RolloutsUnavailable (retry later) or
+        RolloutRejected (do not)."""
+        if len(prompts) != len(params):
+            raise ValueError("need one Sampling per prompt")
+        futures = [
+            self._stub.Generate.future(self._request(prompt, p), timeout=self._timeout)
+            for prompt, p in zip(prompts, params, strict=True)
+        ]
+        completions = []
+        try:
+            for future, p in zip(futures, params, strict=True):
+                completions.append(self._completion(future.result(), p))
+        except grpc.RpcError as exc:
+            for future in futures:
+                future.cancel()
+            code = exc.code()
+            message = f"generation pool {self.address}: {code.name}: {exc.details()}"
+            if code in _TRANSIENT:
+                raise RolloutsUnavailable(message) from exc
+            raise RolloutRejected(message) from exc
+        return completions
+
+    def policy_version(self) -> int:
+        """The version the pool (the replica this channel reaches) serves now."""
+        try:
+            info = self._stub.GetPolicyInfo(
+                generation_pb2.GetPolicyInfoRequest(), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise RolloutsUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+        return info.version
+
+    @staticmethod
+    def _request(
+        prompt: Sequence[int], params: decoding.Sampling
+    ) -> generation_pb2.GenerateRequest:
+        sampling = common_pb2.SamplingParams(
+            max_new_tokens=params.max_new_tokens, temperature=params.temperature
+        )
+        if params.seed is not None:
+            sampling.seed = params.seed
+        return generation_pb2.GenerateRequest(
+            prompt_token_ids=list(prompt), sampling=sampling, return_logprobs=True, rollout=True
+        )
+
+    @staticmethod
+    def _completion(
+        reply: generation_pb2.GenerateResponse, params: decoding.Sampling
+    ) -> PoolCompletion:
+        # The update trusts these lists position by position: check them before using them.
+        if len(reply.token_ids) != len(reply.logprobs) or not (
+            0 < len(reply.token_ids) <= params.max_new_tokens
+        ):
+            raise RolloutRejected(
+                f"malformed rollout: {len(reply.token_ids)} tokens, {len(reply.logprobs)} "
+                f"logprobs for max_new_tokens={params.max_new_tokens}"
+            )
+        return PoolCompletion(
+            list(reply.token_ids),
+            list(reply.logprobs),
+            reply.finish_reason,
+            reply.policy_version,
+        )
 
     def close(self) -> None:
         self._channel.close()
