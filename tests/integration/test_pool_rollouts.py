@@ -1,0 +1,280 @@
+"""PPO rollouts on a real generation server over loopback (tiny model, session broker): the
+rollout API, the staleness bound of PoolSampler, and the importance-sampling correction."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from rlhf import bus, decoding
+from rlhf.algorithms.ppo import truncated_importance_weights
+from rlhf.checkpoints import POLICY, CheckpointStore
+from rlhf.clients import GenerationClient
+from rlhf.models import (
+    TINY,
+    load_base_policy,
+    load_tokenizer,
+    policy_checkpoint_files,
+    policy_from_checkpoint,
+)
+from rlhf.training.pool import PoolSampler, StaleRollouts
+from rlhf.training.ppo import build_rollout, forward_policy
+from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
+from services.generation.config import GenerationConfig
+from services.generation.main import GenerationService
+from tests.conftest import ID_KEY, consume_all, serve, wait_until
+
+TEMPERATURE = 0.7
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return CheckpointStore(tmp_path_factory.mktemp("pool-checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def served_v1(store, cache_dir):
+    """Policy v1, written before the server starts, so the server serves it from the start."""
+    manifest = store.write(POLICY, *policy_checkpoint_files(load_base_policy(TINY, cache_dir)))
+    assert manifest.version == 1
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def server(broker, store, cache_dir, served_v1):
+    config = GenerationConfig(
+        kafka_bootstrap=broker.bootstrap,
+        checkpoint_dir=store.root,
+        cache_dir=cache_dir,
+        policy_model=TINY,
+        generation_id_key=ID_KEY,
+        http_port=-1,
+        max_prompt_tokens=64,
+        max_new_tokens_limit=32,
+    )
+    running = serve(GenerationService(config))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    generation = GenerationClient(f"127.0.0.1:{server.port}", timeout=60)
+    yield generation
+    generation.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache_dir):
+    return load_tokenizer(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    texts = ["Tell me a joke.", "What is the capital of France?", "Say hi.", "Count to three."]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def params(n: int, seed: int = 100) -> list[decoding.Sampling]:
+    return [
+        decoding.Sampling(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, seed=seed + row)
+        for row in range(n)
+    ]
+
+
+def _metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+# -- the rollout API ----------------------------------------------------------------------------
+
+
+def _ids_that_retokenise_differently(tokenizer) -> list[int]:
+    ids = (
+        tokenizer("He", add_special_tokens=False)["input_ids"]
+        + tokenizer("llo", add_special_tokens=False)["input_ids"]
+    )
+    assert tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] != ids
+    return ids
+
+
+def test_prompt_token_ids_are_used_exactly_and_the_reply_carries_the_sampled_ids(
+    stub, broker, tokenizer
+):
+    ids = _ids_that_retokenise_differently(tokenizer)
+    reply = stub.Generate(
+        generation_pb2.GenerateRequest(
+            prompt_token_ids=ids,
+            sampling=common_pb2.SamplingParams(max_new_tokens=5, temperature=1.0, seed=3),
+            return_logprobs=True,
+        )
+    )
+    assert reply.generation_id and reply.policy_version == 1
+    assert len(reply.token_ids) == len(reply.logprobs) == reply.completion_tokens == 5
+    assert reply.prompt_tokens == len(ids)
+    events = consume_all(broker.bootstrap, bus.GENERATIONS, events_pb2.GenerationEvent)
+    [event] = [r.message for r in events if r.message.generation_id == reply.generation_id]
+    assert list(event.prompt_token_ids) == ids  # not the re-tokenised text's ids
+    assert list(event.response_token_ids) == list(reply.token_ids)
+
+
+def test_a_rollout_is_neither_signed_nor_published(stub, broker, tokenizer):
+    marker = tokenizer("zebra quantum marmalade", add_special_tokens=False)["input_ids"]
+    reply = stub.Generate(
+        generation_pb2.GenerateRequest(
+            prompt_token_ids=marker,
+            sampling=common_pb2.SamplingParams(max_new_tokens=4, temperature=0.7, seed=1),
+            return_logprobs=True,
+            rollout=True,
+        )
+    )
+    assert reply.generation_id == "" and len(reply.token_ids) == 4 and reply.policy_version == 1
+    events = consume_all(broker.bootstrap, bus.GENERATIONS, events_pb2.GenerationEvent)
+    assert events, "the module's other requests did publish"
+    assert not [r for r in events if list(r.message.prompt_token_ids) == marker]
+
+
+def _rollout_request(**overrides):
+    fields = {
+        "prompt_token_ids": [1, 2, 3],
+        "sampling": common_pb2.SamplingParams(max_new_tokens=4, temperature=0.7),
+        "return_logprobs": True,
+        "rollout": True,
+        **overrides,
+    }
+    return generation_pb2.GenerateRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (_rollout_request(prompt="text too"), "not both"),
+        (_rollout_request(prompt_token_ids=[5] * 65), "65 tokens; the limit is 64"),
+        (_rollout_request(prompt_token_ids=[1, 10**9]), "vocabulary"),
+        (
+            _rollout_request(
+                sampling=common_pb2.SamplingParams(max_new_tokens=4, temperature=0.7, top_k=5)
+            ),
+            "top_k",
+        ),
+        (
+            _rollout_request(
+                sampling=common_pb2.SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9)
+            ),
+            "top_p",
+        ),
+        (
+            _rollout_request(sampling=common_pb2.SamplingParams(max_new_tokens=4, temperature=0.0)),
+            "temperature",
+        ),
+    ],
+)
+def test_bad_rollout_requests_are_invalid_argument(stub, request_, needle):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(request_)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in caught.value.details()
+
+
+# -- PoolSampler against the real server --------------------------------------------------------
+
+
+def test_pool_logprobs_are_the_ones_the_trainer_recomputes(
+    client, store, tokenizer, prompts, served_v1
+):
+    """Same weights on both sides: the pool's behaviour logprobs are the trainer's
+    forward_policy logprobs (temperature-scaled, unfiltered), so every IS weight is ~1."""
+    sampler = PoolSampler(client, lambda: 1, max_policy_lag=0)
+    pooled = sampler.sample(prompts, params(len(prompts)))
+    assert pooled.policy_versions == [1] * len(prompts) and pooled.max_lag == 0
+    trainer_policy = policy_from_checkpoint(store.load(POLICY, 1, served_v1.sha256))
+    old, behaviour, mask = _recompute(trainer_policy, tokenizer, prompts, pooled.completions)
+    torch.testing.assert_close(old[mask], behaviour[mask], atol=1e-4, rtol=0)
+    weights, stats = truncated_importance_weights(old, behaviour, mask, cap=2.0)
+    assert stats["capped_frac"].item() == 0.0
+    assert abs(stats["mean"].item() - 1.0) < 1e-3
+
+
+def _recompute(policy, tokenizer, prompts, completions):
+    """(trainer's logprobs, pool's logprobs, mask), [B, R] each."""
+    responses = [c.token_ids for c in completions]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    rollout = build_rollout(prompts, responses, [0.0] * len(prompts), pad, eos)
+    with torch.no_grad():
+        old, _, _ = forward_policy(
+            policy,
+            None,
+            rollout.input_ids,
+            rollout.attention_mask,
+            rollout.prompt_width,
+            TEMPERATURE,
+        )
+    behaviour = torch.zeros_like(old)
+    for row, completion in enumerate(completions):
+        behaviour[row, : len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    return old, behaviour, rollout.response_mask
+
+
+def test_importance_weights_are_capped_when_the_trainer_has_moved_on(
+    client, cache_dir, tokenizer, prompts
+):
+    sampler = PoolSampler(client, lambda: 1, max_policy_lag=0)
+    pooled = sampler.sample(prompts, params(len(prompts), seed=7))
+    moved = load_base_policy(TINY, cache_dir)
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    old, behaviour, mask = _recompute(moved, tokenizer, prompts, pooled.completions)
+    raw = torch.exp(old - behaviour)[mask]
+    assert (raw > 2.0).any(), "the perturbation should make some tokens far likelier"
+    weights, stats = truncated_importance_weights(old, behaviour, mask, cap=2.0)
+    assert weights[mask].max().item() <= 2.0 and (weights[~mask] == 0).all()
+    assert stats["capped_frac"].item() == pytest.approx((raw > 2.0).float().mean().item())
+
+
+def test_a_pool_behind_the_staleness_bound_is_refused_with_a_clear_error(client, prompts):
+    # The trainer believes it published v3; with lag 1, the pool's v1 is too old.
+    stale_before = _metric("rlhf_trainer_pool_stale_samples_total")
+    sampler = PoolSampler(client, lambda: 3, max_policy_lag=1, max_wait=1.0, retry_interval=0.3)
+    with pytest.raises(StaleRollouts, match="older than v2"):
+        sampler.sample(prompts[:2], params(2))
+    assert _metric("rlhf_trainer_pool_stale_samples_total") >= stale_before + 2 * 2
+
+
+def test_stale_samples_are_asked_again_until_the_pool_has_reloaded(
+    client, broker, store, cache_dir, prompts, stub
+):
+    """The trainer has published v2 but the pool still serves v1: with lag 0 the sampler keeps
+    asking until the pool has hot-reloaded v2, and the batch is all v2."""
+    sampler = PoolSampler(client, lambda: 2, max_policy_lag=0, max_wait=60.0, retry_interval=0.2)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(sampler.sample(prompts, params(4))))
+    stale_before = _metric("rlhf_trainer_pool_stale_samples_total")
+    worker.start()
+    assert wait_until(lambda: _metric("rlhf_trainer_pool_stale_samples_total") > stale_before)
+    moved = load_base_policy(TINY, cache_dir, seed=1)
+    manifest = store.write(POLICY, *policy_checkpoint_files(moved))
+    assert manifest.version == 2
+    event = events_pb2.CheckpointEvent(
+        kind=events_pb2.CHECKPOINT_KIND_POLICY,
+        version=manifest.version,
+        path=manifest.path,
+        manifest_sha256=manifest.sha256,
+    )
+    with bus.Publisher(broker.bootstrap, client_id="test-pool") as publisher:
+        publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+    worker.join(timeout=60)
+    assert not worker.is_alive() and result
+    assert result[0].policy_versions == [2, 2, 2, 2] and result[0].latest_version == 2
+    assert stub.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest()).version == 2
