@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rlhf.algorithms import ppo as algo
+from rlhf.training.distributed import SINGLE, World
 
 
 @dataclass
@@ -195,6 +196,7 @@ def ppo_step(
     config: PPOConfig,
     kl_controller: algo.KLController,
     generator: torch.Generator | None = None,
+    world: World = SINGLE,
 ) -> dict[str, float]:
     """One PPO update of `policy` and `value_head` on `rollout`; returns float statistics.
 
@@ -202,6 +204,13 @@ def ppo_step(
     the minibatches; pass a long-lived one so successive steps shuffle differently, or leave it
     None for a fresh one seeded with `config.seed`. The KL controller is updated at the end,
     with the mean per-sequence KL; "objective/kl_coef" is the coefficient this step used.
+
+    Data parallel (`world` of several ranks): `rollout` is this rank's shard, `policy` and
+    `value_head` are wrapped in DistributedDataParallel, and `config.minibatch_size` is the
+    global minibatch (each rank trains on its share of it). Whitening, the losses' token
+    normalisation, the KL controller's input and the statistics are over the whole batch, so
+    every rank takes the same step a single process would take on the whole batch (exactly,
+    when one minibatch covers the batch; otherwise the shuffle is drawn within each shard).
     """
     device = next(policy.parameters()).device
     rollout = rollout.to(device)
@@ -210,34 +219,64 @@ def ppo_step(
     if generator is None:
         generator = torch.Generator().manual_seed(config.seed)
     size = rollout.input_ids.shape[0]
+    minibatch_size = _local_minibatch_size(config.minibatch_size, world)
     # Every epoch's shuffle is drawn up front (same draws, same order as one per epoch): the
     # scoring pass needs to know which rows the first minibatch will train on.
     orders = [
         torch.randperm(size, generator=generator).to(device) for _ in range(config.ppo_epochs)
     ]
-    first = orders[0][: config.minibatch_size] if orders else None
+    first = orders[0][:minibatch_size] if orders else None
 
     with _eval_mode(policy, value_head, reference):
         batch, first_forward = _score_rollout(
-            policy, value_head, reference, rollout, config, kl_coef, first
+            policy, value_head, reference, rollout, config, kl_coef, first, world
         )
         train_stats = _train_epochs(
-            policy, value_head, optimizer, rollout, batch, config, orders, first_forward
+            policy,
+            value_head,
+            optimizer,
+            rollout,
+            batch,
+            config,
+            orders,
+            first_forward,
+            _Sharding(world, minibatch_size),
         )
 
-    seq_kl = batch["kl"].sum(-1).mean()
-    kl_controller.update(seq_kl.item(), n_steps=size)
+    def mean(per_row: torch.Tensor) -> float:  # over every rank's rows
+        rows = torch.tensor(float(size), device=device)
+        totals = world.all_sum(torch.stack([per_row.float().sum(), rows]))
+        return (totals[0] / totals[1]).item()
+
+    seq_kl = mean(batch["kl"].sum(-1))
+    global_size = world.all_sum(torch.tensor(size, device=device)).item()
+    kl_controller.update(seq_kl, n_steps=int(global_size))
     scores = batch["scores"]
+    entropy = world.all_sum(torch.stack([batch["entropy"][mask].sum(), mask.sum().float()]))
     return {
-        "objective/kl": seq_kl.item(),
+        "objective/kl": seq_kl,
         "objective/kl_coef": kl_coef,
-        "objective/rlhf_reward": (scores - kl_coef * batch["kl"].sum(-1)).mean().item(),
-        "objective/scores": scores.mean().item(),
-        "policy/entropy": algo.masked_mean(batch["entropy"], mask).item(),
+        "objective/rlhf_reward": mean(scores - kl_coef * batch["kl"].sum(-1)),
+        "objective/scores": mean(scores),
+        "policy/entropy": (entropy[0] / entropy[1].clamp(min=1.0)).item(),
         **train_stats,
-        "response/length": mask.float().sum(-1).mean().item(),
-        "response/ended_frac": rollout.ended.float().mean().item(),
+        "response/length": mean(mask.float().sum(-1)),
+        "response/ended_frac": mean(rollout.ended.float()),
     }
+
+
+def _local_minibatch_size(minibatch_size: int, world: World) -> int:
+    if minibatch_size % world.size:
+        raise ValueError(
+            f"a minibatch of {minibatch_size} does not split evenly over {world.size} ranks"
+        )
+    return minibatch_size // world.size
+
+
+@dataclass(frozen=True)
+class _Sharding:
+    world: World
+    minibatch_size: int  # this rank's rows per minibatch
 
 
 # The policy's (logprobs, values) for some rows, still attached to the autograd graph.
@@ -252,6 +291,7 @@ def _score_rollout(
     config: PPOConfig,
     kl_coef: float,
     tracked_rows: torch.Tensor | None = None,
+    world: World = SINGLE,
 ) -> tuple[dict[str, torch.Tensor], TrackedForward | None]:
     """Everything fixed during the update: old logprobs and values, rewards, advantages.
 
@@ -282,7 +322,7 @@ def _score_rollout(
         )
         advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
         if config.whiten_advantages:
-            advantages = algo.masked_whiten(advantages, mask)
+            advantages = algo.masked_whiten(advantages, mask, all_sum=world.all_sum)
     batch = {
         "old_logprobs": old_logprobs,
         "old_values": old_values,
@@ -343,19 +383,23 @@ def _train_epochs(
     config: PPOConfig,
     orders: list[torch.Tensor],
     first_forward: TrackedForward | None,
+    sharding: _Sharding,
 ) -> dict[str, float]:
     """One pass over shuffled minibatches per order in `orders` (one per epoch); returns the
-    loss statistics averaged over all minibatches. `first_forward` stands in for the first
-    minibatch's forward pass."""
+    loss statistics averaged over all minibatches (of this rank). `first_forward` stands in
+    for the first minibatch's forward pass."""
     params = [p for p in [*policy.parameters(), *value_head.parameters()] if p.requires_grad]
     size = rollout.input_ids.shape[0]
+    world, step = sharding.world, sharding.minibatch_size
     totals: dict[str, float] = {}
     n_minibatches = 0
     for order in orders:
-        for start in range(0, size, config.minibatch_size):
-            idx = order[start : start + config.minibatch_size]
+        for start in range(0, size, step):
+            idx = order[start : start + step]
             forward = first_forward if n_minibatches == 0 else None
             loss, stats = _minibatch_loss(policy, value_head, rollout, batch, idx, config, forward)
+            if world.distributed:
+                loss = loss * _token_share(rollout.response_mask[idx], world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -364,6 +408,18 @@ def _train_epochs(
                 totals[key] = totals.get(key, 0.0) + value
             n_minibatches += 1
     return {key: total / max(n_minibatches, 1) for key, total in totals.items()}
+
+
+def _token_share(mask: torch.Tensor, world: World) -> torch.Tensor:
+    """Turns this rank's per-token mean loss into its share of the global minibatch's mean.
+
+    The losses average over the rank's real tokens, and DDP averages gradients over ranks:
+    a mean of means, which weighs a token of a rank with short responses more. Scaling by
+    local_tokens * ranks / global_tokens makes the averaged gradient that of the global
+    per-token mean, the one a single process on the whole minibatch computes.
+    """
+    local = mask.sum().float()
+    return local * world.size / world.all_sum(local).clamp(min=1.0)
 
 
 def _minibatch_loss(

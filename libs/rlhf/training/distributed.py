@@ -1,0 +1,123 @@
+"""Data parallelism on torch.distributed, for processes started by `torchrun`.
+
+One code path for every size: a `World` of one (a plain `python -m services.trainer`) does no
+communication at all, and torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR)
+turns the same code into data-parallel training: gloo on CPU, NCCL on GPU. Each rank takes its
+contiguous share of every batch (`World.shard`), gradients are averaged by
+DistributedDataParallel, and the few statistics that must be global (advantage whitening, token
+counts, the KL fed to the controller) are summed with `World.all_sum`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+T = TypeVar("T")
+
+BACKENDS = ("gloo", "nccl")
+# A rank waits this long for the others at a collective before failing: long enough for rank 0
+# to load a checkpoint or wait for a batch of feedback, short enough to surface a dead peer.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel ranks (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that reads feedback, serves the control plane and writes
+        checkpoints (written once, by it alone)."""
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's contiguous share of a global batch. Every rank must get as many rows as
+        the others (a rank with fewer minibatches would wait for ever at the next all-reduce),
+        so the batch must divide evenly."""
+        if len(items) % self.size:
+            raise ValueError(
+                f"a batch of {len(items)} does not split evenly over {self.size} ranks"
+            )
+        share = len(items) // self.size
+        return list(items[self.rank * share : (self.rank + 1) * share])
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over every rank (a new tensor; the input is left alone)."""
+        if not self.distributed:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's `obj` on every rank (the others' argument is ignored). Pickled by
+        torch.distributed between this job's own ranks only, never read from storage."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """`module` as DistributedDataParallel (gradients averaged over the ranks during
+        backward, rank 0's weights copied to every rank now), or as is in a world of one."""
+        if not self.distributed:
+            return module
+        device_ids = [self.local_rank] if next(module.parameters()).is_cuda else None
+        # Buffers (rotary tables) are never trained: broadcasting them every forward is waste.
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+SINGLE = World()
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def join(backend: str = "", timeout: timedelta = DEFAULT_TIMEOUT) -> World:
+    """The world torchrun describes in the environment, joining its process group; a world of
+    one (no process group) when the process was not started by torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    world = World(
+        rank=int(os.environ["RANK"]),
+        size=size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed backend {backend!r}: expected one of {BACKENDS}")
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend, timeout=timeout)
+    return world
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
