@@ -51,6 +51,12 @@ class TrainerConfig(CommonConfig):
         "RLHF_PPO_LORA_RANK", 0, "LoRA adapter rank for PPO (0 = train every weight)"
     )
     lora_alpha: float = setting("RLHF_PPO_LORA_ALPHA", 16.0, "LoRA scaling numerator")
+    dist_backend: str = setting(
+        "RLHF_DIST_BACKEND",
+        "",
+        "torch.distributed backend when the ppo stage runs under torchrun: gloo or nccl "
+        "(empty: nccl with GPUs, gloo without); batch and minibatch must split over the ranks",
+    )
     max_staleness_seconds: float = setting(
         "RLHF_PPO_MAX_STALENESS_SECONDS",
         3600.0,
@@ -154,6 +160,8 @@ class TrainerConfig(CommonConfig):
                 "RLHF_PPO_LORA_RANK must be >= 0, RLHF_KEEP_TRAINER_STATES >= 1 and "
                 "RLHF_PPO_MAX_STALENESS_SECONDS > 0"
             )
+        if self.dist_backend not in ("", "gloo", "nccl"):
+            raise ConfigError(f"RLHF_DIST_BACKEND={self.dist_backend!r}: expected gloo or nccl")
         if min(self.sft_round_examples, self.sft_epochs, self.sft_max_tokens) < 1:
             raise ConfigError("sft stage round sizes must be positive")
         if min(self.reward_round_examples, self.reward_steps, self.reward_batch_size) < 1:

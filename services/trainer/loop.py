@@ -38,9 +38,11 @@ from rlhf.clients import RewardUnavailable
 from rlhf.joining import FeedbackJoin, Joined, Ledger
 from rlhf.models import policy_from_checkpoint
 from rlhf.scoring import reward_prompt
+from rlhf.training.distributed import ShardFailed
 from rlhf.training.online import PPOLearner, Scorer
 from rlhf.v1 import events_pb2
 
+from .lockstep import Lockstep
 from .ppo_state import IntakeSnapshot, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -375,7 +377,7 @@ class TrainingLoop(PauseSwitch):
 
     def __init__(
         self,
-        learner: PPOLearner,
+        learner: PPOLearner | Lockstep,
         intake: Intake,
         score: Scorer,
         store: CheckpointStore,
@@ -488,7 +490,7 @@ class TrainingLoop(PauseSwitch):
         texts = [reward_prompt(j.generation) for j in batch]
         try:
             stats = self.learner.iterate(prompts, self._score, prompt_texts=texts)
-        except RewardUnavailable as exc:
+        except (RewardUnavailable, ShardFailed) as exc:
             log.warning("reward service unavailable (%s); retrying the batch shortly", exc)
             self.intake.put_back(batch)
             self._stopping.wait(2.0)

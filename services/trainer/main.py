@@ -10,20 +10,30 @@ from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import RewardClient
+from rlhf.config import ConfigError, parse_args
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
-from rlhf.server import Service, run_main
+from rlhf.server import Service, configure_logging, run_main
+from rlhf.training import distributed
+from rlhf.training.distributed import World
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
 from rlhf.training.ppo import PPOConfig
 from rlhf.v1 import events_pb2
 
 from .config import TrainerConfig
+from .lockstep import Lockstep, follow
 from .loop import Intake, LoopSettings, TrainingLoop
-from .ppo_state import resume
+from .ppo_state import Resumed, resume
 from .reward_stage import RewardTrainerService
 from .servicer import StageService, TrainerServicer
 from .sft_stage import SFTTrainerService
 
 MAX_PPO_PROMPT_TOKENS = 512
+DESCRIPTION = (
+    "Join generations with feedback and train: PPO against the reward service, publishing "
+    "policies (RLHF_TRAINER_STAGE=ppo; data parallel under torchrun); the reward model, "
+    "publishing reward models (RLHF_TRAINER_STAGE=reward); or supervised fine-tuning on "
+    "corrections and a demonstrations file (RLHF_TRAINER_STAGE=sft)."
+)
 
 
 def ppo_config(config: TrainerConfig) -> PPOConfig:
@@ -46,32 +56,54 @@ def load_reference(config: TrainerConfig, store: CheckpointStore) -> torch.nn.Mo
     return policy_from_checkpoint(store.load(POLICY, config.reference_version))
 
 
+def resume_learner(config: TrainerConfig, store: CheckpointStore, world: World) -> Resumed:
+    """The PPO learner continuing from the newest policy and its trainer state (every rank
+    builds the same one; the reference stays what RLHF_PPO_REFERENCE_VERSION says)."""
+    tokenizer = load_tokenizer(config.cache_dir)
+    reference = load_reference(config, store).to(world.device)
+
+    def make_learner(weights: torch.nn.Module) -> PPOLearner:
+        return PPOLearner(
+            weights.to(world.device),
+            reference,
+            tokenizer,
+            ppo_config(config),
+            RolloutSettings(max_new_tokens=config.response_tokens, seed=config.seed),
+            LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha),
+            world,
+        )
+
+    return resume(
+        store,
+        lambda: load_base_policy(config.policy_model, config.cache_dir),
+        make_learner,
+        config.lora_rank,
+    )
+
+
+def join_world(config: TrainerConfig) -> World:
+    """The torchrun world (a world of one without torchrun), checked against the config."""
+    world = distributed.join(config.dist_backend)
+    if world.distributed and config.stage != "ppo":
+        raise ConfigError(f"only the ppo stage runs data parallel, not {config.stage!r}")
+    if config.batch_size % world.size or config.minibatch_size % world.size:
+        raise ConfigError(
+            f"RLHF_PPO_BATCH_SIZE={config.batch_size} and RLHF_PPO_MINIBATCH_SIZE="
+            f"{config.minibatch_size} must split evenly over {world.size} ranks"
+        )
+    return world
+
+
 class TrainerService(StageService):
-    """The trainer process running the PPO stage (RLHF_TRAINER_STAGE=ppo)."""
+    """The trainer process running the PPO stage (RLHF_TRAINER_STAGE=ppo); under torchrun,
+    rank 0 (the followers run `run_follower`)."""
 
     def __init__(self, config: TrainerConfig) -> None:
         self.config = config
+        self.world = join_world(config)
         store = CheckpointStore(config.checkpoint_dir)
-        tokenizer = load_tokenizer(config.cache_dir)
-        reference = load_reference(config, store)
-
-        def make_learner(weights: torch.nn.Module) -> PPOLearner:
-            return PPOLearner(
-                weights,
-                reference,
-                tokenizer,
-                ppo_config(config),
-                RolloutSettings(max_new_tokens=config.response_tokens, seed=config.seed),
-                LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha),
-            )
-
-        # Continue from the newest policy and its trainer state; the reference stays the base.
-        resumed = resume(
-            store,
-            lambda: load_base_policy(config.policy_model, config.cache_dir),
-            make_learner,
-            config.lora_rank,
-        )
+        resumed = resume_learner(config, store, self.world)
+        learner = Lockstep(resumed.learner, self.world) if self.world.distributed else None
         self.publisher = Publisher(config.kafka_bootstrap, client_id="trainer")
         consumer = EventConsumer(
             config.kafka_bootstrap,
@@ -86,7 +118,7 @@ class TrainerService(StageService):
         if resumed.intake is not None:
             self.intake.restore(resumed.intake)
         self.loop = TrainingLoop(
-            resumed.learner,
+            learner or resumed.learner,
             self.intake,
             self.reward,
             store,
@@ -104,10 +136,31 @@ class TrainerService(StageService):
             start_version=resumed.policy_version,
             lora_base_version=resumed.lora_base_version,
         )
+        self.lockstep = learner
         self.servicer = TrainerServicer(self.loop, store, POLICY)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.lockstep is not None:  # the loop has stopped: release the followers
+            self.lockstep.stop()
+            distributed.leave()
 
     def close_clients(self) -> None:
         self.reward.close()
+
+
+def run_follower(config: TrainerConfig) -> None:
+    """A rank > 0 of the distributed PPO stage: rank 0's commands on this rank's shard, until
+    rank 0 stops. No gRPC port and no Kafka; it scores its shard on the reward service."""
+    configure_logging("trainer")
+    world = join_world(config)
+    learner = resume_learner(config, CheckpointStore(config.checkpoint_dir), world).learner
+    reward = RewardClient(config.reward_address)
+    try:
+        follow(learner, world, reward)
+    finally:
+        reward.close()
+        distributed.leave()
 
 
 def build(config: TrainerConfig) -> Service:
@@ -120,14 +173,13 @@ def build(config: TrainerConfig) -> Service:
 
 
 def main() -> None:
+    if distributed.launched_rank() > 0:  # torchrun's other ranks follow rank 0
+        return run_follower(parse_args(TrainerConfig, DESCRIPTION))
     run_main(
         "trainer",
         TrainerConfig,
         build,
-        "Join generations with feedback and train: PPO against the reward service, publishing "
-        "policies (RLHF_TRAINER_STAGE=ppo); the reward model, publishing reward models "
-        "(RLHF_TRAINER_STAGE=reward); or supervised fine-tuning on corrections and a "
-        "demonstrations file (RLHF_TRAINER_STAGE=sft).",
+        DESCRIPTION,
     )
 
 

@@ -19,6 +19,7 @@ from rlhf.models import TINY, load_base_policy, load_tokenizer
 from rlhf.training import distributed
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
 from rlhf.training.ppo import PPOConfig
+from services.trainer.lockstep import Lockstep, follow
 
 BATCH = 8
 
@@ -65,15 +66,24 @@ def main() -> None:
         world,
     )
     initial = trainable(learner)
+    if not world.is_main:
+        follow(learner, world, score)  # the trainer service's followers, as they run
+        distributed.leave()
+        return
+    lead = Lockstep(learner, world)  # in a world of one, the learner itself
     stats = {}
     for _ in range(args.steps):
-        stats = learner.iterate(prompts(), score)
+        stats = lead.iterate(prompts(), score)
     # Responses of unequal lengths (the tiny model's samples all run to the token limit): each
     # rank's share of the batch's tokens differs, which the losses' normalisation must undo.
     eos = tokenizer.eos_token_id
     responses = [[300 + row] * (1 + row) + [eos] for row in range(BATCH)]
     scores = [float(row % 3) for row in range(BATCH)]
-    stats = learner.update(*(world.shard(rows) for rows in (prompts(), responses, scores)))
+    lead.update(prompts(), responses, scores)
+    # A rollback to the base weights: every rank must continue from rank 0's weights.
+    lead.rebase(load_base_policy(TINY, cache_dir, seed=0))
+    stats = lead.update(prompts(), responses, scores)
+    lead.stop()
     if world.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         save_file(initial, str(args.out / "initial.safetensors"))

@@ -47,6 +47,13 @@ class World:
         checkpoints (written once, by it alone)."""
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank computes: its own GPU when there are GPUs, else the CPU."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's contiguous share of a global batch. Every rank must get as many rows as
         the others (a rank with fewer minibatches would wait for ever at the next all-reduce),
@@ -68,12 +75,21 @@ class World:
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's `obj` on every rank (the others' argument is ignored). Pickled by
-        torch.distributed between this job's own ranks only, never read from storage."""
+        torch.distributed between this job's own ranks only, never read from storage.
+
+        It travels on a CPU (gloo) group of its own whose timeout is unbounded: the other
+        ranks wait here for rank 0's next command for as long as no feedback arrives, which
+        must not trip the training collectives' timeout."""
         if not self.distributed:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_command_group())
         return box[0]
+
+    def any_failed(self, failed: bool) -> bool:
+        """Whether `failed` is true on any rank: every rank must agree before a collective
+        step that one of them would not join."""
+        return bool(self.all_sum(torch.tensor(int(failed), device=self.device)).item())
 
     def barrier(self) -> None:
         if self.distributed:
@@ -90,10 +106,30 @@ class World:
 
 
 SINGLE = World()
+# Commands wait for feedback, which may not come for days.
+_COMMAND_TIMEOUT = timedelta(days=365)
+_commands: dist.ProcessGroup | None = None
+
+
+def _command_group() -> dist.ProcessGroup:
+    global _commands
+    if _commands is None:
+        _commands = dist.new_group(backend="gloo", timeout=_COMMAND_TIMEOUT)
+    return _commands
+
+
+class ShardFailed(RuntimeError):
+    """Another rank could not do its part of a step (its reward call failed, say): every rank
+    skips the step, so none waits for ever in a collective the others never enter."""
 
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when not started by torchrun)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def join(backend: str = "", timeout: timedelta = DEFAULT_TIMEOUT) -> World:
@@ -114,10 +150,13 @@ def join(backend: str = "", timeout: timedelta = DEFAULT_TIMEOUT) -> World:
         if backend == "nccl":
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend, timeout=timeout)
+        _command_group()  # a collective: created by every rank at the same point
     return world
 
 
 def leave() -> None:
     """Leave the process group, if this process joined one."""
+    global _commands
     if dist.is_initialized():
         dist.destroy_process_group()
+    _commands = None

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import decoding
-from rlhf.training.distributed import SINGLE, World
+from rlhf.training.distributed import SINGLE, ShardFailed, World
 from rlhf.training.ppo import PPOConfig, ValueHead, build_rollout, ppo_step
 from rlhf.training.state import load_optimizer_state, optimizer_state
 
@@ -71,7 +71,7 @@ class PPOLearner:
         self.rollout_settings = rollout
         self.lora = lora or LoraSettings()
         self.world = world
-        self.value_head = ValueHead(policy.config.hidden_size)
+        self.value_head = ValueHead(policy.config.hidden_size).to(policy.device)
         self._trained_value_head = world.wrap(self.value_head)
         self.kl_controller = config.make_kl_controller()
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -104,7 +104,7 @@ class PPOLearner:
     def rebase(self, weights: PreTrainedModel) -> None:
         """Continue training from other weights (a rollback): the value head and KL controller
         are kept, the optimizer moments (which belong to the old trajectory) start over."""
-        self._set_policy(weights)
+        self._set_policy(weights.to(self.value_head.linear.weight.device))
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.optimizer.param_groups[0]["params"])
@@ -162,7 +162,13 @@ class PPOLearner:
         completions = self.sample(prompts, first_row)
         responses = [c.token_ids for c in completions]
         response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = score(list(prompt_texts), response_texts)
+        try:
+            scores = score(list(prompt_texts), response_texts)
+        except Exception:
+            self.world.any_failed(True)
+            raise
+        if self.world.any_failed(False):
+            raise ShardFailed("another rank could not score its share of the batch")
         return self.update(prompts, responses, scores)
 
     def update(

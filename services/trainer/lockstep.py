@@ -1,0 +1,91 @@
+"""The PPO stage across several data-parallel ranks: rank 0 leads, the others follow.
+
+Rank 0 is the trainer service proper (Kafka intake, control plane, checkpoints). Every learner
+call that takes a collective step goes through `Lockstep`, which first tells the followers
+what to run; a follower (`follow`) runs the same call on its own learner and shard. The
+followers therefore need no Kafka, no gRPC port and no write access to the store.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhf.training.distributed import ShardFailed, World
+from rlhf.training.online import PPOLearner, Scorer
+
+log = logging.getLogger(__name__)
+
+ITERATE, UPDATE, REBASE, STOP = "iterate", "update", "rebase", "stop"
+
+
+class Lockstep:
+    """Rank 0's learner: the learner's own interface, each step announced to the followers."""
+
+    def __init__(self, learner: PPOLearner, world: World) -> None:
+        self.learner = learner
+        self.world = world
+
+    def __getattr__(self, name: str) -> Any:  # updates, lora, export_policy, state_files, ...
+        return getattr(self.learner, name)
+
+    def iterate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        score: Scorer,
+        prompt_texts: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        self.world.broadcast((ITERATE, [list(p) for p in prompts], prompt_texts))
+        return self.learner.iterate(prompts, score, prompt_texts)
+
+    def update(
+        self,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        scores: Sequence[float],
+    ) -> dict[str, float]:
+        """The global batch in, each rank (this one too) updates on its shard."""
+        self.world.broadcast((UPDATE, prompts, responses, scores))
+        return self.learner.update(
+            *(self.world.shard(rows) for rows in (prompts, responses, scores))
+        )
+
+    def rebase(self, weights: torch.nn.Module) -> None:
+        """A rollback: the followers rebase onto their own weights and the DDP wrapper built
+        by the rebase copies rank 0's (the rolled-back ones) over them, parameters frozen or
+        not, so no rank needs to read the store again."""
+        self.world.broadcast((REBASE,))
+        self.learner.rebase(weights)
+
+    def stop(self) -> None:
+        self.world.broadcast((STOP,))
+
+
+def follow(learner: PPOLearner, world: World, score: Scorer) -> None:
+    """Run rank 0's commands on this rank's learner until it says stop."""
+    while True:
+        command, *args = world.broadcast()
+        if command == STOP:
+            return
+        try:
+            if command == ITERATE:
+                prompts, prompt_texts = args
+                learner.iterate(prompts, score, prompt_texts)
+            elif command == UPDATE:
+                learner.update(*(world.shard(rows) for rows in args))
+            elif command == REBASE:
+                # Any weights of the right shape do (rank 0's replace them), but fresh ones:
+                # the old DDP wrapper's gradient hooks stay on the parameters it wrapped.
+                weights = learner.export_policy()
+                learner.rebase(weights if learner.lora.enabled else copy.deepcopy(weights))
+            else:
+                raise ValueError(f"unknown command {command!r} from rank 0")
+        except ShardFailed:
+            log.warning("rank %d: another rank failed its share; step skipped", world.rank)
+        except Exception:
+            # Rank 0 logs and counts the same failure: a batch is dropped, training goes on.
+            log.exception("rank %d: %s failed", world.rank, command)
