@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,11 +63,19 @@ class Lockstep:
         self.learner.rebase(weights)
 
     def stop(self) -> None:
-        self.world.broadcast((STOP,))
+        try:
+            self.world.broadcast((STOP,))
+        except RuntimeError as exc:  # a follower already gone (killed, or its pod evicted)
+            log.warning("could not tell every rank to stop: %s", exc)
 
 
 def follow(learner: PPOLearner, world: World, score: Scorer) -> None:
-    """Run rank 0's commands on this rank's learner until it says stop."""
+    """Run rank 0's commands on this rank's learner until it says stop.
+
+    SIGTERM (torchrun forwards it to every rank) does not end a follower: rank 0 drains
+    first, finishing the step in flight, which needs every rank, then says stop.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: log.info("rank %d: waiting for rank 0", world.rank))
     while True:
         command, *args = world.broadcast()
         if command == STOP:

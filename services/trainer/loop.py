@@ -571,7 +571,11 @@ class TrainingLoop(PauseSwitch):
         """Write trainer state and policy, announce the policy, commit the offsets covered."""
         snapshot = self.intake.snapshot()
         self._pending_offsets = snapshot.offsets
-        metadata: dict[str, Any] = {"stats": stats, "updates": self.learner.updates}
+        metadata: dict[str, Any] = {
+            "stats": stats,
+            "updates": self.learner.updates,
+            "data_parallel_ranks": self.learner.world.size,
+        }
         if rolled_back_from:
             metadata["rolled_back_from"] = rolled_back_from
         manifest = write_checkpoint(
