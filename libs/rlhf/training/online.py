@@ -2,9 +2,10 @@
 
 It owns the trainable policy (optionally a LoRA adapter over frozen weights), its value head, the
 frozen reference and the optimizer. Scoring is injected (the trainer service passes a
-reward-service client), so this file does no I/O. `state_files` / `load_state` carry everything
-a resumed trainer needs beyond the policy weights: value head, optimizer moments, KL controller,
-RNG states and counters.
+reward-service client), and so is sampling on the generation pool (`rlhf.training.pool`) when
+rollouts are not sampled in this process, so this file does no I/O. `state_files` /
+`load_state` carry everything a resumed trainer needs beyond the policy weights: value head,
+optimizer moments, KL controller, RNG states and counters.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import decoding
 from rlhf.training.distributed import SINGLE, ShardFailed, World
+from rlhf.training.pool import PoolRollouts, PoolSampler
 from rlhf.training.ppo import PPOConfig, ValueHead, build_rollout, ppo_step
 from rlhf.training.state import load_optimizer_state, optimizer_state
 
@@ -64,13 +66,17 @@ class PPOLearner:
         rollout: RolloutSettings,
         lora: LoraSettings | None = None,
         world: World = SINGLE,
+        sampler: PoolSampler | None = None,
     ) -> None:
+        """`sampler`: rollouts on the generation pool, importance-weighted in the update
+        (`ppo_step`); None samples them in this process, from the policy being trained."""
         self.reference = reference.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = config
         self.rollout_settings = rollout
         self.lora = lora or LoraSettings()
         self.world = world
+        self.sampler = sampler
         self.value_head = ValueHead(policy.config.hidden_size).to(policy.device)
         self._trained_value_head = world.wrap(self.value_head)
         self.kl_controller = config.make_kl_controller()
@@ -123,16 +129,7 @@ class PPOLearner:
 
         Row i is seeded by its place in the global batch (`first_row` + i), so a rank's shard
         samples what one process would have sampled for those rows."""
-        self._rollout_calls += 1
-        base_seed = self.rollout_settings.seed * 1_000_003 + self._rollout_calls * 1_009
-        params = [
-            decoding.Sampling(
-                max_new_tokens=self.rollout_settings.max_new_tokens,
-                temperature=self.config.temperature,
-                seed=base_seed + first_row + row,
-            )
-            for row in range(len(prompts))
-        ]
+        params = self._rollout_params(len(prompts), first_row)
         self.policy.eval()
         return decoding.generate(
             self.policy,
@@ -141,6 +138,28 @@ class PPOLearner:
             {self.tokenizer.eos_token_id},
             self.tokenizer.pad_token_id,
         )
+
+    def _rollout_params(self, count: int, first_row: int) -> list[decoding.Sampling]:
+        """Sampling for one batch of rollouts, in process or on the pool alike."""
+        self._rollout_calls += 1
+        base_seed = self.rollout_settings.seed * 1_000_003 + self._rollout_calls * 1_009
+        return [
+            decoding.Sampling(
+                max_new_tokens=self.rollout_settings.max_new_tokens,
+                temperature=self.config.temperature,
+                seed=base_seed + first_row + row,
+            )
+            for row in range(count)
+        ]
+
+    def _rollouts(
+        self, prompts: Sequence[Sequence[int]], first_row: int
+    ) -> tuple[list[decoding.Completion], PoolRollouts | None]:
+        """(completions, the pool's batch if they were sampled on the pool)."""
+        if self.sampler is None:
+            return self.sample(prompts, first_row), None
+        pooled = self.sampler.sample(prompts, self._rollout_params(len(prompts), first_row))
+        return pooled.completions, pooled
 
     def iterate(
         self,
@@ -159,27 +178,43 @@ class PPOLearner:
             prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
         first_row = self.world.rank * (len(prompts) // self.world.size)
         prompts, prompt_texts = self.world.shard(prompts), self.world.shard(prompt_texts)
-        completions = self.sample(prompts, first_row)
-        responses = [c.token_ids for c in completions]
-        response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         try:
+            # Pool rollouts can fail on one rank only (stale pool, pool down): like scoring,
+            # inside the agreement below, so that no rank enters the update's collectives alone.
+            completions, pooled = self._rollouts(prompts, first_row)
+            responses = [c.token_ids for c in completions]
+            response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             scores = score(list(prompt_texts), response_texts)
         except Exception:
             self.world.any_failed(True)
             raise
         if self.world.any_failed(False):
-            raise ShardFailed("another rank could not score its share of the batch")
-        return self.update(prompts, responses, scores)
+            raise ShardFailed("another rank could not sample or score its share of the batch")
+        return self.update(prompts, responses, scores, pooled)
 
     def update(
         self,
         prompts: Sequence[Sequence[int]],
         responses: Sequence[Sequence[int]],
         scores: Sequence[float],
+        pooled: PoolRollouts | None = None,
     ) -> dict[str, float]:
-        """One PPO update on scored responses (data parallel: this rank's shard of them)."""
+        """One PPO update on scored responses (data parallel: this rank's shard of them);
+        `pooled` is the pool's batch they came from, for the importance weights."""
+        off_policy: dict[str, Any] = {}
+        if pooled is not None:
+            off_policy = {
+                "behaviour_logprobs": [c.logprobs for c in pooled.completions],
+                "policy_versions": pooled.policy_versions,
+                "latest_version": pooled.latest_version,
+            }
         rollout = build_rollout(
-            prompts, responses, scores, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+            prompts,
+            responses,
+            scores,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.eos_token_id,
+            **off_policy,
         )
         stats = ppo_step(
             self._trained_policy,

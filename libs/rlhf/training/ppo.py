@@ -39,6 +39,9 @@ class PPOConfig:
     whiten_advantages: bool = True
     no_eos_penalty: float = -1.0
     seed: int = 0  # minibatch shuffling, when ppo_step is not given a generator
+    # Truncation of the importance weights of rollouts sampled by another policy version (pool
+    # rollouts); >= 1. In-process rollouts are on-policy and never weighted.
+    importance_cap: float = 2.0
 
     def make_kl_controller(self) -> algo.KLController:
         if self.adaptive_kl:
@@ -73,6 +76,12 @@ class Rollout:
     pads and on response positions after the first EOS. `ended` [B] bool says whether each
     response finished by itself (EOS, or a stop string if the caller counts that as finished);
     it cannot be recovered from the ids without the EOS id, and `build_rollout` fills it in.
+
+    Rollouts sampled by another process (the generation pool) also carry `behaviour_logprobs`
+    [B, R], the logprobs each token was sampled with (0 on padding), `policy_versions` [B] long,
+    the version that sampled each row, and `latest_version`, the trainer's latest published
+    version when they were asked for; `ppo_step` then corrects for the difference between
+    that behaviour policy and its own. In-process rollouts leave them None.
     """
 
     input_ids: torch.Tensor
@@ -82,6 +91,9 @@ class Rollout:
     response_mask: torch.Tensor
     scores: torch.Tensor
     ended: torch.Tensor
+    behaviour_logprobs: torch.Tensor | None = None
+    policy_versions: torch.Tensor | None = None
+    latest_version: int = 0
 
     def to(self, device: torch.device | str) -> Rollout:
         return Rollout(
@@ -92,6 +104,13 @@ class Rollout:
             response_mask=self.response_mask.to(device),
             scores=self.scores.to(device),
             ended=self.ended.to(device),
+            behaviour_logprobs=None
+            if self.behaviour_logprobs is None
+            else self.behaviour_logprobs.to(device),
+            policy_versions=None
+            if self.policy_versions is None
+            else self.policy_versions.to(device),
+            latest_version=self.latest_version,
         )
 
 
@@ -101,15 +120,22 @@ def build_rollout(
     scores: Sequence[float],
     pad_id: int,
     eos_id: int,
+    behaviour_logprobs: Sequence[Sequence[float]] | None = None,
+    policy_versions: Sequence[int] | None = None,
+    latest_version: int = 0,
 ) -> Rollout:
     """Pad token-id lists into a `Rollout`.
 
     A response's real tokens are its own tokens up to and including its first EOS; lengths are
     known here, so a pad id the policy happened to sample mid-response still counts as real.
     `ended` is computed on the real tokens only, so a pad id equal to the EOS id is safe.
+    Rollouts from another process give, per response, the logprob each token was sampled with
+    and the policy version that sampled it (see `Rollout`), both or neither.
     """
     if not (len(prompts) == len(responses) == len(scores)) or not prompts:
         raise ValueError("need the same positive number of prompts, responses and scores")
+    if (behaviour_logprobs is None) != (policy_versions is None):
+        raise ValueError("give behaviour logprobs and policy versions together, or neither")
     width_p = max(len(p) for p in prompts)
     width_r = max(max(len(r) for r in responses), 1)
     prompt_ids = torch.tensor([[pad_id] * (width_p - len(p)) + list(p) for p in prompts])
@@ -119,6 +145,15 @@ def build_rollout(
     within_length = torch.arange(width_r).unsqueeze(0) < lengths.unsqueeze(1)
     # pad_id=-1 never matches a token: this only cuts after the first EOS.
     mask = within_length & algo.response_mask(response_ids, eos_id, pad_id=-1)
+    behaviour = versions = None
+    if behaviour_logprobs is not None and policy_versions is not None:
+        lengths_fit = [len(b) for b in behaviour_logprobs] == [len(r) for r in responses]
+        if not lengths_fit or len(policy_versions) != len(responses):
+            raise ValueError("need one behaviour logprob per response token, one version per row")
+        behaviour = torch.tensor(
+            [list(b) + [0.0] * (width_r - len(b)) for b in behaviour_logprobs], dtype=torch.float32
+        )
+        versions = torch.tensor(list(policy_versions), dtype=torch.long)
     return Rollout(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1).long(),
         attention_mask=torch.cat([prompt_mask, mask.long()], dim=1),
@@ -127,6 +162,9 @@ def build_rollout(
         response_mask=mask,
         scores=torch.tensor(scores, dtype=torch.float32),
         ended=((response_ids == eos_id) & mask).any(dim=-1),
+        behaviour_logprobs=behaviour,
+        policy_versions=versions,
+        latest_version=latest_version,
     )
 
 
@@ -211,6 +249,11 @@ def ppo_step(
     normalisation, the KL controller's input and the statistics are over the whole batch, so
     every rank takes the same step a single process would take on the whole batch (exactly,
     when one minibatch covers the batch; otherwise the shuffle is drawn within each shard).
+
+    Rollouts with behaviour logprobs (sampled by another policy version, see `Rollout`) weight
+    each token's clipped surrogate by min(pi_old / pi_behaviour, `config.importance_cap`),
+    pi_old being this policy before the update (`_importance_weights`); the value loss, the
+    KL penalty and the advantages are computed as for on-policy rollouts.
     """
     device = next(policy.parameters()).device
     rollout = rollout.to(device)
@@ -231,6 +274,7 @@ def ppo_step(
         batch, first_forward = _score_rollout(
             policy, value_head, reference, rollout, config, kl_coef, first, world
         )
+        off_policy_stats = _importance_weights(rollout, batch, config, world)
         train_stats = _train_epochs(
             policy,
             value_head,
@@ -262,6 +306,37 @@ def ppo_step(
         **train_stats,
         "response/length": mean(mask.float().sum(-1)),
         "response/ended_frac": mean(rollout.ended.float()),
+        **off_policy_stats,
+    }
+
+
+def _importance_weights(
+    rollout: Rollout, batch: dict[str, torch.Tensor], config: PPOConfig, world: World
+) -> dict[str, float]:
+    """Put the truncated importance weights of off-policy rollouts in `batch["is_weights"]`
+    and return their statistics over every rank's tokens: the mean weight, the share of tokens
+    the cap cut, and the largest policy lag (versions behind `latest_version`) of any row.
+    On-policy rollouts get no weights and report 1, 0 and 0, so the statistics always exist."""
+    if rollout.behaviour_logprobs is None or rollout.policy_versions is None:
+        return {
+            "policy/is_weight_mean": 1.0,
+            "policy/is_capped_frac": 0.0,
+            "rollout/policy_lag_max": 0.0,
+        }
+    mask = rollout.response_mask.bool()
+    weights, stats = algo.truncated_importance_weights(
+        batch["old_logprobs"], rollout.behaviour_logprobs, mask, config.importance_cap
+    )
+    batch["is_weights"] = weights
+    tokens = mask.sum().float()
+    totals = world.all_sum(torch.stack([weights.sum(), stats["capped_frac"] * tokens, tokens]))
+    # A max over ranks from the one collective there is: each rank fills its own slot.
+    lags = torch.zeros(world.size, device=weights.device)
+    lags[world.rank] = (rollout.latest_version - rollout.policy_versions).clamp(min=0).max().float()
+    return {
+        "policy/is_weight_mean": (totals[0] / totals[2].clamp(min=1.0)).item(),
+        "policy/is_capped_frac": (totals[1] / totals[2].clamp(min=1.0)).item(),
+        "rollout/policy_lag_max": world.all_sum(lags).max().item(),
     }
 
 
@@ -447,8 +522,14 @@ def _minibatch_loss(
     else:
         logprobs, values = forward
     assert values is not None
+    weights = batch.get("is_weights")  # only for off-policy rollouts
     pg_loss, pg_stats = algo.policy_loss(
-        logprobs, batch["old_logprobs"][idx], batch["advantages"][idx], mask, config.clip_range
+        logprobs,
+        batch["old_logprobs"][idx],
+        batch["advantages"][idx],
+        mask,
+        config.clip_range,
+        weights=None if weights is None else weights[idx],
     )
     vf_loss, vf_clipfrac = algo.value_loss(
         values, batch["old_values"][idx], batch["returns"][idx], mask, config.clip_range_value
