@@ -6,6 +6,7 @@ from pathlib import Path
 from rlhf.config import CommonConfig, ConfigError, setting
 
 STAGES = ("ppo", "reward", "sft")
+ROLLOUTS = ("local", "pool")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,34 @@ class TrainerConfig(CommonConfig):
         "",
         "torch.distributed backend when the ppo stage runs under torchrun: gloo or nccl "
         "(empty: nccl with GPUs, gloo without); batch and minibatch must split over the ranks",
+    )
+    rollouts: str = setting(
+        "RLHF_PPO_ROLLOUTS",
+        "local",
+        "where PPO rollouts are sampled: local (in the trainer) or pool (on the generation "
+        "service at RLHF_PPO_POOL_ADDRESS, importance-weighted in the update)",
+    )
+    pool_address: str = setting(
+        "RLHF_PPO_POOL_ADDRESS",
+        "127.0.0.1:50051",
+        "host:port of the generation service that samples rollouts, with RLHF_PPO_ROLLOUTS=pool",
+    )
+    max_policy_lag: int = setting(
+        "RLHF_PPO_MAX_POLICY_LAG",
+        1,
+        "pool rollouts: policy versions a rollout may lag the trainer's latest published one "
+        "(older ones are sampled again)",
+    )
+    importance_cap: float = setting(
+        "RLHF_PPO_IS_CAP",
+        2.0,
+        "pool rollouts: cap of each token's importance weight pi_trainer / pi_pool (>= 1)",
+    )
+    pool_wait_seconds: float = setting(
+        "RLHF_PPO_POOL_WAIT_SECONDS",
+        60.0,
+        "pool rollouts: how long to ask again a pool still serving too old a policy before the "
+        "batch is put back for later",
     )
     max_staleness_seconds: float = setting(
         "RLHF_PPO_MAX_STALENESS_SECONDS",
@@ -159,6 +188,15 @@ class TrainerConfig(CommonConfig):
             raise ConfigError(
                 "RLHF_PPO_LORA_RANK must be >= 0, RLHF_KEEP_TRAINER_STATES >= 1 and "
                 "RLHF_PPO_MAX_STALENESS_SECONDS > 0"
+            )
+        if self.rollouts not in ROLLOUTS:
+            raise ConfigError(f"RLHF_PPO_ROLLOUTS={self.rollouts!r}: expected one of {ROLLOUTS}")
+        if self.rollouts == "pool" and not self.pool_address:
+            raise ConfigError("RLHF_PPO_POOL_ADDRESS is required with RLHF_PPO_ROLLOUTS=pool")
+        if self.max_policy_lag < 0 or not self.importance_cap >= 1 or self.pool_wait_seconds <= 0:
+            raise ConfigError(
+                "RLHF_PPO_MAX_POLICY_LAG must be >= 0, RLHF_PPO_IS_CAP >= 1 and "
+                "RLHF_PPO_POOL_WAIT_SECONDS > 0"
             )
         if self.dist_backend not in ("", "gloo", "nccl"):
             raise ConfigError(f"RLHF_DIST_BACKEND={self.dist_backend!r}: expected gloo or nccl")

@@ -9,13 +9,14 @@ import torch
 from rlhf import bus
 from rlhf.bus import EventConsumer, Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
-from rlhf.clients import RewardClient
+from rlhf.clients import GenerationClient, RewardClient
 from rlhf.config import ConfigError, parse_args
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
 from rlhf.server import Service, configure_logging, run_main
 from rlhf.training import distributed
 from rlhf.training.distributed import World
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
+from rlhf.training.pool import PoolSampler
 from rlhf.training.ppo import PPOConfig
 from rlhf.v1 import events_pb2
 
@@ -45,6 +46,7 @@ def ppo_config(config: TrainerConfig) -> PPOConfig:
         init_kl_coef=config.init_kl_coef,
         target_kl=config.target_kl,
         seed=config.seed,
+        importance_cap=config.importance_cap,
     )
 
 
@@ -56,9 +58,36 @@ def load_reference(config: TrainerConfig, store: CheckpointStore) -> torch.nn.Mo
     return policy_from_checkpoint(store.load(POLICY, config.reference_version))
 
 
-def resume_learner(config: TrainerConfig, store: CheckpointStore, world: World) -> Resumed:
+def pool_client(config: TrainerConfig) -> GenerationClient | None:
+    """The generation pool's client when rollouts are sampled there (RLHF_PPO_ROLLOUTS=pool)."""
+    return GenerationClient(config.pool_address) if config.rollouts == "pool" else None
+
+
+def pool_sampler(
+    config: TrainerConfig, store: CheckpointStore, client: GenerationClient | None
+) -> PoolSampler | None:
+    """Rollouts on the pool, within RLHF_PPO_MAX_POLICY_LAG versions of the newest policy in
+    the store: the trainer's latest published version (it writes a policy before announcing
+    it, and sft, which also writes policies, does not run beside ppo)."""
+    if client is None:
+        return None
+    return PoolSampler(
+        client,
+        lambda: store.latest_version(POLICY) or 0,
+        max_policy_lag=config.max_policy_lag,
+        max_wait=config.pool_wait_seconds,
+    )
+
+
+def resume_learner(
+    config: TrainerConfig,
+    store: CheckpointStore,
+    world: World,
+    sampler: PoolSampler | None = None,
+) -> Resumed:
     """The PPO learner continuing from the newest policy and its trainer state (every rank
-    builds the same one; the reference stays what RLHF_PPO_REFERENCE_VERSION says)."""
+    builds the same one; the reference stays what RLHF_PPO_REFERENCE_VERSION says); `sampler`
+    samples its rollouts on the generation pool, None in process."""
     tokenizer = load_tokenizer(config.cache_dir)
     reference = load_reference(config, store).to(world.device)
 
@@ -71,6 +100,7 @@ def resume_learner(config: TrainerConfig, store: CheckpointStore, world: World) 
             RolloutSettings(max_new_tokens=config.response_tokens, seed=config.seed),
             LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha),
             world,
+            sampler,
         )
 
     return resume(
@@ -102,7 +132,10 @@ class TrainerService(StageService):
         self.config = config
         self.world = join_world(config)
         store = CheckpointStore(config.checkpoint_dir)
-        resumed = resume_learner(config, store, self.world)
+        self.generation = pool_client(config)
+        resumed = resume_learner(
+            config, store, self.world, pool_sampler(config, store, self.generation)
+        )
         learner = Lockstep(resumed.learner, self.world) if self.world.distributed else None
         self.publisher = Publisher(config.kafka_bootstrap, client_id="trainer")
         consumer = EventConsumer(
@@ -147,6 +180,8 @@ class TrainerService(StageService):
 
     def close_clients(self) -> None:
         self.reward.close()
+        if self.generation is not None:
+            self.generation.close()
 
 
 def run_follower(config: TrainerConfig) -> None:
@@ -154,12 +189,16 @@ def run_follower(config: TrainerConfig) -> None:
     rank 0 stops. No gRPC port and no Kafka; it scores its shard on the reward service."""
     configure_logging("trainer")
     world = join_world(config)
-    learner = resume_learner(config, CheckpointStore(config.checkpoint_dir), world).learner
+    store = CheckpointStore(config.checkpoint_dir)
+    generation = pool_client(config)  # each rank samples its shard on the pool
+    learner = resume_learner(config, store, world, pool_sampler(config, store, generation)).learner
     reward = RewardClient(config.reward_address)
     try:
         follow(learner, world, reward)
     finally:
         reward.close()
+        if generation is not None:
+            generation.close()
         distributed.leave()
 
 
