@@ -174,10 +174,34 @@ def service_keys(ports: list[str]) -> dict[str, Schema]:
     }
 
 
+def distributed() -> Schema:
+    """trainer.stages.ppo.distributed: PPO on several pods under torchrun."""
+    return obj(
+        {
+            "enabled": BOOLEAN,
+            "mode": {
+                "description": "statefulset, or pytorchjob (needs the Kubeflow training operator)",
+                "enum": ["statefulset", "pytorchjob"],
+            },
+            "nodes": integer(1, description="Pods (torchrun --nnodes), 1 or more"),
+            "procsPerNode": integer(
+                0, 64, description="Processes per pod; 0: one per GPU (gpu.count), or 1 on CPU"
+            ),
+            "rendezvousPort": ref("port"),
+            "maxRestarts": integer(0, description="torchrun --max-restarts"),
+        },
+        required=["enabled", "mode", "nodes", "procsPerNode", "rendezvousPort", "maxRestarts"],
+    )
+
+
 def build() -> Schema:
     http = {"http": obj({"enabled": BOOLEAN}, required=["enabled"])}
     stage_required = ["enabled", "ports", "gpu", "probes"]
     stage = obj(server_keys(["grpc", "metrics"]), required=stage_required)
+    ppo_stage = obj(
+        {**server_keys(["grpc", "metrics"]), "distributed": distributed()},
+        required=stage_required,
+    )
     sft_stage = obj(
         {
             **server_keys(["grpc", "metrics"]),
@@ -321,7 +345,7 @@ def build() -> Schema:
                 "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
                 "rewardModel": {"enum": ["minilm-l6", "tiny-random"]},
                 "stages": obj(
-                    {"ppo": stage, "reward": stage, "sft": sft_stage},
+                    {"ppo": ppo_stage, "reward": stage, "sft": sft_stage},
                     required=["ppo", "reward", "sft"],
                 ),
             }
