@@ -13,10 +13,8 @@ import tomllib
 from pathlib import Path
 
 import helm_python as helm
-import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate.utils import SchemaNotFoundError
 
 from rlhf.config import describe, load_config
 from services.feedback.config import FeedbackConfig
@@ -40,6 +38,7 @@ from tests.deploy.chart_support import (
     component,
     exported_metrics,
     gpu_values,
+    invalid,
     merged,
     render,
     stage,
@@ -113,15 +112,8 @@ def test_helm_lint_is_clean(values, kube_version):
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", sorted(VALUE_SETS))
 def test_every_manifest_is_valid_kubernetes(renders, values, kube_version):
-    unchecked = set()
-    for doc in renders[values].docs:
-        try:
-            kubernetes_validate.validate(doc, kube_version, strict=True)
-        except SchemaNotFoundError:
-            unchecked.add(doc["kind"])
-        except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+    errors, unchecked = invalid(renders[values].docs, kube_version)
+    assert errors == []
     assert unchecked <= CRD_KINDS  # only custom resources lack a schema
 
 
