@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from rlhf import bus, decoding
 from rlhf.algorithms.ppo import truncated_importance_weights
 from rlhf.checkpoints import POLICY, CheckpointStore
-from rlhf.clients import GenerationClient
+from rlhf.clients import GenerationClient, RewardUnavailable
 from rlhf.models import (
     TINY,
     load_base_policy,
@@ -21,8 +21,9 @@ from rlhf.models import (
     policy_checkpoint_files,
     policy_from_checkpoint,
 )
-from rlhf.training.pool import PoolSampler, StaleRollouts
-from rlhf.training.ppo import build_rollout, forward_policy
+from rlhf.training.online import PPOLearner, RolloutSettings
+from rlhf.training.pool import PoolRollouts, PoolSampler, StaleRollouts
+from rlhf.training.ppo import PPOConfig, build_rollout, forward_policy
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
@@ -226,18 +227,25 @@ def _recompute(policy, tokenizer, prompts, completions):
     return old, behaviour, rollout.response_mask
 
 
+def _perturbed(model, scale: float = 0.1, seed: int = 0):
+    """`model` moved by seeded noise: at 0.1 the pool's samples become likelier under it for
+    about a tenth of the tokens (far more noise and every sample becomes unlikely)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
 def test_importance_weights_are_capped_when_the_trainer_has_moved_on(
     client, cache_dir, tokenizer, prompts
 ):
     sampler = PoolSampler(client, lambda: 1, max_policy_lag=0)
     pooled = sampler.sample(prompts, params(len(prompts), seed=7))
-    moved = load_base_policy(TINY, cache_dir)
-    with torch.no_grad():
-        for parameter in moved.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.5)
+    moved = _perturbed(load_base_policy(TINY, cache_dir))
     old, behaviour, mask = _recompute(moved, tokenizer, prompts, pooled.completions)
     raw = torch.exp(old - behaviour)[mask]
-    assert (raw > 2.0).any(), "the perturbation should make some tokens far likelier"
+    assert (raw > 2.0).any() and (raw < 2.0).any()
     weights, stats = truncated_importance_weights(old, behaviour, mask, cap=2.0)
     assert weights[mask].max().item() <= 2.0 and (weights[~mask] == 0).all()
     assert stats["capped_frac"].item() == pytest.approx((raw > 2.0).float().mean().item())
@@ -250,6 +258,75 @@ def test_a_pool_behind_the_staleness_bound_is_refused_with_a_clear_error(client,
     with pytest.raises(StaleRollouts, match="older than v2"):
         sampler.sample(prompts[:2], params(2))
     assert _metric("rlhf_trainer_pool_stale_samples_total") >= stale_before + 2 * 2
+
+
+# -- PPO iterations with rollouts from the pool ---------------------------------------------------
+
+
+class RecordingSampler(PoolSampler):
+    """The real sampler, keeping the last batch it returned for the assertions."""
+
+    last: PoolRollouts | None = None
+
+    def sample(self, prompts, params):  # noqa: ANN001, ANN201
+        self.last = super().sample(prompts, params)
+        return self.last
+
+
+def _learner(cache_dir, tokenizer, sampler, policy=None) -> PPOLearner:
+    return PPOLearner(
+        policy if policy is not None else load_base_policy(TINY, cache_dir),
+        load_base_policy(TINY, cache_dir),
+        tokenizer,
+        PPOConfig(ppo_epochs=2, minibatch_size=2, temperature=TEMPERATURE, importance_cap=2.0),
+        RolloutSettings(max_new_tokens=NEW_TOKENS, seed=5),
+        sampler=sampler,
+    )
+
+
+def _score(_prompts: list[str], responses: list[str]) -> list[float]:
+    return [len(r) / 50 for r in responses]
+
+
+def test_ppo_trains_on_pool_rollouts_with_versions_recorded_and_weights_capped(
+    client, cache_dir, tokenizer, prompts
+):
+    # The trainer believes it published v2 and has moved on from the v1 weights the pool
+    # serves: every sample is v1 (lag 1, within the bound) and the IS weights must be capped.
+    sampler = RecordingSampler(client, lambda: 2, max_policy_lag=1)
+    moved = _perturbed(load_base_policy(TINY, cache_dir))
+    learner = _learner(cache_dir, tokenizer, sampler, policy=moved)
+    samples_before = _metric("rlhf_trainer_pool_samples_total")
+    stats = [learner.iterate(prompts, _score) for _ in range(2)]
+    assert learner.updates == 2
+    assert sampler.last.policy_versions == [1] * len(prompts) and sampler.last.latest_version == 2
+    assert _metric("rlhf_trainer_pool_samples_total") == samples_before + 2 * len(prompts)
+    for step in stats:
+        assert all(torch.isfinite(torch.tensor(v)) for v in step.values()), step
+        assert step["rollout/policy_lag_max"] == 1.0
+        assert 0.0 < step["policy/is_weight_mean"] <= 2.0
+        assert 0.0 < step["policy/is_capped_frac"] < 1.0
+
+
+def test_ppo_on_the_pools_own_weights_is_on_policy(client, store, cache_dir, tokenizer, prompts):
+    sampler = RecordingSampler(client, lambda: 1, max_policy_lag=0)
+    served = policy_from_checkpoint(store.load(POLICY, 1))
+    stats = _learner(cache_dir, tokenizer, sampler, policy=served).iterate(prompts, _score)
+    assert stats["rollout/policy_lag_max"] == 0.0 and stats["policy/is_capped_frac"] == 0.0
+    assert stats["policy/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert stats["objective/kl"] > -0.05  # the KL warning's bound: same distributions
+
+
+def test_a_stale_pool_fails_the_iteration_before_any_update(client, cache_dir, tokenizer, prompts):
+    sampler = PoolSampler(client, lambda: 3, max_policy_lag=1, max_wait=0.5, retry_interval=0.2)
+    learner = _learner(cache_dir, tokenizer, sampler)
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    with pytest.raises(StaleRollouts) as caught:
+        learner.iterate(prompts, _score)
+    # The training loop puts a batch back on RewardUnavailable instead of dropping it.
+    assert isinstance(caught.value, RewardUnavailable)
+    assert learner.updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.policy.parameters(), strict=True))
 
 
 def test_stale_samples_are_asked_again_until_the_pool_has_reloaded(
