@@ -10,6 +10,14 @@ same weights, batch, minibatch, epochs, response length and temperature, in fp32
 checkpointing like ours (TRL defaults to bf16 and checkpointing, both slower on this CPU). TRL
 trains a separate value model (a second copy of the backbone), its documented setup; ours puts a
 linear value head on the policy. Each side runs in this process, one after the other.
+
+"ours, pool rollouts" is the same iteration with the rollouts sampled on a generation service
+process (the trainer's `RLHF_PPO_ROLLOUTS=pool`: exact prompt ids over gRPC, behaviour logprobs
+back, importance-weighted update) serving the same weights. Nothing is published during the
+run, so the pool serves v0 throughout and no checkpoint write or reload is in the iteration (as
+for in-process rollouts). On a machine whose cores the pool shares with the trainer this
+measures what moving rollouts out of process costs; the gain needs the pool on other cores or
+machines, where its decoding no longer competes with the update.
 """
 
 from __future__ import annotations
@@ -20,17 +28,21 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from bench.report import median, table
-from rlhf import decoding
+from bench.report import ServiceProcess, median, table
+from rlhf import bus, decoding
+from rlhf.broker import EmbeddedBroker
+from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
 from rlhf.models import SMOLLM2, load_base_policy, load_tokenizer, prepare_policy
 from rlhf.training import online
 from rlhf.training import ppo as ppo_training
+from rlhf.training.pool import PoolSampler
 from rlhf.training.ppo import PPOConfig
 
 BATCH = 8
@@ -51,6 +63,7 @@ PROMPTS = [
     "Write a detailed guide to planting a vegetable garden.",
     "Explain how trains are scheduled on a large network.",
 ]
+POOL = "ours, pool rollouts"
 PHASES = ("rollout", "scoring", "old/ref forward", "training epochs", "rest of the loop")
 
 
@@ -100,8 +113,10 @@ def _timing(module: object, name: str, totals: dict[str, float], phase: str) -> 
         setattr(module, name, original)
 
 
-def ours(repeats: int, lora_rank: int = 0) -> Run:
-    """`PPOLearner.iterate`, the trainer's own loop, timed per iteration and per phase."""
+def ours(repeats: int, lora_rank: int = 0, pool_address: str = "", model: str = SMOLLM2) -> Run:
+    """`PPOLearner.iterate`, the trainer's own loop, timed per iteration and per phase; with
+    `pool_address`, rollouts on that generation service (`PoolSampler`). `model` other than
+    SmolLM2 (tiny-random) is for smoke runs only."""
     cache = load_config(CommonConfig).cache_dir
     tokenizer = load_tokenizer(cache)
     config = PPOConfig(
@@ -110,19 +125,25 @@ def ours(repeats: int, lora_rank: int = 0) -> Run:
         learning_rate=LEARNING_RATE,
         temperature=TEMPERATURE,
     )
+    client = GenerationClient(pool_address) if pool_address else None
     learner = online.PPOLearner(
-        load_base_policy(SMOLLM2, cache),
-        load_base_policy(SMOLLM2, cache),
+        load_base_policy(model, cache),
+        load_base_policy(model, cache),
         tokenizer,
         config,
         online.RolloutSettings(max_new_tokens=NEW_TOKENS, seed=0),
         online.LoraSettings(rank=lora_rank),
+        # Nothing is published during the bench: the pool serves v0, the trainer's "latest".
+        sampler=PoolSampler(client, lambda: 0) if client is not None else None,
     )
     prompts = _chat_prompts(tokenizer)
     prompt_tokens = sum(len(p) for p in prompts)
     run, totals = Run(), {}
     with contextlib.ExitStack() as stack:
+        if client is not None:
+            stack.callback(client.close)
         stack.enter_context(_timing(decoding, "generate", totals, "rollout"))
+        stack.enter_context(_timing(PoolSampler, "sample", totals, "rollout"))
         stack.enter_context(_timing(ppo_training, "_score_rollout", totals, "old/ref forward"))
         stack.enter_context(_timing(ppo_training, "_train_epochs", totals, "training epochs"))
 
@@ -267,6 +288,29 @@ def trl(repeats: int, lora_rank: int = 0) -> Run:
     return run
 
 
+def pool(repeats: int, model: str = SMOLLM2) -> Run:
+    """`ours` with rollouts on a generation service process (its own broker and an empty
+    checkpoint store, so it serves the base weights the learner starts from)."""
+    with tempfile.TemporaryDirectory() as folder, EmbeddedBroker() as broker:
+        bus.ensure_topics(broker.bootstrap)
+        service = ServiceProcess(
+            "services.generation",
+            broker.bootstrap,
+            {
+                "RLHF_CHECKPOINT_DIR": str(Path(folder)),
+                "RLHF_HTTP_PORT": "-1",
+                "RLHF_POLICY_MODEL": model,
+                "RLHF_GENERATION_ID_KEY": "bench-key-0123456789abcdef",
+                "RLHF_MAX_BATCH": str(BATCH),
+                "RLHF_BATCH_WAIT_MS": "10",
+            },
+        )
+        try:
+            return ours(repeats, pool_address=f"127.0.0.1:{service.port}", model=model)
+        finally:
+            service.stop()
+
+
 def _phase_rows(label: str, run: Run) -> list[list[str]]:
     total = sum(run.seconds) / len(run.seconds)  # phases are means too
     rows = []
@@ -284,6 +328,7 @@ def run(quick: bool) -> str:
     results = {
         "ours": ours(repeats),
         f"ours, LoRA r={LORA_RANK}": ours(repeats, lora_rank=LORA_RANK),
+        POOL: pool(repeats),
         "TRL": trl(repeats),
         f"TRL, LoRA r={LORA_RANK}": trl(repeats, lora_rank=LORA_RANK),
     }
@@ -308,6 +353,13 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
             ]
         )
     phases = [r for label, m in results.items() for r in _phase_rows(label, m)]
+    local, pooled = results["ours"], results[POOL]
+    pool_note = (
+        f" Pool rollouts: {pooled.samples_per_second():.2f} samples/s against "
+        f"{local.samples_per_second():.2f} in-process "
+        f"({pooled.samples_per_second() / local.samples_per_second():.2f}x), with the generation "
+        f"service on the same {os.cpu_count()} cores as the trainer."
+    )
     return (
         f"### PPO iteration throughput (batch {BATCH}, minibatch {MINIBATCH}, {NEW_TOKENS} new "
         f"tokens, {EPOCHS} PPO epochs, T={TEMPERATURE}, median of {repeats} after a warm-up)\n\n"
@@ -317,11 +369,14 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
         " of the batch. LoRA rows compare with TRL using the same LoRA rank and target modules."
-        f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after.\n\n"
+        f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after."
+        + pool_note
+        + "\n\n"
         "### Where an iteration's time goes (mean seconds per iteration)\n\n"
         + table(["trainer", "phase", "seconds", "share"], phases)
         + '\n\nFor ours, "old/ref forward" is the policy and reference passes over the rollout'
         " (the policy's pass also serves as the first training minibatch's forward); TRL's loop"
-        " is timed as a whole apart from its rollout. What the profile found and what changed:"
+        ' is timed as a whole apart from its rollout. With pool rollouts, "rollout" is the wait'
+        " for the generation service's answers. What the profile found and what changed:"
         " [trainer-profile.md](bench/results/trainer-profile.md).\n"
     )
