@@ -7,6 +7,9 @@ payload `<uuid hex>:<policy version>:<unix seconds>[:<prompt digest>]`.
 The prompt digest is optional so ids issued before it existed still verify: when a generation
 service passes `prompt_hash=prompt_digest(prompt)`, the feedback service can prove that every id of
 a ranking answers the same prompt; ids without it cannot be checked for that.
+
+The same digest is the Kafka key of a generation's event and of every feedback event on it
+(`partition_key`), so a generation, its feedback and any ranking over its prompt share a partition.
 """
 
 from __future__ import annotations
@@ -47,6 +50,28 @@ class GenerationClaims:
 def prompt_digest(prompt: str) -> str:
     """A short digest of the prompt text exactly as tokenised, to bind into a generation id."""
     return _b64(hashlib.sha256(prompt.encode("utf-8")).digest()[:16])
+
+
+def partition_key(generation_id: str) -> str:
+    """The Kafka key of the generation event of `generation_id` and of all feedback on it.
+
+    The prompt digest bound into the id, when there is one: every answer to one prompt then shares
+    a partition, so a ranking (which may only order answers to one prompt) lands with all the
+    generations it orders, and a consumer that owns the partition can join it whole. Other ids
+    (issued before the digest existed, or not ours at all, e.g. imported data) key by themselves,
+    which still puts a generation and its feedback together.
+
+    The id is parsed, not verified: producers key what they already trust (the generation service
+    issued it; the feedback service verified it), and a key decides placement, never trust.
+    """
+    parts = generation_id.split(".")
+    if len(parts) != 3 or parts[0] != PREFIX or len(generation_id) > MAX_ID_LENGTH:
+        return generation_id
+    try:
+        prompt_hash = _parse_claims(_unb64(parts[1]).decode()).prompt_hash
+    except ValueError:  # also UnicodeDecodeError and binascii.Error, both ValueErrors
+        return generation_id
+    return prompt_hash or generation_id
 
 
 def _b64(data: bytes) -> str:

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from rlhf import bus
 from rlhf.auth import ApiKeys, Unauthenticated
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, partition_key
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
@@ -237,7 +237,7 @@ class FeedbackIngest:
         try:
             partition, offset = self.publisher.publish(
                 bus.FEEDBACK,
-                item.event.feedback.generation_id,
+                partition_key(item.event.feedback.generation_id),
                 item.event,
                 timeout=self.publish_timeout,
             )
@@ -351,7 +351,8 @@ class StreamIngest:
         if self._bus_error:
             item.rejected, item.event = _unavailable(self._bus_error), None
             return
-        publisher, key = self._ingest.publisher, item.event.feedback.generation_id
+        publisher = self._ingest.publisher
+        key = partition_key(item.event.feedback.generation_id)
         try:
             item.future = publisher.publish_async(bus.FEEDBACK, key, item.event)
         except BusUnavailable as exc:

@@ -20,7 +20,7 @@ from rlhf import bus, decoding
 from rlhf.backends import Backend, Generated
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner, prompt_digest
+from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
 from rlhf.models import CHAT_ROLES, chat_text, encode_text
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
@@ -313,7 +313,7 @@ class GenerationCore:
         try:
             self._publisher.publish(
                 bus.GENERATIONS,
-                outcome.generation_id,
+                partition_key(outcome.generation_id),  # the feedback service keys the same way
                 event,
                 timeout=self.config.publish_timeout_seconds,
             )

@@ -1,14 +1,17 @@
 import time
+from collections import Counter
 
 import pytest
 
 from rlhf.auth import ApiKeys, Unauthenticated
+from rlhf.bus import murmur2
 from rlhf.ids import (
     ExpiredGenerationId,
     ForgedGenerationId,
     GenerationClaims,
     GenerationIdSigner,
     InvalidGenerationId,
+    partition_key,
     prompt_digest,
 )
 
@@ -113,3 +116,39 @@ def test_signed_but_malformed_payloads_are_invalid_not_forged(fields):
 def test_prompt_hash_cannot_smuggle_fields():
     with pytest.raises(ValueError):
         GenerationIdSigner(KEY).issue(1, prompt_hash="h:999")
+
+
+def test_partition_key_is_the_prompt_digest():
+    signer = GenerationIdSigner(KEY)
+    digest = prompt_digest("Name three rivers.")
+    answers = [signer.issue(v, prompt_hash=digest) for v in (1, 1, 2)]
+    # Every answer to one prompt (whatever policy version) has one key, so a ranking over them
+    # and the generations it orders share a partition; the key is not the id itself.
+    assert {partition_key(gid) for gid in answers} == {digest}
+    other = signer.issue(1, prompt_hash=prompt_digest("Name three lakes."))
+    assert partition_key(other) != digest
+
+
+def test_partition_key_spreads_prompts_over_partitions():
+    signer = GenerationIdSigner(KEY)
+    keys = {partition_key(signer.issue(1, prompt_hash=prompt_digest(f"q{n}"))) for n in range(200)}
+    assert len(keys) == 200
+    partitions = Counter((murmur2(key.encode()) & 0x7FFFFFFF) % 6 for key in keys)
+    assert len(partitions) == 6 and min(partitions.values()) >= 15  # about 33 each
+
+
+def test_partition_key_of_ids_without_digest_is_the_id():
+    signer = GenerationIdSigner(KEY)
+    unbound = signer.issue(1)
+    assert partition_key(unbound) == unbound
+    # Not ours, or not ids at all (imported data): keyed by themselves, never an error.
+    for odd in ["tenant:import:abc:prompt", "g1.%%%.x", "g1.bm90IGNsYWltcw.x", "", "g1." * 200]:
+        assert partition_key(odd) == odd
+
+
+def test_partition_key_does_not_verify():
+    """Placement needs no key: a forged id with a digest is placed by it (and then refused by the
+    feedback service, which verifies before publishing)."""
+    digest = prompt_digest("p")
+    forged = GenerationIdSigner(b"x" * 32).issue(1, prompt_hash=digest)
+    assert partition_key(forged) == digest
