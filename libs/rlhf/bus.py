@@ -4,6 +4,9 @@ Every service goes through this module so delivery guarantees are decided in one
 
 * publishing is acknowledged by the broker (acks=all) before `Publisher.publish` returns, and a
   dead broker makes it fail fast with `BusUnavailable` instead of hanging or silently buffering;
+* generations and feedback are keyed alike (`rlhf.ids.partition_key`: the prompt digest) on two
+  topics of equal partition count, and a consumer group assigns partition p of both topics to one
+  member (range assignment), so a member holds everything a join of its partitions needs;
 * consuming is at-least-once: offsets are committed only when the caller says its processing is
   durable (`EventConsumer.commit`), and a record that cannot be decoded is parked on the
   dead-letter topic before it is skipped, so nothing is lost silently.
@@ -24,6 +27,7 @@ from typing import Any
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import (
     CommitFailedError,
     InvalidProducerEpochError,
@@ -58,6 +62,8 @@ _SINGLE_PARTITION_TOPICS: dict[str, dict[str, str]] = {
     POLICY_CHECKPOINTS: {"retention.ms": "-1"},
     REWARD_CHECKPOINTS: {"retention.ms": "-1"},
 }
+# Topics a consumer joins by key: they must have one partition count (see check_copartitioned).
+JOINED_TOPICS: tuple[str, ...] = (GENERATIONS, FEEDBACK)
 _TOPIC_ALREADY_EXISTS = 36
 # Errors meaning the broker rejected the record because it forgot or fenced our idempotent
 # producer id (e.g. an in-memory broker restarted). Nothing was written, so a fresh producer may
@@ -116,6 +122,14 @@ class BusUnavailable(Exception):
     """The broker did not acknowledge in time (down, unreachable or refusing our requests)."""
 
 
+class PartitionMismatch(Exception):
+    """The generations and feedback topics exist with different partition counts.
+
+    Not transient: equal keys would land in different partition numbers on the two topics, so a
+    consumer owning some partitions could not join what it reads. An operator must fix the topics.
+    """
+
+
 def topic_specs(partitions: int) -> dict[str, dict[str, Any]]:
     """The CreateTopics request body for every platform topic: which topics exist, their
     partition counts (`partitions`, or one for the checkpoint topics) and topic configs, with
@@ -153,9 +167,28 @@ def _create_topics_once(bootstrap: str, partitions: int, timeout_ms: int) -> Non
         missing = set(ALL_TOPICS) - set(admin.list_topics())
         if missing:
             raise BusUnavailable(f"Topics not visible after creation: {sorted(missing)}")
+        # Creation leaves existing topics alone, so topics made elsewhere may still differ.
+        counts = {
+            t.get("topic", t.get("name")): len(t["partitions"])
+            for t in admin.describe_topics([GENERATIONS, FEEDBACK])
+            if t.get("error_code", 0) == 0
+        }
+        check_copartitioned(counts)
     finally:
         with contextlib.suppress(Exception):
             admin.close()
+
+
+def check_copartitioned(counts: dict[str, int], topics: tuple[str, ...] = JOINED_TOPICS) -> None:
+    """Raise PartitionMismatch unless every topic of `topics` has the same partition count
+    (`counts`: partitions per topic name; a topic missing from it is not checked)."""
+    found = {topic: counts[topic] for topic in topics if topic in counts}
+    if len(set(found.values())) > 1:
+        shown = ", ".join(f"{topic} has {n}" for topic, n in found.items())
+        raise PartitionMismatch(
+            f"Partition counts differ ({shown}): a generation and the feedback on it would land in "
+            "different partition numbers; recreate the topics with one count"
+        )
 
 
 def ensure_topics(bootstrap: str, partitions: int = 3, timeout: float = 30.0) -> None:
@@ -163,7 +196,8 @@ def ensure_topics(bootstrap: str, partitions: int = 3, timeout: float = 30.0) ->
 
     Retries until `timeout` so callers can race the broker's own startup. Producers and consumers
     here never auto-create topics (that would give the wrong partition count), so this is the only
-    place topics come from.
+    place topics come from. Raises PartitionMismatch (at once) if generations and feedback exist
+    with different partition counts.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -394,6 +428,7 @@ class _Positions(ConsumerRebalanceListener):
         self._lock = threading.Lock()
         self._next: dict[TopicPartition, int] = {}
         self.on_assigned: Any = None  # called with the assigned TopicPartitions, if set
+        self.on_revoked: Any = None  # called with the revoked TopicPartitions, if set
 
     def advance(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
@@ -418,6 +453,8 @@ class _Positions(ConsumerRebalanceListener):
         with self._lock:
             for tp in revoked:
                 self._next.pop(tp, None)
+        if self.on_revoked is not None:
+            self.on_revoked(list(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         if self.on_assigned is not None:
@@ -457,6 +494,9 @@ class EventConsumer:
         self.dead_letters = dead_letters
         self.dead_lettered = 0
         self._positions = _Positions()
+        self._resume: Callable[[], dict[tuple[str, int], int]] | None = None
+        self._from_start: set[str] = set()
+        self._positions.on_assigned = self._seek_assigned
         self._consumer = self._new_consumer(
             client_id, from_beginning, max_poll_interval_ms, session_timeout_ms
         )
@@ -494,6 +534,10 @@ class EventConsumer:
                 allow_auto_create_topics=False,
                 bootstrap_timeout_ms=_CONNECT_TIMEOUT_MS,
                 reconnect_backoff_max_ms=1000,
+                # Range assignment alone: with equal partition counts it gives one member
+                # partition p of every topic, so a generation and its feedback (equal keys, equal
+                # partition numbers) meet. Round-robin, kafka-python's fallback, would split them.
+                partition_assignment_strategy=(RangePartitionAssignor,),
             )
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
@@ -519,13 +563,51 @@ class EventConsumer:
         rebalance continues where its memory ends rather than replaying into it.
         """
 
-        def seek(assigned: list[TopicPartition]) -> None:
-            wanted = offsets()
-            for tp in assigned:
-                if (tp.topic, tp.partition) in wanted:
-                    self._consumer.seek(tp, wanted[(tp.topic, tp.partition)])
+        self._resume = offsets
 
-        self._positions.on_assigned = seek
+    def read_from_start(self, topics: list[str]) -> None:
+        """On every partition assignment, read the partitions of `topics` from their first
+        retained offset, whatever was committed: for a topic used as a table to rebuild (the
+        generations a join looks feedback up in), not as a stream to continue."""
+        self._from_start = set(topics)
+
+    def _seek_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Apply `resume_from` and `read_from_start` to newly assigned partitions (runs inside
+        the rebalance, before anything is fetched from them)."""
+        wanted = self._resume() if self._resume is not None else {}
+        for tp in assigned:
+            if tp.topic in self._from_start:
+                self._consumer.seek_to_beginning(tp)
+            elif (tp.topic, tp.partition) in wanted:
+                self._consumer.seek(tp, wanted[(tp.topic, tp.partition)])
+
+    def on_revoked(self, callback: Callable[[list[tuple[str, int]]], None]) -> None:
+        """Call `callback` with the (topic, partition) pairs a rebalance (or close) takes away,
+        before anyone else is assigned them, so state kept per partition can be dropped.
+
+        kafka-python runs it on its network thread inside poll() or close(): it must not block or
+        use this consumer (a commit there would deadlock). Commit as you go instead: whatever
+        was committed before this poll is where the next owner starts.
+        """
+
+        def forward(revoked: list[TopicPartition]) -> None:
+            callback([(tp.topic, tp.partition) for tp in revoked])
+
+        self._positions.on_revoked = forward
+
+    def end_offsets(
+        self, pairs: list[tuple[str, int]], timeout: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """The broker's current end offset (next offset to be written) of each (topic, partition).
+
+        Raises BusUnavailable if the broker does not answer within `timeout`.
+        """
+        tps = [TopicPartition(topic, partition) for topic, partition in pairs]
+        try:
+            ends = self._consumer.end_offsets(tps, timeout_ms=int(timeout * 1000))
+        except (KafkaError, OSError) as exc:
+            raise BusUnavailable(f"End offsets of {pairs} unavailable: {exc!r}") from exc
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
 
     def positions(self) -> dict[tuple[str, int], int]:
         """Next offset per (topic, partition) after every record poll() has returned."""

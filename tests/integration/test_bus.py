@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -151,6 +152,85 @@ def test_uncommitted_records_are_redelivered(
         assert {r.message.generation_id for r in poll_until(first, 6)} == expected
     with group_consumer(broker, topic, group) as second:
         assert {r.message.generation_id for r in poll_until(second, 6)} == expected
+
+
+def test_rebalance_hooks_drop_state_and_rebuild_tables(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    """on_revoked runs when a second member takes partitions away; read_from_start re-reads a
+    table topic from its start on every assignment even after a commit, while a stream topic
+    continues from its committed offset."""
+    table, stream = make_topic(broker.bootstrap, 2), make_topic(broker.bootstrap, 2)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    for i in range(4):
+        publisher.publish(table, f"k{i}", generation(f"t{i}"))
+        publisher.publish(stream, f"k{i}", generation(f"s{i}"))
+    topics = {table: events_pb2.GenerationEvent, stream: events_pb2.GenerationEvent}
+
+    def member(name: str) -> bus.EventConsumer:
+        consumer = bus.EventConsumer(
+            broker.bootstrap, topics, group_id=group, client_id=name, **GROUP_SETTINGS
+        )
+        consumer.read_from_start([table])
+        return consumer
+
+    revoked: list[tuple[str, int]] = []
+    with member("first") as first:
+        first.on_revoked(revoked.extend)
+        assert len(poll_until(first, 8)) == 8
+        first.commit()  # both topics: the table is re-read anyway, the stream is not
+        assert sum(first.end_offsets([(table, 0), (table, 1)]).values()) == 4
+        publisher.publish(stream, "k-new", generation("s-new"))
+        records: list[bus.Record] = []
+        wanted = {"t0", "t1", "t2", "t3", "s-new"}
+        with member("second") as second:
+            # Each member polls in its own thread, as services do: a member that stops polling
+            # for max_poll_interval_ms (one polling the other) leaves and restarts the rebalance.
+            stop = threading.Event()
+
+            def keep_polling(consumer: bus.EventConsumer) -> None:
+                while not stop.is_set():
+                    records.extend(consumer.poll(timeout=0.2))
+
+            threads = [threading.Thread(target=keep_polling, args=(c,)) for c in (first, second)]
+            for thread in threads:
+                thread.start()
+            try:
+                deadline = time.monotonic() + 60
+                while True:
+                    mine, theirs = first.assignment(), second.assignment()
+                    settled = bool(mine and theirs) and mine.isdisjoint(theirs)
+                    if settled and {r.message.generation_id for r in records} >= wanted:
+                        break
+                    assert time.monotonic() < deadline, f"not settled: {mine} {theirs} {records}"
+                    time.sleep(0.1)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(10)
+            assert {(table, 0), (table, 1), (stream, 0), (stream, 1)} <= set(revoked)
+            # Range assignment: each member holds the same partition number of both topics.
+            assert {p for _, p in first.assignment()} in ({0}, {1})
+            assert len(first.assignment()) == len(second.assignment()) == 2
+    assert {r.message.generation_id for r in records} == wanted
+
+
+def test_ensure_topics_refuses_mismatched_partition_counts() -> None:
+    with EmbeddedBroker() as embedded:
+        admin = KafkaAdminClient(bootstrap_servers=embedded.bootstrap)
+        try:
+            admin.create_topics(
+                {
+                    bus.GENERATIONS: {"num_partitions": 3, "replication_factor": 1},
+                    bus.FEEDBACK: {"num_partitions": 5, "replication_factor": 1},
+                }
+            )
+        finally:
+            admin.close()
+        started = time.monotonic()
+        with pytest.raises(bus.PartitionMismatch, match="3.*5"):
+            bus.ensure_topics(embedded.bootstrap, timeout=20)
+        assert time.monotonic() - started < 10  # not retried as if the broker were down
 
 
 def test_garbage_goes_to_dead_letter_and_consumer_continues(

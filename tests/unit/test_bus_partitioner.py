@@ -3,12 +3,22 @@ a generation and the feedback on it share a partition only if every producer agr
 
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka.partitioner.default import DefaultPartitioner
 from kafka.partitioner.default import murmur2 as reference_murmur2
 
-from rlhf.bus import KeyHashPartitioner, murmur2
+from rlhf.bus import (
+    DEAD_LETTER,
+    FEEDBACK,
+    GENERATIONS,
+    KeyHashPartitioner,
+    PartitionMismatch,
+    check_copartitioned,
+    murmur2,
+    topic_specs,
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -41,3 +51,17 @@ def test_known_java_values():
     assert murmur2(b"a-little-bit-longer-string") == (-1486304829) & 0xFFFFFFFF
     assert murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") == (-58897971) & 0xFFFFFFFF
     assert murmur2(bytes([ord("a"), ord("b"), ord("c")])) == 479470107
+
+
+def test_joined_topics_must_have_one_partition_count():
+    check_copartitioned({GENERATIONS: 6, FEEDBACK: 6, DEAD_LETTER: 1})
+    check_copartitioned({GENERATIONS: 6})  # a topic not there yet is not compared
+    with pytest.raises(
+        PartitionMismatch, match=r"rlhf.generations.v1 has 6, rlhf.feedback.v1 has 3"
+    ):
+        check_copartitioned({GENERATIONS: 6, FEEDBACK: 3})
+
+
+def test_topic_specs_give_generations_and_feedback_one_count():
+    specs = topic_specs(5)
+    assert specs[GENERATIONS]["num_partitions"] == specs[FEEDBACK]["num_partitions"] == 5
