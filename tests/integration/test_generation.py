@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from rlhf import bus
 from rlhf.checkpoints import POLICY, CheckpointStore
-from rlhf.ids import GenerationIdSigner, prompt_digest
+from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
 from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.config import GenerationConfig
@@ -65,7 +65,9 @@ def test_generate_returns_text_counts_version_and_signed_id(stub, broker):
     claims = GenerationIdSigner(ID_KEY.encode()).verify(reply.generation_id)
     assert claims.policy_version == 0
     events = consume_all(broker.bootstrap, bus.GENERATIONS, events_pb2.GenerationEvent)
-    [event] = [r for r in events if r.key == reply.generation_id]
+    [event] = [r for r in events if r.message.generation_id == reply.generation_id]
+    # Keyed by the prompt digest: answers to one prompt and the feedback on them share a partition.
+    assert event.key == partition_key(reply.generation_id) == claims.prompt_hash
     assert event.message.response == reply.text
     assert len(event.message.response_token_ids) == 8
     assert list(event.message.response_logprobs) == pytest.approx(list(reply.logprobs))
@@ -88,7 +90,7 @@ def test_chat_messages_go_through_the_chat_template(stub, broker):
         )
     )
     events = consume_all(broker.bootstrap, bus.GENERATIONS, events_pb2.GenerationEvent)
-    [event] = [r.message for r in events if r.key == reply.generation_id]
+    [event] = [r.message for r in events if r.message.generation_id == reply.generation_id]
     assert event.prompt.startswith("<|im_start|>") and "Hi!" in event.prompt
     assert event.prompt.endswith("<|im_start|>assistant\n")
 
