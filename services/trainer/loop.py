@@ -491,7 +491,7 @@ class TrainingLoop(PauseSwitch):
         try:
             stats = self.learner.iterate(prompts, self._score, prompt_texts=texts)
         except (RewardUnavailable, ShardFailed) as exc:
-            log.warning("reward service unavailable (%s); retrying the batch shortly", exc)
+            log.warning("rollouts or rewards unavailable (%s); retrying the batch shortly", exc)
             self.intake.put_back(batch)
             self._stopping.wait(2.0)
             return None
