@@ -216,24 +216,14 @@ class GenerationCore:
         text = generated.text if generated.text is not None else self.decode(generated.token_ids)
         if generated.finish_reason == decoding.STOP:
             text = decoding.cut_at_stop(text, prepared.stops)
-        if prepared.rollout:
-            # Not a user's generation: unsigned (no feedback can attach to it) and unpublished,
-            # so it never reaches the trainer's intake, the raters or the drift sampler.
-            ROLLOUTS.inc()
-            REQUEST_SECONDS.observe(time.perf_counter() - started)
-            return Outcome(
-                generation_id="",
-                text=text,
-                token_ids=generated.token_ids,
-                logprobs=generated.logprobs,
-                finish_reason=generated.finish_reason,
-                policy_version=generated.policy_version,
-                prompt_tokens=len(prepared.prompt_ids),
-            )
+        # A rollout is not a user's generation: unsigned (no feedback can attach to it) and
+        # unpublished, so it never reaches the trainer's intake, the raters or the drift sampler.
+        generation_id = ""
+        if not prepared.rollout:
+            digest = prompt_digest(prepared.prompt)
+            generation_id = self._signer.issue(generated.policy_version, prompt_hash=digest)
         outcome = Outcome(
-            generation_id=self._signer.issue(
-                generated.policy_version, prompt_hash=prompt_digest(prepared.prompt)
-            ),
+            generation_id=generation_id,
             text=text,
             token_ids=generated.token_ids,
             logprobs=generated.logprobs,
@@ -241,7 +231,10 @@ class GenerationCore:
             policy_version=generated.policy_version,
             prompt_tokens=len(prepared.prompt_ids),
         )
-        self._publish(prepared, outcome)
+        if prepared.rollout:
+            ROLLOUTS.inc()
+        else:
+            self._publish(prepared, outcome)
         REQUEST_SECONDS.observe(time.perf_counter() - started)
         return outcome
 
