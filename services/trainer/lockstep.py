@@ -4,6 +4,10 @@ Rank 0 is the trainer service proper (Kafka intake, control plane, checkpoints).
 call that takes a collective step goes through `Lockstep`, which first tells the followers
 what to run; a follower (`follow`) runs the same call on its own learner and shard. The
 followers therefore need no Kafka, no gRPC port and no write access to the store.
+
+Under FSDP (`World.sharded`) reading the full weights or state is a collective too: rank 0's
+`export_policy` and `state_files` (a checkpoint) are announced as well, and the followers take
+their part in the gather and drop the result; only rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from rlhf.training.distributed import ShardFailed, World
 from rlhf.training.online import PPOLearner, Scorer
@@ -22,6 +27,7 @@ from rlhf.training.online import PPOLearner, Scorer
 log = logging.getLogger(__name__)
 
 ITERATE, UPDATE, REBASE, STOP = "iterate", "update", "rebase", "stop"
+EXPORT, STATE = "export_policy", "state_files"
 
 
 class Lockstep:
@@ -55,10 +61,21 @@ class Lockstep:
             *(self.world.shard(rows) for rows in (prompts, responses, scores))
         )
 
+    def export_policy(self) -> PreTrainedModel | None:
+        if self.world.sharded:  # a gather every rank must join
+            self.world.broadcast((EXPORT,))
+        return self.learner.export_policy()
+
+    def state_files(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        if self.world.sharded:
+            self.world.broadcast((STATE,))
+        return self.learner.state_files()
+
     def rebase(self, weights: torch.nn.Module) -> None:
         """A rollback: the followers rebase onto their own weights and the DDP wrapper built
         by the rebase copies rank 0's (the rolled-back ones) over them, parameters frozen or
-        not, so no rank needs to read the store again."""
+        not, so no rank needs to read the store again. Sharded (fsdp), the rebase itself
+        broadcasts rank 0's weights into every rank's slices."""
         self.world.broadcast((REBASE,))
         self.learner.rebase(weights)
 
@@ -86,10 +103,15 @@ def follow(learner: PPOLearner, world: World, score: Scorer) -> None:
                 learner.iterate(prompts, score, prompt_texts)
             elif command == UPDATE:
                 learner.update(*(world.shard(rows) for rows in args))
+            elif command in (EXPORT, STATE):  # this rank's part of a gather to rank 0
+                getattr(learner, command)()
+            elif command == REBASE and world.sharded:
+                learner.rebase(None)  # rank 0's weights arrive in the rebase's broadcast
             elif command == REBASE:
                 # Any weights of the right shape do (rank 0's replace them), but fresh ones:
                 # the old DDP wrapper's gradient hooks stay on the parameters it wrapped.
                 weights = learner.export_policy()
+                assert weights is not None  # not sharded: the rank's own policy
                 learner.rebase(weights if learner.lora.enabled else copy.deepcopy(weights))
             else:
                 raise ValueError(f"unknown command {command!r} from rank 0")

@@ -3,6 +3,12 @@ test_distributed_ppo.py: run as one process, or under torchrun as data-parallel 
 
 Rank 0 (or the single process) writes the trained weights (safetensors) and the last
 statistics (JSON) to --out.
+
+With --strategy fsdp the ranks shard the policy, which needs rollouts sampled elsewhere (the
+pool), so the steps are updates on fixed responses only; then the learner's state takes a
+round trip: gathered to rank 0, written, loaded by a fresh learner on every rank, which takes
+one more update (resumed.safetensors: weights, value head and optimizer moments after it). The
+single process takes that update on its live learner, so any loss in the round trip shows.
 """
 
 from __future__ import annotations
@@ -12,12 +18,19 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rlhf.config import CommonConfig, load_config
 from rlhf.models import TINY, load_base_policy, load_tokenizer
 from rlhf.training import distributed
-from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
+from rlhf.training.online import (
+    LEARNER_FILE,
+    OPTIMIZER_FILE,
+    VALUE_HEAD_FILE,
+    LoraSettings,
+    PPOLearner,
+    RolloutSettings,
+)
 from rlhf.training.ppo import PPOConfig
 from services.trainer.lockstep import Lockstep, follow
 
@@ -44,53 +57,132 @@ def trainable(learner: PPOLearner) -> dict[str, torch.Tensor]:
     return weights | {f"value_head.{k}": v.clone() for k, v in value_head.items()}
 
 
+def full_trainable(learner: PPOLearner | Lockstep) -> dict[str, torch.Tensor]:
+    """`trainable` for a learner that may be sharded: gathered through the collectives a
+    checkpoint uses (every rank must call this together; the others get an empty dict)."""
+    if not learner.world.sharded:
+        return trainable(learner.learner if isinstance(learner, Lockstep) else learner)
+    policy = learner.export_policy()
+    tensors, _ = learner.state_files()
+    if policy is None:
+        return {}
+    weights = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    return weights | {f"value_head.{k}": v for k, v in tensors[VALUE_HEAD_FILE].items()}
+
+
+def fixed_batch(eos: int) -> tuple[list[list[int]], list[float]]:
+    # Responses of unequal lengths (the tiny model's samples all run to the token limit): each
+    # rank's share of the batch's tokens differs, which the losses' normalisation must undo.
+    responses = [[300 + row] * (1 + row) + [eos] for row in range(BATCH)]
+    return responses, [float(row % 3) for row in range(BATCH)]
+
+
+def make_learner(world: distributed.World, lora_rank: int, weights=None) -> PPOLearner:
+    cache_dir = load_config(CommonConfig).cache_dir
+    return PPOLearner(
+        weights or load_base_policy(TINY, cache_dir, seed=0),
+        load_base_policy(TINY, cache_dir, seed=0),
+        load_tokenizer(cache_dir),
+        # One minibatch per epoch (the whole batch): the step is then exactly one process's.
+        PPOConfig(ppo_epochs=2, minibatch_size=BATCH, learning_rate=3e-3, init_kl_coef=0.2),
+        RolloutSettings(max_new_tokens=8, seed=0),
+        LoraSettings(rank=lora_rank),
+        world,
+    )
+
+
+def with_moments(
+    learner: PPOLearner | Lockstep, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    tensors, _ = learner.state_files()
+    return weights | {f"optimizer.{k}": v for k, v in tensors[OPTIMIZER_FILE].items()}
+
+
+def resume_and_update(args: argparse.Namespace, world: distributed.World) -> None:
+    """Every rank: a fresh learner from the state rank 0 wrote, one more update, and rank 0
+    writes what it ends with."""
+    state_dir = args.out / "state"
+    policy = load_base_policy(TINY, load_config(CommonConfig).cache_dir, seed=0)
+    policy.load_state_dict(load_file(str(state_dir / "policy.safetensors")), strict=False)
+    learner = make_learner(world, args.lora_rank, policy)
+    tensors = {
+        name: load_file(str(state_dir / name))
+        for name in state_dir.glob("*.safetensors")
+        for name in [name.name]
+        if name != "policy.safetensors"
+    }
+    learner_json = json.loads((state_dir / LEARNER_FILE).read_text())
+    learner.load_state(tensors, {LEARNER_FILE: learner_json})
+    if not world.is_main:
+        follow(learner, world, score)
+        full_trainable(learner)  # the part of the gathers rank 0 makes after its update
+        with_moments(learner, {})
+        return
+    lead = Lockstep(learner, world)
+    lead.update(prompts(), *fixed_batch(learner.tokenizer.eos_token_id))
+    lead.stop()
+    save_file(with_moments(learner, full_trainable(learner)), str(args.out / "resumed.safetensors"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    world = distributed.join()
+    world = distributed.join(strategy=args.strategy)
     cache_dir = load_config(CommonConfig).cache_dir
-    tokenizer = load_tokenizer(cache_dir)
-    learner = PPOLearner(
-        load_base_policy(TINY, cache_dir, seed=0),
-        load_base_policy(TINY, cache_dir, seed=0),
-        tokenizer,
-        # One minibatch per epoch (the whole batch): the step is then exactly one process's.
-        PPOConfig(ppo_epochs=2, minibatch_size=BATCH, learning_rate=3e-3, init_kl_coef=0.2),
-        RolloutSettings(max_new_tokens=8, seed=0),
-        LoraSettings(rank=args.lora_rank),
-        world,
-    )
-    initial = trainable(learner)
+    learner = make_learner(world, args.lora_rank)
+    initial = full_trainable(learner)  # every rank at once: no lead yet
+    fsdp = args.strategy == "fsdp"
     if not world.is_main:
         follow(learner, world, score)  # the trainer service's followers, as they run
+        if fsdp:
+            world.barrier()  # rank 0 has written the state
+            resume_and_update(args, world)
         distributed.leave()
         return
     lead = Lockstep(learner, world)  # in a world of one, the learner itself
     stats = {}
-    for _ in range(args.steps):
+    # In-process sampling is ddp's only: fsdp trains on rollouts sampled elsewhere.
+    for _ in range(0 if fsdp else args.steps):
         stats = lead.iterate(prompts(), score)
-    # Responses of unequal lengths (the tiny model's samples all run to the token limit): each
-    # rank's share of the batch's tokens differs, which the losses' normalisation must undo.
-    eos = tokenizer.eos_token_id
-    responses = [[300 + row] * (1 + row) + [eos] for row in range(BATCH)]
-    scores = [float(row % 3) for row in range(BATCH)]
-    lead.update(prompts(), responses, scores)
+    responses, scores = fixed_batch(learner.tokenizer.eos_token_id)
+    for _ in range(2 if fsdp else 1):
+        lead.update(prompts(), responses, scores)
     # A rollback to the base weights: every rank must continue from rank 0's weights.
     lead.rebase(load_base_policy(TINY, cache_dir, seed=0))
     stats = lead.update(prompts(), responses, scores)
+    trained = full_trainable(lead)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if fsdp:  # the state a checkpoint holds, gathered to this rank
+        state_dir = args.out / "state"
+        state_dir.mkdir()
+        policy = lead.export_policy()
+        tensors, json_files = lead.state_files()
+        save_file(
+            # The head is tied to the embeddings: stored once, as the checkpoint store does.
+            {k: v for k, v in policy.state_dict().items() if k != "lm_head.weight"},
+            str(state_dir / "policy.safetensors"),
+        )
+        for name, content in tensors.items():
+            save_file(content, str(state_dir / name))
+        (state_dir / LEARNER_FILE).write_text(json.dumps(json_files[LEARNER_FILE]))
     lead.stop()
-    if world.is_main:
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_file(initial, str(args.out / "initial.safetensors"))
-        save_file(trainable(learner), str(args.out / "trained.safetensors"))
-        stats["kl_coef_after"] = learner.kl_controller.value
-        stats["world_size"] = world.size
-        (args.out / "stats.json").write_text(json.dumps(stats))
+    save_file(initial, str(args.out / "initial.safetensors"))
+    save_file(trained, str(args.out / "trained.safetensors"))
+    stats["kl_coef_after"] = learner.kl_controller.value
+    stats["world_size"] = world.size
+    (args.out / "stats.json").write_text(json.dumps(stats))
+    if fsdp and world.distributed:
+        world.barrier()
+        resume_and_update(args, world)
+    elif fsdp:  # the single process takes the same update on its live learner
+        learner.update(prompts(), responses, scores)
+        save_file(with_moments(learner, trainable(learner)), str(args.out / "resumed.safetensors"))
     distributed.leave()
 
 

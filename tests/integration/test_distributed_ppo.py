@@ -1,5 +1,6 @@
 """Data-parallel PPO under torchrun (2 ranks, gloo) takes the same steps as one process on the
-same global batch: the weights after a few iterations match within float tolerance."""
+same global batch: the weights after a few iterations match within float tolerance, with DDP
+and with FSDP (whose learner state also survives a gather to rank 0 and a resume)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("ppo_worker.py")
 
 
-def run_worker(out: Path, ranks: int, lora_rank: int) -> tuple[dict, dict, dict]:
+def run_worker(
+    out: Path, ranks: int, lora_rank: int, strategy: str = "ddp"
+) -> tuple[dict, dict, dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command = [*launcher, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     command += [str(WORKER), "--out", str(out), "--lora-rank", str(lora_rank)]
+    command += ["--strategy", strategy]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     stats = json.loads((out / "stats.json").read_text())
@@ -39,3 +43,31 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, lora_ran
     # The statistics are the whole batch's on both sides, and so is the KL controller's input.
     for key in ("objective/kl", "objective/scores", "response/length", "kl_coef_after"):
         assert ddp_stats[key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
+
+
+def test_fsdp_two_ranks_match_one_process_and_resume_from_gathered_state(tmp_path):
+    """Sharded: fixed responses of unequal lengths, a rollback, then the state gathered to rank
+    0, loaded by a fresh sharded learner on every rank and one more update, against one
+    process that took the same updates without the round trip."""
+    initial, single, single_stats = run_worker(tmp_path / "single", 1, 0, "fsdp")
+    _, fsdp, fsdp_stats = run_worker(tmp_path / "fsdp", 2, 0, "fsdp")
+    assert fsdp_stats["world_size"] == 2 and single_stats["world_size"] == 1
+    assert single.keys() == fsdp.keys() == initial.keys() and single
+    moved = max((single[name] - initial[name]).abs().max().item() for name in single)
+    assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
+    for name, weight in single.items():
+        torch.testing.assert_close(fsdp[name], weight, atol=2e-5, rtol=1e-4, msg=name)
+    for key in ("objective/kl", "objective/scores", "response/length", "kl_coef_after"):
+        assert fsdp_stats[key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
+
+    single_resumed = load_file(str(tmp_path / "single" / "resumed.safetensors"))
+    fsdp_resumed = load_file(str(tmp_path / "fsdp" / "resumed.safetensors"))
+    # The same names and shapes: the sharded learner's files are an unsharded learner's.
+    assert fsdp_resumed.keys() == single_resumed.keys()
+    moments = [name for name in single_resumed if name.startswith("optimizer.")]
+    assert any(name.endswith(".exp_avg_sq") for name in moments), moments
+    for name, value in single_resumed.items():
+        assert fsdp_resumed[name].shape == value.shape, name
+        if name in single:  # the update after the resume moved every weight again
+            assert not torch.equal(value, single[name]), name
+        torch.testing.assert_close(fsdp_resumed[name], value, atol=2e-5, rtol=1e-4, msg=name)

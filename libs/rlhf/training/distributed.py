@@ -6,6 +6,11 @@ turns the same code into data-parallel training: gloo on CPU, NCCL on GPU. Each 
 contiguous share of every batch (`World.shard`), gradients are averaged by
 DistributedDataParallel, and the few statistics that must be global (advantage whitening, token
 counts, the KL fed to the controller) are summed with `World.all_sum`.
+
+Strategy fsdp (for models whose weights, gradients and optimizer moments do not fit one device)
+shards the trained modules with FSDP2 (`fully_shard`) instead: each rank keeps 1/N of every
+parameter, its gradient and its moments; gradients are averaged over the ranks like DDP's.
+Anything that needs the full weights (a checkpoint, a rollback) is then a collective.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 
 BACKENDS = ("gloo", "nccl")
+STRATEGIES = ("ddp", "fsdp")
 # A rank waits this long for the others at a collective before failing: long enough for rank 0
 # to load a checkpoint or wait for a batch of feedback, short enough to surface a dead peer.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -36,10 +43,17 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"
 
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether trained modules are sharded over the ranks (fsdp): reading or replacing
+        their full weights is then a collective every rank must enter together."""
+        return self.distributed and self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -97,12 +111,35 @@ class World:
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """`module` as DistributedDataParallel (gradients averaged over the ranks during
-        backward, rank 0's weights copied to every rank now), or as is in a world of one."""
+        backward, rank 0's weights copied to every rank now), sharded in place (fsdp, see
+        `shard_module`), or as is in a world of one."""
         if not self.distributed:
             return module
+        if self.sharded:
+            return self.shard_module(module)
         device_ids = [self.local_rank] if next(module.parameters()).is_cuda else None
         # Buffers (rotary tables) are never trained: broadcasting them every forward is waste.
         return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+    def shard_module(self, module: nn.Module) -> nn.Module:
+        """`module` sharded in place with FSDP2 and returned: each decoder layer is a unit of
+        its own (all-gathered just before it runs and freed after, so only one layer is whole
+        at a time), the root holds the rest (embeddings, final norm, head).
+
+        Every rank must pass the same weights: unlike DDP, sharding copies nothing from rank
+        0, each rank keeps its slice of what it was given (the trainer loads the same
+        checkpoint on every rank; a rollback broadcasts rank 0's, see `PPOLearner.rebase`).
+        Gradients are reduce-scattered and divided by the world size, DDP's average, so the
+        losses' token normalisation (`ppo._token_share`) holds for both strategies."""
+        layers = getattr(getattr(module, "model", None), "layers", None)
+        for layer in layers if isinstance(layers, nn.ModuleList) else ():
+            fully_shard(layer)
+        # Explicitly True: by default the root stays unsharded from forward to backward, and
+        # its `parameters()` are then the whole tensors, not the sharded ones the optimizer
+        # and gradients live on; the update lists them after the scoring forward, so gradient
+        # clipping would leave out the root's gradients (and the value head's, a root too).
+        fully_shard(module, reshard_after_forward=True)
+        return module
 
 
 SINGLE = World()
@@ -132,16 +169,20 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
-def join(backend: str = "", timeout: timedelta = DEFAULT_TIMEOUT) -> World:
+def join(backend: str = "", timeout: timedelta = DEFAULT_TIMEOUT, strategy: str = "ddp") -> World:
     """The world torchrun describes in the environment, joining its process group; a world of
-    one (no process group) when the process was not started by torchrun."""
+    one (no process group) when the process was not started by torchrun. `strategy` (ddp or
+    fsdp) is how `World.wrap` spreads a trained module over the ranks."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"data-parallel strategy {strategy!r}: expected one of {STRATEGIES}")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        return SINGLE
+        return World(strategy=strategy)
     world = World(
         rank=int(os.environ["RANK"]),
         size=size,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        strategy=strategy,
     )
     backend = backend or default_backend()
     if backend not in BACKENDS:

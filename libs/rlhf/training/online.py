@@ -6,6 +6,11 @@ reward-service client), and so is sampling on the generation pool (`rlhf.trainin
 rollouts are not sampled in this process, so this file does no I/O. `state_files` /
 `load_state` carry everything a resumed trainer needs beyond the policy weights: value head,
 optimizer moments, KL controller, RNG states and counters.
+
+Under FSDP (`World.sharded`) each rank holds a slice of the policy, value head and moments:
+`export_policy`, `state_files` and `rebase` are then collectives that every rank calls together
+(`services.trainer.lockstep` announces them), gathering to or broadcasting from rank 0. The
+files are the same as unsharded, so a checkpoint resumes under any strategy and world size.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import decoding
@@ -75,6 +86,10 @@ class PPOLearner:
         self.config = config
         self.rollout_settings = rollout
         self.lora = lora or LoraSettings()
+        if world.sharded and self.lora.enabled:
+            # peft's merge for serving needs the whole weights in one module, and the adapter
+            # is small enough that DDP suffices: sharding is for full fine-tuning only.
+            raise ValueError("LoRA is not supported with the fsdp strategy; use ddp")
         self.world = world
         self.sampler = sampler
         self.value_head = ValueHead(policy.config.hidden_size).to(policy.device)
@@ -98,25 +113,56 @@ class PPOLearner:
             self.policy = get_peft_model(weights, adapter)
         else:
             self.policy = weights
+        # Sharding swaps the module's class for an FSDP subclass: an exported copy is built
+        # as the plain class.
+        self._policy_class = type(self.policy)
+        # What the update trains through: a DistributedDataParallel wrapper when data parallel
+        # (which also copies rank 0's weights to every rank here), the policy itself sharded
+        # in place (fsdp), or the policy itself in a world of one. Wrapped before the
+        # optimizer is built: sharding replaces the parameters with their slices.
+        self._trained_policy = self.world.wrap(self.policy)
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        # The parameter order (policy's trainable ones, then the value head's) is the index
+        # the optimizer file is keyed by: the same under every strategy.
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         params = [*trainable, *self.value_head.parameters()]
         # Fused: one kernel over all parameters instead of a Python loop of elementwise passes
         # (measured 0.16 s instead of 0.67 s per step on SmolLM2's weights on this CPU).
-        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate, fused=True)
-        # What the update trains through: a DistributedDataParallel wrapper when data parallel
-        # (which also copies rank 0's weights to every rank here), the policy itself if not.
-        self._trained_policy = self.world.wrap(self.policy)
+        return torch.optim.AdamW(params, lr=self.config.learning_rate, fused=True)
 
-    def rebase(self, weights: PreTrainedModel) -> None:
+    def rebase(self, weights: PreTrainedModel | None) -> None:
         """Continue training from other weights (a rollback): the value head and KL controller
-        are kept, the optimizer moments (which belong to the old trajectory) start over."""
-        self._set_policy(weights.to(self.value_head.linear.weight.device))
+        are kept, the optimizer moments (which belong to the old trajectory) start over.
+
+        Sharded, a collective: rank 0's `weights` are broadcast into every rank's slices of
+        the policy already sharded (the other ranks' argument is ignored and may be None)."""
+        if not self.world.sharded:
+            assert weights is not None
+            self._set_policy(weights.to(self.value_head.linear.weight.device))
+            return
+        full = weights.state_dict() if self.world.is_main and weights is not None else {}
+        set_model_state_dict(
+            self.policy,
+            full,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        self.optimizer = self._make_optimizer()
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.optimizer.param_groups[0]["params"])
 
-    def export_policy(self) -> PreTrainedModel:
-        """The policy as plain weights, for serving: a LoRA adapter is merged into a copy."""
+    def export_policy(self) -> PreTrainedModel | None:
+        """The policy as plain weights, for serving: a LoRA adapter is merged into a copy.
+
+        Sharded, a collective: the full weights are gathered into a new unsharded model on
+        rank 0 (on the CPU, one tensor at a time), the other ranks get None."""
+        if self.world.sharded:
+            full = _gather(self.policy)
+            if not self.world.is_main:
+                return None
+            return _unsharded_copy(self._policy_class, self.policy.config, full)
         if not self.lora.enabled:
             return self.policy
         return copy.deepcopy(self.policy).merge_and_unload()
@@ -232,9 +278,15 @@ class PPOLearner:
 
     def state_files(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """(tensors, json files) with the learner's state, for the checkpoint store."""
-        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        """Sharded, a collective: the value head and moments are gathered whole to rank 0,
+        whose files are those an unsharded learner writes (the other ranks' are partial
+        and only good to discard)."""
+        opt_tensors, opt_meta = optimizer_state(self.optimizer, gather=_full_tensor)
+        value_head = (
+            _gather(self.value_head) if self.world.sharded else dict(self.value_head.state_dict())
+        )
         tensors = {
-            VALUE_HEAD_FILE: dict(self.value_head.state_dict()),
+            VALUE_HEAD_FILE: value_head,
             OPTIMIZER_FILE: opt_tensors,
             RNG_FILE: {"shuffle": self.shuffle.get_state(), "torch": torch.get_rng_state()},
         }
@@ -252,7 +304,10 @@ class PPOLearner:
 
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], json_files: dict) -> None:
         """Inverse of `state_files`; the policy must already hold the weights the state was
-        saved with (with LoRA: the adapter's base weights; the adapter comes from here)."""
+        saved with (with LoRA: the adapter's base weights; the adapter comes from here).
+
+        Sharded, every rank passes the whole state (each reads the same checkpoint on resume)
+        and keeps its slices of it: no communication, so not a collective."""
         learner = json_files[LEARNER_FILE]
         if learner["lora_rank"] != self.lora.rank:
             raise ValueError(
@@ -261,10 +316,69 @@ class PPOLearner:
             )
         if self.lora.enabled:
             set_peft_model_state_dict(self.policy, tensors[ADAPTER_FILE])
-        self.value_head.load_state_dict(tensors[VALUE_HEAD_FILE])
-        load_optimizer_state(self.optimizer, tensors[OPTIMIZER_FILE], learner["optimizer"])
+        _load_full(self.value_head, tensors[VALUE_HEAD_FILE])
+        params = self.optimizer.param_groups[0]["params"]
+        moments = {
+            name: _slice_like(params[int(name.split(".", 1)[0])], value)
+            for name, value in tensors[OPTIMIZER_FILE].items()
+        }
+        load_optimizer_state(self.optimizer, moments, learner["optimizer"])
         self.shuffle.set_state(tensors[RNG_FILE]["shuffle"])
         torch.set_rng_state(tensors[RNG_FILE]["torch"])
         self.kl_controller.load_state_dict(learner["kl_controller"])
         self.updates = int(learner["updates"])
         self._rollout_calls = int(learner["rollout_calls"])
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: a sharded one is all-gathered (a collective), others are as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _gather(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded module's full state dict on rank 0, on the CPU (empty on the other ranks):
+    gathered one tensor at a time, so no rank ever holds a second whole copy on its device."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
+
+
+def _slice_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of `full`, sharded as `param` is (`full` as is for an unsharded
+    parameter, and for the scalars an optimizer keeps beside its moments, such as the step).
+    Cut locally from the whole tensor every rank holds: no communication."""
+    if not isinstance(param, DTensor) or full.shape != param.shape:
+        return full
+    return distribute_tensor(
+        full.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+    )
+
+
+@torch.no_grad()
+def _load_full(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state)` for a module that may be sharded: each parameter keeps
+    its slice of the whole tensor in `state`."""
+    params = dict(module.named_parameters())
+    if set(params) != set(state):
+        raise ValueError(f"state for {sorted(state)} does not fit parameters {sorted(params)}")
+    for name, param in params.items():
+        value = _slice_like(param, state[name])
+        if isinstance(param, DTensor):
+            param.to_local().copy_(value.to_local())
+        else:
+            param.copy_(value)
+
+
+def _unsharded_copy(
+    model_class: type[PreTrainedModel], config: Any, full: dict[str, torch.Tensor]
+) -> PreTrainedModel:
+    """A new plain `model_class` model holding the gathered weights `full`."""
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(full, strict=False, assign=True)
+    if set(missing) - {"lm_head.weight"} or unexpected:  # lm_head: tied to the embeddings
+        raise ValueError(f"gathered weights do not fit: missing {missing}, extra {unexpected}")
+    model.tie_weights()
+    # Buffers (rotary inverse frequencies) are not in the state dict: compute them for real.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config)
+    return model.eval()

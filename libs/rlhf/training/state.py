@@ -6,7 +6,7 @@ Pure conversions; the checkpoint store does the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -56,16 +56,18 @@ def unpack_strings(prefix: str, tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def optimizer_state(
     optimizer: torch.optim.Optimizer,
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, json) for an optimizer's state dict: per-parameter tensors go to safetensors,
-    hyperparameters and plain numbers to JSON."""
+    hyperparameters and plain numbers to JSON. `gather` makes each tensor whole (a sharded
+    optimizer's moments are slices); it is called in the same order on every rank."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").clone()
+                tensors[f"{index}.{key}"] = gather(value.detach()).to("cpu").clone()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
