@@ -7,6 +7,7 @@ from rlhf.config import CommonConfig, ConfigError, setting
 
 STAGES = ("ppo", "reward", "sft")
 ROLLOUTS = ("local", "pool")
+DIST_STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ class TrainerConfig(CommonConfig):
         "",
         "torch.distributed backend when the ppo stage runs under torchrun: gloo or nccl "
         "(empty: nccl with GPUs, gloo without); batch and minibatch must split over the ranks",
+    )
+    dist_strategy: str = setting(
+        "RLHF_DIST_STRATEGY",
+        "ddp",
+        "how the ppo stage spreads training over torchrun's ranks: ddp (a whole copy per rank) "
+        "or fsdp (weights, gradients and optimizer moments sharded, for a policy that does not "
+        "fit one device; needs RLHF_PPO_ROLLOUTS=pool and no LoRA)",
     )
     rollouts: str = setting(
         "RLHF_PPO_ROLLOUTS",
@@ -179,6 +187,31 @@ class TrainerConfig(CommonConfig):
             return Path(self.metrics_log).expanduser()
         return self.checkpoint_dir / "logs" / f"{self.stage}.jsonl"
 
+    def _validate_strategy(self) -> None:
+        """fsdp shards every decoder layer over the ranks, so each layer's forward is a
+        collective (an all-gather) that every rank must enter the same number of times.
+        Sampling in the trainer runs one forward per decoded token, and each rank's shard
+        stops at its own longest response: the ranks would run different numbers of forwards
+        and the one with more would wait for ever. Pool rollouts keep decoding off the
+        trainer, and the update's forwards are one per minibatch on every rank alike. LoRA is
+        refused: serving merges the adapter into whole weights, and an adapter's training
+        state is small enough for ddp."""
+        if self.dist_strategy not in DIST_STRATEGIES:
+            raise ConfigError(
+                f"RLHF_DIST_STRATEGY={self.dist_strategy!r}: expected one of {DIST_STRATEGIES}"
+            )
+        if self.dist_strategy == "fsdp" and self.rollouts != "pool":
+            raise ConfigError(
+                "RLHF_DIST_STRATEGY=fsdp needs RLHF_PPO_ROLLOUTS=pool: sampling in the trainer "
+                "would run a different number of decode steps on each rank through the "
+                "sharded layers, whose collectives would then never complete"
+            )
+        if self.dist_strategy == "fsdp" and self.lora_rank > 0:
+            raise ConfigError(
+                "RLHF_DIST_STRATEGY=fsdp does not support LoRA (RLHF_PPO_LORA_RANK > 0): "
+                "use ddp, which an adapter's small training state fits"
+            )
+
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"RLHF_TRAINER_STAGE={self.stage!r}: expected one of {STAGES}")
@@ -200,6 +233,7 @@ class TrainerConfig(CommonConfig):
             )
         if self.dist_backend not in ("", "gloo", "nccl"):
             raise ConfigError(f"RLHF_DIST_BACKEND={self.dist_backend!r}: expected gloo or nccl")
+        self._validate_strategy()
         if min(self.sft_round_examples, self.sft_epochs, self.sft_max_tokens) < 1:
             raise ConfigError("sft stage round sizes must be positive")
         if min(self.reward_round_examples, self.reward_steps, self.reward_batch_size) < 1:

@@ -93,7 +93,8 @@ def resume_learner(
 
     def make_learner(weights: torch.nn.Module) -> PPOLearner:
         return PPOLearner(
-            weights.to(world.device),
+            # Sharding moves each rank's slices to its device: the whole policy need not fit.
+            weights if world.sharded else weights.to(world.device),
             reference,
             tokenizer,
             ppo_config(config),
@@ -113,7 +114,7 @@ def resume_learner(
 
 def join_world(config: TrainerConfig) -> World:
     """The torchrun world (a world of one without torchrun), checked against the config."""
-    world = distributed.join(config.dist_backend)
+    world = distributed.join(config.dist_backend, strategy=config.dist_strategy)
     if world.distributed and config.stage != "ppo":
         raise ConfigError(f"only the ppo stage runs data parallel, not {config.stage!r}")
     if config.batch_size % world.size or config.minibatch_size % world.size:

@@ -88,3 +88,31 @@ def test_the_kl_reference_can_be_a_policy_version_from_the_store(tmp_path, cache
         load_reference(
             load_config(TrainerConfig, {**env, "RLHF_PPO_REFERENCE_VERSION": "9"}), store
         )
+
+
+def test_the_data_parallel_strategy_is_ddp_unless_fsdp_is_asked_with_pool_rollouts():
+    assert load_config(TrainerConfig, {}).dist_strategy == "ddp"
+    pool = {"RLHF_PPO_ROLLOUTS": "pool", "RLHF_PPO_POOL_ADDRESS": "127.0.0.1:1"}
+    config = load_config(TrainerConfig, {**pool, "RLHF_DIST_STRATEGY": "fsdp"})
+    assert config.dist_strategy == "fsdp"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RLHF_DIST_STRATEGY": "zero3"}, "expected one of"),
+        # In-process sampling would hang the sharded layers' collectives.
+        ({"RLHF_DIST_STRATEGY": "fsdp"}, "RLHF_PPO_ROLLOUTS=pool"),
+        (
+            {
+                "RLHF_DIST_STRATEGY": "fsdp",
+                "RLHF_PPO_ROLLOUTS": "pool",
+                "RLHF_PPO_LORA_RANK": "8",
+            },
+            "LoRA",
+        ),
+    ],
+)
+def test_unusable_strategies_are_refused_by_name(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(TrainerConfig, env)
