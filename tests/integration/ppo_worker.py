@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
 from rlhf.models import TINY, load_base_policy, load_tokenizer
 from rlhf.training import distributed
@@ -31,6 +32,7 @@ from rlhf.training.online import (
     PPOLearner,
     RolloutSettings,
 )
+from rlhf.training.pool import PoolSampler
 from rlhf.training.ppo import PPOConfig
 from services.trainer.lockstep import Lockstep, follow
 
@@ -77,8 +79,14 @@ def fixed_batch(eos: int) -> tuple[list[list[int]], list[float]]:
     return responses, [float(row % 3) for row in range(BATCH)]
 
 
-def make_learner(world: distributed.World, lora_rank: int, weights=None) -> PPOLearner:
+def make_learner(
+    world: distributed.World, lora_rank: int, weights=None, pool: str = ""
+) -> PPOLearner:
+    """`pool`: host:port of a generation server serving these weights as v1, to sample on."""
     cache_dir = load_config(CommonConfig).cache_dir
+    sampler = None
+    if pool:
+        sampler = PoolSampler(GenerationClient(pool, timeout=60), lambda: 1, max_policy_lag=0)
     return PPOLearner(
         weights or load_base_policy(TINY, cache_dir, seed=0),
         load_base_policy(TINY, cache_dir, seed=0),
@@ -88,6 +96,7 @@ def make_learner(world: distributed.World, lora_rank: int, weights=None) -> PPOL
         RolloutSettings(max_new_tokens=8, seed=0),
         LoraSettings(rank=lora_rank),
         world,
+        sampler=sampler,
     )
 
 
@@ -130,12 +139,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp")
+    parser.add_argument("--pool", default="", help="host:port of a generation server")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     world = distributed.join(strategy=args.strategy)
     cache_dir = load_config(CommonConfig).cache_dir
-    learner = make_learner(world, args.lora_rank)
+    learner = make_learner(world, args.lora_rank, pool=args.pool)
     initial = full_trainable(learner)  # every rank at once: no lead yet
     fsdp = args.strategy == "fsdp"
     if not world.is_main:
@@ -148,8 +158,9 @@ def main() -> None:
     lead = Lockstep(learner, world)  # in a world of one, the learner itself
     stats = {}
     # In-process sampling is ddp's only: fsdp trains on rollouts sampled elsewhere.
-    for _ in range(0 if fsdp else args.steps):
+    for _ in range(0 if fsdp and not args.pool else args.steps):
         stats = lead.iterate(prompts(), score)
+    iterate_stats = stats
     responses, scores = fixed_batch(learner.tokenizer.eos_token_id)
     for _ in range(2 if fsdp else 1):
         lead.update(prompts(), responses, scores)
@@ -174,6 +185,7 @@ def main() -> None:
     lead.stop()
     save_file(initial, str(args.out / "initial.safetensors"))
     save_file(trained, str(args.out / "trained.safetensors"))
+    stats["iterate"] = iterate_stats
     stats["kl_coef_after"] = learner.kl_controller.value
     stats["world_size"] = world.size
     (args.out / "stats.json").write_text(json.dumps(stats))
