@@ -10,8 +10,10 @@ import pytest
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker
 from rlhf.config import CommonConfig, load_config
+from rlhf.models import TINY
 from rlhf.scrape import scrape as scrape_port
 from rlhf.server import RunningServer, Service
+from services.generation.config import GenerationConfig
 
 ID_KEY = "test-generation-id-key-0123456789"
 API_KEY = "test-api-key-0123456789"
@@ -39,6 +41,22 @@ def own_broker() -> Iterator[EmbeddedBroker]:
 @pytest.fixture(scope="session")
 def cache_dir():
     return load_config(CommonConfig).cache_dir
+
+
+def tiny_generation_config(
+    broker: EmbeddedBroker, checkpoint_dir, cache_dir, **overrides
+) -> GenerationConfig:
+    """A generation service on the tiny model with the test id key, on loopback."""
+    values = {
+        "kafka_bootstrap": broker.bootstrap,
+        "checkpoint_dir": checkpoint_dir,
+        "cache_dir": cache_dir,
+        "policy_model": TINY,
+        "generation_id_key": ID_KEY,
+        "grpc_host": "127.0.0.1",
+        "http_port": 0,
+    }
+    return GenerationConfig(**{**values, **overrides})
 
 
 def serve(service: Service) -> RunningServer:

@@ -33,19 +33,24 @@ def run_worker(
     return initial, load_file(str(out / "trained.safetensors")), stats
 
 
+def assert_same_training(initial, single, single_stats, ranks, ranks_stats) -> None:
+    """2 ranks and 1 process trained the same weights (and training moved them), with the same
+    whole-batch statistics, the KL controller's input among them."""
+    assert ranks_stats["world_size"] == 2 and single_stats["world_size"] == 1
+    assert single.keys() == ranks.keys() == initial.keys() and single
+    moved = max((single[name] - initial[name]).abs().max().item() for name in single)
+    assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
+    for name, weight in single.items():
+        torch.testing.assert_close(ranks[name], weight, atol=2e-5, rtol=1e-4, msg=name)
+    for key in ("objective/kl", "objective/scores", "response/length", "kl_coef_after"):
+        assert ranks_stats[key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, lora_rank):
     initial, single, single_stats = run_worker(tmp_path / "single", 1, lora_rank)
     _, ddp, ddp_stats = run_worker(tmp_path / "ddp", 2, lora_rank)
-    assert ddp_stats["world_size"] == 2 and single_stats["world_size"] == 1
-    assert single.keys() == ddp.keys() == initial.keys() and single
-    moved = max((single[name] - initial[name]).abs().max().item() for name in single)
-    assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
-    for name, weight in single.items():
-        torch.testing.assert_close(ddp[name], weight, atol=2e-5, rtol=1e-4, msg=name)
-    # The statistics are the whole batch's on both sides, and so is the KL controller's input.
-    for key in ("objective/kl", "objective/scores", "response/length", "kl_coef_after"):
-        assert ddp_stats[key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
+    assert_same_training(initial, single, single_stats, ddp, ddp_stats)
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_from_gathered_state(tmp_path):
@@ -54,14 +59,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_from_gathered_state(tmp_pat
     process that took the same updates without the round trip."""
     initial, single, single_stats = run_worker(tmp_path / "single", 1, 0, "fsdp")
     _, fsdp, fsdp_stats = run_worker(tmp_path / "fsdp", 2, 0, "fsdp")
-    assert fsdp_stats["world_size"] == 2 and single_stats["world_size"] == 1
-    assert single.keys() == fsdp.keys() == initial.keys() and single
-    moved = max((single[name] - initial[name]).abs().max().item() for name in single)
-    assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
-    for name, weight in single.items():
-        torch.testing.assert_close(fsdp[name], weight, atol=2e-5, rtol=1e-4, msg=name)
-    for key in ("objective/kl", "objective/scores", "response/length", "kl_coef_after"):
-        assert fsdp_stats[key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
+    assert_same_training(initial, single, single_stats, fsdp, fsdp_stats)
 
     single_resumed = load_file(str(tmp_path / "single" / "resumed.safetensors"))
     fsdp_resumed = load_file(str(tmp_path / "fsdp" / "resumed.safetensors"))

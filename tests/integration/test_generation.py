@@ -13,9 +13,8 @@ from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
 from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
-from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
-from tests.conftest import ID_KEY, consume_all, scrape, serve, wait_until
+from tests.conftest import ID_KEY, consume_all, scrape, serve, tiny_generation_config, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +24,10 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(broker, store, cache_dir):
-    config = GenerationConfig(
-        kafka_bootstrap=broker.bootstrap,
-        checkpoint_dir=store.root,
-        cache_dir=cache_dir,
-        policy_model=TINY,
-        generation_id_key=ID_KEY,
-        http_port=0,
+    config = tiny_generation_config(
+        broker,
+        store.root,
+        cache_dir,
         max_prompt_tokens=64,
         max_new_tokens_limit=32,
         default_max_new_tokens=8,

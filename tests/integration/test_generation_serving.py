@@ -16,24 +16,13 @@ from rlhf import bus
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
-from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
-from tests.conftest import ID_KEY, scrape, serve, wait_until
+from tests.conftest import scrape, serve, tiny_generation_config, wait_until
 
 
 def _config(broker, store, cache_dir, **overrides):
-    values = {
-        "kafka_bootstrap": broker.bootstrap,
-        "checkpoint_dir": store.root,
-        "cache_dir": cache_dir,
-        "policy_model": TINY,
-        "generation_id_key": ID_KEY,
-        "grpc_host": "127.0.0.1",
-        "http_port": 0,
-        "max_new_tokens_limit": 64,
-        "batch_wait_ms": 20.0,
-    }
-    return GenerationConfig(**{**values, **overrides})
+    values = {"max_new_tokens_limit": 64, "batch_wait_ms": 20.0}
+    return tiny_generation_config(broker, store.root, cache_dir, **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")

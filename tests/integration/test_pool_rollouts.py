@@ -25,9 +25,8 @@ from rlhf.training.online import PPOLearner, RolloutSettings
 from rlhf.training.pool import PoolRollouts, PoolSampler, StaleRollouts
 from rlhf.training.ppo import PPOConfig, build_rollout, forward_policy
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
-from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
-from tests.conftest import ID_KEY, consume_all, serve, wait_until
+from tests.conftest import consume_all, serve, tiny_generation_config, wait_until
 
 TEMPERATURE = 0.7
 NEW_TOKENS = 6
@@ -48,12 +47,10 @@ def served_v1(store, cache_dir):
 
 @pytest.fixture(scope="module")
 def server(broker, store, cache_dir, served_v1):
-    config = GenerationConfig(
-        kafka_bootstrap=broker.bootstrap,
-        checkpoint_dir=store.root,
-        cache_dir=cache_dir,
-        policy_model=TINY,
-        generation_id_key=ID_KEY,
+    config = tiny_generation_config(
+        broker,
+        store.root,
+        cache_dir,
         http_port=-1,
         max_prompt_tokens=64,
         max_new_tokens_limit=32,
