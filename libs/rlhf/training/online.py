@@ -277,8 +277,9 @@ class PPOLearner:
         return stats
 
     def state_files(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        """(tensors, json files) with the learner's state, for the checkpoint store."""
-        """Sharded, a collective: the value head and moments are gathered whole to rank 0,
+        """(tensors, json files) with the learner's state, for the checkpoint store.
+
+        Sharded, a collective: the value head and moments are gathered whole to rank 0,
         whose files are those an unsharded learner writes (the other ranks' are partial
         and only good to discard)."""
         opt_tensors, opt_meta = optimizer_state(self.optimizer, gather=_full_tensor)
