@@ -18,7 +18,14 @@ import pytest
 
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.models import MINILM, TINY
-from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from rlhf.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 from services.feedback.config import FeedbackConfig
 from services.feedback.main import FeedbackService
 from services.generation.config import GenerationConfig
@@ -33,13 +40,16 @@ from tests.conftest import API_KEY, ID_KEY, TENANT, serve, wait_until
 THRESHOLD = 0.3
 CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely and fun!"]
 GRUMPY = ["I hate it, what an awful and sad time.", "Terrible, it is horrible and boring."]
-# Users' ratings of the sft policy (48: also PPO's data, 12 batches of 4) and of the last policy.
-BEFORE, AFTER = 48, 64
-# Measured over 4 runs (48 and 32 ratings): 0.52 -> 0.91, 0.58 -> 0.84, 0.50 -> 0.78, 0.44 -> 0.88
-# (gains 0.26 to 0.44, KL 0.2 to 6 nats). With 64 ratings before, PPO trained on 16 batches and
-# drifted past 11 nats in some runs, pleasing users less: keep PPO's data at 48. The noise on the
-# gain is about 0.085 here, so 0.15 stays well below the smallest gain seen.
+# Users' ratings of the sft policy (also PPO's prompts: 12 updates of 16) and of the last policy.
+BEFORE, AFTER = 192, 160
+# Gains measured over 8 runs: 0.33 to 0.42 (KL 0.5 to 4 nats). PPO's outcome varied with smaller
+# batches: with batches of 4, gains 0.04 to 0.45 (one run in seven below 0.15); of 8, one run
+# in thirteen drifted to 9 nats with a gain of 0.08. The sampling noise on the gain is about 0.05.
 MARGIN = 0.15
+# Reward rounds every 48 ratings, each on all ratings so far. The held-out split is a hash of the
+# (random) generation ids, so a round can lack held-out examples: at most 5 of 48 in 6% of runs
+# (of 32 in 36%, which failed CI once), of 96 in 4e-5. 192 ratings make several rounds.
+REWARD_ROUND, REWARD_MIN_HELDOUT = 48, 6
 
 
 def _demonstrations(path):
@@ -101,8 +111,8 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
                     stage="reward",
                     reward_model=MINILM,
                     reward_group=f"reward-{group}",
-                    reward_round_examples=32,
-                    reward_min_heldout=6,
+                    reward_round_examples=REWARD_ROUND,
+                    reward_min_heldout=REWARD_MIN_HELDOUT,
                     reward_steps=60,
                     max_poll_interval_ms=4000,
                 )
@@ -128,8 +138,8 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
                     reward_address=f"127.0.0.1:{servers['reward'].port}",
                     consumer_group=f"ppo-{group}",
                     max_poll_interval_ms=4000,
-                    batch_size=4,
-                    minibatch_size=4,
+                    batch_size=16,
+                    minibatch_size=16,
                     ppo_epochs=2,
                     learning_rate=5e-4,
                     init_kl_coef=0.1,
@@ -141,8 +151,8 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         )
         channels = {n: grpc.insecure_channel(f"127.0.0.1:{s.port}") for n, s in servers.items()}
         trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
-        reward_trainer = trainer_pb2_grpc.TrainerServiceStub(channels["reward-trainer"])
         generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
+        reward = reward_pb2_grpc.RewardServiceStub(channels["reward"])
         # PPO waits until a reward model has learnt the users' taste: before that, scores are
         # an untrained head's noise.
         trainer.Pause(trainer_pb2.PauseRequest())
@@ -162,10 +172,14 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         first_rate = tally.rates()[1]
         assert 0.2 <= first_rate <= 0.8, f"the sft policy should please about half: {first_rate}"
 
-        def reward_published():
-            return reward_trainer.GetStatus(trainer_pb2.GetStatusRequest()).reward_version >= 1
+        def reward_served():
+            # Published, then loaded by the reward service: PPO's first batches would otherwise
+            # be scored by the untrained head.
+            pair = reward_pb2.ScoredPair(prompt="How was it?", response="Great, it is fun!")
+            reply = reward.Score(reward_pb2.ScoreRequest(pairs=[pair]))
+            return reply.model_version >= 1
 
-        assert wait_until(reward_published, timeout=240)
+        assert wait_until(reward_served, timeout=240)
         trainer.Resume(trainer_pb2.ResumeRequest())
 
         def trained(updates):
