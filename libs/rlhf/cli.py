@@ -1,4 +1,5 @@
-"""`rlhf`: the platform from a terminal: generate, rate answers, watch and steer the trainer.
+"""`rlhf`: the platform from a terminal: generate, rate answers, watch and steer the trainer,
+import offline datasets.
 
 Addresses come from flags, then environment variables (RLHF_GENERATION_ADDRESS, ...), then the
 `run/up.env` that `make up` writes, then the local `make up` ports. Every failure is one line on
@@ -24,6 +25,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from rlhf import importer
 from rlhf.v1 import (
     common_pb2,
     events_pb2,
@@ -440,6 +442,11 @@ def cmd_rollback(args: argparse.Namespace, session: Session, console: Console) -
     return 0
 
 
+def cmd_import(args: argparse.Namespace, session: Session, console: Console) -> int:
+    """Talks to the broker, not to the services: the session is unused."""
+    return importer.run(args)
+
+
 def _control(rpc: str) -> Callable[[argparse.Namespace, Session, Console], int]:
     """pause and resume: the same call shape, a different RPC."""
     requests = {"Pause": trainer_pb2.PauseRequest, "Resume": trainer_pb2.ResumeRequest}
@@ -554,6 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="wait until the generation service serves it"
     )
     rollback.set_defaults(run=cmd_rollback)
+
+    offline = subparsers.add_parser(
+        "import",
+        help="publish an offline dataset (preferences or demonstrations) as live events",
+        description=importer.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=importer.EPILOG,
+    )
+    importer.add_arguments(offline)
+    offline.set_defaults(run=cmd_import)
 
     for name, rpc, text in (
         ("pause", "Pause", "stop training after the current update"),

@@ -1,7 +1,9 @@
 """Offline data import: preference pairs (HH-RLHF layout) and demonstrations, as live events.
 
-    python -m rlhf.importer preferences hh.jsonl --name hh-helpful
-    python -m rlhf.importer demonstrations demos.jsonl --name support-v1
+    rlhf import preferences hh.jsonl --name hh-helpful
+    rlhf import demonstrations demos.jsonl --name support-v1
+
+(`python -m rlhf.importer ...` is the same command.)
 
 Nothing downstream knows about imports: every valid line becomes the events the live system
 would have produced, on the real topics, and the running reward and sft stages take them like any
@@ -49,13 +51,10 @@ from rich.progress import Progress as Bar
 from rlhf import bus
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.config import CommonConfig, load_config
-from rlhf.models import chat_text, encode_text, load_tokenizer
-from rlhf.training.sft import make_demonstration
 from rlhf.v1 import common_pb2, events_pb2
 from services.feedback.config import FeedbackConfig
 from services.feedback.ingest import event_id_for
-from services.generation.config import GenerationConfig
-from services.generation.core import MAX_MESSAGES
+from services.generation.config import MAX_MESSAGES, GenerationConfig
 from services.trainer.config import TrainerConfig
 
 KINDS = ("preferences", "demonstrations")
@@ -237,6 +236,10 @@ class PromptEncoder(Protocol):
         """Token ids of text, without special tokens added."""
 
 
+# rlhf.models and rlhf.training.sft import torch and transformers (3 s): they are imported where
+# used, so that `rlhf` builds its parser, which includes `rlhf import`, without them.
+
+
 class TokenizerPrompts:
     """A PromptEncoder from a Hugging Face tokenizer, as `services.generation.core` renders."""
 
@@ -244,11 +247,15 @@ class TokenizerPrompts:
         self._tokenizer = tokenizer
 
     def chat(self, messages: Sequence[common_pb2.ChatMessage]) -> str:
+        from rlhf.models import chat_text
+
         return chat_text(
             self._tokenizer, [{"role": m.role, "content": m.content} for m in messages]
         )
 
     def encode(self, text: str) -> list[int]:
+        from rlhf.models import encode_text
+
         return encode_text(self._tokenizer, text)
 
 
@@ -348,6 +355,8 @@ def demonstration_events(
     """A generation for the prompt (plain, as the sft stage reads RLHF_SFT_DATA) with no answer,
     then the correction carrying the response; raises LineError for what the sft stage would
     not train on."""
+    from rlhf.training.sft import make_demonstration
+
     digest = line_digest("demonstration", name, [demo.prompt, demo.response])
     prompt_ids = prompts.encode(demo.prompt)
     try:
@@ -640,6 +649,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         print(f"rlhf import: {args.file} is not a readable file", file=sys.stderr)
         return EXIT_NOTHING_IMPORTED
+    from rlhf.models import load_tokenizer
+
     prompts = TokenizerPrompts(load_tokenizer(config.cache_dir))
     limits = Limits(sft_max_tokens=args.sft_max_tokens)
     publisher = None
@@ -691,11 +702,17 @@ def _progress_bar(path: Path) -> Iterator[Progress | None]:
         task = bar.add_task(path.name, total=path.stat().st_size, counts="")
 
         def update(done: int, report: ImportReport) -> None:
-            done = f"{report.valid} valid" if report.dry_run else f"{report.imported} imported"
-            counts = f"{done}, {report.rejected} rejected"
+            kept = f"{report.valid} valid" if report.dry_run else f"{report.imported} imported"
+            counts = f"{kept}, {report.rejected} rejected"
             bar.update(task, completed=done, counts=counts)
 
         yield update
+
+
+EPILOG = (
+    "exit status: 0 imported, 1 nothing imported, 2 bad usage, 3 the broker did not confirm "
+    "every line (run the same command again)"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -703,8 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m rlhf.importer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit status: 0 imported, 1 nothing imported, 2 bad usage, 3 the broker did not "
-        "confirm every line (run the same command again)",
+        epilog=EPILOG,
     )
     add_arguments(parser)
     try:

@@ -4,6 +4,11 @@ from dataclasses import dataclass
 
 from rlhf.config import CommonConfig, ConfigError, setting
 
+# Fixed bounds on a request's shape (not settings); the offline importer applies them too.
+MAX_MESSAGES = 64
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+
 
 @dataclass(frozen=True)
 class GenerationConfig(CommonConfig):

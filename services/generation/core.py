@@ -25,7 +25,7 @@ from rlhf.models import CHAT_ROLES, chat_text, encode_text
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
 
-from .config import GenerationConfig
+from .config import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, GenerationConfig
 
 REQUEST_SECONDS = Histogram(
     "rlhf_generation_request_seconds",
@@ -39,9 +39,6 @@ ROLLOUTS = Counter(
 )
 
 ROLES = CHAT_ROLES
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_CHARS = 64
-MAX_MESSAGES = 64
 
 
 def _invalid(message: str) -> Rejected:

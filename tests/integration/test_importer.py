@@ -1,4 +1,4 @@
-"""Offline import on a real broker: `python -m rlhf.importer` puts a file's lines on the live
+"""Offline import on a real broker: `rlhf import` puts a file's lines on the live
 topics, keyed so the join works across partitions; importing the file again repeats the same ids;
 and the reward stage's `FeedbackExamples` and the sft stage's `CorrectionIntake` turn the consumed
 records into the file's preference pairs and demonstrations, once each, in any order Kafka may
@@ -10,8 +10,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from rlhf import bus
-from rlhf.importer import main
+from rlhf import bus, cli
 from rlhf.models import load_tokenizer
 from rlhf.training.reward import FeedbackExamples, Pair
 from rlhf.training.sft import read_demonstrations
@@ -55,7 +54,7 @@ def imported(broker, name):
 
 
 def run_import(kind, path, name, broker, capsys):
-    code = main([kind, str(path), "--name", name, "--kafka", broker.bootstrap])
+    code = cli.main(["import", kind, str(path), "--name", name, "--kafka", broker.bootstrap])
     return code, capsys.readouterr().out
 
 

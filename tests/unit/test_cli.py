@@ -1,6 +1,9 @@
 """The `rlhf` command line without servers: where addresses come from, how words become a
 feedback signal, and that every gRPC failure reads as one human line."""
 
+import subprocess
+import sys
+
 import grpc
 import pytest
 
@@ -111,3 +114,24 @@ TARGET = Target("trainer", "127.0.0.1:50054")
 def test_every_failure_is_one_human_line(code, details, expected):
     message = explain(TARGET, FakeRpcError(code, details), timeout=7)
     assert expected in message and "\n" not in message
+
+
+def test_the_command_line_starts_without_torch():
+    # Every command builds the whole parser, `rlhf import` included; torch and transformers
+    # would add seconds to `rlhf status`.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, rlhf.cli; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'rlhf.importer'" in loaded
+    assert "'torch'" not in loaded and "'transformers'" not in loaded
+
+
+def test_import_is_a_command_with_the_importers_arguments(tmp_path):
+    args = build_parser().parse_args(
+        ["import", "preferences", str(tmp_path / "hh.jsonl"), "--name", "hh", "--dry-run"]
+    )
+    assert (args.kind, args.name, args.dry_run) == ("preferences", "hh", True)
+    assert args.run.__name__ == "cmd_import"
