@@ -61,12 +61,6 @@ VALUE_SETS = {
 
 
 @pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
-@pytest.fixture(scope="module")
 def renders(chart):
     """Each value set rendered once for the whole module."""
     return {name: render(chart, values()) for name, values in VALUE_SETS.items()}

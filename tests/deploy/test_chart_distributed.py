@@ -72,12 +72,6 @@ VALUE_SETS = {
 
 
 @pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
-@pytest.fixture(scope="module")
 def renders(chart):
     return {name: render(chart, values()) for name, values in VALUE_SETS.items()}
 
