@@ -31,7 +31,7 @@ protos: setup
 
 # The configuration and metrics references in docs/operations.md, from the code.
 docs: setup
-	$(BIN)/python -m rlhf.docs
+	$(BIN)/python docs/generate.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -2,27 +2,19 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import CommonConfig, ConfigError, setting
-
-# Fixed bounds on a request's shape (not settings); the offline importer applies them too.
-MAX_MESSAGES = 64
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_CHARS = 64
+from rlhf.config import (
+    CommonConfig,
+    ConfigError,
+    GenerationIdSettings,
+    PolicyModelSettings,
+    setting,
+)
+from rlhf.limits import PromptLimits
 
 
 @dataclass(frozen=True)
-class GenerationConfig(CommonConfig):
+class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, PromptLimits):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50051, "gRPC port (0 = any)")
-    policy_model: str = setting(
-        "RLHF_POLICY_MODEL", "smollm2-135m", "base policy: smollm2-135m, or tiny-random for tests"
-    )
-    generation_id_key: str = setting(
-        "RLHF_GENERATION_ID_KEY", "", "HMAC key signing generation ids (16+ bytes)", secret=True
-    )
-    max_prompt_tokens: int = setting("RLHF_MAX_PROMPT_TOKENS", 1024, "longest prompt accepted")
-    max_prompt_chars: int = setting(
-        "RLHF_MAX_PROMPT_CHARS", 16384, "longest prompt text accepted, before tokenising"
-    )
     max_new_tokens_limit: int = setting(
         "RLHF_MAX_NEW_TOKENS_LIMIT", 512, "largest max_new_tokens a request may ask for"
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
-from rlhf.backends import Backend, LocalBackend, TgiBackend, TgiRolloutFollower
+from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
 from rlhf.batching import DynamicBatcher
 from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
@@ -14,7 +16,7 @@ from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
 from rlhf.server import run_main
-from rlhf.serving import CheckpointFollower, HotSwap, latest_or_base
+from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
 from .config import GenerationConfig
@@ -53,20 +55,25 @@ def local_backend(
 
 
 def tgi_backend(config: GenerationConfig, store: CheckpointStore) -> TgiBackend:
-    follower = None
+    rollout = None
     if config.tgi_deployment:
-        follower = TgiRolloutFollower(
+        # What TGI serves is the store's newest policy until the follower rolls it further.
+        slot: HotSwap[None] = HotSwap(
+            POLICY, Served(None, store.latest_version(POLICY) or 0, "", time.time())
+        )
+        follower = tgi_rollout_follower(
+            slot,
             store,
             Rollout.in_cluster(config.tgi_deployment, config.tgi_namespace),
             config.kafka_bootstrap,
-            bus.POLICY_CHECKPOINTS,
             client_id="generation-tgi-rollout",
         )
+        rollout = (slot, follower)
     return TgiBackend(
         config.tgi_url,
         max_concurrency=config.max_concurrent_requests,
         timeout=config.request_timeout_seconds,
-        rollout_follower=follower,
+        rollout=rollout,
     )
 
 

@@ -32,9 +32,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.config import parse_args
+from rlhf.local import FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
 
 from . import prometheus
-from .addresses import FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
 from .config import LauncherConfig
 from .view import Watcher, line, panel
 

@@ -9,12 +9,10 @@ from typing import Protocol
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rlhf.bus import Publisher
 from rlhf.checkpoints import CheckpointError, CheckpointStore, Manifest
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
-from .config import TrainerConfig
-from .loop import COMMAND_TIMEOUT, ConsumerThread, Status, Unsupported
+from .stage import COMMAND_TIMEOUT, Status, Unsupported
 
 
 class StageLoop(Protocol):
@@ -76,6 +74,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             feedback_used=status.feedback_used,
             data_staleness_seconds=status.data_staleness_seconds,
             consumer_lag=status.consumer_lag,
+            phase=status.phase,
+            phase_detail=status.phase_detail,
         )
 
     def Pause(
@@ -141,32 +141,3 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return checkpoint_info(*self._store.read_manifest(self._kind, manifest.version))
-
-
-class StageService:
-    """What every trainer stage shares: the control plane, an intake thread feeding a training
-    loop thread, and the drain order on SIGTERM (loop, intake, clients, producer)."""
-
-    name = "trainer"
-    config: TrainerConfig
-    intake: ConsumerThread
-    loop: StageLoop
-    publisher: Publisher
-    servicer: TrainerServicer
-
-    def register(self, server: grpc.Server) -> list[str]:
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
-        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
-
-    def start(self) -> None:
-        self.intake.start()
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-        self.intake.stop()
-        self.close_clients()
-        self.publisher.close(timeout=self.config.shutdown_grace_seconds)
-
-    def close_clients(self) -> None:
-        """Stage-specific clients to close after the loop stopped using them."""

@@ -6,8 +6,8 @@ from unittest import mock
 from rlhf import bus
 from rlhf.joining import Ledger
 from rlhf.v1 import events_pb2
-from services.trainer.loop import Intake
-from services.trainer.ppo_state import intake_files, intake_from_files
+from services.trainer.ppo.intake import Intake
+from services.trainer.ppo.state import intake_files, intake_from_files
 
 
 def _record(topic, message, offset=0):

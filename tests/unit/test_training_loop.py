@@ -12,7 +12,8 @@ from rlhf import bus
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import Ledger
 from rlhf.v1 import events_pb2
-from services.trainer.loop import KL_WARNINGS, Intake, LoopSettings, TrainingLoop
+from services.trainer.ppo.intake import Intake
+from services.trainer.ppo.loop import KL_WARNINGS, LoopSettings, TrainingLoop
 
 
 class FakeLearner:

@@ -12,6 +12,9 @@ from typing import Any, TypeVar
 import torch
 from google.protobuf.message import Message
 
+from rlhf.joining import JoinState
+from rlhf.v1 import events_pb2
+
 M = TypeVar("M", bound=Message)
 
 
@@ -84,3 +87,30 @@ def load_optimizer_state(
     for index, values in meta.get("scalars", {}).items():
         per_param.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+
+
+def pack_join(join: JoinState, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A join's state (`rlhf.joining.FeedbackJoin.snapshot`) as tensors, named
+    `<prefix>generations`, `<prefix>orphans` and `<prefix>seen`."""
+    return {
+        **pack_messages(f"{prefix}generations", join.generations),
+        **pack_messages(f"{prefix}orphans", join.orphans),
+        **pack_strings(f"{prefix}seen", join.seen_feedback_ids),
+    }
+
+
+def unpack_join(tensors: dict[str, torch.Tensor], prefix: str = "") -> JoinState:
+    return JoinState(
+        generations=unpack_messages(f"{prefix}generations", tensors, events_pb2.GenerationEvent),
+        orphans=unpack_messages(f"{prefix}orphans", tensors, events_pb2.FeedbackEvent),
+        seen_feedback_ids=unpack_strings(f"{prefix}seen", tensors),
+    )
+
+
+def offsets_json(offsets: dict[tuple[str, int], int]) -> list[list[Any]]:
+    """Consumer offsets ((topic, partition) -> next offset) as JSON."""
+    return [[topic, partition, offset] for (topic, partition), offset in offsets.items()]
+
+
+def offsets_from_json(rows: list[list[Any]]) -> dict[tuple[str, int], int]:
+    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}

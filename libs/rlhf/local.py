@@ -1,4 +1,4 @@
-"""Where `make up` serves things: the well-known local ports and `run/up.env`.
+"""Where `make up` serves things on this machine: the well-known local ports and `run/up.env`.
 
 The launcher writes `run/up.env`; the `rlhf` command line reads it, so both name the addresses
 the same way. Kept free of heavy imports: the command line loads it on every call.

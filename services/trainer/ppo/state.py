@@ -22,7 +22,14 @@ from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointError, CheckpointStore
 from rlhf.joining import Joined, JoinState, Ledger
 from rlhf.models import policy_checkpoint_files, policy_from_checkpoint
 from rlhf.training.online import LEARNER_FILE, PPOLearner
-from rlhf.training.state import pack_messages, pack_strings, unpack_messages, unpack_strings
+from rlhf.training.state import (
+    offsets_from_json,
+    offsets_json,
+    pack_join,
+    pack_messages,
+    unpack_join,
+    unpack_messages,
+)
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -45,14 +52,12 @@ class IntakeSnapshot:
 
 def intake_files(snapshot: IntakeSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {
-        **pack_messages("generations", snapshot.join.generations),
-        **pack_messages("orphans", snapshot.join.orphans),
-        **pack_strings("seen", snapshot.join.seen_feedback_ids),
+        **pack_join(snapshot.join),
         **pack_messages("queue.generations", [j.generation for j in snapshot.queue]),
         **pack_messages("queue.feedback", [j.feedback for j in snapshot.queue]),
     }
     meta = {
-        "offsets": [[topic, part, offset] for (topic, part), offset in snapshot.offsets.items()],
+        "offsets": offsets_json(snapshot.offsets),
         "used": {"count": snapshot.used.count, "digest": f"{snapshot.used.digest:016x}"},
         "counters": snapshot.counters,
     }
@@ -63,12 +68,8 @@ def intake_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     generations = unpack_messages("queue.generations", tensors, events_pb2.GenerationEvent)
     feedback = unpack_messages("queue.feedback", tensors, events_pb2.FeedbackEvent)
     return IntakeSnapshot(
-        offsets={(topic, part): offset for topic, part, offset in meta["offsets"]},
-        join=JoinState(
-            generations=unpack_messages("generations", tensors, events_pb2.GenerationEvent),
-            orphans=unpack_messages("orphans", tensors, events_pb2.FeedbackEvent),
-            seen_feedback_ids=unpack_strings("seen", tensors),
-        ),
+        offsets=offsets_from_json(meta["offsets"]),
+        join=unpack_join(tensors),
         queue=[Joined(g, f) for g, f in zip(generations, feedback, strict=True)],
         used=Ledger(meta["used"]["count"], int(meta["used"]["digest"], 16)),
         counters=dict(meta["counters"]),

@@ -1,0 +1,240 @@
+"""The reward stage's work: joined feedback in, reward-model training rounds, reward models out.
+
+The intake turns generation and feedback events into labelled examples (`rlhf.training.reward`)
+and keeps a sample of reference answers. A round starts whenever enough new examples arrived:
+it trains the candidate on every example so far, and a candidate that passes the held-out gate
+is written to the store. After every round, published or not, the stage writes its state (the
+join, every example, the reference sample and the offsets they cover; `reward/state.py`) and
+the skeleton announces the new reward model, if any, then commits exactly those offsets: a
+restarted stage has every rating it had consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from rlhf import bus
+from rlhf.bus import EventConsumer, Publisher
+from rlhf.checkpoints import REWARD, REWARD_STATE, CheckpointStore, Manifest
+from rlhf.models import reward_checkpoint_files
+from rlhf.training.reward import (
+    FeedbackDataset,
+    FeedbackExamples,
+    ReferenceSamples,
+    RewardTrainer,
+    RoundResult,
+)
+
+from ..stage import COLLECTING, TRAINING, ConsumerThread, Stage
+from .state import RewardIntakeState, write_state
+
+log = logging.getLogger(__name__)
+
+HELDOUT = Gauge(
+    "rlhf_reward_trainer_heldout",
+    "held-out metrics of the last round's candidate and of the served reward model",
+    ["model", "metric"],
+)
+AGREEMENT = Gauge(
+    "rlhf_reward_trainer_agreement",
+    "served reward model vs users on feedback it never trained on (pairwise_accuracy, "
+    "thumbs_auc): the 'reward model disagrees with users' signal",
+    ["metric"],
+)
+ROUNDS = Counter(
+    "rlhf_reward_trainer_rounds_total", "reward training rounds by outcome", ["outcome"]
+)
+EXAMPLES = Gauge("rlhf_reward_trainer_examples", "examples held, by split", ["split"])
+PUBLISHED_VERSION = Gauge(
+    "rlhf_reward_trainer_published_version", "last reward model version published"
+)
+NORMALISATION = Gauge(
+    "rlhf_reward_trainer_normalisation", "shift and scale of the last published model", ["param"]
+)
+
+# An agreement figure computed on fewer fresh examples than this is too noisy to export.
+MIN_AGREEMENT_EXAMPLES = 20
+AGREEMENT_METRICS = {"pairwise_accuracy": "pairs", "thumbs_auc": "rated"}
+
+
+class RewardIntake(ConsumerThread):
+    """Turns generation and feedback events into examples and reference answers."""
+
+    def __init__(
+        self,
+        consumer: EventConsumer,
+        examples: FeedbackExamples,
+        dataset: FeedbackDataset,
+        reference: ReferenceSamples,
+    ) -> None:
+        super().__init__(consumer, "reward-intake")
+        self.examples = examples
+        self.dataset = dataset
+        self.reference = reference
+
+    def handle(self, record: bus.Record) -> None:
+        if record.topic == bus.GENERATIONS:
+            self.reference.add(record.message)
+            self.dataset.add(self.examples.add_generation(record.message))
+        else:
+            self.feedback_consumed += 1
+            self.dataset.add(self.examples.add_feedback(record.message))
+
+    def after_poll(self) -> None:
+        for split, size in self.dataset.sizes().items():
+            EXAMPLES.labels(split).set(size)
+
+    def snapshot(self) -> RewardIntakeState:
+        """Everything the intake holds and the offsets it covers (consistent: under the lock
+        no record is being handled)."""
+        with self.lock:
+            return RewardIntakeState(
+                offsets=dict(self.offsets),
+                join=self.examples.join.snapshot(),
+                dataset=self.dataset.state(),
+                reference=self.reference.state(),
+                counters={
+                    "feedback_consumed": self.feedback_consumed,
+                    "unresolved_ranked": self.examples.unresolved_ranked,
+                },
+            )
+
+    def restore(self, state: RewardIntakeState) -> None:
+        """Start from a checkpoint's intake (call before `start`)."""
+        with self.lock:
+            self.offsets = dict(state.offsets)
+            self.examples.join.restore(state.join)
+            self.dataset.restore(state.dataset)
+            self.reference.restore(state.reference)
+            self.feedback_consumed = int(state.counters.get("feedback_consumed", 0))
+            self.examples.unresolved_ranked = int(state.counters.get("unresolved_ranked", 0))
+
+
+def _finite(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items() if not math.isnan(v)}
+
+
+class RewardRounds(Stage):
+    """Runs a training round whenever enough new examples arrived; publishes what passes."""
+
+    name = "reward"
+
+    def __init__(
+        self,
+        trainer: RewardTrainer,
+        intake: RewardIntake,
+        store: CheckpointStore,
+        publisher: Publisher,
+        round_examples: int,
+        start_version: int,
+        keep_checkpoints: int = 5,
+        keep_states: int = 2,
+    ) -> None:
+        super().__init__(intake, store, publisher)
+        self.trainer = trainer
+        self.intake: RewardIntake = intake
+        self._round_examples = round_examples
+        self._keep_checkpoints = keep_checkpoints
+        self._keep_states = keep_states
+        self.update_status(reward_version=start_version)
+
+    def live_status(self) -> dict[str, Any]:
+        return {"pending_prompts": self.intake.dataset.fresh}
+
+    def work(self) -> bool:
+        fresh = self.intake.dataset.fresh
+        if fresh < self._round_examples:
+            self.set_phase(
+                COLLECTING, f"{fresh} of {self._round_examples} new examples for the next round"
+            )
+            return False
+        self.set_phase(TRAINING, f"training round {self.trainer.rounds + 1}")
+        self.run_round()
+        return True
+
+    def run_round(self) -> RoundResult:
+        """One round on everything collected so far; publishes the candidate if it passed,
+        and writes the stage's state either way."""
+        with self.intake.lock:  # the data trained on and the offsets it covers, together
+            data = self.intake.dataset.snapshot()
+            state = self.intake.snapshot()
+        result = self.trainer.round(data, self.intake.reference.samples())
+        self._export(result)
+        manifest = None
+        if result.promoted:
+            ROUNDS.labels("published").inc()
+            manifest = self._write_reward_model(result)
+        else:
+            ROUNDS.labels("regressed").inc()
+            log.warning("reward round %d not published: %s", self.trainer.rounds, result.reasons)
+        write_state(
+            self._store,
+            state,
+            metadata={"round": self.trainer.rounds, "reward_version": self._served_version()},
+        )
+        self.checkpoint_written(manifest, state.offsets)
+        return result
+
+    def _served_version(self) -> int:
+        """The newest reward model written (the one the next round has to beat)."""
+        return self._store.latest_version(REWARD) or self._status.reward_version
+
+    def _export(self, result: RoundResult) -> None:
+        # After a promotion the candidate is what will be served.
+        served = result.candidate if result.promoted else result.incumbent
+        for model, metrics in (("candidate", result.candidate), ("served", served)):
+            for name, value in metrics.items():
+                if not math.isnan(value):
+                    HELDOUT.labels(model, name).set(value)
+        agreement = {}
+        for name, count in AGREEMENT_METRICS.items():
+            value = result.agreement.get(name, math.nan)
+            if result.agreement.get(count, 0) >= MIN_AGREEMENT_EXAMPLES and not math.isnan(value):
+                AGREEMENT.labels(name).set(value)
+                agreement[name] = value
+        metrics = {**_finite(served, "heldout"), **_finite(agreement, "agreement")}
+        self.update_status(step=self.trainer.rounds, metrics=metrics)
+        log.info(
+            "reward round %d: candidate %s, served %s",
+            self.trainer.rounds,
+            _brief(result.candidate),
+            _brief(result.incumbent),
+        )
+
+    def _write_reward_model(self, result: RoundResult) -> Manifest:
+        assert result.normalisation is not None
+        shift, scale = result.normalisation
+        metrics = {
+            **_finite(result.candidate, "heldout"),
+            **_finite(result.incumbent, "parent_heldout"),
+            "normalisation/shift": shift,
+            "normalisation/scale": scale,
+            "round": float(self.trainer.rounds),
+        }
+        tensors, json_files = reward_checkpoint_files(self.trainer.model)
+        NORMALISATION.labels("shift").set(shift)
+        NORMALISATION.labels("scale").set(scale)
+        return self._store.write(
+            REWARD,
+            tensors,
+            json_files,
+            parent_version=self._status.reward_version,
+            metadata={"stats": metrics, "reasons": result.reasons},
+        )
+
+    def announced(self, manifest: Manifest) -> None:
+        self.update_status(reward_version=manifest.version)
+        PUBLISHED_VERSION.set(manifest.version)
+
+    def prune(self) -> None:
+        self._store.prune(REWARD, keep=self._keep_checkpoints)
+        self._store.prune(REWARD_STATE, keep=self._keep_states)
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    names = ("pairwise_accuracy", "thumbs_auc", "brier")
+    return " ".join(f"{n}={metrics.get(n, math.nan):.3f}" for n in names)
