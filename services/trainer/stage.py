@@ -21,12 +21,12 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.message import Message
 from prometheus_client import Gauge
 
 from rlhf import bus
@@ -39,14 +39,26 @@ from rlhf.checkpoints import (
     Manifest,
     VerifiedCheckpoint,
 )
-from rlhf.config import CommonConfig
+from rlhf.joining import FeedbackJoin
+from rlhf.training.state import IntakeState, intake_files, intake_from_files
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
+
+from .config import TrainerConfig
+from .servicer import (
+    COLLECTING,
+    COMMAND_TIMEOUT,
+    PAUSED_PHASE,
+    TRAINING,
+    Status,
+    TrainerServicer,
+    Unsupported,
+    manifest_fields,
+)
 
 log = logging.getLogger(__name__)
 
 PAUSED = Gauge("rlhf_trainer_paused", "1 while an operator has paused training")
 
-COMMAND_TIMEOUT = 600.0
 ANNOUNCED = {
     POLICY: (events_pb2.CHECKPOINT_KIND_POLICY, bus.POLICY_CHECKPOINTS),
     REWARD: (events_pb2.CHECKPOINT_KIND_REWARD, bus.REWARD_CHECKPOINTS),
@@ -54,31 +66,13 @@ ANNOUNCED = {
 Offsets = dict[tuple[str, int], int]
 T = TypeVar("T")
 
-# Phases of a stage, as `GetStatus` reports them.
-COLLECTING, WAITING, TRAINING, PAUSED_PHASE = "collecting", "waiting", "training", "paused"
-
-
-class Unsupported(Exception):
-    """A control-plane command the stage does not offer (FAILED_PRECONDITION)."""
-
 
 @dataclass(frozen=True)
-class Status:
-    stage: str = "ppo"
-    step: int = 0
-    policy_version: int = 0
-    kl: float = 0.0
-    mean_reward: float = 0.0
-    pending_prompts: int = 0
-    feedback_consumed: int = 0
-    reward_version: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    paused: bool = False
-    feedback_used: int = 0
-    data_staleness_seconds: float = 0.0
-    consumer_lag: int = 0
-    phase: str = COLLECTING
-    phase_detail: str = ""
+class Keep:
+    """How many versions a stage keeps in the store after each checkpoint."""
+
+    checkpoints: int | None = 5  # of what it publishes (policies, reward models); None: all
+    states: int = 2  # of its own state (trainer state, intake)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,16 +84,8 @@ def checkpoint_event(
     kind: events_pb2.CheckpointKind, manifest: Manifest, metrics: dict[str, float]
 ) -> events_pb2.CheckpointEvent:
     """The event announcing a checkpoint written to the store."""
-    created = Timestamp()
-    created.FromNanoseconds(int(manifest.created_at * 1e9))
     return events_pb2.CheckpointEvent(
-        kind=kind,
-        version=manifest.version,
-        parent_version=manifest.parent_version,
-        path=manifest.path,
-        manifest_sha256=manifest.sha256,
-        created_at=created,
-        metrics=metrics,
+        kind=kind, manifest_sha256=manifest.sha256, metrics=metrics, **manifest_fields(manifest)
     )
 
 
@@ -120,13 +106,13 @@ def announce(publisher: Publisher, manifest: Manifest) -> bool:
 def newest_state(
     store: CheckpointStore, kind: str, decode: Callable[[VerifiedCheckpoint], T]
 ) -> T | None:
-    """The newest state of `kind` (a stage's own sequence of versions) that verifies and
-    decodes; an older one if the newest does not (its offsets are older, so the events after
-    them are read again); None on a first start."""
+    """The newest state of `kind` that verifies and decodes; an older one if the newest does
+    not (its offsets are older, so the events after them are read again); None on a first
+    start."""
     for version in reversed(store.versions(kind)):
         try:
             state = decode(store.load(kind, version))
-        except (CheckpointError, KeyError, ValueError) as exc:
+        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
             log.error("%s v%d is unusable (%s); trying an older one", kind, version, exc)
             continue
         log.info("restored %s v%d", kind, version)
@@ -164,8 +150,14 @@ class ConsumerThread:
     rebalance the consumer continues where `offsets` (restored from a checkpoint) ends.
     """
 
-    def __init__(self, consumer: EventConsumer, name: str) -> None:
+    # The intake's queued event lists by name (saved in its state), for decoding them again.
+    messages: dict[str, type[Message]] = {}
+
+    def __init__(
+        self, consumer: EventConsumer, name: str, join: FeedbackJoin | None = None
+    ) -> None:
         self._consumer = consumer
+        self.join = join if join is not None else FeedbackJoin()
         self.lock = threading.RLock()
         self.offsets: Offsets = {}
         self.lag = 0
@@ -198,6 +190,32 @@ class ConsumerThread:
 
     def handle(self, record: bus.Record) -> None:
         raise NotImplementedError
+
+    def snapshot(self) -> IntakeState:
+        """What the intake holds and the offsets it covers, consistent (under the lock no
+        record is being handled): what a stage checkpoint saves."""
+        with self.lock:
+            state = IntakeState(
+                offsets=dict(self.offsets),
+                join=self.join.snapshot(),
+                counters={"feedback_consumed": self.feedback_consumed},
+            )
+            self.save_held(state)
+            return state
+
+    def restore(self, state: IntakeState) -> None:
+        """Start from a checkpoint's intake (call before `start`)."""
+        with self.lock:
+            self.offsets = dict(state.offsets)
+            self.join.restore(state.join)
+            self.feedback_consumed = state.counters.get("feedback_consumed", 0)
+            self.restore_held(state)
+
+    def save_held(self, state: IntakeState) -> None:
+        """Add the stage's own content (`data`, `messages`, `counters`) to `state`."""
+
+    def restore_held(self, state: IntakeState) -> None:
+        """Take the stage's own content back from `state`."""
 
     def after_poll(self) -> None:
         """Called after each poll, e.g. to update gauges."""
@@ -241,24 +259,38 @@ class ConsumerThread:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StageParts:
+    """What every stage is built on: its intake, the checkpoint store, the producer that
+    announces its checkpoints, and how many versions it keeps."""
+
+    intake: ConsumerThread
+    store: CheckpointStore
+    publisher: Publisher
+    keep: Keep = Keep()
+
+
 class Stage:
     """A stage's work thread: `work()` when not paused, operator commands between units of
     work, and `checkpoint_written` (announce -> prune -> commit) for every checkpoint.
 
-    Subclasses set `name` and implement `work()` (one unit of work if there is input for it;
-    False when idle) and `prune()`; the ppo stage also offers `checkpoint_now` and `rollback`.
+    Subclasses set `name` and the kinds they write, and implement `work()` (one unit of work
+    if there is input for it; False when idle); the ppo stage also offers `checkpoint_now` and
+    `rollback`.
     """
 
     name = ""
     idle_wait = 0.2  # seconds between looks for input when idle
+    product_kind = ""  # what it publishes: policy or reward
+    state_kind = ""  # its own state versions
 
-    def __init__(
-        self, intake: ConsumerThread, store: CheckpointStore, publisher: Publisher
-    ) -> None:
-        self.intake = intake
-        self._store = store
-        self._publisher = publisher
-        self._status = Status(stage=self.name)
+    def __init__(self, parts: StageParts, **status: Any) -> None:
+        """`status`: the status fields to start with (e.g. the published version)."""
+        self.intake = parts.intake
+        self._store = parts.store
+        self._publisher = parts.publisher
+        self.keep = parts.keep
+        self._status = Status(stage=self.name, **status)
         self._paused = threading.Event()
         self._unannounced: tuple[Manifest, Offsets] | None = None
         self._commands: SimpleQueue[tuple[Callable[[], Any], Future]] = SimpleQueue()
@@ -350,6 +382,10 @@ class Stage:
 
     def prune(self) -> None:
         """Drop checkpoints beyond what the stage keeps (after each announced checkpoint)."""
+        if self.keep.checkpoints is not None:
+            self._store.prune(self.product_kind, keep=self.keep.checkpoints)
+        if self.state_kind:
+            self._store.prune(self.state_kind, keep=self.keep.states)
 
     def wait(self, seconds: float) -> bool:
         """Sleep unless stopping; True if the stage is stopping."""
@@ -394,6 +430,69 @@ class Stage:
     def announced(self, manifest: Manifest) -> None:
         """Called once a checkpoint's announcement is on the broker (e.g. to update status)."""
 
+    def write_state(self, state: IntakeState, metadata: dict[str, Any]) -> Manifest:
+        """Write the next version of this stage's own state (its intake)."""
+        tensors, json_files = intake_files(state)
+        return self._store.write(self.state_kind, tensors, json_files, metadata=metadata)
+
+
+class RoundsStage(Stage):
+    """A stage that trains in rounds (reward, sft): once enough new examples are in (`due`),
+    it takes them and the intake's state together, under the intake's lock, so the round
+    trains on exactly what the offsets it then commits cover; `train_round` trains, writes the
+    checkpoint and ends with `checkpoint_written`."""
+
+    unit = "examples"
+
+    def __init__(self, parts: StageParts, round_examples: int, **status: Any) -> None:
+        super().__init__(parts, **status)
+        self.round_examples = round_examples
+
+    def pending(self) -> int:
+        """New examples waiting for a round."""
+        raise NotImplementedError
+
+    def due(self) -> bool:
+        return self.pending() >= self.round_examples
+
+    def take(self) -> Any:
+        """The round's data (called under the intake's lock)."""
+        raise NotImplementedError
+
+    def train_round(self, data: Any, state: IntakeState) -> Any:
+        raise NotImplementedError
+
+    def live_status(self) -> dict[str, Any]:
+        return {"pending_prompts": self.pending()}
+
+    def work(self) -> bool:
+        pending = self.pending()
+        if not self.due():
+            self.set_phase(
+                COLLECTING, f"{pending} of {self.round_examples} new {self.unit} for a round"
+            )
+            return False
+        self.set_phase(TRAINING, f"training a round on {pending} new {self.unit}")
+        self.run_round()
+        return True
+
+    def run_round(self) -> Any:
+        """One round now, on what has come so far; the stage's `train_round` result."""
+        with self.intake.lock:  # the data trained on and the offsets it covers, together
+            data = self.take()
+            state = self.intake.snapshot()
+        return self.train_round(data, state)
+
+
+def restore_intake(store: CheckpointStore, kind: str, intake: ConsumerThread) -> bool:
+    """Restore `intake` from the newest usable state of `kind`; False on a first start."""
+    state = newest_state(
+        store, kind, lambda c: intake_from_files(c.tensors, c.json_files, intake.messages)
+    )
+    if state is not None:
+        intake.restore(state)
+    return state is not None
+
 
 # --------------------------------------------------------------------------------------------
 # The process
@@ -405,11 +504,40 @@ class StageService:
     a stage's work thread, and the drain order on SIGTERM (stage, intake, clients, producer)."""
 
     name = "trainer"
-    config: CommonConfig
+    config: TrainerConfig
     intake: ConsumerThread
     loop: Stage
     publisher: Publisher
     servicer: trainer_pb2_grpc.TrainerServiceServicer
+
+    def serve(self, loop: Stage, store: CheckpointStore) -> None:
+        """Run `loop` behind the control plane, which lists what it publishes."""
+        self.loop = loop
+        self.servicer = TrainerServicer(loop, store, loop.product_kind)
+
+    def open_intake(
+        self,
+        store: CheckpointStore,
+        group: str,
+        client_id: str,
+        make: Callable[[EventConsumer], ConsumerThread],
+        state_kind: str = "",
+        keep_checkpoints: bool = True,
+    ) -> StageParts:
+        """A stage's parts: its producer (`self.publisher`: announcements and dead letters),
+        its consumer of generations and feedback in `group`, its intake built by `make`
+        (`self.intake`), restored from the newest state of `state_kind` when there is one, and
+        the retention the config says (checkpoints are not pruned without `keep_checkpoints`)."""
+        config = self.config
+        self.publisher = Publisher(config.kafka_bootstrap, client_id=client_id)
+        consumer = intake_consumer(
+            config.kafka_bootstrap, group, self.publisher, client_id, config.max_poll_interval_ms
+        )
+        self.intake = make(consumer)
+        if state_kind:
+            restore_intake(store, state_kind, self.intake)
+        keep = Keep(config.keep_checkpoints if keep_checkpoints else None, config.keep_states)
+        return StageParts(self.intake, store, self.publisher, keep)
 
     def register(self, server: grpc.Server) -> list[str]:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)

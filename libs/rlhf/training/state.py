@@ -1,5 +1,6 @@
-"""Training state as safetensors tensors plus JSON: optimizer moments, RNG states, queued
-protobuf events and id lists, so a trainer checkpoint never needs pickle.
+"""Training state as safetensors tensors plus JSON: optimizer moments, RNG states, a stage's
+intake (join state, queued protobuf events, id lists, offsets), so a trainer checkpoint never
+needs pickle.
 
 Pure conversions; the checkpoint store does the I/O.
 """
@@ -7,6 +8,7 @@ Pure conversions; the checkpoint store does the I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -114,3 +116,50 @@ def offsets_json(offsets: dict[tuple[str, int], int]) -> list[list[Any]]:
 
 def offsets_from_json(rows: list[list[Any]]) -> dict[tuple[str, int], int]:
     return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
+
+
+INTAKE_TENSORS = "intake.safetensors"
+INTAKE_JSON = "intake.json"
+
+
+@dataclass
+class IntakeState:
+    """A trainer stage's intake at one instant: the offsets it has consumed up to and what it
+    holds because of them: the join (generations and feedback waiting for each other, feedback
+    ids seen), counters, and the stage's own content: JSON (`data`: examples, demonstrations,
+    a ledger) and queued events (`messages`: lists of protobuf messages by name)."""
+
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    join: JoinState = field(default_factory=lambda: JoinState([], [], []))
+    counters: dict[str, int] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    messages: dict[str, list[Message]] = field(default_factory=dict)
+
+
+def intake_files(state: IntakeState) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(tensor files, JSON files) holding `state`, for the checkpoint store."""
+    tensors = pack_join(state.join)
+    for name, messages in state.messages.items():
+        tensors.update(pack_messages(name, messages))
+    meta = {"offsets": offsets_json(state.offsets), "counters": state.counters, **state.data}
+    return {INTAKE_TENSORS: tensors}, {INTAKE_JSON: meta}
+
+
+def intake_from_files(
+    tensors: dict[str, dict[str, torch.Tensor]],
+    json_files: dict[str, Any],
+    message_types: dict[str, type[Message]] | None = None,
+) -> IntakeState:
+    """Inverse of `intake_files`; `message_types` names the queued message lists to read."""
+    packed, meta = tensors[INTAKE_TENSORS], dict(json_files[INTAKE_JSON])
+    offsets, counters = meta.pop("offsets"), meta.pop("counters")
+    return IntakeState(
+        offsets=offsets_from_json(offsets),
+        join=unpack_join(packed),
+        counters={str(k): int(v) for k, v in counters.items()},
+        data=meta,
+        messages={
+            name: unpack_messages(name, packed, kind)
+            for name, kind in (message_types or {}).items()
+        },
+    )

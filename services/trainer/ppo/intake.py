@@ -11,11 +11,11 @@ from prometheus_client import Counter, Gauge
 
 from rlhf import bus
 from rlhf.bus import EventConsumer
-from rlhf.joining import FeedbackJoin, Joined, Ledger
+from rlhf.joining import Joined, Ledger
+from rlhf.training.state import IntakeState
 from rlhf.v1 import events_pb2
 
 from ..stage import ConsumerThread
-from .state import IntakeSnapshot
 
 FEEDBACK_CONSUMED = Counter("rlhf_trainer_feedback_consumed_total", "feedback events consumed")
 FEEDBACK_USED = Counter(
@@ -38,8 +38,17 @@ def _age_seconds(generation: events_pb2.GenerationEvent, now: float) -> float:
     return max(0.0, now - generation.created_at.ToNanoseconds() / 1e9)
 
 
+QUEUED_GENERATIONS, QUEUED_FEEDBACK = "queue.generations", "queue.feedback"
+
+
 class Intake(ConsumerThread):
-    """Consumes and joins generation and feedback events (runs in its own thread)."""
+    """Consumes and joins generation and feedback events (runs in its own thread); its state
+    adds the joined prompts not trained on yet and the ledger of feedback used."""
+
+    messages = {
+        QUEUED_GENERATIONS: events_pb2.GenerationEvent,
+        QUEUED_FEEDBACK: events_pb2.FeedbackEvent,
+    }
 
     def __init__(
         self,
@@ -50,7 +59,6 @@ class Intake(ConsumerThread):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(consumer, "trainer-intake")
-        self._join = FeedbackJoin()
         self._max_prompt_tokens = max_prompt_tokens
         self._max_staleness = max_staleness_seconds
         self._max_queued = max_queued
@@ -94,11 +102,11 @@ class Intake(ConsumerThread):
 
     def handle(self, record: bus.Record) -> None:
         if record.topic == bus.GENERATIONS:
-            joined = self._join.add_generation(record.message)
+            joined = self.join.add_generation(record.message)
         else:
             self.feedback_consumed += 1
             FEEDBACK_CONSUMED.inc()
-            joined = self._join.add_feedback(record.message)
+            joined = self.join.add_feedback(record.message)
         # A generation without prompt tokens (another producer, a synthetic event) or with a
         # prompt too long for PPO cannot be rolled out: skip it, counted, rather than fail a batch.
         usable = [
@@ -115,27 +123,18 @@ class Intake(ConsumerThread):
         PENDING.set(len(self))
         LAG.set(self.lag)
 
-    def snapshot(self) -> IntakeSnapshot:
-        with self.lock:
-            return IntakeSnapshot(
-                offsets=dict(self.offsets),
-                join=self._join.snapshot(),
-                queue=list(self._queue),
-                used=Ledger(self.used.count, self.used.digest),
-                counters={
-                    "feedback_consumed": self.feedback_consumed,
-                    "skipped_prompts": self.skipped_prompts,
-                    "stale_prompts": self.stale_prompts,
-                },
-            )
+    def save_held(self, state: IntakeState) -> None:
+        state.messages[QUEUED_GENERATIONS] = [j.generation for j in self._queue]
+        state.messages[QUEUED_FEEDBACK] = [j.feedback for j in self._queue]
+        state.data["used"] = {"count": self.used.count, "digest": f"{self.used.digest:016x}"}
+        state.counters.update(
+            skipped_prompts=self.skipped_prompts, stale_prompts=self.stale_prompts
+        )
 
-    def restore(self, snapshot: IntakeSnapshot) -> None:
-        """Start from a checkpoint's intake (call before `start`)."""
-        with self.lock:
-            self.offsets = dict(snapshot.offsets)
-            self._join.restore(snapshot.join)
-            self._queue = deque(snapshot.queue)
-            self.used = Ledger(snapshot.used.count, snapshot.used.digest)
-            self.feedback_consumed = snapshot.counters.get("feedback_consumed", 0)
-            self.skipped_prompts = snapshot.counters.get("skipped_prompts", 0)
-            self.stale_prompts = snapshot.counters.get("stale_prompts", 0)
+    def restore_held(self, state: IntakeState) -> None:
+        generations, feedback = state.messages[QUEUED_GENERATIONS], state.messages[QUEUED_FEEDBACK]
+        self._queue = deque(Joined(g, f) for g, f in zip(generations, feedback, strict=True))
+        used = state.data["used"]
+        self.used = Ledger(int(used["count"]), int(used["digest"], 16))
+        self.skipped_prompts = state.counters.get("skipped_prompts", 0)
+        self.stale_prompts = state.counters.get("stale_prompts", 0)

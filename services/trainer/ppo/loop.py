@@ -20,8 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from rlhf.bus import Publisher
-from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointStore, Manifest
+from rlhf.checkpoints import POLICY, PPO_STATE, Manifest
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import Joined
 from rlhf.models import policy_from_checkpoint
@@ -29,7 +28,8 @@ from rlhf.scoring import reward_prompt
 from rlhf.training.distributed import ShardFailed
 from rlhf.training.online import PPOLearner, Scorer
 
-from ..stage import COLLECTING, COMMAND_TIMEOUT, TRAINING, Stage
+from ..servicer import COLLECTING, COMMAND_TIMEOUT, TRAINING
+from ..stage import Stage, StageParts
 from .intake import Intake
 from .lockstep import Lockstep
 from .state import write_checkpoint
@@ -57,8 +57,6 @@ NEGATIVE_KL_TOLERANCE = -0.05
 class LoopSettings:
     batch_size: int = 8
     publish_every: int = 1
-    keep_checkpoints: int = 5
-    keep_states: int = 2
     kl_alarm: float = 50.0  # nats per sequence: above it, warn that KL exploded
     metrics_log: Path | None = None
     protect: frozenset[int] = frozenset()  # policy versions never pruned (the reference)
@@ -68,25 +66,21 @@ class TrainingLoop(Stage):
     """Runs PPO iterations as joined prompts arrive and publishes policy checkpoints."""
 
     name = "ppo"
+    product_kind, state_kind = POLICY, PPO_STATE
 
     def __init__(
         self,
+        parts: StageParts,
         learner: PPOLearner | Lockstep,
-        intake: Intake,
         score: Scorer,
-        store: CheckpointStore,
-        publisher: Publisher,
         settings: LoopSettings,
         start_version: int,
         lora_base_version: int = 0,
     ) -> None:
-        super().__init__(intake, store, publisher)
-        self.learner = learner
-        self.intake: Intake = intake
-        self._score = score
-        self.settings = settings
+        super().__init__(parts, policy_version=start_version, step=learner.updates)
+        self.learner, self._score, self.settings = learner, score, settings
+        self.intake: Intake = parts.intake  # type: ignore[assignment]
         self._lora_base = lora_base_version
-        self.update_status(policy_version=start_version, step=learner.updates)
         self._last_stats: dict[str, float] = {}
 
     def live_status(self) -> dict[str, Any]:
@@ -248,5 +242,5 @@ class TrainingLoop(Stage):
         protect = self.settings.protect
         if self.learner.lora.enabled:
             protect = protect | {self._lora_base}
-        self._store.prune(POLICY, keep=self.settings.keep_checkpoints, protect=protect)
-        self._store.prune(PPO_STATE, keep=self.settings.keep_states)
+        self._store.prune(POLICY, keep=self.keep.checkpoints, protect=protect)
+        self._store.prune(PPO_STATE, keep=self.keep.states)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import GenerationClient, RewardClient
 from rlhf.config import ConfigError
@@ -17,8 +16,7 @@ from rlhf.training.online import PPOLearner
 from rlhf.training.pool import PoolSampler
 
 from ..config import TrainerConfig
-from ..servicer import TrainerServicer
-from ..stage import StageService, intake_consumer
+from ..stage import StageService
 from .intake import Intake
 from .lockstep import Lockstep, follow
 from .loop import LoopSettings, TrainingLoop
@@ -116,29 +114,24 @@ class PPOTrainerService(StageService):
             config, store, self.world, pool_sampler(config, store, self.generation)
         )
         learner = Lockstep(resumed.learner, self.world) if self.world.distributed else None
-        self.publisher = Publisher(config.kafka_bootstrap, client_id="trainer")
-        consumer = intake_consumer(
-            config.kafka_bootstrap,
-            config.ppo.consumer_group,
-            self.publisher,
-            "trainer",
-            config.max_poll_interval_ms,
-        )
-        self.reward = RewardClient(config.ppo.reward_address)
-        self.intake = Intake(consumer, MAX_PPO_PROMPT_TOKENS, config.ppo.max_staleness_seconds)
-        if resumed.intake is not None:
-            self.intake.restore(resumed.intake)
-        self.loop = TrainingLoop(
-            learner or resumed.learner,
-            self.intake,
-            self.reward,
+        parts = self.open_intake(
             store,
-            self.publisher,
+            config.ppo.consumer_group,
+            "trainer",
+            lambda consumer: Intake(
+                consumer, MAX_PPO_PROMPT_TOKENS, config.ppo.max_staleness_seconds
+            ),
+        )
+        if resumed.intake is not None:  # saved with the policy, read by `resume`
+            self.intake.restore(resumed.intake)
+        self.reward = RewardClient(config.ppo.reward_address)
+        loop = TrainingLoop(
+            parts,
+            learner or resumed.learner,
+            self.reward,
             LoopSettings(
                 batch_size=config.ppo.batch_size,
                 publish_every=config.ppo.publish_every,
-                keep_checkpoints=config.keep_checkpoints,
-                keep_states=config.keep_states,
                 kl_alarm=config.ppo.kl_alarm,
                 metrics_log=config.metrics_log_path(),
                 # The reference must outlive pruning: a restarted trainer loads it again.
@@ -147,8 +140,8 @@ class PPOTrainerService(StageService):
             start_version=resumed.policy_version,
             lora_base_version=resumed.lora_base_version,
         )
+        self.serve(loop, store)
         self.lockstep = learner
-        self.servicer = TrainerServicer(self.loop, store, POLICY)
 
     def stop(self) -> None:
         super().stop()

@@ -4,7 +4,7 @@ The intake turns generation and feedback events into labelled examples (`rlhf.tr
 and keeps a sample of reference answers. A round starts whenever enough new examples arrived:
 it trains the candidate on every example so far, and a candidate that passes the held-out gate
 is written to the store. After every round, published or not, the stage writes its state (the
-join, every example, the reference sample and the offsets they cover; `reward/state.py`) and
+join, every example, the reference sample and the offsets they cover: kind `reward-state`) and
 the skeleton announces the new reward model, if any, then commits exactly those offsets: a
 restarted stage has every rating it had consumed.
 """
@@ -13,24 +13,24 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 from prometheus_client import Counter, Gauge
 
 from rlhf import bus
-from rlhf.bus import EventConsumer, Publisher
-from rlhf.checkpoints import REWARD, REWARD_STATE, CheckpointStore, Manifest
+from rlhf.bus import EventConsumer
+from rlhf.checkpoints import REWARD, REWARD_STATE, Manifest
 from rlhf.models import reward_checkpoint_files
 from rlhf.training.reward import (
+    DataSnapshot,
     FeedbackDataset,
     FeedbackExamples,
     ReferenceSamples,
     RewardTrainer,
     RoundResult,
 )
+from rlhf.training.state import IntakeState
 
-from ..stage import COLLECTING, TRAINING, ConsumerThread, Stage
-from .state import RewardIntakeState, write_state
+from ..stage import ConsumerThread, RoundsStage, StageParts
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RewardIntake(ConsumerThread):
         dataset: FeedbackDataset,
         reference: ReferenceSamples,
     ) -> None:
-        super().__init__(consumer, "reward-intake")
+        super().__init__(consumer, "reward-intake", join=examples.join)
         self.examples = examples
         self.dataset = dataset
         self.reference = reference
@@ -88,80 +88,42 @@ class RewardIntake(ConsumerThread):
         for split, size in self.dataset.sizes().items():
             EXAMPLES.labels(split).set(size)
 
-    def snapshot(self) -> RewardIntakeState:
-        """Everything the intake holds and the offsets it covers (consistent: under the lock
-        no record is being handled)."""
-        with self.lock:
-            return RewardIntakeState(
-                offsets=dict(self.offsets),
-                join=self.examples.join.snapshot(),
-                dataset=self.dataset.state(),
-                reference=self.reference.state(),
-                counters={
-                    "feedback_consumed": self.feedback_consumed,
-                    "unresolved_ranked": self.examples.unresolved_ranked,
-                },
-            )
+    def save_held(self, state: IntakeState) -> None:
+        state.data.update(dataset=self.dataset.state(), reference=self.reference.state())
+        state.counters["unresolved_ranked"] = self.examples.unresolved_ranked
 
-    def restore(self, state: RewardIntakeState) -> None:
-        """Start from a checkpoint's intake (call before `start`)."""
-        with self.lock:
-            self.offsets = dict(state.offsets)
-            self.examples.join.restore(state.join)
-            self.dataset.restore(state.dataset)
-            self.reference.restore(state.reference)
-            self.feedback_consumed = int(state.counters.get("feedback_consumed", 0))
-            self.examples.unresolved_ranked = int(state.counters.get("unresolved_ranked", 0))
+    def restore_held(self, state: IntakeState) -> None:
+        self.dataset.restore(state.data["dataset"])
+        self.reference.restore(state.data["reference"])
+        self.examples.unresolved_ranked = state.counters.get("unresolved_ranked", 0)
 
 
 def _finite(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in metrics.items() if not math.isnan(v)}
 
 
-class RewardRounds(Stage):
+class RewardRounds(RoundsStage):
     """Runs a training round whenever enough new examples arrived; publishes what passes."""
 
     name = "reward"
+    product_kind, state_kind = REWARD, REWARD_STATE
 
     def __init__(
-        self,
-        trainer: RewardTrainer,
-        intake: RewardIntake,
-        store: CheckpointStore,
-        publisher: Publisher,
-        round_examples: int,
-        start_version: int,
-        keep_checkpoints: int = 5,
-        keep_states: int = 2,
+        self, parts: StageParts, trainer: RewardTrainer, round_examples: int, start_version: int
     ) -> None:
-        super().__init__(intake, store, publisher)
+        super().__init__(parts, round_examples, reward_version=start_version)
         self.trainer = trainer
-        self.intake: RewardIntake = intake
-        self._round_examples = round_examples
-        self._keep_checkpoints = keep_checkpoints
-        self._keep_states = keep_states
-        self.update_status(reward_version=start_version)
+        self.intake: RewardIntake = parts.intake  # type: ignore[assignment]
 
-    def live_status(self) -> dict[str, Any]:
-        return {"pending_prompts": self.intake.dataset.fresh}
+    def pending(self) -> int:
+        return self.intake.dataset.fresh
 
-    def work(self) -> bool:
-        fresh = self.intake.dataset.fresh
-        if fresh < self._round_examples:
-            self.set_phase(
-                COLLECTING, f"{fresh} of {self._round_examples} new examples for the next round"
-            )
-            return False
-        self.set_phase(TRAINING, f"training round {self.trainer.rounds + 1}")
-        self.run_round()
-        return True
+    def take(self) -> DataSnapshot:
+        return self.intake.dataset.snapshot()
 
-    def run_round(self) -> RoundResult:
+    def train_round(self, data: DataSnapshot, state: IntakeState) -> RoundResult:
         """One round on everything collected so far; publishes the candidate if it passed,
         and writes the stage's state either way."""
-        with self.intake.lock:  # the data trained on and the offsets it covers, together
-            data = self.intake.dataset.snapshot()
-            state = self.intake.snapshot()
         result = self.trainer.round(data, self.intake.reference.samples())
         self._export(result)
         manifest = None
@@ -171,10 +133,8 @@ class RewardRounds(Stage):
         else:
             ROUNDS.labels("regressed").inc()
             log.warning("reward round %d not published: %s", self.trainer.rounds, result.reasons)
-        write_state(
-            self._store,
-            state,
-            metadata={"round": self.trainer.rounds, "reward_version": self._served_version()},
+        self.write_state(
+            state, {"round": self.trainer.rounds, "reward_version": self._served_version()}
         )
         self.checkpoint_written(manifest, state.offsets)
         return result
@@ -229,10 +189,6 @@ class RewardRounds(Stage):
     def announced(self, manifest: Manifest) -> None:
         self.update_status(reward_version=manifest.version)
         PUBLISHED_VERSION.set(manifest.version)
-
-    def prune(self) -> None:
-        self._store.prune(REWARD, keep=self._keep_checkpoints)
-        self._store.prune(REWARD_STATE, keep=self._keep_states)
 
 
 def _brief(metrics: dict[str, float]) -> str:

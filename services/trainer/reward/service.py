@@ -3,8 +3,7 @@ from the newest reward state, and the rounds."""
 
 from __future__ import annotations
 
-from rlhf.bus import Publisher
-from rlhf.checkpoints import REWARD, CheckpointStore
+from rlhf.checkpoints import REWARD, REWARD_STATE, CheckpointStore
 from rlhf.models import load_reward_backbone, reward_from_checkpoint
 from rlhf.serving import latest_or_base
 from rlhf.training.reward import (
@@ -15,10 +14,8 @@ from rlhf.training.reward import (
 )
 
 from ..config import TrainerConfig
-from ..servicer import TrainerServicer
-from ..stage import StageService, intake_consumer
+from ..stage import StageService
 from .loop import RewardIntake, RewardRounds
-from .state import restore_state
 
 
 class RewardTrainerService(StageService):
@@ -34,31 +31,16 @@ class RewardTrainerService(StageService):
         trainer = RewardTrainer(
             current.model, tokenizer, settings.training, max_tokens=settings.reward_max_tokens
         )
-        self.publisher = Publisher(config.kafka_bootstrap, client_id="reward-trainer")
-        consumer = intake_consumer(
-            config.kafka_bootstrap,
-            settings.consumer_group,
-            self.publisher,
-            "reward-trainer",
-            config.max_poll_interval_ms,
-        )
-        self.intake = RewardIntake(
-            consumer,
-            FeedbackExamples(),
-            FeedbackDataset(settings.training.heldout_fraction),
-            ReferenceSamples(seed=settings.training.seed),
-        )
-        restored = restore_state(store)
-        if restored is not None:
-            self.intake.restore(restored)
-        self.loop = RewardRounds(
-            trainer,
-            self.intake,
+        parts = self.open_intake(
             store,
-            self.publisher,
-            round_examples=settings.round_examples,
-            start_version=current.version,
-            keep_checkpoints=config.keep_checkpoints,
-            keep_states=config.keep_states,
+            settings.consumer_group,
+            "reward-trainer",
+            lambda consumer: RewardIntake(
+                consumer,
+                FeedbackExamples(),
+                FeedbackDataset(settings.training.heldout_fraction),
+                ReferenceSamples(seed=settings.training.seed),
+            ),
+            REWARD_STATE,
         )
-        self.servicer = TrainerServicer(self.loop, store, REWARD)
+        self.serve(RewardRounds(parts, trainer, settings.round_examples, current.version), store)

@@ -4,7 +4,7 @@ checkpoints out.
 A correction is the answer a user wrote instead of the generated one; joined to its generation it
 is a demonstration for the same prompt tokens the policy saw. A JSONL file given in
 RLHF_SFT_DATA is trained on first. Each round fine-tunes on the new demonstrations, writes the
-policy and the stage's state (`sft/state.py`), and the skeleton announces the policy and only
+policy and the stage's state (kind `sft-state`), and the skeleton announces the policy and only
 then commits the offsets that state covers.
 
 Run it before the ppo stage, not beside it: both publish policy versions.
@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import Counter, Gauge
 
 from rlhf import bus
-from rlhf.bus import EventConsumer, Publisher
-from rlhf.checkpoints import POLICY, SFT_STATE, CheckpointStore, Manifest
-from rlhf.joining import FeedbackJoin, Joined
+from rlhf.bus import EventConsumer
+from rlhf.checkpoints import POLICY, SFT_STATE, Manifest
+from rlhf.joining import Joined
 from rlhf.models import policy_checkpoint_files
 from rlhf.training.sft import Demonstration, SFTLearner, make_demonstration
+from rlhf.training.state import IntakeState
 
-from ..stage import COLLECTING, TRAINING, ConsumerThread, Stage
-from .state import SFTIntakeState, write_state
+from ..stage import ConsumerThread, RoundsStage, StageParts
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ class CorrectionIntake(ConsumerThread):
 
     def __init__(self, consumer: EventConsumer, encode: Encode, max_tokens: int) -> None:
         super().__init__(consumer, "sft-intake")
-        self._join = FeedbackJoin()
         self._encode = encode
         self._max_tokens = max_tokens
         self.demos: list[Demonstration] = []
@@ -56,31 +54,20 @@ class CorrectionIntake(ConsumerThread):
             demos, self.demos = self.demos, []
             return demos
 
-    def snapshot(self) -> SFTIntakeState:
-        with self.lock:
-            return SFTIntakeState(
-                offsets=dict(self.offsets),
-                join=self._join.snapshot(),
-                demos=list(self.demos),
-                counters={"feedback_consumed": self.feedback_consumed},
-            )
+    def save_held(self, state: IntakeState) -> None:
+        state.data["demos"] = [[list(d.prompt_ids), list(d.response_ids)] for d in self.demos]
 
-    def restore(self, state: SFTIntakeState) -> None:
-        """Start from a checkpoint's intake (call before `start`)."""
-        with self.lock:
-            self.offsets = dict(state.offsets)
-            self._join.restore(state.join)
-            self.demos = list(state.demos)
-            self.feedback_consumed = int(state.counters.get("feedback_consumed", 0))
+    def restore_held(self, state: IntakeState) -> None:
+        self.demos = [Demonstration(tuple(p), tuple(r)) for p, r in state.data["demos"]]
 
     def handle(self, record: bus.Record) -> None:
         if record.topic == bus.GENERATIONS:
-            joined = self._join.add_generation(record.message)
+            joined = self.join.add_generation(record.message)
         else:
             self.feedback_consumed += 1
             if record.message.feedback.WhichOneof("signal") != "correction":
                 return
-            joined = self._join.add_feedback(record.message)
+            joined = self.join.add_feedback(record.message)
         for item in joined:
             if item.feedback.feedback.WhichOneof("signal") == "correction":
                 self._add(item)
@@ -100,52 +87,40 @@ class CorrectionIntake(ConsumerThread):
         self.demos.append(demo)
 
 
-class SFTRounds(Stage):
+class SFTRounds(RoundsStage):
     """Trains whenever enough demonstrations arrived; publishes each round's policy."""
 
     name = "sft"
     idle_wait = 0.5
+    unit = "demonstrations"
+    product_kind, state_kind = POLICY, SFT_STATE
 
     def __init__(
         self,
+        parts: StageParts,
         learner: SFTLearner,
-        intake: CorrectionIntake,
-        store: CheckpointStore,
-        publisher: Publisher,
         round_examples: int,
         start_version: int,
         initial: list[Demonstration],
         initial_metadata: dict[str, str] | None = None,
-        keep_states: int = 2,
     ) -> None:
-        super().__init__(intake, store, publisher)
+        super().__init__(parts, round_examples, policy_version=start_version)
         self.learner = learner
-        self.intake: CorrectionIntake = intake
-        self._round_examples = round_examples
-        self._keep_states = keep_states
+        self.intake: CorrectionIntake = parts.intake  # type: ignore[assignment]
         # A file's demonstrations make the first round, however many there are.
         self._file = list(initial)
         self._file_metadata = initial_metadata or {}
-        self.update_status(policy_version=start_version)
 
-    def live_status(self) -> dict[str, Any]:
-        return {"pending_prompts": len(self._file) + len(self.intake.demos)}
+    def pending(self) -> int:
+        return len(self._file) + len(self.intake.demos)
 
-    def work(self) -> bool:
-        waiting = len(self.intake.demos)
-        if not self._file and waiting < self._round_examples:
-            self.set_phase(
-                COLLECTING, f"{waiting} of {self._round_examples} corrections for the next round"
-            )
-            return False
-        with self.intake.lock:  # the demonstrations trained on and the offsets they cover
-            demos = self._file + self.intake.take()
-            state = self.intake.snapshot()
-        self.set_phase(TRAINING, f"fine-tuning on {len(demos)} demonstrations")
-        self.run_round(demos, state)
-        return True
+    def due(self) -> bool:
+        return bool(self._file) or super().due()
 
-    def run_round(self, demos: list[Demonstration], state: SFTIntakeState) -> dict[str, float]:
+    def take(self) -> list[Demonstration]:
+        return self._file + self.intake.take()
+
+    def train_round(self, demos: list[Demonstration], state: IntakeState) -> dict[str, float]:
         stats = self.learner.train(demos)
         stats["sft/examples"] = float(len(demos))
         SFT_LOSS.set(stats["sft/loss"])
@@ -163,7 +138,7 @@ class SFTRounds(Stage):
             parent_version=self._status.policy_version,
             metadata={"stats": stats, "stage": "sft", **self._file_metadata},
         )
-        write_state(self._store, state, metadata={"policy_version": manifest.version})
+        self.write_state(state, {"policy_version": manifest.version})
         self._file, self._file_metadata = [], {}  # the file's round is done
         self.update_status(step=self.learner.steps, metrics=stats)
         self.checkpoint_written(manifest, state.offsets)
@@ -171,6 +146,3 @@ class SFTRounds(Stage):
 
     def announced(self, manifest: Manifest) -> None:
         self.update_status(policy_version=manifest.version)
-
-    def prune(self) -> None:
-        self._store.prune(SFT_STATE, keep=self._keep_states)

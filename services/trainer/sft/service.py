@@ -7,8 +7,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from rlhf.bus import Publisher
-from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
+from rlhf.checkpoints import POLICY, SFT_STATE, CheckpointError, CheckpointStore
 from rlhf.models import (
     chat_text,
     encode_text,
@@ -26,10 +25,8 @@ from rlhf.training.sft import (
 )
 
 from ..config import TrainerConfig
-from ..servicer import TrainerServicer
-from ..stage import StageService, intake_consumer
+from ..stage import StageService
 from .loop import DEMONSTRATIONS, CorrectionIntake, Encode, SFTRounds
-from .state import restore_state
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +67,24 @@ class SFTTrainerService(StageService):
         learner = SFTLearner(
             current.model, tokenizer.pad_token_id, tokenizer.eos_token_id, settings.training
         )
-        self.publisher = Publisher(config.kafka_bootstrap, client_id="sft-trainer")
-        consumer = intake_consumer(
-            config.kafka_bootstrap,
-            settings.consumer_group,
-            self.publisher,
-            "sft-trainer",
-            config.max_poll_interval_ms,
-        )
-        self.intake = CorrectionIntake(consumer, encode, max_tokens)
-        restored = restore_state(store)
-        if restored is not None:
-            self.intake.restore(restored)
-        self.loop = SFTRounds(
-            learner,
-            self.intake,
+        parts = self.open_intake(
             store,
-            self.publisher,
-            round_examples=settings.round_examples,
-            start_version=current.version,
-            initial=initial,
-            initial_metadata=file_metadata if initial else None,
-            keep_states=config.keep_states,
+            settings.consumer_group,
+            "sft-trainer",
+            lambda consumer: CorrectionIntake(consumer, encode, max_tokens),
+            SFT_STATE,
+            # Policies are not pruned here: the sft result is what ppo's KL holds it to.
+            keep_checkpoints=False,
         )
-        self.servicer = TrainerServicer(self.loop, store, POLICY)
+        loop = SFTRounds(
+            parts,
+            learner,
+            settings.round_examples,
+            current.version,
+            initial,
+            file_metadata if initial else None,
+        )
+        self.serve(loop, store)
 
 
 def trained_on(store: CheckpointStore, digest: str) -> bool:
