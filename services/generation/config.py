@@ -2,12 +2,16 @@
 
 from dataclasses import dataclass
 
+from rlhf.auth import ApiKeys
 from rlhf.config import CommonConfig, ConfigError, setting
 
 # Fixed bounds on a request's shape (not settings); the offline importer applies them too.
 MAX_MESSAGES = 64
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+# Most choices (OpenAI `n`) one request may ask for; they are decoded in one batch, so also at
+# most RLHF_MAX_BATCH.
+MAX_CHOICES = 8
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,13 @@ class GenerationConfig(CommonConfig):
     http_port: int = setting(
         "RLHF_HTTP_PORT", 8080, "TGI-compatible HTTP API port (0 = any, -1 = disabled)"
     )
+    api_keys: tuple[str, ...] = setting(
+        "RLHF_GENERATION_API_KEYS",
+        (),
+        "tenant=key pairs (keys 16+ chars) the HTTP API (TGI and OpenAI routes) requires as "
+        "`Authorization: Bearer <key>`; empty = open",
+        True,
+    )
     backend: str = setting("RLHF_GENERATION_BACKEND", "local", "local (transformers) or tgi")
     tgi_url: str = setting("RLHF_TGI_URL", "", "TGI server base URL, with the tgi backend")
     tgi_deployment: str = setting(
@@ -56,3 +67,11 @@ class GenerationConfig(CommonConfig):
             raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
+        try:
+            self.http_api_keys()
+        except ValueError as exc:
+            raise ConfigError(f"RLHF_GENERATION_API_KEYS: {exc}") from exc
+
+    def http_api_keys(self) -> ApiKeys | None:
+        """The keys the HTTP API checks, None when it is open (no keys set)."""
+        return ApiKeys.parse(self.api_keys) if self.api_keys else None
