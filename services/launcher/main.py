@@ -32,11 +32,12 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.config import parse_args
+from rlhf.watch import Watcher
 
 from . import prometheus
 from .addresses import FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
 from .config import LauncherConfig
-from .view import Watcher, line, panel
+from .view import line, panel
 
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
 PROMETHEUS_READY_TIMEOUT = 30.0
@@ -328,8 +329,12 @@ class Launcher:
     def watch(self) -> None:
         """Show the loop until Ctrl-C or a service dies."""
         watcher = Watcher(
-            {p.name: p.grpc_port for p in self.processes if p.grpc_port is not None},
-            {p.name: p.metrics_port for p in self.processes if p.metrics_port is not None},
+            {p.name: f"127.0.0.1:{p.grpc_port}" for p in self.processes if p.grpc_port},
+            {
+                p.name: f"http://127.0.0.1:{p.metrics_port}/metrics"
+                for p in self.processes
+                if p.metrics_port
+            },
         )
         try:
             if self.live:

@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2
+from rlhf.watch import Snapshot, version_rows
 from services.launcher import prometheus
-from services.launcher.view import Snapshot, line, panel, version_rows
+from services.launcher.view import line, panel
 from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
