@@ -25,7 +25,10 @@ class LauncherConfig:
         "RLHF_UP_RUN_DIR", Path("run"), "logs, up.env and Prometheus data go here"
     )
     api_key: str = setting(
-        "RLHF_UP_API_KEY", "", "feedback API key of tenant 'local' (empty = a new one)", True
+        "RLHF_UP_API_KEY",
+        "",
+        "API key of tenant 'local' for feedback and the generation HTTP API (empty = a new one)",
+        True,
     )
     generation_id_key: str = setting(
         "RLHF_GENERATION_ID_KEY", "", "key signing generation ids (empty = a new one)", True
