@@ -44,7 +44,7 @@ class GenerationConfig(CommonConfig):
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
     )
     http_port: int = setting(
-        "RLHF_HTTP_PORT", 8080, "TGI-compatible HTTP API port (0 = any, -1 = disabled)"
+        "RLHF_HTTP_PORT", 8080, "HTTP API port: TGI and OpenAI routes (0 = any, -1 = disabled)"
     )
     api_keys: tuple[str, ...] = setting(
         "RLHF_GENERATION_API_KEYS",
