@@ -111,8 +111,8 @@
       card.buttons.push(b);
       return b;
     };
-    card.up = button("👍 Good", "thumb-up", (b) => thumb(card, "THUMB_UP", b));
-    card.down = button("👎 Bad", "thumb-down", (b) => thumb(card, "THUMB_DOWN", b));
+    card.up = button("▲ Good", "thumb-up", (b) => thumb(card, "THUMB_UP", b));
+    card.down = button("▼ Bad", "thumb-down", (b) => thumb(card, "THUMB_DOWN", b));
     button("✎ Write a better answer", "correct", () => openCorrection(card));
     if (count > 1) button("★ This one is better", "better", () => rank(card));
     parent.append(card.node);
@@ -268,7 +268,7 @@
   async function thumb(card, value, button) {
     card.up.disabled = true;
     card.down.disabled = true;
-    const ok = await sendFeedback(card, { thumb: value }, value === "THUMB_UP" ? "👍" : "👎");
+    const ok = await sendFeedback(card, { thumb: value }, value === "THUMB_UP" ? "thumbs-up" : "thumbs-down");
     if (ok) button.classList.add("chosen");
     else {
       card.up.disabled = false;
