@@ -226,7 +226,7 @@ def test_the_panel_shows_the_trainer_phase_as_text(platform, browser):
     assert phase.is_displayed() and phase.text == "training — <img src=x onerror=alert(1)>"
     assert browser.find_elements(By.CSS_SELECTOR, "#panel img, #panel i") == []
     assert browser.find_element(By.ID, "panel-policy").text == "v3 · <i>tiny</i>"
-    assert browser.find_element(By.ID, "panel-reward").text == "v2 · 4 rounds"
+    assert browser.find_element(By.ID, "panel-reward").text == "v2 · 4 training rounds"
     rates = [li.text.split("\n")[-1] for li in browser.find_elements(By.CSS_SELECTOR, "#trend li")]
     assert rates == ["40% of 10", "80% of 5"]
     status["trainer"]["phase"] = ""

@@ -326,7 +326,8 @@
     const policy = status.policy;
     $("panel-policy").textContent = policy ? `v${policy.version} · ${policy.model}` : "not answering";
     const reward = status.rewardModel;
-    $("panel-reward").textContent = reward ? `v${reward.rewardVersion} · ${reward.step} rounds` : "-";
+    const rounds = reward ? `${reward.step} training round${reward.step === 1 ? "" : "s"}` : "";
+    $("panel-reward").textContent = reward ? `v${reward.rewardVersion} · ${rounds}` : "-";
     const trainer = status.trainer;
     $("panel-trainer").textContent = trainer
       ? `step ${trainer.step} · published v${trainer.policyVersion}${trainer.paused ? " · paused" : ""}`
