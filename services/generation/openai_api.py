@@ -356,31 +356,22 @@ class StopHoldback:
         self._stops = [s for s in stops if s]
         self._text = ""
         self._sent = 0
-        self._stopped = False
 
     def push(self, delta: str) -> str:
-        if self._stopped or not delta:
-            return ""
         self._text += delta
-        cut = decoding.cut_at_stop(self._text, self._stops)
-        if len(cut) < len(self._text):
-            self._stopped = True
-            safe = len(cut)
-        else:
-            safe = len(self._text) - self._partial_stop()
-        out = self._text[self._sent : safe] if safe > self._sent else ""
+        safe = self._safe()
+        out = self._text[self._sent : safe]
         self._sent = max(self._sent, safe)
         return out
 
-    def _partial_stop(self) -> int:
-        """Length of the longest end of the text that begins some stop sequence."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+    def _safe(self) -> int:
+        """The first position where a stop sequence begins, or where the text so far could
+        still become one: nothing before it can ever be cut."""
+        for start in range(self._sent, len(self._text)):
+            rest = self._text[start:]
+            if any(rest.startswith(stop) or stop.startswith(rest) for stop in self._stops):
+                return start
+        return len(self._text)
 
     def finish(self, final_text: str) -> str:
         """What is left to send, given the core's final (cut) text."""

@@ -1,7 +1,7 @@
 """The OpenAI adapter's pure parts: request parsing and the stream's stop-sequence hold-back."""
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rlhf import decoding
@@ -79,6 +79,8 @@ def test_neutral_values_of_unsupported_parameters_are_accepted():
     stops=st.lists(st.text(alphabet="abc<>", min_size=1, max_size=4), max_size=3),
     cuts=st.lists(st.integers(0, 30), max_size=6),
 )
+@example(text="<<><", stops=[">", "<><"], cuts=[3])  # a longer stop that begins earlier
+@settings(max_examples=300)
 def test_streamed_text_is_the_cut_text_and_never_shows_a_stop(text, stops, cuts):
     holdback = StopHoldback(stops)
     pieces, start = [], 0
