@@ -127,8 +127,11 @@ class GenerationHandler(BaseHTTPRequestHandler):
             self._send_error(exc)
 
     def _read_raw(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError as exc:
+            raise _invalid("Content-Length is not a number") from exc
+        if not 0 <= length <= MAX_BODY_BYTES:
             raise _invalid(f"request body exceeds {MAX_BODY_BYTES} bytes")
         return self.rfile.read(length)
 
