@@ -8,18 +8,19 @@ usage() {
 usage: <service> [arguments]
 
 services:
-  generation        serve the policy (gRPC and a TGI-compatible HTTP API)
+  generation        serve the policy (gRPC, and HTTP: TGI and OpenAI chat completions)
   feedback          ingest users' feedback
   reward            serve the reward model
   trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo or reward)
   simulated-users   demo traffic
+  playground        a chat page where people rate answers
   topics            create the Kafka topics (python -m rlhf.topics_cli --help)
 USAGE
 }
 
 service="${1:-}"
 case "$service" in
-    generation | feedback | reward | trainer | simulated-users)
+    generation | feedback | reward | trainer | simulated-users | playground)
         shift
         exec "rlhf-$service" "$@"
         ;;

@@ -15,6 +15,7 @@ import inspect
 import pkgutil
 import re
 import sys
+import tomllib
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -73,11 +74,20 @@ def service_configs() -> list[tuple[str, type]]:
     return sorted(found, key=lambda item: item[0])
 
 
+def _scripts() -> dict[str, str]:
+    """Console scripts (name -> target): the checkout's pyproject.toml when there is one (an
+    editable install's metadata lags behind a script added since), else the installed ones."""
+    pyproject = DOC.parents[1] / "pyproject.toml"
+    if pyproject.exists():
+        return tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    return {script.name: script.value for script in entry_points(group="console_scripts")}
+
+
 def _command(service: str) -> str:
-    """How the service is started: its console script, from the installed package's metadata."""
-    for script in entry_points(group="console_scripts"):
-        if script.value.startswith(f"services.{service}.main:"):
-            return script.name
+    """How the service is started: its console script."""
+    for name, target in _scripts().items():
+        if target.startswith(f"services.{service}.main:"):
+            return name
     return f"python -m services.{service}"
 
 

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from rlhf.auth import ApiKeys
 from rlhf.config import (
     CommonConfig,
     ConfigError,
@@ -10,6 +11,10 @@ from rlhf.config import (
     setting,
 )
 from rlhf.limits import PromptLimits
+
+# Most choices (OpenAI `n`) one request may ask for; they are decoded in one batch, so also at
+# most RLHF_MAX_BATCH.
+MAX_CHOICES = 8
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,14 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
     )
     http_port: int = setting(
-        "RLHF_HTTP_PORT", 8080, "TGI-compatible HTTP API port (0 = any, -1 = disabled)"
+        "RLHF_HTTP_PORT", 8080, "HTTP API port: TGI and OpenAI routes (0 = any, -1 = disabled)"
+    )
+    api_keys: tuple[str, ...] = setting(
+        "RLHF_GENERATION_API_KEYS",
+        (),
+        "tenant=key pairs (keys 16+ chars) the HTTP API (TGI and OpenAI routes) requires as "
+        "`Authorization: Bearer <key>`; empty = open",
+        True,
     )
     backend: str = setting("RLHF_GENERATION_BACKEND", "local", "local (transformers) or tgi")
     tgi_url: str = setting("RLHF_TGI_URL", "", "TGI server base URL, with the tgi backend")
@@ -48,3 +60,11 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
             raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
+        try:
+            self.http_api_keys()
+        except ValueError as exc:
+            raise ConfigError(f"RLHF_GENERATION_API_KEYS: {exc}") from exc
+
+    def http_api_keys(self) -> ApiKeys | None:
+        """The keys the HTTP API checks, None when it is open (no keys set)."""
+        return ApiKeys.parse(self.api_keys) if self.api_keys else None

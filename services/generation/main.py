@@ -21,7 +21,7 @@ from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
 from .config import GenerationConfig
 from .core import GenerationCore
-from .http_api import TgiHttpServer
+from .http_api import GenerationHttpServer
 from .servicer import GenerationServicer
 
 
@@ -98,10 +98,14 @@ class GenerationService:
             GenerationIdSigner(config.generation_id_key.encode()),
         )
         self.servicer = GenerationServicer(self.core, config.policy_model)
-        self.http: TgiHttpServer | None = None
+        self.http: GenerationHttpServer | None = None
         if config.http_port >= 0:
-            self.http = TgiHttpServer(
-                self.core, config.policy_model, config.grpc_host, config.http_port
+            self.http = GenerationHttpServer(
+                self.core,
+                config.policy_model,
+                config.grpc_host,
+                config.http_port,
+                config.http_api_keys(),
             )
 
     def register(self, server: grpc.Server) -> list[str]:
@@ -125,8 +129,8 @@ def main() -> None:
         "generation",
         GenerationConfig,
         GenerationService,
-        "Serve the policy over gRPC and a TGI-compatible HTTP API, sign generation ids and "
-        "follow policy checkpoints.",
+        "Serve the policy over gRPC and an HTTP API (TGI and OpenAI chat completions), sign "
+        "generation ids and follow policy checkpoints.",
     )
 
 

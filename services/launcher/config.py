@@ -24,7 +24,10 @@ class LauncherConfig(PolicyModelSettings, RewardModelSettings, GenerationIdSetti
         "RLHF_UP_RUN_DIR", Path("run"), "logs, up.env and Prometheus data go here"
     )
     api_key: str = setting(
-        "RLHF_UP_API_KEY", "", "feedback API key of tenant 'local' (empty = a new one)", True
+        "RLHF_UP_API_KEY",
+        "",
+        "API key of tenant 'local' for feedback and the generation HTTP API (empty = a new one)",
+        True,
     )
     prometheus: bool = setting(
         "RLHF_UP_PROMETHEUS", True, "start `prometheus` with the alert rules if it is on PATH"
