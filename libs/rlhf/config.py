@@ -221,3 +221,10 @@ class ConsumerSettings:
 @dataclass(frozen=True)
 class SeedSettings:
     seed: int = setting("RLHF_SEED", 0, "seed for sampling, shuffling and simulated users' choices")
+
+
+@dataclass(frozen=True)
+class GenerationAddressSettings:
+    generation_address: str = setting(
+        "RLHF_GENERATION_ADDRESS", "127.0.0.1:50051", "host:port of the generation service (gRPC)"
+    )

@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import CommonConfig, ConfigError, setting
+from rlhf.config import CommonConfig, ConfigError, GenerationAddressSettings, setting
 
 
 @dataclass(frozen=True)
-class PlaygroundConfig(CommonConfig):
+class PlaygroundConfig(CommonConfig, GenerationAddressSettings):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50056, "gRPC port, health checks only (0 = any)")
     http_port: int = setting("RLHF_PLAYGROUND_PORT", 8082, "the page and its API (0 = any)")
     generation_url: str = setting(
@@ -18,9 +18,6 @@ class PlaygroundConfig(CommonConfig):
         "RLHF_FEEDBACK_URL",
         "http://127.0.0.1:8081/v1/feedback",
         "the feedback service's HTTP JSON API",
-    )
-    generation_address: str = setting(
-        "RLHF_GENERATION_ADDRESS", "127.0.0.1:50051", "generation gRPC: the served policy"
     )
     trainer_address: str = setting(
         "RLHF_TRAINER_ADDRESS", "127.0.0.1:50054", "ppo trainer gRPC: step and phase (empty = none)"

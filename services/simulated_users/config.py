@@ -2,14 +2,11 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import SeedSettings, setting
+from rlhf.config import GenerationAddressSettings, SeedSettings, setting
 
 
 @dataclass(frozen=True)
-class SimulatedUsersConfig(SeedSettings):
-    generation_address: str = setting(
-        "RLHF_GENERATION_ADDRESS", "127.0.0.1:50051", "host:port of the generation service"
-    )
+class SimulatedUsersConfig(SeedSettings, GenerationAddressSettings):
     feedback_address: str = setting(
         "RLHF_FEEDBACK_ADDRESS", "127.0.0.1:50052", "host:port of the feedback service"
     )

@@ -335,9 +335,7 @@ def test_services_accept_the_environment_the_chart_gives_them(renders, values):
     for deployment, _ in rendered.deployments():
         cls = CONFIGS[component(deployment)]
         settings = {row[0]: row for row in describe(cls)}
-        secret = {
-            f.metadata["env"] for f in cls.__dataclass_fields__.values() if f.metadata["secret"]
-        }
+        secret = {env for env, _, shown, _ in settings.values() if shown == "(secret)"}
         env = rendered.env(deployment)
         for variable, value in env.items():
             if variable.startswith("RLHF_"):
@@ -373,7 +371,7 @@ def _mount_of(deployment, path):
 
 def test_sft_demonstrations_from_a_config_map(everything):
     deployment, config = _trainer_config(everything, "rlhf-trainer-sft")
-    data = Path(config.sft_data)
+    data = Path(config.sft.data)
     mount, volume = _mount_of(deployment, data)
     assert mount["readOnly"] is True
     assert volume["configMap"] == {
@@ -390,9 +388,9 @@ def test_sft_demonstrations_from_the_checkpoint_volume(chart):
         merged(REQUIRED, SFT_PHASE, {"trainer": {"stages": {"sft": on_volume}}}),
     )
     deployment, config = _trainer_config(rendered, "rlhf-trainer-sft")
-    mount, volume = _mount_of(deployment, Path(config.sft_data))
+    mount, volume = _mount_of(deployment, Path(config.sft.data))
     assert "persistentVolumeClaim" in volume
-    assert Path(config.sft_data) == config.checkpoint_dir / "sft" / "demos.jsonl"
+    assert Path(config.sft.data) == config.checkpoint_dir / "sft" / "demos.jsonl"
     assert mount["mountPath"] == str(config.checkpoint_dir)
 
 
@@ -400,7 +398,7 @@ def test_sft_without_demonstrations_trains_on_corrections_only(chart):
     corrections_only = {"trainer": {"stages": {"sft": {"demonstrations": {"configMap": ""}}}}}
     rendered = render(chart, merged(REQUIRED, SFT_PHASE, corrections_only))
     deployment, config = _trainer_config(rendered, "rlhf-trainer-sft")
-    assert config.sft_data == ""
+    assert config.sft.data == ""
     pod = deployment["spec"]["template"]["spec"]
     assert "demonstrations" not in {v["name"] for v in pod["volumes"]}
 
@@ -408,7 +406,7 @@ def test_sft_without_demonstrations_trains_on_corrections_only(chart):
 def test_ppo_trains_every_weight_and_logs_metrics_on_the_shared_volume(default, gpu):
     for rendered in (default, gpu):
         deployment, config = _trainer_config(rendered, "rlhf-trainer-ppo")
-        assert config.lora_rank == 0  # full fine-tuning; LoRA is an opt-in for CPU clusters
+        assert config.ppo.lora.rank == 0  # full fine-tuning; LoRA is an opt-in for CPU clusters
         # The JSONL metrics log goes to <checkpoint dir>/logs/, on the writable shared volume.
         log = config.metrics_log_path()
         assert log == config.checkpoint_dir / "logs" / "ppo.jsonl"

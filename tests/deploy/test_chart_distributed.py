@@ -248,7 +248,8 @@ def test_torchrun_runs_the_trainer_on_every_node(renders, values, monkeypatch):
         # The trainer's own check at start: its batches split over the world (2 x 1 ranks).
         trainer = load_config(TrainerConfig, rendered.pod_env(pod.template))
         world = config.max_nodes * config.nproc_per_node
-        assert trainer.batch_size % world == 0 and trainer.minibatch_size % world == 0
+        assert trainer.ppo.batch_size % world == 0
+        assert trainer.ppo.algorithm.minibatch_size % world == 0
         assert (config.min_nodes, config.max_nodes) == (2, 2)  # fixed size: nnodes 2
         assert config.nproc_per_node == 1  # no GPU, or one GPU per pod (values-gpu.yaml)
         assert config.rdzv_backend == "c10d" and config.run_id == NAME

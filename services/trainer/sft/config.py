@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhf.config import ConfigError, group, setting
 from rlhf.training.sft_config import SFTConfig
@@ -26,7 +25,5 @@ class SFTStageConfig:
     training: SFTConfig = group(SFTConfig, "sft training")
 
     def validate(self) -> None:
-        if self.data and not Path(self.data).expanduser().is_file():
-            raise ConfigError(f"RLHF_SFT_DATA={self.data!r}: no such file")
         if self.round_examples < 1:
             raise ConfigError("RLHF_SFT_ROUND_EXAMPLES must be positive")

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from rlhf.checkpoints import POLICY, SFT_STATE, CheckpointError, CheckpointStore
+from rlhf.config import ConfigError
 from rlhf.models import (
     chat_text,
     encode_text,
@@ -58,6 +59,8 @@ class SFTTrainerService(StageService):
         initial: list[Demonstration] = []
         file_metadata: dict[str, str] = {}
         if settings.data:
+            if not Path(settings.data).is_file():  # a clear start-up error, not a traceback
+                raise ConfigError(f"RLHF_SFT_DATA={settings.data!r}: no such file")
             digest = hashlib.sha256(Path(settings.data).read_bytes()).hexdigest()
             file_metadata = {SFT_DATA_SHA: digest}
             if trained_on(store, digest):
