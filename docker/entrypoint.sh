@@ -11,15 +11,16 @@ services:
   generation        serve the policy (gRPC and a TGI-compatible HTTP API)
   feedback          ingest users' feedback
   reward            serve the reward model
-  trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo or reward)
+  trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo, reward or sft)
   simulated-users   demo traffic
   topics            create the Kafka topics (python -m rlhf.topics_cli --help)
+  broker            an in-memory Kafka-compatible broker with the topics, for trials only
 USAGE
 }
 
 service="${1:-}"
 case "$service" in
-    generation | feedback | reward | trainer | simulated-users)
+    generation | feedback | reward | trainer | simulated-users | broker)
         shift
         exec "rlhf-$service" "$@"
         ;;
