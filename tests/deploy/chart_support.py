@@ -94,6 +94,11 @@ def gpu_values() -> dict[str, Any]:
     return yaml.safe_load((CHART / "values-gpu.yaml").read_text())
 
 
+def local_values() -> dict[str, Any]:
+    """values-local.yaml: one node, the development broker, the image built there."""
+    return yaml.safe_load((CHART / "values-local.yaml").read_text())
+
+
 class _StrictLoader(yaml.SafeLoader):
     """Refuses duplicate keys, which PyYAML would silently collapse and kubectl refuses."""
 
