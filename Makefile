@@ -114,5 +114,23 @@ base-image:
 	podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
 		--change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' "$$tar" $(LOCAL_BASE_IMAGE)
 
+# The image and the chart's workloads, run (tests/deploy/smoke): the CPU image is built, run as
+# the chart runs it, and the README's single-node install is rendered and started with
+# `podman kube play`, then driven through the pods' ports. Needs podman (and, without BASE_IMAGE,
+# mmdebstrap: the base is then made from Debian's packages, so no registry is needed).
+SMOKE_IMAGE = $(if $(findstring /,$(IMAGE)),,localhost/)$(IMAGE):$(IMAGE_TAG)
+deploy-smoke: setup
+	@command -v podman >/dev/null || { echo "$@: needs podman: apt-get install podman buildah mmdebstrap runc"; exit 1; }
+	@base="$(BASE_IMAGE)"; start=$$(date +%s); \
+	if [ -z "$$base" ]; then base=$(LOCAL_BASE_IMAGE); \
+		podman image exists $$base || $(MAKE) --no-print-directory base-image || exit 1; fi; \
+	echo "$@: base image $$base ready in $$(( $$(date +%s) - start ))s"; start=$$(date +%s); \
+	$(MAKE) --no-print-directory images BASE_IMAGE=$$base || exit 1; \
+	echo "$@: make images took $$(( $$(date +%s) - start ))s"; start=$$(date +%s); \
+	RLHF_SMOKE_IMAGE=$(SMOKE_IMAGE) RLHF_PODMAN_RUNTIME=$(PODMAN_RUNTIME) RLHF_PODMAN_ULIMITS="$(PODMAN_ULIMITS)" \
+		$(BIN)/python -m pytest -q -s --timeout=1800 -p no:cacheprovider \
+		tests/deploy/smoke/smoke_image.py tests/deploy/smoke/smoke_pods.py; \
+	status=$$?; echo "$@: the smoke run took $$(( $$(date +%s) - start ))s"; exit $$status
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

