@@ -148,19 +148,14 @@ def probe_passes(probe: Probe, ip: str) -> bool:
 
 
 def wait_for_probes(
-    probes: Sequence[Probe], pods: dict[str, str], kinds: Sequence[str], cap: float
+    probes: Sequence[Probe], pods: dict[str, str], kind: str, cap: float
 ) -> dict[tuple[str, str], float]:
-    """Run each probe of `kinds` (the first a container has, e.g. startup, else readiness) every
-    period until it passes; fail once it has failed for its budget (failureThreshold x period,
-    where the kubelet would restart the container or keep it out of its Services), or `cap`
-    seconds, whichever comes first. Returns the seconds each took."""
-    chosen: dict[tuple[str, str], Probe] = {}
-    for kind in kinds:
-        for probe in probes:
-            if probe.kind == kind:
-                chosen.setdefault((probe.deployment, probe.container), probe)
+    """Run every probe of `kind` (startup, readiness) each period until it passes, as the
+    kubelet does; fail once one has failed for its budget (failureThreshold x period: the
+    kubelet would restart the container, or keep it out of its Services), or for `cap` seconds,
+    whichever comes first. Returns the seconds each took."""
     start = time.monotonic()
-    waiting = dict(chosen)
+    waiting = {(p.deployment, p.container): p for p in probes if p.kind == kind}
     next_try = {key: start + p.initial_delay for key, p in waiting.items()}
     took: dict[tuple[str, str], float] = {}
     while waiting:
