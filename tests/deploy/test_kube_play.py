@@ -1,16 +1,18 @@
-"""What `make deploy-smoke` hands to `podman kube play`, checked without podman: the chart's
-single-node manifests (values-local.yaml) become pods with fixed addresses, Services become host
-aliases, probes are kept for the smoke run to perform, and what podman cannot do is refused."""
+"""What `make deploy-smoke` hands to `podman kube play`, checked without podman: the README's
+single-node install (values-local.yaml) renders, and its manifests become pods with fixed
+addresses, Services become host aliases, probes are kept for the smoke run to perform, and what
+podman cannot do is refused."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import json
+import re
 
 import pytest
 
-from tests.deploy.chart_support import INLINE_SECRETS, NAMESPACE, REQUIRED, local_values, merged
+from tests.deploy.chart_support import NAMESPACE, REQUIRED, merged, readme_local_install
 from tests.deploy.chart_support import render as render_chart
 from tests.deploy.kube_play import PlanError, expand, plan, podman_secret
 
@@ -18,13 +20,19 @@ ADDRESSES = [f"10.77.0.{i}" for i in range(10, 20)]
 
 
 @pytest.fixture(scope="module")
-def local(chart):
-    return render_chart(chart, merged(local_values(), INLINE_SECRETS))
+def install():
+    """The README's single-node `helm install`, as `make deploy-smoke` runs it."""
+    return readme_local_install()
 
 
 @pytest.fixture(scope="module")
-def local_plan(local):
-    return plan(local.docs, ADDRESSES, NAMESPACE)
+def local(chart, install):
+    return render_chart(chart, install.values(), install.release, install.namespace)
+
+
+@pytest.fixture(scope="module")
+def local_plan(local, install):
+    return plan(local.docs, ADDRESSES, install.namespace)
 
 
 def _deployment(docs, name):
@@ -32,7 +40,7 @@ def _deployment(docs, name):
     return found
 
 
-def test_every_deployment_gets_an_address_and_the_rest_is_said(local_plan):
+def test_every_deployment_gets_an_address_and_the_rest_is_said(local_plan, install):
     assert list(local_plan.pods) == [
         "rlhf-broker",
         "rlhf-feedback",
@@ -52,10 +60,13 @@ def test_every_deployment_gets_an_address_and_the_rest_is_said(local_plan):
     assert "ServiceAccount/rlhf-workload: left out" in notes
     assert "Secret/rlhf-keys: created with `podman secret create`" in notes
     keys = local_plan.secrets["rlhf-keys"]
-    assert keys["generation-id-key"] == INLINE_SECRETS["secrets"]["generationIdKey"].encode()
+    # The README's `$(openssl rand -hex 32)`, filled in as the shell would.
+    generated = install.values()["secrets"]["generationIdKey"]
+    assert re.fullmatch(r"[0-9a-f]{64}", generated)
+    assert keys["generation-id-key"] == generated.encode()
 
 
-def test_services_become_host_aliases_of_the_pod_they_select(local_plan):
+def test_services_become_host_aliases_of_the_pod_they_select(local_plan, install):
     broker_ip = local_plan.pods["rlhf-broker"]
     reward_ip = local_plan.pods["rlhf-reward"]
     assert (
@@ -68,8 +79,8 @@ def test_services_become_host_aliases_of_the_pod_they_select(local_plan):
         pod = deployment["spec"]["template"]["spec"]
         aliases = {name: a["ip"] for a in pod["hostAliases"] for name in a["hostnames"]}
         # The names the chart's settings use (RLHF_KAFKA_BOOTSTRAP, RLHF_REWARD_ADDRESS).
-        assert aliases[f"rlhf-broker.{NAMESPACE}.svc"] == broker_ip
-        assert aliases[f"rlhf-reward.{NAMESPACE}.svc"] == reward_ip
+        assert aliases[f"rlhf-broker.{install.namespace}.svc"] == broker_ip
+        assert aliases[f"rlhf-reward.{install.namespace}.svc"] == reward_ip
         assert aliases["rlhf-reward"] == reward_ip
         for container in pod["containers"]:
             assert "ports" not in container
@@ -108,7 +119,7 @@ def test_a_probe_on_a_port_the_container_lacks_is_refused(local):
         ] = "kafak"
 
     with pytest.raises(PlanError, match="rlhf-broker readinessProbe: container broker has no port"):
-        plan(_broken(local, rename), ADDRESSES, NAMESPACE)
+        plan(_broken(local, rename), ADDRESSES, "rlhf")
 
 
 def test_a_service_that_cannot_reach_its_pod_is_refused(local):

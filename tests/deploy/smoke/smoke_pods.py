@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-import shlex
 import subprocess
 import sys
 import time
@@ -33,7 +31,7 @@ from kafka import KafkaAdminClient
 from rlhf import bus
 from rlhf.scrape import scrape
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from tests.deploy.chart_support import CHART, ROOT, merged
+from tests.deploy.chart_support import CHART, Install, merged, readme_local_install, render
 from tests.deploy.kube_play import Plan, plan
 from tests.deploy.smoke.podman import (
     IMAGE,
@@ -50,74 +48,13 @@ SMOKE_VALUES = Path(__file__).with_name("values-smoke.yaml")
 # How long a pod may take to start here, at most (each probe's own budget may be shorter).
 STARTUP_CAP = 420.0
 PUBLISH_TIMEOUT = 600.0
-CHART_ARG = "deploy/helm/rlhf"
 
 
-@dataclass
-class Install:
-    """A `helm install` command of the README."""
-
-    release: str
-    namespace: str
-    values_files: list[Path]
-    sets: list[str]
-
-
-def readme_local_install() -> Install:
-    """The README's single-node install: its release, namespace, -f files and --set values, the
-    `$(openssl rand -hex N)` in them replaced by N random bytes, as the shell would."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Deploy on Kubernetes", 1)[1].split("\n## ", 1)[0]
-    commands = [
-        c
-        for c in re.findall(r"helm install .*?(?=\n\s*```)", section, re.S)
-        if "values-local.yaml" in c
-    ]
-    assert len(commands) == 1, "the README has one helm install with values-local.yaml"
-    words = shlex.split(commands[0].replace("\\\n", " "))
-    assert words[:4] == ["helm", "install", words[2], CHART_ARG], words
-    install = Install(release=words[2], namespace="default", values_files=[], sets=[])
-    rest = iter(words[4:])
-    for word in rest:
-        if word == "-n":
-            install.namespace = next(rest)
-        elif word == "-f":
-            install.values_files.append(ROOT / next(rest))
-        elif word == "--set":
-            install.sets.append(
-                re.sub(
-                    r"\$\(openssl rand -hex (\d+)\)",
-                    lambda m: secrets.token_hex(int(m.group(1))),
-                    next(rest),
-                )
-            )
-        elif word != "--create-namespace":
-            raise AssertionError(f"the smoke run does not know what {word!r} does")
-    return install
-
-
-def install_values(install: Install) -> dict:
-    values: dict = {}
-    for path in [*install.values_files, SMOKE_VALUES]:
-        values = merged(values, yaml.safe_load(path.read_text()))
-    for expression in install.sets:
-        values = merged(values, helm.parse_set_string(expression))
+def smoke_values(install: Install) -> dict:
+    """The README command's values, then values-smoke.yaml, then the image this run built."""
+    values = merged(install.values(), yaml.safe_load(SMOKE_VALUES.read_text()))
     repository, tag = IMAGE.rsplit(":", 1)
     return merged(values, {"image": {"repository": repository, "tag": tag}})
-
-
-def render(install: Install, values: dict) -> list[dict]:
-    with helm.Chart.load(CHART) as chart:
-        out = chart.render(
-            values, name=install.release, namespace=install.namespace, is_install=True
-        )
-    return [
-        doc
-        for path, text in sorted(out.items())
-        if not path.endswith("NOTES.txt")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
 
 
 @dataclass
@@ -177,9 +114,10 @@ def cluster() -> Iterator[Cluster]:
     podman = Podman(folder)
     assert podman.image_exists(IMAGE), f"{IMAGE} is not built: make images"
     install = readme_local_install()
-    values = install_values(install)
+    values = smoke_values(install)
     api_key = values["secrets"]["feedbackApiKeys"][0].split("=", 1)[1]
-    docs = render(install, values)
+    with helm.Chart.load(CHART) as chart:
+        docs = render(chart, values, install.release, install.namespace).docs
     with podman.network() as (network, *addresses):
         run_plan = plan(docs, addresses, install.namespace)
         print("\npodman kube play of the chart's manifests:", *run_plan.notes, sep="\n  ")
