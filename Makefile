@@ -8,13 +8,16 @@ STAMP  := $(VENV)/.setup-done
 
 setup: $(STAMP)
 
-# Debian tools the tests use as real, independent clients: promtool (alert rules), kcat (Kafka).
+# Debian tools the tests use as real, independent clients: promtool (alert rules), kcat (Kafka),
+# chromium and its WebDriver (the playground in a headless browser).
 # Installed when missing and we can (root with apt-get); otherwise the tests that need them say so.
+SYSTEM_PACKAGES := prometheus kcat chromium chromium-driver
 system-packages:
-	@if command -v promtool >/dev/null && command -v kcat >/dev/null; then :; \
+	@if command -v promtool >/dev/null && command -v kcat >/dev/null \
+		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus kcat >/dev/null; \
-	else echo "note: install Debian's prometheus and kcat packages for the full test suite"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "note: install Debian's $(SYSTEM_PACKAGES) packages for the full test suite"; fi
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-deploy.txt requirements-models.txt pyproject.toml
 	$(MAKE) system-packages
@@ -31,7 +34,7 @@ protos: setup
 
 # The configuration and metrics references in docs/operations.md, from the code.
 docs: setup
-	$(BIN)/python -m rlhf.docs
+	$(BIN)/python docs/generate.py
 
 lint: setup
 	$(BIN)/ruff check .

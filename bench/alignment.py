@@ -32,8 +32,10 @@ from rlhf.config import CommonConfig, load_config
 from rlhf.models import MINILM, SMOLLM2, load_base_policy, load_reward_backbone, load_tokenizer
 from rlhf.scoring import score_pairs
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings, Scorer
-from rlhf.training.ppo import PPOConfig, build_rollout, forward_policy
-from rlhf.training.reward import Examples, Rated, RewardTrainer, RewardTrainingConfig
+from rlhf.training.ppo import build_rollout, forward_policy
+from rlhf.training.ppo_config import PPOConfig
+from rlhf.training.reward import Examples, Rated, RewardTrainer
+from rlhf.training.reward_config import RewardTrainingConfig
 from services.simulated_users.users import sentiment
 
 THRESHOLD = 0.5
@@ -185,7 +187,8 @@ def train_reward_model(
     trainer = RewardTrainer(
         model,
         reward_tokenizer,
-        RewardTrainingConfig(steps_per_round=150, max_tokens=REWARD_MAX_TOKENS, seed=seed),
+        RewardTrainingConfig(steps_per_round=150, seed=seed),
+        max_tokens=REWARD_MAX_TOKENS,
     )
     examples = Examples(
         rated=[Rated(p, a, t) for p, a, t in zip(texts, answers, thumbs, strict=True)]

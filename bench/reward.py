@@ -32,8 +32,8 @@ from rlhf.training.reward import (
     Pair,
     ReferenceSamples,
     RewardTrainer,
-    RewardTrainingConfig,
 )
+from rlhf.training.reward_config import RewardTrainingConfig
 from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from services.simulated_users.synthetic import answer, feedback_stream
 from services.simulated_users.users import PROMPTS, sentiment
@@ -234,7 +234,7 @@ def quality(seeds: Sequence[int]) -> str:
     for seed in seeds:
         data, reference = _collect(rounds=600, seed=seed)
         model, tokenizer = load_reward_backbone(MINILM, seed=0)
-        trainer = RewardTrainer(model, tokenizer, RewardTrainingConfig(max_tokens=64, seed=0))
+        trainer = RewardTrainer(model, tokenizer, RewardTrainingConfig(seed=0), max_tokens=64)
         started = time.perf_counter()
         result = trainer.round(data, reference)
         seconds = time.perf_counter() - started

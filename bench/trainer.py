@@ -43,7 +43,7 @@ from rlhf.models import SMOLLM2, load_base_policy, load_tokenizer, prepare_polic
 from rlhf.training import online
 from rlhf.training import ppo as ppo_training
 from rlhf.training.pool import PoolSampler
-from rlhf.training.ppo import PPOConfig
+from rlhf.training.ppo_config import PPOConfig
 
 BATCH = 8
 MINIBATCH = 4

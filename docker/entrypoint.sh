@@ -8,11 +8,12 @@ usage() {
 usage: <service> [arguments]
 
 services:
-  generation        serve the policy (gRPC and a TGI-compatible HTTP API)
+  generation        serve the policy (gRPC, and HTTP: TGI and OpenAI chat completions)
   feedback          ingest users' feedback
   reward            serve the reward model
   trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo, reward or sft)
   simulated-users   demo traffic
+  playground        a chat page where people rate answers
   topics            create the Kafka topics (python -m rlhf.topics_cli --help)
   broker            an in-memory Kafka-compatible broker with the topics, for trials only
 USAGE
@@ -20,7 +21,7 @@ USAGE
 
 service="${1:-}"
 case "$service" in
-    generation | feedback | reward | trainer | simulated-users | broker)
+    generation | feedback | reward | trainer | simulated-users | playground | broker)
         shift
         exec "rlhf-$service" "$@"
         ;;

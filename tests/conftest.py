@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from rlhf.models import TINY
 from rlhf.scrape import scrape as scrape_port
 from rlhf.server import RunningServer, Service
 from services.generation.config import GenerationConfig
+from services.trainer.config import TrainerConfig
 
 ID_KEY = "test-generation-id-key-0123456789"
 API_KEY = "test-api-key-0123456789"
@@ -57,6 +60,14 @@ def tiny_generation_config(
         "http_port": 0,
     }
     return GenerationConfig(**{**values, **overrides})
+
+
+def trainer_config(fields: dict[str, Any], **env: object) -> TrainerConfig:
+    """A trainer stage's config the way a deployment sets it: environment variables (`env`,
+    e.g. RLHF_PPO_BATCH_SIZE=16, parsed and validated), then top-level fields such as the
+    broker and the checkpoint store (`fields`)."""
+    config = load_config(TrainerConfig, {name: str(value) for name, value in env.items()})
+    return dataclasses.replace(config, **fields)
 
 
 def serve(service: Service) -> RunningServer:

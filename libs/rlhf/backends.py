@@ -24,10 +24,10 @@ from text_generation.errors import OverloadedError, ValidationError
 
 from rlhf import decoding
 from rlhf.batching import DynamicBatcher, Job, JobResult, Overloaded
-from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
+from rlhf.bus import POLICY_CHECKPOINTS
+from rlhf.checkpoints import CheckpointStore
 from rlhf.kube import Rollout
-from rlhf.serving import RELOADS, SERVED_VERSION, CheckpointEvents, CheckpointFollower, HotSwap
-from rlhf.v1 import events_pb2
+from rlhf.serving import CheckpointFollower, HotSwap, Served
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,14 @@ class TgiBackend:
         url: str,
         max_concurrency: int = 32,
         timeout: float = 120.0,
-        rollout_follower: TgiRolloutFollower | None = None,
+        rollout: tuple[HotSwap[None], CheckpointFollower[None]] | None = None,
     ) -> None:
+        """`rollout`: the slot recording the policy version TGI serves and the follower that
+        rolls TGI onto new versions; None serves whatever TGI was started with (version 0)."""
         self._client = Client(url, timeout=int(timeout))
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="tgi")
         self._slots = threading.BoundedSemaphore(max_concurrency)
-        self._follower = rollout_follower
+        self._slot, self._follower = rollout if rollout is not None else (None, None)
         self._started_at = time.time()
 
     def submit(
@@ -215,9 +217,10 @@ class TgiBackend:
         return contextlib.nullcontext()
 
     def policy(self) -> PolicyState:
-        if self._follower is None:
+        if self._slot is None:
             return PolicyState(0, "", self._started_at)
-        return self._follower.state
+        served = self._slot.current()
+        return PolicyState(served.version, served.manifest_sha256, served.loaded_at)
 
     def start(self) -> None:
         if self._follower is not None:
@@ -229,41 +232,16 @@ class TgiBackend:
         self._pool.shutdown(wait=True)
 
 
-class TgiRolloutFollower:
-    """Follows policy checkpoints for TGI pods: verify, then ask Kubernetes for a rollout."""
+def tgi_rollout_follower(
+    slot: HotSwap[None], store: CheckpointStore, rollout: Rollout, bootstrap: str, client_id: str
+) -> CheckpointFollower[None]:
+    """Follows policy checkpoints for TGI pods: verify (the follower's one path), then ask
+    Kubernetes for a rolling restart onto that version; `slot` then says what TGI serves. A
+    tampered checkpoint is refused before anything restarts."""
 
-    def __init__(
-        self,
-        store: CheckpointStore,
-        rollout: Rollout,
-        bootstrap: str,
-        topic: str,
-        client_id: str,
-    ) -> None:
-        self._store = store
-        self._rollout = rollout
-        self.state = PolicyState(store.latest_version(POLICY) or 0, "", time.time())
-        self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
+    def roll(served: Served[None]) -> None:
+        rollout.restart(served.version, served.manifest_sha256)
 
-    def start(self) -> None:
-        self._events.start()
-
-    def stop(self) -> None:
-        self._events.stop()
-
-    def apply(self, event: events_pb2.CheckpointEvent) -> bool:
-        """Roll the TGI Deployment to a newer, verified checkpoint; True if it was triggered."""
-        if event.version <= self.state.version:
-            return False
-        try:
-            # Verify before restarting anything: a tampered checkpoint must not take pods down.
-            self._store.load(POLICY, event.version, event.manifest_sha256)
-        except (CheckpointError, OSError) as exc:
-            RELOADS.labels(POLICY, "refused").inc()
-            log.error("refusing policy checkpoint v%d for TGI: %s", event.version, exc)
-            return False
-        self._rollout.restart(event.version, event.manifest_sha256)
-        self.state = PolicyState(event.version, event.manifest_sha256, time.time())
-        RELOADS.labels(POLICY, "rolled_out").inc()
-        SERVED_VERSION.labels(POLICY).set(event.version)
-        return True
+    return CheckpointFollower(
+        slot, store, lambda _verified: None, bootstrap, POLICY_CHECKPOINTS, client_id, roll
+    )

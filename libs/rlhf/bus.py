@@ -428,7 +428,6 @@ class _Positions(ConsumerRebalanceListener):
         self._lock = threading.Lock()
         self._next: dict[TopicPartition, int] = {}
         self.on_assigned: Any = None  # called with the assigned TopicPartitions, if set
-        self.on_revoked: Any = None  # called with the revoked TopicPartitions, if set
 
     def advance(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
@@ -453,8 +452,6 @@ class _Positions(ConsumerRebalanceListener):
         with self._lock:
             for tp in revoked:
                 self._next.pop(tp, None)
-        if self.on_revoked is not None:
-            self.on_revoked(list(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         if self.on_assigned is not None:
@@ -495,7 +492,6 @@ class EventConsumer:
         self.dead_lettered = 0
         self._positions = _Positions()
         self._resume: Callable[[], dict[tuple[str, int], int]] | None = None
-        self._from_start: set[str] = set()
         self._positions.on_assigned = self._seek_assigned
         self._consumer = self._new_consumer(
             client_id, from_beginning, max_poll_interval_ms, session_timeout_ms
@@ -565,49 +561,13 @@ class EventConsumer:
 
         self._resume = offsets
 
-    def read_from_start(self, topics: list[str]) -> None:
-        """On every partition assignment, read the partitions of `topics` from their first
-        retained offset, whatever was committed: for a topic used as a table to rebuild (the
-        generations a join looks feedback up in), not as a stream to continue."""
-        self._from_start = set(topics)
-
     def _seek_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Apply `resume_from` and `read_from_start` to newly assigned partitions (runs inside
-        the rebalance, before anything is fetched from them)."""
+        """Apply `resume_from` to newly assigned partitions (runs inside the rebalance, before
+        anything is fetched from them)."""
         wanted = self._resume() if self._resume is not None else {}
         for tp in assigned:
-            if tp.topic in self._from_start:
-                self._consumer.seek_to_beginning(tp)
-            elif (tp.topic, tp.partition) in wanted:
+            if (tp.topic, tp.partition) in wanted:
                 self._consumer.seek(tp, wanted[(tp.topic, tp.partition)])
-
-    def on_revoked(self, callback: Callable[[list[tuple[str, int]]], None]) -> None:
-        """Call `callback` with the (topic, partition) pairs a rebalance (or close) takes away,
-        before anyone else is assigned them, so state kept per partition can be dropped.
-
-        kafka-python runs it on its network thread inside poll() or close(): it must not block or
-        use this consumer (a commit there would deadlock). Commit as you go instead: whatever
-        was committed before this poll is where the next owner starts.
-        """
-
-        def forward(revoked: list[TopicPartition]) -> None:
-            callback([(tp.topic, tp.partition) for tp in revoked])
-
-        self._positions.on_revoked = forward
-
-    def end_offsets(
-        self, pairs: list[tuple[str, int]], timeout: float = 10.0
-    ) -> dict[tuple[str, int], int]:
-        """The broker's current end offset (next offset to be written) of each (topic, partition).
-
-        Raises BusUnavailable if the broker does not answer within `timeout`.
-        """
-        tps = [TopicPartition(topic, partition) for topic, partition in pairs]
-        try:
-            ends = self._consumer.end_offsets(tps, timeout_ms=int(timeout * 1000))
-        except (KafkaError, OSError) as exc:
-            raise BusUnavailable(f"End offsets of {pairs} unavailable: {exc!r}") from exc
-        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
 
     def positions(self) -> dict[tuple[str, int], int]:
         """Next offset per (topic, partition) after every record poll() has returned."""

@@ -29,7 +29,11 @@ REWARD = "reward"
 # The PPO trainer's own state (value head, optimizer, join state, offsets), stored under the
 # version of the policy it belongs to. Serving pods never read it.
 PPO_STATE = "ppo-state"
-KINDS = (POLICY, REWARD, PPO_STATE)
+# The reward and sft stages' state (their join state, training data and the offsets it covers),
+# each its own sequence of versions, written after every round. Serving pods never read them.
+REWARD_STATE = "reward-state"
+SFT_STATE = "sft-state"
+KINDS = (POLICY, REWARD, PPO_STATE, REWARD_STATE, SFT_STATE)
 
 
 class CheckpointError(Exception):

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf import importer
+from rlhf.local import UP_ENV, address_variable, default_address, read_env_file
 from rlhf.v1 import (
     common_pb2,
     events_pb2,
@@ -36,7 +37,6 @@ from rlhf.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
-from services.launcher.addresses import UP_ENV, address_variable, default_address, read_env_file
 
 EXIT_FAILED = 1  # the server refused, or could not be reached
 EXIT_USAGE = 2  # argparse's status for a bad command line

@@ -1,8 +1,12 @@
 """Typed configuration from environment variables: one frozen dataclass per service.
 
-Each field is declared with `setting(env, default, help)`. `load_config` parses the environment
-by the field's type and names the variable in every error; `parse_args` gives each service a
-`--help` that lists its variables, defaults and meaning.
+Each field is declared with `setting(env, default, help)`, once: settings that several services
+read (the policy model, the reward model, ...) live in small shared classes here that the
+services' configs inherit, and an algorithm's knobs live beside the algorithm (e.g.
+`rlhf.training.ppo_config.PPOConfig`) and are nested into a service's config with
+`group(cls, title)`. `load_config` parses the environment by each field's type, nested groups
+included, and names the variable in every error; `parse_args` gives each service a `--help` that
+lists its variables, defaults and meaning, group by group.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ class ConfigError(ValueError):
 def setting(env: str, default: Any, help: str, secret: bool = False) -> Any:
     """Declare a config field read from environment variable `env`."""
     return field(default=default, metadata={"env": env, "help": help, "secret": secret})
+
+
+def group(cls: type, title: str) -> Any:
+    """Declare a config field holding another settings class (its own variables, validated by
+    its own `validate`), e.g. an algorithm's knobs inside a service's config."""
+    return field(default_factory=cls, metadata={"group": title})
+
+
+def _is_group(f: Any) -> bool:
+    return "group" in f.metadata
 
 
 def _parse(env: str, raw: str, kind: Any) -> Any:
@@ -59,6 +73,9 @@ def load_config(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in fields(cls):
+        if _is_group(f):
+            values[f.name] = load_config(hints[f.name], environ)
+            continue
         env = f.metadata["env"]
         if env in environ:
             values[f.name] = _parse(env, environ[env], hints[f.name])
@@ -69,23 +86,46 @@ def load_config(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     return config
 
 
-def describe(cls: type) -> list[tuple[str, str, str, str]]:
-    """(variable, type, default, help) for every setting: used by --help and the docs."""
+Row = tuple[str, str, str, str]  # (variable, type, default as shown, help)
+
+
+def sections(
+    cls: type, title: str = "", seen: set[str] | None = None
+) -> list[tuple[str, list[Row]]]:
+    """The settings of `cls` as (title, rows) sections: its own fields under `title`, then
+    each nested group under the group's title, recursively. A variable several groups read
+    (a shared setting such as RLHF_SEED) is listed once, where it first appears."""
+    seen = set() if seen is None else seen
     hints = typing.get_type_hints(cls)
-    rows = []
+    own: list[Row] = []
+    nested: list[tuple[str, list[Row]]] = []
     for f in fields(cls):
+        if _is_group(f):
+            nested += sections(hints[f.name], f.metadata["group"], seen)
+            continue
+        if f.metadata["env"] in seen:
+            continue
+        seen.add(f.metadata["env"])
         default = f.default if f.default is not MISSING else ""
         shown = "(secret)" if f.metadata.get("secret") else str(default)
         kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        rows.append((f.metadata["env"], kind, shown, f.metadata["help"]))
-    return rows
+        own.append((f.metadata["env"], kind, shown, f.metadata["help"]))
+    return [(title, own), *nested] if own else nested
+
+
+def describe(cls: type) -> list[Row]:
+    """(variable, type, default, help) for every setting, nested groups included: used by
+    --help and the docs."""
+    return [row for _, rows in sections(cls) for row in rows]
 
 
 def parse_args(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
     """A --help that lists the environment variables, then the config from the environment."""
-    lines = ["configuration (environment variables):"]
-    for env, kind, default, help_text in describe(cls):
-        lines.append(f"  {env}  [{kind}, default: {default}]\n      {help_text}")
+    lines = []
+    for title, rows in sections(cls):
+        lines.append(f"{title}:" if title else "configuration (environment variables):")
+        for env, kind, default, help_text in rows:
+            lines.append(f"  {env}  [{kind}, default: {default}]\n      {help_text}")
     parser = argparse.ArgumentParser(
         description=description,
         epilog="\n".join(lines),
@@ -132,3 +172,52 @@ class CommonConfig:
     tls_key_file: str = setting(
         "RLHF_TLS_KEY_FILE", "", "PEM private key of RLHF_TLS_CERT_FILE (empty = plaintext)"
     )
+
+
+# Settings several services read, declared once; a service's config inherits the ones it uses.
+
+
+@dataclass(frozen=True)
+class PolicyModelSettings:
+    policy_model: str = setting(
+        "RLHF_POLICY_MODEL", "smollm2-135m", "base policy: smollm2-135m, or tiny-random for tests"
+    )
+
+
+@dataclass(frozen=True)
+class RewardModelSettings:
+    reward_model: str = setting(
+        "RLHF_REWARD_MODEL", "minilm-l6", "reward backbone: minilm-l6, or tiny-random for tests"
+    )
+
+
+@dataclass(frozen=True)
+class RewardTokenSettings:
+    reward_max_tokens: int = setting(
+        "RLHF_REWARD_MAX_TOKENS",
+        256,
+        "(prompt, answer) pairs are truncated to this many tokens for the reward model, in "
+        "training and scoring alike",
+    )
+
+
+@dataclass(frozen=True)
+class GenerationIdSettings:
+    generation_id_key: str = setting(
+        "RLHF_GENERATION_ID_KEY",
+        "",
+        "HMAC key that signs (generation) and verifies (feedback) generation ids, 16+ bytes",
+        secret=True,
+    )
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    max_poll_interval_ms: int = setting(
+        "RLHF_KAFKA_MAX_POLL_INTERVAL_MS", 10000, "consumer group liveness bound (Kafka setting)"
+    )
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    seed: int = setting("RLHF_SEED", 0, "seed for sampling, shuffling and simulated users' choices")

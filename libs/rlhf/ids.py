@@ -137,3 +137,11 @@ def _parse_claims(payload: str) -> GenerationClaims:
         raise ValueError("policy version and issue time must be unsigned integers")
     prompt_hash = fields[3] if len(fields) == 4 else ""
     return GenerationClaims(fields[0], int(fields[1]), int(fields[2]), prompt_hash)
+
+
+def feedback_event_id(tenant: str, idempotency_key: str) -> str:
+    """The id of a feedback event: the same (tenant, idempotency key) gives the same id in every
+    process, before and after restarts, so a resent submission is one event downstream. The
+    feedback service and the offline importer both name their events with it."""
+    material = f"{len(tenant)}:{tenant}:{idempotency_key}".encode()
+    return hashlib.sha256(material).hexdigest()[:32]

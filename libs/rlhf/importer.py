@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -51,11 +52,10 @@ from rich.progress import Progress as Bar
 from rlhf import bus
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.config import CommonConfig, load_config
+from rlhf.ids import feedback_event_id
+from rlhf.limits import MAX_MESSAGES, FeedbackLimits, PromptLimits
+from rlhf.training.sft_config import SFTConfig
 from rlhf.v1 import common_pb2, events_pb2
-from services.feedback.config import FeedbackConfig
-from services.feedback.ingest import event_id_for
-from services.generation.config import MAX_MESSAGES, GenerationConfig
-from services.trainer.config import TrainerConfig
 
 KINDS = ("preferences", "demonstrations")
 FINISH_REASON = "import"  # in place of "eos" / "length" / "stop": no policy sampled the answer
@@ -85,10 +85,22 @@ class Limits:
     feedback service accepts a correction, demonstrations as long as the sft stage trains on."""
 
     max_messages: int = MAX_MESSAGES
-    max_prompt_chars: int = GenerationConfig.max_prompt_chars
-    max_prompt_tokens: int = GenerationConfig.max_prompt_tokens
-    max_text_chars: int = FeedbackConfig.max_text_chars
-    sft_max_tokens: int = TrainerConfig.sft_max_tokens
+    max_prompt_chars: int = PromptLimits.max_prompt_chars
+    max_prompt_tokens: int = PromptLimits.max_prompt_tokens
+    max_text_chars: int = FeedbackLimits.max_text_chars
+    sft_max_tokens: int = SFTConfig.max_tokens
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """The limits the services run with here: the same settings, from the same variables."""
+        prompts = load_config(PromptLimits, environ)
+        feedback = load_config(FeedbackLimits, environ)
+        return cls(
+            max_prompt_chars=prompts.max_prompt_chars,
+            max_prompt_tokens=prompts.max_prompt_tokens,
+            max_text_chars=feedback.max_text_chars,
+            sft_max_tokens=load_config(SFTConfig, environ).max_tokens,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +326,7 @@ def _feedback(name: str, digest: str, feedback: events_pb2.Feedback) -> events_p
     tenant = TENANT_PREFIX + name
     feedback.idempotency_key = digest
     return events_pb2.FeedbackEvent(
-        event_id=event_id_for(tenant, digest),
+        event_id=feedback_event_id(tenant, digest),
         tenant=tenant,
         feedback=feedback,
         policy_version=0,
@@ -631,10 +643,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sft-max-tokens",
         type=int,
-        default=TrainerConfig.sft_max_tokens,
+        default=None,
         metavar="N",
-        help="demonstrations: the sft stage's RLHF_SFT_MAX_TOKENS "
-        f"({TrainerConfig.sft_max_tokens}); longer ones are rejected",
+        help="demonstrations: longer ones are rejected (default: RLHF_SFT_MAX_TOKENS, as the sft "
+        f"stage reads it; {SFTConfig.max_tokens} when unset)",
     )
 
 
@@ -643,6 +655,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_name(args.name)
         config = load_config(CommonConfig)
+        limits = Limits.from_environment()
     except ValueError as exc:  # ConfigError is a ValueError too
         print(f"rlhf import: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -652,7 +665,8 @@ def run(args: argparse.Namespace) -> int:
     from rlhf.models import load_tokenizer
 
     prompts = TokenizerPrompts(load_tokenizer(config.cache_dir))
-    limits = Limits(sft_max_tokens=args.sft_max_tokens)
+    if args.sft_max_tokens is not None:
+        limits = dataclasses.replace(limits, sft_max_tokens=args.sft_max_tokens)
     publisher = None
     if not args.dry_run:
         publisher = Publisher(

@@ -12,7 +12,12 @@ from prometheus_client.samples import Sample
 
 def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> str:
     """The text of http://host:port/metrics."""
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as reply:
+    return scrape_url(f"http://{host}:{port}/metrics", timeout)
+
+
+def scrape_url(url: str, timeout: float = 5.0) -> str:
+    """The text of a /metrics page at `url`."""
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
         return reply.read().decode()
 
 

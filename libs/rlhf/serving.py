@@ -86,28 +86,33 @@ class CheckpointEvents:
         handle: Callable[[events_pb2.CheckpointEvent], object],
     ) -> None:
         self._handle = handle
-        # No consumer group: every replica must see every checkpoint event. Replaying the topic
-        # from the beginning is cheap (a few small events) and closes the gap between loading the
-        # latest version at start-up and subscribing.
-        self._consumer = EventConsumer(
-            bootstrap,
-            {topic: events_pb2.CheckpointEvent},
-            group_id=None,
-            client_id=client_id,
-            from_beginning=True,
-        )
+        self._bootstrap, self._topic, self._client_id = bootstrap, topic, client_id
+        self._consumer: EventConsumer | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"follow-{topic}", daemon=True)
 
     def start(self) -> None:
+        # No consumer group: every replica must see every checkpoint event. Replaying the topic
+        # from the beginning is cheap (a few small events) and closes the gap between loading the
+        # latest version at start-up and subscribing.
+        self._consumer = EventConsumer(
+            self._bootstrap,
+            {self._topic: events_pb2.CheckpointEvent},
+            group_id=None,
+            client_id=self._client_id,
+            from_beginning=True,
+        )
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(timeout=10)
-        self._consumer.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._consumer is not None:
+            self._consumer.close()
 
     def _run(self) -> None:
+        assert self._consumer is not None
         while not self._stopping.is_set():
             try:
                 records = self._consumer.poll(timeout=0.5)
@@ -120,7 +125,11 @@ class CheckpointEvents:
 
 
 class CheckpointFollower(Generic[M]):
-    """Loads each newer checkpoint announced on `topic` and swaps it into `slot`."""
+    """Loads each newer checkpoint announced on `topic` and swaps it into `slot`.
+
+    The one verify-or-refuse path: `build` turns a verified checkpoint into what is served (a
+    model in memory; nothing, for servers that load weights themselves), and `activate`, if
+    given, runs on it before the swap (e.g. rolling TGI pods onto the verified version)."""
 
     def __init__(
         self,
@@ -130,10 +139,12 @@ class CheckpointFollower(Generic[M]):
         bootstrap: str,
         topic: str,
         client_id: str,
+        activate: Callable[[Served[M]], None] | None = None,
     ) -> None:
         self._slot = slot
         self._store = store
         self._build = build
+        self._activate = activate
         self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
 
     def start(self) -> None:
@@ -152,6 +163,8 @@ class CheckpointFollower(Generic[M]):
             served = load_served(
                 self._store, kind, event.version, self._build, event.manifest_sha256
             )
+            if self._activate is not None:
+                self._activate(served)
         except (CheckpointError, ValueError, KeyError, OSError) as exc:
             RELOADS.labels(kind, "refused").inc()
             log.error("refusing %s checkpoint v%d: %s", kind, event.version, exc)

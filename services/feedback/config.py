@@ -3,27 +3,19 @@
 from dataclasses import dataclass
 
 from rlhf.auth import ApiKeys
-from rlhf.config import CommonConfig, ConfigError, setting
+from rlhf.config import CommonConfig, ConfigError, GenerationIdSettings, setting
+from rlhf.limits import FeedbackLimits
 from rlhf.server import tls_from_config
 
 
 @dataclass(frozen=True)
-class FeedbackConfig(CommonConfig):
+class FeedbackConfig(CommonConfig, GenerationIdSettings, FeedbackLimits):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50052, "gRPC port (0 = any)")
-    generation_id_key: str = setting(
-        "RLHF_GENERATION_ID_KEY", "", "HMAC key the generation service signs ids with", secret=True
-    )
     generation_id_max_age_seconds: float = setting(
         "RLHF_GENERATION_ID_MAX_AGE_SECONDS", 7 * 24 * 3600.0, "feedback older than this is refused"
     )
     api_keys: tuple[str, ...] = setting(
         "RLHF_FEEDBACK_API_KEYS", (), "comma separated tenant=key pairs (keys 16+ chars)", True
-    )
-    max_text_chars: int = setting(
-        "RLHF_FEEDBACK_MAX_TEXT_CHARS", 8192, "longest correction or comment accepted"
-    )
-    max_ranking_size: int = setting(
-        "RLHF_FEEDBACK_MAX_RANKING_SIZE", 16, "most generations one ranking may order"
     )
     max_stream_items: int = setting(
         "RLHF_FEEDBACK_MAX_STREAM_ITEMS",

@@ -13,21 +13,19 @@ once); each request is one connection (HTTP/1.0), so stopping waits only for req
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import socket
-import ssl
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from rlhf.http_server import BoundedHttpServer, content_length
 from rlhf.server import Rejected, TlsIdentity
 from rlhf.v1 import events_pb2, feedback_pb2
 
@@ -182,15 +180,6 @@ class FeedbackHttpApi:
         return HttpReply(reply.status, reply.body, reply.headers + extra)
 
 
-def content_length(headers: Mapping[str, str]) -> int | None:
-    """The declared body length, or None if missing, malformed or chunked (not supported)."""
-    raw = headers.get("content-length", "")
-    # ASCII digits only (str.isdigit also takes "²"), and few enough for int() to parse.
-    if "transfer-encoding" in headers or not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        return None
-    return int(raw)
-
-
 def _not_found(path: str) -> Rejected:
     return Rejected(grpc.StatusCode.NOT_FOUND, "not_found", f"no such endpoint: POST {path[:80]}")
 
@@ -248,52 +237,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
 
-class _Server(ThreadingHTTPServer):
-    """Bounded concurrency, TLS handshakes off the accept loop, joins requests on close."""
-
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(
-        self, address: tuple[str, int], handler: type, tls: ssl.SSLContext | None, slots: int
-    ) -> None:
-        self._tls = tls
-        self._slots = threading.BoundedSemaphore(slots)
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("HTTP connection limit reached; closing one from %s", client_address)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self._tls is not None:
-            request.settimeout(_Handler.timeout)
-            try:
-                request = self._tls.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                log.debug("TLS handshake with %s failed: %s", client_address, exc)
-                return
-        super().finish_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with contextlib.suppress(OSError):
-            request.shutdown(socket.SHUT_WR)
-        request.close()
-
-
 class FeedbackHttpServer:
     """Serves FeedbackHttpApi on a port in a background thread."""
 
@@ -307,7 +250,9 @@ class FeedbackHttpServer:
     ) -> None:
         handler = type("FeedbackHandler", (_Handler,), {"api": api})
         context = tls.ssl_context() if tls is not None else None
-        self._server = _Server((host, port), handler, context, max_connections)
+        self._server = BoundedHttpServer(
+            (host, port), handler, context, max_connections, _Handler.timeout
+        )
         self.port = int(self._server.server_address[1])
         self.tls = tls is not None
         self._thread = threading.Thread(

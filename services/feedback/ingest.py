@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from rlhf import bus
 from rlhf.auth import ApiKeys, Unauthenticated
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner, partition_key
+from rlhf.ids import GenerationIdSigner, feedback_event_id, partition_key
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
@@ -71,12 +71,6 @@ class Stored:
     partition: int
     offset: int
     duplicate: bool = False
-
-
-def event_id_for(tenant: str, idempotency_key: str) -> str:
-    """The same (tenant, key) gives the same id in every process, before and after restarts."""
-    material = f"{len(tenant)}:{tenant}:{idempotency_key}".encode()
-    return hashlib.sha256(material).hexdigest()[:32]
 
 
 def fingerprint_of(feedback: events_pb2.Feedback) -> bytes:
@@ -209,7 +203,7 @@ class FeedbackIngest:
         item = Item(
             index=index,
             idempotency_key=feedback.idempotency_key,
-            event_id=event_id_for(tenant, feedback.idempotency_key),
+            event_id=feedback_event_id(tenant, feedback.idempotency_key),
             fingerprint=fingerprint_of(feedback),
             policy_version=claims.policy_version,
             signal=feedback.WhichOneof("signal") or "",

@@ -2,27 +2,24 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import CommonConfig, ConfigError, setting
+from rlhf.auth import ApiKeys
+from rlhf.config import (
+    CommonConfig,
+    ConfigError,
+    GenerationIdSettings,
+    PolicyModelSettings,
+    setting,
+)
+from rlhf.limits import PromptLimits
 
-# Fixed bounds on a request's shape (not settings); the offline importer applies them too.
-MAX_MESSAGES = 64
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_CHARS = 64
+# Most choices (OpenAI `n`) one request may ask for; they are decoded in one batch, so also at
+# most RLHF_MAX_BATCH.
+MAX_CHOICES = 8
 
 
 @dataclass(frozen=True)
-class GenerationConfig(CommonConfig):
+class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, PromptLimits):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50051, "gRPC port (0 = any)")
-    policy_model: str = setting(
-        "RLHF_POLICY_MODEL", "smollm2-135m", "base policy: smollm2-135m, or tiny-random for tests"
-    )
-    generation_id_key: str = setting(
-        "RLHF_GENERATION_ID_KEY", "", "HMAC key signing generation ids (16+ bytes)", secret=True
-    )
-    max_prompt_tokens: int = setting("RLHF_MAX_PROMPT_TOKENS", 1024, "longest prompt accepted")
-    max_prompt_chars: int = setting(
-        "RLHF_MAX_PROMPT_CHARS", 16384, "longest prompt text accepted, before tokenising"
-    )
     max_new_tokens_limit: int = setting(
         "RLHF_MAX_NEW_TOKENS_LIMIT", 512, "largest max_new_tokens a request may ask for"
     )
@@ -40,7 +37,14 @@ class GenerationConfig(CommonConfig):
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
     )
     http_port: int = setting(
-        "RLHF_HTTP_PORT", 8080, "TGI-compatible HTTP API port (0 = any, -1 = disabled)"
+        "RLHF_HTTP_PORT", 8080, "HTTP API port: TGI and OpenAI routes (0 = any, -1 = disabled)"
+    )
+    api_keys: tuple[str, ...] = setting(
+        "RLHF_GENERATION_API_KEYS",
+        (),
+        "tenant=key pairs (keys 16+ chars) the HTTP API (TGI and OpenAI routes) requires as "
+        "`Authorization: Bearer <key>`; empty = open",
+        True,
     )
     backend: str = setting("RLHF_GENERATION_BACKEND", "local", "local (transformers) or tgi")
     tgi_url: str = setting("RLHF_TGI_URL", "", "TGI server base URL, with the tgi backend")
@@ -56,3 +60,11 @@ class GenerationConfig(CommonConfig):
             raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
+        try:
+            self.http_api_keys()
+        except ValueError as exc:
+            raise ConfigError(f"RLHF_GENERATION_API_KEYS: {exc}") from exc
+
+    def http_api_keys(self) -> ApiKeys | None:
+        """The keys the HTTP API checks, None when it is open (no keys set)."""
+        return ApiKeys.parse(self.api_keys) if self.api_keys else None

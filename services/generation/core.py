@@ -21,11 +21,12 @@ from rlhf.backends import Backend, Generated
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
+from rlhf.limits import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from rlhf.models import CHAT_ROLES, chat_text, encode_text
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
 
-from .config import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, GenerationConfig
+from .config import GenerationConfig
 
 REQUEST_SECONDS = Histogram(
     "rlhf_generation_request_seconds",

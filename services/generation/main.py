@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
-from rlhf.backends import Backend, LocalBackend, TgiBackend, TgiRolloutFollower
+from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
 from rlhf.batching import DynamicBatcher
 from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
@@ -14,12 +16,12 @@ from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
 from rlhf.server import run_main
-from rlhf.serving import CheckpointFollower, HotSwap, latest_or_base
+from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
 from .config import GenerationConfig
 from .core import GenerationCore
-from .http_api import TgiHttpServer
+from .http_api import GenerationHttpServer
 from .servicer import GenerationServicer
 
 
@@ -53,20 +55,25 @@ def local_backend(
 
 
 def tgi_backend(config: GenerationConfig, store: CheckpointStore) -> TgiBackend:
-    follower = None
+    rollout = None
     if config.tgi_deployment:
-        follower = TgiRolloutFollower(
+        # What TGI serves is the store's newest policy until the follower rolls it further.
+        slot: HotSwap[None] = HotSwap(
+            POLICY, Served(None, store.latest_version(POLICY) or 0, "", time.time())
+        )
+        follower = tgi_rollout_follower(
+            slot,
             store,
             Rollout.in_cluster(config.tgi_deployment, config.tgi_namespace),
             config.kafka_bootstrap,
-            bus.POLICY_CHECKPOINTS,
             client_id="generation-tgi-rollout",
         )
+        rollout = (slot, follower)
     return TgiBackend(
         config.tgi_url,
         max_concurrency=config.max_concurrent_requests,
         timeout=config.request_timeout_seconds,
-        rollout_follower=follower,
+        rollout=rollout,
     )
 
 
@@ -91,10 +98,14 @@ class GenerationService:
             GenerationIdSigner(config.generation_id_key.encode()),
         )
         self.servicer = GenerationServicer(self.core, config.policy_model)
-        self.http: TgiHttpServer | None = None
+        self.http: GenerationHttpServer | None = None
         if config.http_port >= 0:
-            self.http = TgiHttpServer(
-                self.core, config.policy_model, config.grpc_host, config.http_port
+            self.http = GenerationHttpServer(
+                self.core,
+                config.policy_model,
+                config.grpc_host,
+                config.http_port,
+                config.http_api_keys(),
             )
 
     def register(self, server: grpc.Server) -> list[str]:
@@ -118,8 +129,8 @@ def main() -> None:
         "generation",
         GenerationConfig,
         GenerationService,
-        "Serve the policy over gRPC and a TGI-compatible HTTP API, sign generation ids and "
-        "follow policy checkpoints.",
+        "Serve the policy over gRPC and an HTTP API (TGI and OpenAI chat completions), sign "
+        "generation ids and follow policy checkpoints.",
     )
 
 

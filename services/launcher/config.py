@@ -3,32 +3,31 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.config import ConfigError, setting
-
-from .addresses import BROKER_PORT, PROMETHEUS_PORT
+from rlhf.config import (
+    ConfigError,
+    GenerationIdSettings,
+    PolicyModelSettings,
+    RewardModelSettings,
+    setting,
+)
+from rlhf.local import BROKER_PORT, PROMETHEUS_PORT
 
 VIEWS = ("auto", "live", "plain")
 
 
 @dataclass(frozen=True)
-class LauncherConfig:
+class LauncherConfig(PolicyModelSettings, RewardModelSettings, GenerationIdSettings):
     broker_port: int = setting(
         "RLHF_UP_BROKER_PORT", BROKER_PORT, "embedded broker port (a busy one: any free port)"
-    )
-    policy_model: str = setting(
-        "RLHF_POLICY_MODEL", "smollm2-135m", "base policy: smollm2-135m, or tiny-random for tests"
-    )
-    reward_model: str = setting(
-        "RLHF_REWARD_MODEL", "minilm-l6", "reward backbone: minilm-l6, or tiny-random for tests"
     )
     run_dir: Path = setting(
         "RLHF_UP_RUN_DIR", Path("run"), "logs, up.env and Prometheus data go here"
     )
     api_key: str = setting(
-        "RLHF_UP_API_KEY", "", "feedback API key of tenant 'local' (empty = a new one)", True
-    )
-    generation_id_key: str = setting(
-        "RLHF_GENERATION_ID_KEY", "", "key signing generation ids (empty = a new one)", True
+        "RLHF_UP_API_KEY",
+        "",
+        "API key of tenant 'local' for feedback and the generation HTTP API (empty = a new one)",
+        True,
     )
     prometheus: bool = setting(
         "RLHF_UP_PROMETHEUS", True, "start `prometheus` with the alert rules if it is on PATH"

@@ -32,11 +32,12 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.config import parse_args
+from rlhf.local import FEEDBACK_HTTP_PORT, HTTP_PORT, PLAYGROUND_PORT, PORTS, address_variable
+from rlhf.watch import Watcher
 
 from . import prometheus
-from .addresses import FEEDBACK_HTTP_PORT, HTTP_PORT, PORTS, address_variable
 from .config import LauncherConfig
-from .view import Watcher, line, panel
+from .view import line, panel
 
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
 PROMETHEUS_READY_TIMEOUT = 30.0
@@ -164,6 +165,8 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
     }
     http_port = _port(HTTP_PORT)
     feedback_http_port = _port(FEEDBACK_HTTP_PORT)
+    playground_port = _port(PLAYGROUND_PORT)
+    tenant_key = f"local={api_key}"
 
     def service(name: str, extra: dict[str, str], module: str | None = None) -> Process:
         grpc_port, metrics_port = ports[name]
@@ -185,13 +188,15 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
                 "RLHF_POLICY_MODEL": model,
                 "RLHF_GENERATION_ID_KEY": id_key,
                 "RLHF_HTTP_PORT": str(http_port),
+                # Apps on the HTTP API (OpenAI, TGI) present the tenant's key, as for feedback.
+                "RLHF_GENERATION_API_KEYS": tenant_key,
             },
         ),
         service(
             "feedback",
             {
                 "RLHF_GENERATION_ID_KEY": id_key,
-                "RLHF_FEEDBACK_API_KEYS": f"local={api_key}",
+                "RLHF_FEEDBACK_API_KEYS": tenant_key,
                 "RLHF_FEEDBACK_HTTP_PORT": str(feedback_http_port),
             },
         ),
@@ -207,6 +212,18 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
             {"RLHF_TRAINER_STAGE": "reward", "RLHF_REWARD_MODEL": reward_model},
             module="services.trainer",
         ),
+        service(
+            "playground",
+            {
+                "RLHF_PLAYGROUND_PORT": str(playground_port),
+                "RLHF_GENERATION_URL": f"http://127.0.0.1:{http_port}",
+                "RLHF_FEEDBACK_URL": f"http://127.0.0.1:{feedback_http_port}/v1/feedback",
+                "RLHF_GENERATION_ADDRESS": f"127.0.0.1:{ports['generation'][0]}",
+                "RLHF_TRAINER_ADDRESS": f"127.0.0.1:{ports['trainer'][0]}",
+                "RLHF_REWARD_TRAINER_ADDRESS": f"127.0.0.1:{ports['reward-trainer'][0]}",
+                "RLHF_FEEDBACK_METRICS_URL": f"http://127.0.0.1:{ports['feedback'][1]}/metrics",
+            },
+        ),
         Process(
             "simulated-users",
             [sys.executable, "-m", "services.simulated_users"],
@@ -221,6 +238,10 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
     ]
 
 
+def _playground_url(process: Process) -> str:
+    return f"http://127.0.0.1:{process.env['RLHF_PLAYGROUND_PORT']}/"
+
+
 def write_env(
     run_dir: Path, bootstrap: str, processes: list[Process], api_key: str, extra: dict[str, str]
 ) -> Path:
@@ -231,6 +252,11 @@ def write_env(
             lines.append(f"{address_variable(process.name)}=127.0.0.1:{process.grpc_port}")
         if "RLHF_HTTP_PORT" in process.env:
             lines.append(f"RLHF_TGI_URL=http://127.0.0.1:{process.env['RLHF_HTTP_PORT']}")
+            lines.append(
+                f"RLHF_OPENAI_BASE_URL=http://127.0.0.1:{process.env['RLHF_HTTP_PORT']}/v1"
+            )
+        if "RLHF_PLAYGROUND_PORT" in process.env:
+            lines.append(f"RLHF_PLAYGROUND_URL={_playground_url(process)}")
         if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
             port = process.env["RLHF_FEEDBACK_HTTP_PORT"]
             lines.append(f"RLHF_FEEDBACK_URL=http://127.0.0.1:{port}/v1/feedback")
@@ -268,7 +294,10 @@ class Launcher:
         )
         if "RLHF_HTTP_PORT" in process.env:
             http = process.env["RLHF_HTTP_PORT"]
+            self.say(f"{'':<15} OpenAI chat completions http://127.0.0.1:{http}/v1 (API key below)")
             self.say(f"{'':<15} TGI-compatible HTTP API http://127.0.0.1:{http}/")
+        if "RLHF_PLAYGROUND_PORT" in process.env:
+            self.say(f"{'':<15} chat page {_playground_url(process)} (sign in with the API key)")
         if "RLHF_FEEDBACK_HTTP_PORT" in process.env:
             http = process.env["RLHF_FEEDBACK_HTTP_PORT"]
             self.say(f"{'':<15} HTTP JSON API http://127.0.0.1:{http}/v1/feedback")
@@ -328,8 +357,12 @@ class Launcher:
     def watch(self) -> None:
         """Show the loop until Ctrl-C or a service dies."""
         watcher = Watcher(
-            {p.name: p.grpc_port for p in self.processes if p.grpc_port is not None},
-            {p.name: p.metrics_port for p in self.processes if p.metrics_port is not None},
+            {p.name: f"127.0.0.1:{p.grpc_port}" for p in self.processes if p.grpc_port},
+            {
+                p.name: f"http://127.0.0.1:{p.metrics_port}/metrics"
+                for p in self.processes
+                if p.metrics_port
+            },
         )
         try:
             if self.live:
@@ -373,7 +406,7 @@ class Launcher:
         self.start_prometheus()
         extra = {"RLHF_PROMETHEUS_URL": self.prometheus_url} if self.prometheus_url else {}
         env_file = write_env(self.config.run_dir, bootstrap, self.processes, api_key, extra)
-        self.say(f"feedback API key: tenant 'local', key {api_key} (all addresses in {env_file})")
+        self.say(f"API key: tenant 'local', key {api_key} (all addresses in {env_file})")
         self.say(f"logs in {self.log_dir}/ ; Ctrl-C stops everything")
         self.watch()
         return not self._dead()

@@ -2,21 +2,22 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import CommonConfig, ConfigError, setting
+from rlhf.config import (
+    CommonConfig,
+    ConfigError,
+    ConsumerSettings,
+    RewardModelSettings,
+    RewardTokenSettings,
+    setting,
+)
 
 
 @dataclass(frozen=True)
-class RewardConfig(CommonConfig):
+class RewardConfig(CommonConfig, RewardModelSettings, RewardTokenSettings, ConsumerSettings):
     grpc_port: int = setting("RLHF_GRPC_PORT", 50053, "gRPC port (0 = any)")
-    reward_model: str = setting(
-        "RLHF_REWARD_MODEL", "minilm-l6", "reward backbone: minilm-l6, or tiny-random for tests"
-    )
     max_batch: int = setting("RLHF_REWARD_MAX_BATCH", 64, "most pairs one Score call may carry")
     max_text_chars: int = setting(
         "RLHF_REWARD_MAX_TEXT_CHARS", 16384, "longest prompt or response accepted"
-    )
-    max_tokens: int = setting(
-        "RLHF_REWARD_MAX_TOKENS", 256, "pairs are truncated to this many tokens before scoring"
     )
     batch_max_pairs: int = setting(
         "RLHF_REWARD_BATCH_MAX_PAIRS",
@@ -41,12 +42,12 @@ class RewardConfig(CommonConfig):
     drift_group: str = setting(
         "RLHF_REWARD_DRIFT_GROUP", "rlhf-reward-drift", "consumer group of the drift sampler"
     )
-    max_poll_interval_ms: int = setting(
-        "RLHF_KAFKA_MAX_POLL_INTERVAL_MS", 10000, "consumer group liveness bound (Kafka setting)"
-    )
 
     def validate(self) -> None:
-        if min(self.max_batch, self.batch_max_pairs, self.max_queued_pairs, self.max_tokens) < 1:
+        if (
+            min(self.max_batch, self.batch_max_pairs, self.max_queued_pairs, self.reward_max_tokens)
+            < 1
+        ):
             raise ConfigError("batch, queue and token limits must be positive")
         if self.batch_wait_ms < 0:
             raise ConfigError("RLHF_REWARD_BATCH_WAIT_MS must be >= 0")

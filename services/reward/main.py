@@ -50,7 +50,7 @@ class RewardService:
     def score_batch(self, pairs: Sequence[PromptResponse]) -> tuple[list[float], int]:
         """One forward pass with the model served right now; a hot swap lands between batches."""
         served = self.model.current()
-        scores = score_pairs(served.model, self.tokenizer, pairs, self.config.max_tokens)
+        scores = score_pairs(served.model, self.tokenizer, pairs, self.config.reward_max_tokens)
         return scores, served.version
 
     def _drift_sampler(self, config: RewardConfig) -> LiveRewardSampler:

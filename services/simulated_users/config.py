@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import setting
+from rlhf.config import SeedSettings, setting
 
 
 @dataclass(frozen=True)
-class SimulatedUsersConfig:
+class SimulatedUsersConfig(SeedSettings):
     generation_address: str = setting(
         "RLHF_GENERATION_ADDRESS", "127.0.0.1:50051", "host:port of the generation service"
     )
@@ -22,4 +22,3 @@ class SimulatedUsersConfig:
         0.3,
         "VADER compound score above which users give a thumbs-up",
     )
-    seed: int = setting("RLHF_SEED", 0, "seed for prompt choice")

@@ -1,20 +1,57 @@
-"""TrainerService: the trainer's control plane, shared by every stage."""
+"""TrainerService: the trainer's control plane, shared by every stage, and the vocabulary it
+speaks (a stage's `Status`, its phases, `Unsupported` commands)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rlhf.bus import Publisher
 from rlhf.checkpoints import CheckpointError, CheckpointStore, Manifest
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
-from .config import TrainerConfig
-from .loop import COMMAND_TIMEOUT, ConsumerThread, Status, Unsupported
+COMMAND_TIMEOUT = 600.0
+# Phases of a stage, as `GetStatus` reports them.
+COLLECTING, WAITING, TRAINING, PAUSED_PHASE = "collecting", "waiting", "training", "paused"
+
+
+class Unsupported(Exception):
+    """A control-plane command the stage does not offer (FAILED_PRECONDITION)."""
+
+
+@dataclass(frozen=True)
+class Status:
+    stage: str = "ppo"
+    step: int = 0
+    policy_version: int = 0
+    kl: float = 0.0
+    mean_reward: float = 0.0
+    pending_prompts: int = 0
+    feedback_consumed: int = 0
+    reward_version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    paused: bool = False
+    feedback_used: int = 0
+    data_staleness_seconds: float = 0.0
+    consumer_lag: int = 0
+    phase: str = COLLECTING
+    phase_detail: str = ""
+
+
+def manifest_fields(manifest: Manifest) -> dict[str, Any]:
+    """The fields the checkpoint messages (event, control-plane info) take from a manifest."""
+    created = Timestamp()
+    created.FromNanoseconds(int(manifest.created_at * 1e9))
+    return {
+        "version": manifest.version,
+        "parent_version": manifest.parent_version,
+        "path": manifest.path,
+        "created_at": created,
+    }
 
 
 class StageLoop(Protocol):
@@ -37,18 +74,13 @@ class StageLoop(Protocol):
 
 
 def checkpoint_info(manifest: Manifest, manifest_sha256: str) -> trainer_pb2.CheckpointInfo:
-    created = Timestamp()
-    created.FromNanoseconds(int(manifest.created_at * 1e9))
     stats = manifest.metadata.get("stats", {})
     return trainer_pb2.CheckpointInfo(
         kind=manifest.kind,
-        version=manifest.version,
-        parent_version=manifest.parent_version,
-        path=manifest.path,
         manifest_sha256=manifest_sha256,
-        created_at=created,
         metrics={k: float(v) for k, v in stats.items() if isinstance(v, int | float)},
         rolled_back_from=int(manifest.metadata.get("rolled_back_from", 0)),
+        **manifest_fields(manifest),
     )
 
 
@@ -76,6 +108,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             feedback_used=status.feedback_used,
             data_staleness_seconds=status.data_staleness_seconds,
             consumer_lag=status.consumer_lag,
+            phase=status.phase,
+            phase_detail=status.phase_detail,
         )
 
     def Pause(
@@ -141,32 +175,3 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return checkpoint_info(*self._store.read_manifest(self._kind, manifest.version))
-
-
-class StageService:
-    """What every trainer stage shares: the control plane, an intake thread feeding a training
-    loop thread, and the drain order on SIGTERM (loop, intake, clients, producer)."""
-
-    name = "trainer"
-    config: TrainerConfig
-    intake: ConsumerThread
-    loop: StageLoop
-    publisher: Publisher
-    servicer: TrainerServicer
-
-    def register(self, server: grpc.Server) -> list[str]:
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
-        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
-
-    def start(self) -> None:
-        self.intake.start()
-        self.loop.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-        self.intake.stop()
-        self.close_clients()
-        self.publisher.close(timeout=self.config.shutdown_grace_seconds)
-
-    def close_clients(self) -> None:
-        """Stage-specific clients to close after the loop stopped using them."""

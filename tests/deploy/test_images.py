@@ -148,7 +148,15 @@ def test_entrypoint_services_are_the_projects_commands():
         r"^\s*([\w| -]+)\)\s*\n\s*shift\s*\n\s*exec \"rlhf-", ENTRYPOINT.read_text(), re.M
     )
     names = [n.strip() for n in case.group(1).split("|")]
-    assert names == ["generation", "feedback", "reward", "trainer", "simulated-users", "broker"]
+    assert names == [
+        "generation",
+        "feedback",
+        "reward",
+        "trainer",
+        "simulated-users",
+        "playground",
+        "broker",
+    ]
     for name in names:
         assert f"rlhf-{name}" in scripts
     assert os.access(ENTRYPOINT, os.X_OK), "COPY keeps the mode: the entrypoint must be executable"

@@ -23,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2
+from rlhf.watch import Snapshot, version_rows
 from services.launcher import prometheus
-from services.launcher.view import Snapshot, line, panel, version_rows
+from services.launcher.view import line, panel
 from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,18 +87,23 @@ def test_up_runs_the_loop_and_stops_cleanly_on_ctrl_c(folders):
                 break
         assert launcher.poll() is None, "".join(output)
         addresses = _read_env(Path(folders["RLHF_UP_RUN_DIR"]) / "up.env")
-        for name in ("GENERATION", "FEEDBACK", "REWARD", "TRAINER", "REWARD_TRAINER"):
+        for name in ("GENERATION", "FEEDBACK", "REWARD", "TRAINER", "REWARD_TRAINER", "PLAYGROUND"):
             with grpc.insecure_channel(addresses[f"RLHF_{name}_ADDRESS"]) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=5
                 )
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        auth = {"authorization": f"Bearer {addresses['RLHF_API_KEY']}"}
         tgi = requests.post(
             addresses["RLHF_TGI_URL"] + "/generate",
             json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}},
+            headers=auth,
             timeout=60,
         )
         assert tgi.status_code == 200
+        assert requests.get(addresses["RLHF_TGI_URL"] + "/info", timeout=10).status_code == 401
+        page = requests.get(addresses["RLHF_PLAYGROUND_URL"], timeout=10)
+        assert page.status_code == 200 and "rlhf playground" in page.text
         thumb = requests.post(
             addresses["RLHF_FEEDBACK_URL"],
             json={
@@ -105,13 +111,13 @@ def test_up_runs_the_loop_and_stops_cleanly_on_ctrl_c(folders):
                 "idempotencyKey": "launcher-test",
                 "thumb": "THUMB_UP",
             },
-            headers={"authorization": f"Bearer {addresses['RLHF_API_KEY']}"},
+            headers=auth,
             timeout=30,
         )
         assert thumb.status_code == 200, thumb.text
         if prometheus.binary() is not None:
             assert f"prometheus      {addresses['RLHF_PROMETHEUS_URL']}" in "".join(output)
-            jobs = {"generation", "feedback", "reward", "trainer", "reward-trainer"}
+            jobs = {"generation", "feedback", "reward", "trainer", "reward-trainer", "playground"}
             _prometheus_checks(addresses["RLHF_PROMETHEUS_URL"], jobs)
         generation = addresses["RLHF_GENERATION_ADDRESS"]
         assert wait_until(lambda: _served_version(generation) >= 2, timeout=240, interval=1), (

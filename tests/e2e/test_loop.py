@@ -26,9 +26,8 @@ from services.generation.main import GenerationService
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.users import SimulatedUser, Tally
-from services.trainer.config import TrainerConfig
-from services.trainer.main import TrainerService
-from tests.conftest import API_KEY, ID_KEY, TENANT, serve, wait_until
+from services.trainer.ppo.service import PPOTrainerService
+from tests.conftest import API_KEY, ID_KEY, TENANT, serve, trainer_config, wait_until
 
 
 @pytest.fixture
@@ -49,19 +48,19 @@ def platform(broker, cache_dir, tmp_path):
         )
     )
     servers["trainer"] = serve(
-        TrainerService(
-            TrainerConfig(
-                **common,
-                policy_model=TINY,
-                reward_address=f"127.0.0.1:{servers['reward'].port}",
-                consumer_group="e2e-trainer",
-                max_poll_interval_ms=4000,
-                batch_size=2,
-                minibatch_size=2,
-                ppo_epochs=2,
-                learning_rate=1e-3,
-                response_tokens=8,
-                publish_every=1,
+        PPOTrainerService(
+            trainer_config(
+                common,
+                RLHF_POLICY_MODEL=TINY,
+                RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
+                RLHF_TRAINER_GROUP="e2e-trainer",
+                RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
+                RLHF_PPO_BATCH_SIZE=2,
+                RLHF_PPO_MINIBATCH_SIZE=2,
+                RLHF_PPO_EPOCHS=2,
+                RLHF_PPO_LEARNING_RATE=1e-3,
+                RLHF_PPO_RESPONSE_TOKENS=8,
+                RLHF_PUBLISH_EVERY_UPDATES=1,
             )
         )
     )

@@ -23,7 +23,7 @@ import torch
 
 from rlhf.models import TINY, load_base_policy, load_tokenizer
 from rlhf.training.online import PPOLearner, RolloutSettings
-from rlhf.training.ppo import PPOConfig
+from rlhf.training.ppo_config import PPOConfig
 
 SEED = 0
 UPDATES = 30

@@ -1,5 +1,6 @@
-"""kill -9 the PPO trainer mid-training, start it again: it continues from its last checkpoint
-and every feedback event is used exactly once (counted by the ledger in the final checkpoint).
+"""kill -9 a trainer stage mid-training, start it again: it continues from its last checkpoint
+and every feedback event is used exactly once (the ppo stage: counted by the ledger in the final
+checkpoint; the reward stage: every rating consumed is in its next round's training set).
 
 A real broker of its own (the test counts every event on the topics), the real reward service,
 the trainer as a real process with the tiny model. Events are produced straight to the topics, as
@@ -9,18 +10,20 @@ the generation and feedback services would.
 import json
 import signal
 import uuid
+from collections import Counter
 
 import grpc
 import pytest
 
 from rlhf import bus
 from rlhf.broker import free_port
-from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointStore
+from rlhf.checkpoints import POLICY, PPO_STATE, REWARD_STATE, CheckpointStore
 from rlhf.joining import Ledger
 from rlhf.models import TINY, load_tokenizer
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
+from services.simulated_users.synthetic import feedback_stream
 from tests.conftest import serve, wait_until
 from tests.processes import start_service
 
@@ -152,3 +155,104 @@ def _steps_logged(path):
 def _steps(path):
     steps = _steps_logged(path)
     return steps[-1] if steps else 0
+
+
+def _ratings(rounds, seed):
+    """Simulated users' generations and thumbs, and how many examples the reward stage makes of
+    them (one per thumb). No rankings: whether a ranking's other generation is known when the
+    ranking joins depends on which partition is read first, so their pairs cannot be counted."""
+    events = list(feedback_stream(rounds, seed=seed, rankings=False))
+    return events, sum(isinstance(e, events_pb2.FeedbackEvent) for e in events)
+
+
+def _publish_ratings(publisher, events):
+    for event in events:
+        if isinstance(event, events_pb2.GenerationEvent):
+            publisher.publish(bus.GENERATIONS, event.generation_id, event)
+        else:
+            publisher.publish(bus.FEEDBACK, event.feedback.generation_id, event)
+
+
+def _rows(events):
+    """The examples the reward stage makes of these thumbs, as a reward state stores them."""
+    generations = {e.generation_id: e for e in events if isinstance(e, events_pb2.GenerationEvent)}
+    rows = []
+    for event in events:
+        if isinstance(event, events_pb2.FeedbackEvent):
+            rated = generations[event.feedback.generation_id]
+            up = 1.0 if event.feedback.thumb == events_pb2.THUMB_UP else 0.0
+            rows.append(("rated", rated.prompt, rated.response, up))
+    return rows
+
+
+def _reward_state_examples(store, version):
+    """The examples (both splits) a reward state holds, as (kind, prompt, text, other) rows."""
+    dataset = store.load(REWARD_STATE, version).json_files["intake.json"]["dataset"]
+    return [tuple(row) for row in dataset["train"] + dataset["heldout"]]
+
+
+def test_a_killed_reward_stage_restarts_with_every_rating_it_consumed(
+    own_broker, cache_dir, tmp_path
+):
+    """The reward stage trains each round on every rating so far: after kill -9 it restores its
+    state (the examples and the offsets they cover), reads what came after once, and its next
+    round trains on all of it."""
+    store = CheckpointStore(tmp_path / "checkpoints")
+    port = free_port()
+    env = {
+        "RLHF_KAFKA_BOOTSTRAP": own_broker.bootstrap,
+        "RLHF_CHECKPOINT_DIR": str(store.root),
+        "RLHF_CACHE_DIR": str(cache_dir),
+        "RLHF_TRAINER_STAGE": "reward",
+        "RLHF_REWARD_MODEL": TINY,
+        "RLHF_REWARD_TRAINER_GROUP": f"reward-resume-{uuid.uuid4().hex[:8]}",
+        "RLHF_KAFKA_MAX_POLL_INTERVAL_MS": "4000",
+        "RLHF_REWARD_STEPS_PER_ROUND": "5",
+        "RLHF_REWARD_MAX_TOKENS": "64",
+    }
+    first, first_examples = _ratings(20, seed=1)
+    second, second_examples = _ratings(6, seed=2)
+    third, third_examples = _ratings(20, seed=3)
+    # A round once the first wave is in, none on the second alone.
+    env["RLHF_REWARD_ROUND_EXAMPLES"] = str(first_examples)
+    assert second_examples < first_examples <= second_examples + third_examples
+    feedback = [sum(isinstance(e, events_pb2.FeedbackEvent) for e in w) for w in (first, second)]
+    publisher = bus.Publisher(own_broker.bootstrap, client_id="reward-resume-test")
+    log_path = tmp_path / "reward-stage.log"
+
+    def status():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            control = trainer_pb2_grpc.TrainerServiceStub(channel)
+            return control.GetStatus(trainer_pb2.GetStatusRequest(), timeout=5)
+
+    _publish_ratings(publisher, first)
+    stage = start_service("services.trainer", env, port, log_path)
+    try:
+        assert wait_until(lambda: store.versions(REWARD_STATE) == [1], timeout=120)
+        assert len(_reward_state_examples(store, 1)) == first_examples
+        _publish_ratings(publisher, second)
+        consumed = sum(feedback)
+        assert wait_until(lambda: status().feedback_consumed == consumed, timeout=60)
+        stage.send_signal(signal.SIGKILL)  # the second wave consumed, never saved
+        stage.wait(timeout=10)
+
+        stage = start_service("services.trainer", env, port, log_path)
+        assert wait_until(lambda: status().feedback_consumed == consumed, timeout=60)
+        _publish_ratings(publisher, third)
+        assert wait_until(lambda: store.versions(REWARD_STATE) == [1, 2], timeout=120), (
+            log_path.read_text()[-3000:]
+        )
+        examples = _reward_state_examples(store, 2)
+        consumed_then = store.load(REWARD_STATE, 2).json_files["intake.json"]["counters"]
+        # Round 2 starts once 40 new ratings are in, so part of the third wave may come after
+        # it; what it trained on is every rating consumed by then, each once (a thumb is one
+        # example), the second wave included: it was not lost with the kill (its offsets were
+        # never committed) and the first was not read twice.
+        assert len(examples) == consumed_then["feedback_consumed"] > consumed
+        assert Counter(_rows(first + second)) <= Counter(examples)
+        third_feedback = sum(isinstance(e, events_pb2.FeedbackEvent) for e in third)
+        assert wait_until(lambda: status().feedback_consumed == consumed + third_feedback)
+    finally:
+        stage.send_signal(signal.SIGTERM)
+        stage.wait(timeout=60)
+        publisher.close()

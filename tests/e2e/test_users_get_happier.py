@@ -33,9 +33,8 @@ from services.generation.main import GenerationService
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.users import PROMPTS, SimulatedUser, Tally
-from services.trainer.config import TrainerConfig
 from services.trainer.main import build
-from tests.conftest import API_KEY, ID_KEY, TENANT, serve, wait_until
+from tests.conftest import API_KEY, ID_KEY, TENANT, serve, trainer_config, wait_until
 
 THRESHOLD = 0.3
 CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely and fun!"]
@@ -84,15 +83,15 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
     _demonstrations(data)
     sft = serve(
         build(
-            TrainerConfig(
-                **common,
-                stage="sft",
-                policy_model=TINY,
-                sft_data=str(data),
-                sft_group=f"sft-{group}",
-                sft_epochs=25,
-                sft_learning_rate=1e-2,
-                minibatch_size=8,
+            trainer_config(
+                common,
+                RLHF_TRAINER_STAGE="sft",
+                RLHF_POLICY_MODEL=TINY,
+                RLHF_SFT_DATA=data,
+                RLHF_SFT_TRAINER_GROUP=f"sft-{group}",
+                RLHF_SFT_EPOCHS=25,
+                RLHF_SFT_LEARNING_RATE=1e-2,
+                RLHF_SFT_BATCH_SIZE=8,
             )
         )
     )
@@ -106,15 +105,15 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         servers["reward"] = serve(RewardService(RewardConfig(**common, reward_model=MINILM)))
         servers["reward-trainer"] = serve(
             build(
-                TrainerConfig(
-                    **common,
-                    stage="reward",
-                    reward_model=MINILM,
-                    reward_group=f"reward-{group}",
-                    reward_round_examples=REWARD_ROUND,
-                    reward_min_heldout=REWARD_MIN_HELDOUT,
-                    reward_steps=60,
-                    max_poll_interval_ms=4000,
+                trainer_config(
+                    common,
+                    RLHF_TRAINER_STAGE="reward",
+                    RLHF_REWARD_MODEL=MINILM,
+                    RLHF_REWARD_TRAINER_GROUP=f"reward-{group}",
+                    RLHF_REWARD_ROUND_EXAMPLES=REWARD_ROUND,
+                    RLHF_REWARD_MIN_HELDOUT=REWARD_MIN_HELDOUT,
+                    RLHF_REWARD_STEPS_PER_ROUND=60,
+                    RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
                 )
             )
         )
@@ -132,20 +131,20 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         )
         servers["trainer"] = serve(
             build(
-                TrainerConfig(
-                    **common,
-                    policy_model=TINY,
-                    reward_address=f"127.0.0.1:{servers['reward'].port}",
-                    consumer_group=f"ppo-{group}",
-                    max_poll_interval_ms=4000,
-                    batch_size=16,
-                    minibatch_size=16,
-                    ppo_epochs=2,
-                    learning_rate=5e-4,
-                    init_kl_coef=0.1,
-                    response_tokens=16,
-                    publish_every=2,
-                    reference_version=1,
+                trainer_config(
+                    common,
+                    RLHF_POLICY_MODEL=TINY,
+                    RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
+                    RLHF_TRAINER_GROUP=f"ppo-{group}",
+                    RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
+                    RLHF_PPO_BATCH_SIZE=16,
+                    RLHF_PPO_MINIBATCH_SIZE=16,
+                    RLHF_PPO_EPOCHS=2,
+                    RLHF_PPO_LEARNING_RATE=5e-4,
+                    RLHF_PPO_INIT_KL_COEF=0.1,
+                    RLHF_PPO_RESPONSE_TOKENS=16,
+                    RLHF_PUBLISH_EVERY_UPDATES=2,
+                    RLHF_PPO_REFERENCE_VERSION=1,
                 )
             )
         )

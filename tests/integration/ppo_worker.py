@@ -33,8 +33,8 @@ from rlhf.training.online import (
     RolloutSettings,
 )
 from rlhf.training.pool import PoolSampler
-from rlhf.training.ppo import PPOConfig
-from services.trainer.lockstep import Lockstep, follow
+from rlhf.training.ppo_config import PPOConfig
+from services.trainer.ppo.lockstep import Lockstep, follow
 
 BATCH = 8
 
@@ -107,6 +107,25 @@ def with_moments(
     return weights | {f"optimizer.{k}": v for k, v in tensors[OPTIMIZER_FILE].items()}
 
 
+def lockstep(learner: PPOLearner, world: distributed.World, run_lead):
+    """One session of the trainer service's protocol: rank 0 runs `run_lead(lead)` through
+    `Lockstep`, the other ranks follow its commands until it stops (returns rank 0's result)."""
+    if not world.is_main:
+        follow(learner, world, score)
+        return None
+    lead = Lockstep(learner, world)  # in a world of one, the learner itself
+    try:
+        return run_lead(lead)
+    finally:
+        lead.stop()
+
+
+def update(learner: PPOLearner, world: distributed.World) -> dict[str, float]:
+    """Every rank updates on its shard of the fixed batch, as a PPO iteration's update does."""
+    rows = (prompts(), *fixed_batch(learner.tokenizer.eos_token_id))
+    return learner.update(*(world.shard(part) for part in rows))
+
+
 def resume_and_update(args: argparse.Namespace, world: distributed.World) -> None:
     """Every rank: a fresh learner from the state rank 0 wrote, one more update, and rank 0
     writes what it ends with."""
@@ -122,15 +141,11 @@ def resume_and_update(args: argparse.Namespace, world: distributed.World) -> Non
     }
     learner_json = json.loads((state_dir / LEARNER_FILE).read_text())
     learner.load_state(tensors, {LEARNER_FILE: learner_json})
-    if not world.is_main:
-        follow(learner, world, score)
-        full_trainable(learner)  # the part of the gathers rank 0 makes after its update
-        with_moments(learner, {})
-        return
-    lead = Lockstep(learner, world)
-    lead.update(prompts(), *fixed_batch(learner.tokenizer.eos_token_id))
-    lead.stop()
-    save_file(with_moments(learner, full_trainable(learner)), str(args.out / "resumed.safetensors"))
+    update(learner, world)
+    # Gathered on every rank together (collectives); rank 0 holds the result.
+    resumed = with_moments(learner, full_trainable(learner))
+    if world.is_main:
+        save_file(resumed, str(args.out / "resumed.safetensors"))
 
 
 def main() -> None:
@@ -148,32 +163,34 @@ def main() -> None:
     learner = make_learner(world, args.lora_rank, pool=args.pool)
     initial = full_trainable(learner)  # every rank at once: no lead yet
     fsdp = args.strategy == "fsdp"
+    # In-process sampling is ddp's only: fsdp trains on rollouts sampled elsewhere.
+    steps = 0 if fsdp and not args.pool else args.steps
+    iterate_stats = lockstep(
+        learner, world, lambda lead: [lead.iterate(prompts(), score) for _ in range(steps)]
+    )
+    for _ in range(2 if fsdp else 1):
+        update(learner, world)
+    # A rollback to the base weights: every rank must continue from rank 0's weights.
+    lockstep(learner, world, lambda lead: lead.rebase(load_base_policy(TINY, cache_dir, seed=0)))
+    stats = update(learner, world)
+    trained = full_trainable(learner)  # every rank together
+
+    def gather_state(lead: Lockstep) -> tuple:
+        """The state a checkpoint holds, gathered to rank 0 through the trainer's protocol."""
+        return lead.export_policy(), lead.state_files()
+
+    state = lockstep(learner, world, gather_state) if fsdp else None
     if not world.is_main:
-        follow(learner, world, score)  # the trainer service's followers, as they run
         if fsdp:
             world.barrier()  # rank 0 has written the state
             resume_and_update(args, world)
         distributed.leave()
         return
-    lead = Lockstep(learner, world)  # in a world of one, the learner itself
-    stats = {}
-    # In-process sampling is ddp's only: fsdp trains on rollouts sampled elsewhere.
-    for _ in range(0 if fsdp and not args.pool else args.steps):
-        stats = lead.iterate(prompts(), score)
-    iterate_stats = stats
-    responses, scores = fixed_batch(learner.tokenizer.eos_token_id)
-    for _ in range(2 if fsdp else 1):
-        lead.update(prompts(), responses, scores)
-    # A rollback to the base weights: every rank must continue from rank 0's weights.
-    lead.rebase(load_base_policy(TINY, cache_dir, seed=0))
-    stats = lead.update(prompts(), responses, scores)
-    trained = full_trainable(lead)
     args.out.mkdir(parents=True, exist_ok=True)
-    if fsdp:  # the state a checkpoint holds, gathered to this rank
+    if state is not None:
         state_dir = args.out / "state"
         state_dir.mkdir()
-        policy = lead.export_policy()
-        tensors, json_files = lead.state_files()
+        policy, (tensors, json_files) = state
         save_file(
             # The head is tied to the embeddings: stored once, as the checkpoint store does.
             {k: v for k, v in policy.state_dict().items() if k != "lm_head.weight"},
@@ -182,10 +199,9 @@ def main() -> None:
         for name, content in tensors.items():
             save_file(content, str(state_dir / name))
         (state_dir / LEARNER_FILE).write_text(json.dumps(json_files[LEARNER_FILE]))
-    lead.stop()
     save_file(initial, str(args.out / "initial.safetensors"))
     save_file(trained, str(args.out / "trained.safetensors"))
-    stats["iterate"] = iterate_stats
+    stats["iterate"] = iterate_stats[-1] if iterate_stats else {}
     stats["kl_coef_after"] = learner.kl_controller.value
     stats["world_size"] = world.size
     (args.out / "stats.json").write_text(json.dumps(stats))
@@ -193,7 +209,7 @@ def main() -> None:
         world.barrier()
         resume_and_update(args, world)
     elif fsdp:  # the single process takes the same update on its live learner
-        learner.update(prompts(), responses, scores)
+        update(learner, world)
         save_file(with_moments(learner, trainable(learner)), str(args.out / "resumed.safetensors"))
     distributed.leave()
 

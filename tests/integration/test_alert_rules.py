@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 import rlhf.drift  # noqa: F401  (registers the live reward metrics)
 import services.feedback.servicer  # noqa: F401  (registers rlhf_feedback_thumbs_total)
-import services.trainer.reward_stage  # noqa: F401  (registers the reward stage metrics)
+import services.trainer.reward.loop  # noqa: F401  (registers the reward stage metrics)
 
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = PROMETHEUS / "rules.yml"

@@ -25,9 +25,8 @@ from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
-from services.trainer.config import TrainerConfig
 from services.trainer.main import build
-from tests.conftest import API_KEY, ID_KEY, TENANT, consume_all, serve
+from tests.conftest import API_KEY, ID_KEY, TENANT, consume_all, serve, trainer_config
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +50,34 @@ def platform(broker, cache_dir, tmp_path_factory):
             FeedbackConfig(**common, generation_id_key=ID_KEY, api_keys=(f"{TENANT}={API_KEY}",))
         )
     )
-    trainer = {"policy_model": TINY, "reward_model": TINY, "max_poll_interval_ms": 4000}
+    trainer = {
+        "RLHF_POLICY_MODEL": TINY,
+        "RLHF_REWARD_MODEL": TINY,
+        "RLHF_KAFKA_MAX_POLL_INTERVAL_MS": 4000,
+    }
     servers["trainer"] = serve(
         build(
-            TrainerConfig(
-                **common,
+            trainer_config(
+                common,
                 **trainer,
-                reward_address=f"127.0.0.1:{servers['reward'].port}",
-                consumer_group=f"cli-ppo-{group}",
+                RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
+                RLHF_TRAINER_GROUP=f"cli-ppo-{group}",
                 # No update during the tests: answers stay comparable across calls; versions
                 # come from the Checkpoint call instead.
-                batch_size=10_000,
+                RLHF_PPO_BATCH_SIZE=10_000,
             )
         )
     )
     servers["reward-trainer"] = serve(
         build(
-            TrainerConfig(
-                **common,
+            trainer_config(
+                common,
                 **trainer,
-                stage="reward",
-                reward_group=f"cli-rw-{group}",
+                RLHF_TRAINER_STAGE="reward",
+                RLHF_REWARD_TRAINER_GROUP=f"cli-rw-{group}",
                 # No round either: the session's topics hold other tests' feedback, enough for
                 # a round that would publish a reward model mid-test.
-                reward_round_examples=10_000,
+                RLHF_REWARD_ROUND_EXAMPLES=10_000,
             )
         )
     )

@@ -17,11 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, feedback_event_id
 from rlhf.server import server_for
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.feedback.config import FeedbackConfig
-from services.feedback.ingest import event_id_for
 from services.feedback.main import FeedbackService
 from tests.conftest import API_KEY, AUTH, ID_KEY, TENANT, consume_all, scrape, serve
 
@@ -111,7 +110,7 @@ def test_accepted_feedback_is_on_the_topic_where_the_reply_says(stub, broker, se
     assert record.key == request.feedback.generation_id
     assert record.message.tenant == TENANT and record.message.policy_version == 4
     assert record.message.feedback == request.feedback
-    assert reply.event_id == event_id_for(TENANT, request.feedback.idempotency_key)
+    assert reply.event_id == feedback_event_id(TENANT, request.feedback.idempotency_key)
     metrics = scrape(server)
     thumbs = {"tenant": TENANT, "policy_version": "4", "thumb": "up"}
     assert _metric(metrics, "rlhf_feedback_thumbs_total", **thumbs) >= 1
@@ -193,7 +192,7 @@ def test_stream_n_items_in_n_distinct_events_out_with_duplicates(stub, broker, s
     assert len(results) == 480 and {r.code for r in results} == {OK}
     assert (first.stored, first.failed, second.stored, second.failed) == (290, 0, 190, 0)
     assert sum(r.duplicate for r in results) == 80
-    expected = {event_id_for(TENANT, f.idempotency_key) for f in unique}
+    expected = {feedback_event_id(TENANT, f.idempotency_key) for f in unique}
     assert {r.event_id for r in results} == expected
     records = _records_of(broker.bootstrap, expected)
     assert len(records) == 400 and {r.message.event_id for r in records} == expected
@@ -237,7 +236,7 @@ def test_stream_over_its_limit_is_cut_and_says_so(stub, broker):
         "stream_too_long",
     )
     assert reply.stored == STREAM_LIMIT
-    ids = [event_id_for(TENANT, f.idempotency_key) for f in items]
+    ids = [feedback_event_id(TENANT, f.idempotency_key) for f in items]
     assert {r.message.event_id for r in _records_of(broker.bootstrap, ids)} == set(
         ids[:STREAM_LIMIT]
     )
@@ -343,7 +342,7 @@ def test_broker_restart_mid_stream_loses_nothing_acknowledged_after_it(tmp_path)
     assert len(before) >= 300 and len(after) >= 300  # the outage really was mid-stream
     on_topic = {(r.partition, r.offset): r.message.event_id for r in records}
     assert all(on_topic.get((r.partition, r.offset)) == event_id for event_id, r in after.items())
-    ours = {event_id_for(TENANT, f.idempotency_key) for f in items}
+    ours = {feedback_event_id(TENANT, f.idempotency_key) for f in items}
     assert set(on_topic.values()) <= ours
     assert client.slowest_refusal < 10, "UNAVAILABLE must come within a bounded wait"
 
@@ -373,7 +372,7 @@ def test_broker_frozen_mid_stream_every_acknowledged_item_is_stored_once(tmp_pat
         running.stop()
         broker.stop()
     assert len(client.acks) == len(items)
-    expected = {event_id_for(TENANT, f.idempotency_key) for f in items}
+    expected = {feedback_event_id(TENANT, f.idempotency_key) for f in items}
     assert {r.message.event_id for r in records} == expected
     on_topic = {(r.partition, r.offset): r.message.event_id for r in records}
     assert all(on_topic.get((r.partition, r.offset)) == r.event_id for _, r in client.acks.values())

@@ -11,10 +11,9 @@ import pytest
 
 from rlhf import bus
 from rlhf.broker import free_port
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, feedback_event_id
 from rlhf.joining import FeedbackJoin
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
-from services.feedback.ingest import event_id_for
 from tests.conftest import API_KEY, AUTH, ID_KEY, TENANT, consume_all
 from tests.processes import start_service
 
@@ -99,7 +98,7 @@ def test_service_killed_mid_stream_loses_nothing_acknowledged(broker, service_lo
         process.kill()
         process.wait(10)
     assert len(client.acks) == ITEMS
-    expected = {event_id_for(TENANT, f.idempotency_key) for f in items}
+    expected = {feedback_event_id(TENANT, f.idempotency_key) for f in items}
     records = [
         r
         for r in consume_all(broker.bootstrap, bus.FEEDBACK, events_pb2.FeedbackEvent)

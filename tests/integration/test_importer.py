@@ -15,7 +15,7 @@ from rlhf.models import load_tokenizer
 from rlhf.training.reward import FeedbackExamples, Pair
 from rlhf.training.sft import read_demonstrations
 from rlhf.v1 import events_pb2
-from services.trainer.sft_stage import CorrectionIntake
+from services.trainer.sft.loop import CorrectionIntake
 from tests.conftest import consume_all
 
 PAIRS = [

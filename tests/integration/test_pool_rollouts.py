@@ -23,7 +23,8 @@ from rlhf.models import (
 )
 from rlhf.training.online import PPOLearner, RolloutSettings
 from rlhf.training.pool import PoolRollouts, PoolSampler, StaleRollouts
-from rlhf.training.ppo import PPOConfig, build_rollout, forward_policy
+from rlhf.training.ppo import build_rollout, forward_policy
+from rlhf.training.ppo_config import PPOConfig
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.main import GenerationService
 from tests.conftest import consume_all, serve, tiny_generation_config, wait_until

@@ -14,8 +14,8 @@ from rlhf.training.reward import (
     FeedbackExamples,
     ReferenceSamples,
     RewardTrainer,
-    RewardTrainingConfig,
 )
+from rlhf.training.reward_config import RewardTrainingConfig
 from rlhf.v1 import events_pb2
 from services.simulated_users.synthetic import feedback_stream
 
@@ -36,7 +36,7 @@ def test_minilm_learns_the_simulated_users_preferences():
     data, reference = _collect(rounds=600, seed=0)
     assert len(data.heldout.pairs) >= 100 and len(data.heldout.rated) >= 250
     model, tokenizer = load_reward_backbone(MINILM, seed=0)
-    trainer = RewardTrainer(model, tokenizer, RewardTrainingConfig(max_tokens=64, seed=0))
+    trainer = RewardTrainer(model, tokenizer, RewardTrainingConfig(seed=0), max_tokens=64)
     result = trainer.round(DataSnapshot(data.train, data.heldout, Examples()), reference)
 
     trained, untrained = result.candidate, result.incumbent

@@ -19,10 +19,9 @@ from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, traine
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.synthetic import feedback_stream
-from services.trainer.config import TrainerConfig
 from services.trainer.main import build
-from services.trainer.reward_stage import RewardTrainerService
-from tests.conftest import serve, wait_until
+from services.trainer.reward.service import RewardTrainerService
+from tests.conftest import serve, trainer_config, wait_until
 
 HELDOUT = 0.25
 PROBE = reward_pb2.ScoreRequest(
@@ -35,22 +34,22 @@ PROBE = reward_pb2.ScoreRequest(
 
 def _trainer_config(broker, store, **overrides):
     settings = {
-        "kafka_bootstrap": broker.bootstrap,
-        "checkpoint_dir": store,
-        "stage": "reward",
-        "reward_model": TINY,
-        "reward_group": f"reward-stage-{uuid.uuid4().hex[:8]}",
-        "max_poll_interval_ms": 4000,
-        "reward_round_examples": 300,
-        "reward_steps": 60,
-        "reward_learning_rate": 1e-3,
-        "reward_trainable_layers": -1,
-        "reward_max_tokens": 64,
-        "reward_heldout_fraction": HELDOUT,
-        "reward_min_heldout": 10,
+        "RLHF_TRAINER_STAGE": "reward",
+        "RLHF_REWARD_MODEL": TINY,
+        "RLHF_REWARD_TRAINER_GROUP": f"reward-stage-{uuid.uuid4().hex[:8]}",
+        "RLHF_KAFKA_MAX_POLL_INTERVAL_MS": 4000,
+        "RLHF_REWARD_ROUND_EXAMPLES": 300,
+        "RLHF_REWARD_STEPS_PER_ROUND": 60,
+        "RLHF_REWARD_LEARNING_RATE": 1e-3,
+        "RLHF_REWARD_TRAINABLE_LAYERS": -1,
+        "RLHF_REWARD_MAX_TOKENS": 64,
+        "RLHF_REWARD_HELDOUT_FRACTION": HELDOUT,
+        "RLHF_REWARD_MIN_HELDOUT": 10,
         **overrides,
     }
-    return TrainerConfig(**settings)
+    return trainer_config(
+        {"kafka_bootstrap": broker.bootstrap, "checkpoint_dir": store}, **settings
+    )
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ from rlhf import bus
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.models import TINY, load_tokenizer
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
-from services.trainer.config import TrainerConfig
 from services.trainer.main import build
-from tests.conftest import consume_all, serve, wait_until
+from tests.conftest import consume_all, serve, trainer_config, wait_until
 
 
 def test_file_then_corrections_become_policy_checkpoints(own_broker, cache_dir, tmp_path):
@@ -27,16 +26,14 @@ def test_file_then_corrections_become_policy_checkpoints(own_broker, cache_dir, 
         )
     )
     store = CheckpointStore(tmp_path / "checkpoints")
-    config = TrainerConfig(
-        kafka_bootstrap=broker.bootstrap,
-        checkpoint_dir=store.root,
-        cache_dir=cache_dir,
-        stage="sft",
-        policy_model=TINY,
-        sft_data=str(data),
-        sft_group=f"sft-{uuid.uuid4().hex[:8]}",
-        sft_round_examples=2,
-        max_poll_interval_ms=4000,
+    config = trainer_config(
+        {"kafka_bootstrap": broker.bootstrap, "checkpoint_dir": store.root, "cache_dir": cache_dir},
+        RLHF_TRAINER_STAGE="sft",
+        RLHF_POLICY_MODEL=TINY,
+        RLHF_SFT_DATA=data,
+        RLHF_SFT_TRAINER_GROUP=f"sft-{uuid.uuid4().hex[:8]}",
+        RLHF_SFT_ROUND_EXAMPLES=2,
+        RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
     )
     server = serve(build(config))
     try:

@@ -1,3 +1,7 @@
+import dataclasses
+import importlib.util
+import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -6,6 +10,8 @@ import pytest
 from rlhf.config import ConfigError, describe, load_config, parse_args, setting
 from services.feedback.config import FeedbackConfig
 from services.generation.config import GenerationConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -68,3 +74,53 @@ def test_services_refuse_to_start_without_keys():
         load_config(GenerationConfig, {})
     with pytest.raises(ConfigError, match="RLHF_FEEDBACK_API_KEYS"):
         load_config(FeedbackConfig, {"RLHF_GENERATION_ID_KEY": "k" * 32})
+
+
+def _config_classes() -> set[type]:
+    """Every settings class the platform declares: each service's config, the classes they
+    inherit and the groups nested in them, recursively."""
+    found: set[type] = set()
+    pending = [cls for _, cls in _service_configs()]
+    while pending:
+        cls = pending.pop()
+        if cls in found or not dataclasses.is_dataclass(cls):
+            continue
+        found.add(cls)
+        pending += [base for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)]
+        hints = typing.get_type_hints(cls)
+        pending += [hints[f.name] for f in dataclasses.fields(cls) if "group" in f.metadata]
+    return found
+
+
+def _service_configs() -> list[tuple[str, type]]:
+    spec = importlib.util.spec_from_file_location("generate_docs", ROOT / "docs" / "generate.py")
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    return docs.service_configs()
+
+
+def test_every_setting_is_declared_once():
+    """A variable may be declared again only to change a default in a subclass (each service
+    its own gRPC port); settings several services read live in one shared class."""
+    declared: dict[str, list[type]] = {}
+    for cls in _config_classes():
+        own = cls.__dict__.get("__annotations__", {})
+        for field in dataclasses.fields(cls):
+            if field.name in own and "env" in field.metadata:
+                declared.setdefault(field.metadata["env"], []).append(cls)
+    assert "RLHF_PPO_CLIP_RANGE" in declared and "RLHF_SEED" in declared
+    twice = {
+        env: sorted(c.__qualname__ for c in classes)
+        for env, classes in declared.items()
+        if not any(all(issubclass(c, root) for c in classes) for root in classes)
+    }
+    assert not twice, f"declared in unrelated classes: {twice}"
+
+
+def test_libs_never_import_services():
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "libs").rglob("*.py")
+        if re.search(r"^\s*(from|import) services\b", path.read_text(), re.MULTILINE)
+    ]
+    assert not offenders, f"libs/ modules importing services/: {offenders}"

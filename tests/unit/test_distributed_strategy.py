@@ -8,7 +8,7 @@ from rlhf.models import TINY, load_base_policy, load_tokenizer
 from rlhf.training import distributed
 from rlhf.training.distributed import World
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
-from rlhf.training.ppo import PPOConfig
+from rlhf.training.ppo_config import PPOConfig
 
 
 def test_only_a_world_of_several_ranks_with_fsdp_is_sharded():

@@ -4,10 +4,9 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, feedback_event_id
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
-from services.feedback.ingest import event_id_for
 from tests.unit.feedback_fakes import SIGNER, FakePublisher, make_ingest
 
 OK = grpc.StatusCode.OK
@@ -33,10 +32,15 @@ def sample(name, **labels):
 
 
 def test_event_id_depends_on_tenant_and_key_only():
-    assert event_id_for("a", "k") == event_id_for("a", "k")
-    assert len({event_id_for("a", "k"), event_id_for("b", "k"), event_id_for("a", "k2")}) == 3
+    assert feedback_event_id("a", "k") == feedback_event_id("a", "k")
+    assert (
+        len(
+            {feedback_event_id("a", "k"), feedback_event_id("b", "k"), feedback_event_id("a", "k2")}
+        )
+        == 3
+    )
     # no ambiguity from concatenation: ("ab", "c") is not ("a", "bc")
-    assert event_id_for("ab", "c") != event_id_for("a", "bc")
+    assert feedback_event_id("ab", "c") != feedback_event_id("a", "bc")
 
 
 def test_resend_is_answered_from_memory_without_publishing_again():

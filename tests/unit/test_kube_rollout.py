@@ -6,18 +6,18 @@ from unittest import mock
 
 import torch
 
-from rlhf.backends import TgiRolloutFollower
+from rlhf.backends import tgi_rollout_follower
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.kube import MANIFEST_ANNOTATION, VERSION_ANNOTATION, Rollout, restart_patch
+from rlhf.serving import HotSwap, Served
 from rlhf.v1 import events_pb2
 
 
 def _follower(store, api):
-    follower = TgiRolloutFollower.__new__(TgiRolloutFollower)  # no Kafka consumer needed here
-    follower._store = store
-    follower._rollout = Rollout(api, "tgi", "serving")
-    follower.state = mock.Mock(version=0)
-    return follower
+    """The follower's verify-then-roll path, fed events by hand (never started: no Kafka)."""
+    slot = HotSwap(POLICY, Served(None, 0, "", 0.0))
+    follower = tgi_rollout_follower(slot, store, Rollout(api, "tgi", "serving"), "unused", "t")
+    return follower, slot
 
 
 def _checkpoint(store):
@@ -43,14 +43,14 @@ def test_new_checkpoint_patches_the_deployment(tmp_path):
     api = mock.Mock()
     store = CheckpointStore(tmp_path)
     manifest, event = _checkpoint(store)
-    follower = _follower(store, api)
+    follower, slot = _follower(store, api)
     assert follower.apply(event)
     api.patch_namespaced_deployment.assert_called_once()
     kwargs = api.patch_namespaced_deployment.call_args.kwargs
     assert (kwargs["name"], kwargs["namespace"]) == ("tgi", "serving")
     annotations = kwargs["body"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations[VERSION_ANNOTATION] == str(manifest.version)
-    assert follower.state.version == manifest.version
+    assert slot.current().version == manifest.version
     assert not follower.apply(event)  # an old or repeated event rolls nothing
     assert api.patch_namespaced_deployment.call_count == 1
 
@@ -61,5 +61,7 @@ def test_tampered_checkpoint_never_restarts_pods(tmp_path):
     manifest, event = _checkpoint(store)
     weights = tmp_path / manifest.path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
-    assert not _follower(store, api).apply(event)
+    follower, slot = _follower(store, api)
+    assert not follower.apply(event)
+    assert slot.current().version == 0
     api.patch_namespaced_deployment.assert_not_called()

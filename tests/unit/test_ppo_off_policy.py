@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf.training.ppo import PPOConfig, Rollout, ValueHead, build_rollout, forward_policy, ppo_step
+from rlhf.training.ppo import Rollout, ValueHead, build_rollout, forward_policy, ppo_step
+from rlhf.training.ppo_config import PPOConfig
 from tests.unit.test_ppo_step import EOS, HIDDEN, PAD, hand_rollout, make_optimizer, tiny_llama
 
 OFF_POLICY_KEYS = {"policy/is_weight_mean", "policy/is_capped_frac", "rollout/policy_lag_max"}

@@ -1,6 +1,7 @@
 """One PPO update end to end on a tiny random Llama."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -11,14 +12,14 @@ from rlhf.algorithms.ppo import AdaptiveKLController, FixedKLController
 from rlhf.models import load_tokenizer
 from rlhf.training import ppo as ppo_module
 from rlhf.training.ppo import (
-    PPOConfig,
     Rollout,
     ValueHead,
-    _score_rollout,
     build_rollout,
     forward_policy,
     ppo_step,
+    score_rollout,
 )
+from rlhf.training.ppo_config import PPOConfig
 
 PAD, EOS = 0, 2
 HIDDEN = 32
@@ -255,11 +256,11 @@ def test_scoring_pass_by_hand_reward_at_the_last_token_then_gae_then_whitening()
     reference = copy.deepcopy(policy)
     config = PPOConfig(gamma=1.0, lam=0.95, no_eos_penalty=-1.0, whiten_advantages=False)
     with torch.no_grad():
-        raw, _ = _score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
+        raw, _ = score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
     # Scores 1.0, 0.5, -0.5, 0.0; rows 0 and 3 never ended: 1 - 1 = 0, 0.5, -0.5, 0 - 1 = -1.
-    torch.testing.assert_close(raw["scores"], torch.tensor([0.0, 0.5, -0.5, -1.0]))
-    assert torch.equal(raw["kl"], torch.zeros(4, 5))
-    assert torch.equal(raw["old_values"], torch.zeros(4, 5))
+    torch.testing.assert_close(raw.scores, torch.tensor([0.0, 0.5, -0.5, -1.0]))
+    assert torch.equal(raw.kl, torch.zeros(4, 5))
+    assert torch.equal(raw.old_values, torch.zeros(4, 5))
     # With V = 0 and gamma = 1, A_t = 0.95^(steps to the last real token) * score there.
     decay5 = [0.95**4, 0.95**3, 0.95**2, 0.95, 1.0]
     expected = [
@@ -268,14 +269,12 @@ def test_scoring_pass_by_hand_reward_at_the_last_token_then_gae_then_whitening()
         [-0.5 * d for d in decay5],
         [-1.0 * d for d in decay5],
     ]
-    torch.testing.assert_close(raw["advantages"], torch.tensor(expected))
-    torch.testing.assert_close(raw["returns"], torch.tensor(expected))  # A + V, V = 0
+    torch.testing.assert_close(raw.advantages, torch.tensor(expected))
+    torch.testing.assert_close(raw.returns, torch.tensor(expected))  # A + V, V = 0
 
-    config.whiten_advantages = True
+    config = dataclasses.replace(config, whiten_advantages=True)
     with torch.no_grad():
-        white, _ = _score_rollout(
-            policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05
-        )
+        white, _ = score_rollout(policy, ValueHead(HIDDEN), reference, hand_rollout(), config, 0.05)
     real = [a for row, n in zip(expected, [5, 2, 5, 5], strict=True) for a in row[:n]]
     mean = sum(real) / len(real)
     std = math.sqrt(sum((a - mean) ** 2 for a in real) / (len(real) - 1))
@@ -284,9 +283,9 @@ def test_scoring_pass_by_hand_reward_at_the_last_token_then_gae_then_whitening()
         [(a - mean) / std if m else 0.0 for a, m in zip(row, mask_row, strict=True)]
         for row, mask_row in zip(expected, mask.tolist(), strict=True)
     ]
-    torch.testing.assert_close(white["advantages"], torch.tensor(whitened), atol=1e-5, rtol=0)
+    torch.testing.assert_close(white.advantages, torch.tensor(whitened), atol=1e-5, rtol=0)
     # Whitening is for the policy loss only: the value head still regresses on raw returns.
-    torch.testing.assert_close(white["returns"], torch.tensor(expected))
+    torch.testing.assert_close(white.returns, torch.tensor(expected))
 
 
 @pytest.mark.parametrize(("minibatch_size", "sizes"), [(2, [2, 2]), (3, [3, 1])])
@@ -379,14 +378,14 @@ def test_reusing_the_scoring_forward_for_the_first_minibatch_changes_nothing(mon
         head = ValueHead(HIDDEN)
         torch.nn.init.normal_(head.linear.weight)  # non-zero, so the value loss has gradients
         optimizer = torch.optim.SGD([*policy.parameters(), *head.parameters()], lr=0.1)
-        score = ppo_module._score_rollout
+        score = ppo_module.score_rollout
         if not reuse:  # score without tracking rows: the first minibatch runs its own forward
-            monkeypatch.setattr(ppo_module, "_score_rollout", lambda *a: score(*a[:6]))
+            monkeypatch.setattr(ppo_module, "score_rollout", lambda *a: score(*a[:6]))
         config = PPOConfig(ppo_epochs=2, minibatch_size=2, whiten_advantages=False)
         ppo_step(
             policy, head, tiny_llama(1), optimizer, hand_rollout(), config, FixedKLController(0.1)
         )
-        monkeypatch.setattr(ppo_module, "_score_rollout", score)
+        monkeypatch.setattr(ppo_module, "score_rollout", score)
         return {**policy.state_dict(), **{f"head.{k}": v for k, v in head.state_dict().items()}}
 
     reused, recomputed = trained(reuse=True), trained(reuse=False)

@@ -18,11 +18,11 @@ from rlhf.training.reward import (
     Rated,
     ReferenceSamples,
     RewardTrainer,
-    RewardTrainingConfig,
     freeze_lower_layers,
     in_heldout,
     regressions,
 )
+from rlhf.training.reward_config import RewardTrainingConfig
 from rlhf.v1 import common_pb2, events_pb2
 from services.simulated_users.synthetic import feedback_event, generation_event
 
@@ -201,10 +201,9 @@ def _trainer(**overrides):
         "learning_rate": 1e-3,
         "trainable_layers": -1,
         "min_heldout": 10,
-        "max_tokens": 32,
         **overrides,
     }
-    return RewardTrainer(model, tokenizer, RewardTrainingConfig(**settings))
+    return RewardTrainer(model, tokenizer, RewardTrainingConfig(**settings), max_tokens=32)
 
 
 REFERENCE = [("How was it?", f"it was {w}") for w in POSITIVE + NEGATIVE + ["ok", "fine"]]

@@ -1,11 +1,16 @@
-"""The trainer's stages share one configuration; the reward stage's settings reach its loop."""
+"""The trainer's configuration: stages, each stage's group of settings, and every algorithm knob
+settable from the environment."""
+
+import dataclasses
+import typing
 
 import pytest
 import torch
 
 from rlhf.config import ConfigError, load_config
+from rlhf.training.online import LoraSettings, RolloutSettings
+from rlhf.training.ppo_config import KL_ESTIMATORS, PPOConfig
 from services.trainer.config import TrainerConfig
-from services.trainer.reward_stage import reward_training_config
 
 
 def test_ppo_is_the_default_stage_and_reward_and_sft_are_accepted():
@@ -61,7 +66,7 @@ def test_reward_settings_reach_the_training_loop():
             "RLHF_SEED": "9",
         },
     )
-    training = reward_training_config(config)
+    training = config.reward.training
     assert training.learning_rate == 3e-4 and training.steps_per_round == 12
     assert training.trainable_layers == -1 and training.min_heldout == 7
     assert training.undesirable_weight == 2.5 and training.seed == 9
@@ -70,7 +75,7 @@ def test_reward_settings_reach_the_training_loop():
 def test_the_kl_reference_can_be_a_policy_version_from_the_store(tmp_path, cache_dir):
     from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
     from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
-    from services.trainer.main import load_reference
+    from services.trainer.ppo.service import load_reference
 
     store = CheckpointStore(tmp_path)
     tuned = load_base_policy(TINY, cache_dir, seed=7)
@@ -91,10 +96,10 @@ def test_the_kl_reference_can_be_a_policy_version_from_the_store(tmp_path, cache
 
 
 def test_the_data_parallel_strategy_is_ddp_unless_fsdp_is_asked_with_pool_rollouts():
-    assert load_config(TrainerConfig, {}).dist_strategy == "ddp"
+    assert load_config(TrainerConfig, {}).ppo.dist_strategy == "ddp"
     pool = {"RLHF_PPO_ROLLOUTS": "pool", "RLHF_PPO_POOL_ADDRESS": "127.0.0.1:1"}
     config = load_config(TrainerConfig, {**pool, "RLHF_DIST_STRATEGY": "fsdp"})
-    assert config.dist_strategy == "fsdp"
+    assert config.ppo.dist_strategy == "fsdp"
 
 
 @pytest.mark.parametrize(
@@ -116,3 +121,54 @@ def test_the_data_parallel_strategy_is_ddp_unless_fsdp_is_asked_with_pool_rollou
 def test_unusable_strategies_are_refused_by_name(env, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(TrainerConfig, env)
+
+
+def _other_value(field: dataclasses.Field, hint: type) -> object:
+    """A valid value different from the field's default, by type."""
+    default = field.default
+    if hint is bool:
+        return not default
+    if hint is int:
+        return default + 1
+    if hint is float:
+        return default * 0.5 if default else 0.5
+    if field.name == "kl_estimator":
+        return next(e for e in KL_ESTIMATORS if e != default)
+    if hint == tuple[str, ...]:
+        return ("q_proj",)
+    raise AssertionError(f"no test value for {field.name}: {hint}")
+
+
+@pytest.mark.parametrize(
+    ("group", "cls"),
+    [("algorithm", PPOConfig), ("rollout", RolloutSettings), ("lora", LoraSettings)],
+)
+def test_every_ppo_knob_is_a_setting_the_ppo_stage_reads(group, cls):
+    """Each field of the PPO algorithm's config (and the rollouts' and LoRA's) is declared
+    with an environment variable, and setting that variable reaches the ppo stage's config."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        assert "env" in field.metadata, f"{cls.__name__}.{field.name} is not a setting"
+        value = _other_value(field, hints[field.name])
+        shown = ",".join(value) if isinstance(value, tuple) else str(value)
+        config = load_config(TrainerConfig, {field.metadata["env"]: shown})
+        assert getattr(getattr(config.ppo, group), field.name) == value, field.name
+
+
+def test_the_ppo_learner_is_built_from_the_stage_config(tmp_path, cache_dir):
+    from rlhf.checkpoints import CheckpointStore
+    from rlhf.models import TINY
+    from rlhf.training.distributed import World
+    from services.trainer.ppo.service import resume_learner
+
+    env = {
+        "RLHF_POLICY_MODEL": TINY,
+        "RLHF_CACHE_DIR": str(cache_dir),
+        "RLHF_PPO_CLIP_RANGE": "0.3",
+        "RLHF_PPO_RESPONSE_TOKENS": "5",
+        "RLHF_PPO_LORA_RANK": "2",
+    }
+    config = load_config(TrainerConfig, env)
+    learner = resume_learner(config, CheckpointStore(tmp_path), World()).learner
+    assert learner.config is config.ppo.algorithm and learner.config.clip_range == 0.3
+    assert learner.rollout_settings.max_new_tokens == 5 and learner.lora.rank == 2

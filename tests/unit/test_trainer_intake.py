@@ -5,9 +5,9 @@ from unittest import mock
 
 from rlhf import bus
 from rlhf.joining import Ledger
+from rlhf.training.state import intake_files, intake_from_files
 from rlhf.v1 import events_pb2
-from services.trainer.loop import Intake
-from services.trainer.ppo_state import intake_files, intake_from_files
+from services.trainer.ppo.intake import Intake
 
 
 def _record(topic, message, offset=0):
@@ -97,7 +97,7 @@ def test_a_snapshot_round_trips_through_checkpoint_files_and_restores_the_join()
     snapshot = intake.snapshot()
 
     restored = _intake()
-    restored.restore(intake_from_files(*intake_files(snapshot)))
+    restored.restore(intake_from_files(*intake_files(snapshot), Intake.messages))
 
     assert restored.offsets == intake.offsets
     assert [j.generation.generation_id for j in restored.take(5)[0]] == ["queued"]

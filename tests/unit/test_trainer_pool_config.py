@@ -6,14 +6,13 @@ from rlhf.checkpoints import CheckpointStore
 from rlhf.config import ConfigError, load_config
 from rlhf.training.pool import PoolSampler
 from services.trainer.config import TrainerConfig
-from services.trainer.main import pool_client, pool_sampler, ppo_config
+from services.trainer.ppo.service import pool_client, pool_sampler
 
 
 def test_rollouts_are_sampled_in_process_unless_asked():
     config = load_config(TrainerConfig, {})
-    assert config.rollouts == "local" and pool_client(config) is None
-    assert config.max_policy_lag == 1 and config.importance_cap == 2.0
-    assert ppo_config(config).importance_cap == 2.0
+    assert config.ppo.rollouts == "local" and pool_client(config) is None
+    assert config.ppo.max_policy_lag == 1 and config.ppo.algorithm.importance_cap == 2.0
 
 
 def test_pool_settings_build_a_sampler_with_the_bound(tmp_path):
@@ -30,7 +29,7 @@ def test_pool_settings_build_a_sampler_with_the_bound(tmp_path):
     try:
         sampler = pool_sampler(config, CheckpointStore(tmp_path), client)
         assert isinstance(sampler, PoolSampler) and sampler.max_policy_lag == 0
-        assert ppo_config(config).importance_cap == 3.5
+        assert config.ppo.algorithm.importance_cap == 3.5
     finally:
         client.close()
 

@@ -6,7 +6,7 @@ import torch
 
 from rlhf.models import TINY, load_base_policy, load_tokenizer
 from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
-from rlhf.training.ppo import PPOConfig
+from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.state import (
     load_optimizer_state,
     optimizer_state,

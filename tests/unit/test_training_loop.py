@@ -12,7 +12,9 @@ from rlhf import bus
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import Ledger
 from rlhf.v1 import events_pb2
-from services.trainer.loop import KL_WARNINGS, Intake, LoopSettings, TrainingLoop
+from services.trainer.ppo.intake import Intake
+from services.trainer.ppo.loop import KL_WARNINGS, LoopSettings, TrainingLoop
+from services.trainer.stage import StageParts
 
 
 class FakeLearner:
@@ -30,7 +32,8 @@ class FakeLearner:
 
 def _loop(tmp_path, learner, intake):
     settings = LoopSettings(batch_size=2, publish_every=1000, metrics_log=tmp_path / "m.jsonl")
-    return TrainingLoop(learner, intake, None, mock.Mock(), mock.Mock(), settings, start_version=3)
+    parts = StageParts(intake, mock.Mock(), mock.Mock())
+    return TrainingLoop(parts, learner, None, settings, start_version=3)
 
 
 def _intake_with(gids):

@@ -9,15 +9,16 @@ optimizer moments, KL controller, RNG states and counters.
 
 Under FSDP (`World.sharded`) each rank holds a slice of the policy, value head and moments:
 `export_policy`, `state_files` and `rebase` are then collectives that every rank calls together
-(`services.trainer.lockstep` announces them), gathering to or broadcasting from rank 0. The
-files are the same as unsharded, so a checkpoint resumes under any strategy and world size.
+(the trainer's ppo stage announces them to every rank), gathering to or broadcasting from rank
+0. The files are the same as unsharded, so a checkpoint resumes under any strategy and world
+size.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +32,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import decoding
+from rlhf.config import ConfigError, SeedSettings, setting
 from rlhf.training.distributed import SINGLE, ShardFailed, World
 from rlhf.training.pool import PoolRollouts, PoolSampler
-from rlhf.training.ppo import PPOConfig, ValueHead, build_rollout, ppo_step
+from rlhf.training.ppo import ValueHead, build_rollout, ppo_step
+from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.state import load_optimizer_state, optimizer_state
 
 # (prompts, responses) -> one scalar per pair
@@ -47,24 +50,37 @@ LEARNER_FILE = "learner.json"
 
 
 @dataclass(frozen=True)
-class RolloutSettings:
-    max_new_tokens: int = 48
-    seed: int = 0
+class RolloutSettings(SeedSettings):
+    max_new_tokens: int = setting("RLHF_PPO_RESPONSE_TOKENS", 48, "new tokens per rollout")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("RLHF_PPO_RESPONSE_TOKENS must be positive")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     """rank 0 trains every weight; rank > 0 trains a LoRA adapter on these projections."""
 
-    rank: int = 0
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    rank: int = setting(
+        "RLHF_PPO_LORA_RANK", 0, "LoRA adapter rank for PPO (0 = train every weight)"
+    )
+    alpha: float = setting("RLHF_PPO_LORA_ALPHA", 16.0, "LoRA scaling numerator")
+    target_modules: tuple[str, ...] = setting(
+        "RLHF_PPO_LORA_TARGET_MODULES",
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "comma separated projections the LoRA adapter is put on",
     )
 
     @property
     def enabled(self) -> bool:
         return self.rank > 0
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError("RLHF_PPO_LORA_RANK must be >= 0")
+        if self.enabled and not self.target_modules:
+            raise ConfigError("RLHF_PPO_LORA_TARGET_MODULES must name at least one projection")
 
 
 class PPOLearner:

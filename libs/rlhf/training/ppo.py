@@ -1,9 +1,15 @@
 """One PPO update on a batch of scored responses, built on `rlhf.algorithms.ppo`.
 
-The caller owns the models and the optimizer (policy + value head parameters); `ppo_step`
-scores the rollout under the current policy and the frozen reference, turns scores into
-per-token rewards and advantages, runs a few epochs of clipped PPO over shuffled minibatches
-and returns TRL-style statistics.
+Read `ppo_step` top to bottom: the caller owns the models and the optimizer (policy + value head
+parameters); the step scores the rollout under the current policy and the frozen reference
+(`score_rollout`: old logprobs and values, per-token rewards with the KL penalty, advantages;
+everything that stays fixed during the update, in a `ScoredRollout`), runs a few epochs of
+clipped PPO over shuffled minibatches (`_train_epochs`) and returns TRL-style statistics. The
+knobs are `rlhf.training.ppo_config.PPOConfig`.
+
+Data parallel (a `World` of several ranks), each rank holds its shard of the batch; the few
+places that must see the whole batch (advantage whitening, the losses' token normalisation, the
+statistics) take a `world.all_sum`, and are marked so.
 """
 
 from __future__ import annotations
@@ -17,36 +23,7 @@ from torch import nn
 
 from rlhf.algorithms import ppo as algo
 from rlhf.training.distributed import SINGLE, World
-
-
-@dataclass
-class PPOConfig:
-    ppo_epochs: int = 4
-    minibatch_size: int = 4
-    learning_rate: float = 1e-5  # for the caller's optimizer; ppo_step does not read it
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    temperature: float = 0.7  # must equal the sampling temperature of the rollouts
-    kl_estimator: algo.KLEstimator = "k1"
-    init_kl_coef: float = 0.05
-    adaptive_kl: bool = True
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
-    no_eos_penalty: float = -1.0
-    seed: int = 0  # minibatch shuffling, when ppo_step is not given a generator
-    # Truncation of the importance weights of rollouts sampled by another policy version (pool
-    # rollouts); >= 1. In-process rollouts are on-policy and never weighted.
-    importance_cap: float = 2.0
-
-    def make_kl_controller(self) -> algo.KLController:
-        if self.adaptive_kl:
-            return algo.AdaptiveKLController(self.init_kl_coef, self.target_kl, self.kl_horizon)
-        return algo.FixedKLController(self.init_kl_coef)
+from rlhf.training.ppo_config import PPOConfig
 
 
 class ValueHead(nn.Module):
@@ -225,6 +202,30 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
+@dataclass
+class ScoredRollout:
+    """Everything that stays fixed during one update, per response token [B, R] unless noted:
+    the policy's logprobs and values before the update, the entropy (a statistic), the scores
+    [B] after the no-EOS penalty, the per-token KL to the reference, the advantages and the
+    returns the value head regresses on; for off-policy rollouts, the truncated importance
+    weights of each token and the share of real tokens whose weight the cap cut (None for
+    on-policy rollouts)."""
+
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    is_weights: torch.Tensor | None = None
+    is_capped_frac: torch.Tensor | None = None
+
+
+# The policy's (logprobs, values) for some rows, still attached to the autograd graph.
+TrackedForward = tuple[torch.Tensor, torch.Tensor]
+
+
 def ppo_step(
     policy: nn.Module,
     value_head: ValueHead,
@@ -252,12 +253,11 @@ def ppo_step(
 
     Rollouts with behaviour logprobs (sampled by another policy version, see `Rollout`) weight
     each token's clipped surrogate by min(pi_old / pi_behaviour, `config.importance_cap`),
-    pi_old being this policy before the update (`_importance_weights`); the value loss, the
-    KL penalty and the advantages are computed as for on-policy rollouts.
+    pi_old being this policy before the update; the value loss, the KL penalty and the
+    advantages are computed as for on-policy rollouts.
     """
     device = next(policy.parameters()).device
     rollout = rollout.to(device)
-    mask = rollout.response_mask.bool()
     kl_coef = kl_controller.value
     if generator is None:
         generator = torch.Generator().manual_seed(config.seed)
@@ -268,97 +268,43 @@ def ppo_step(
     orders = [
         torch.randperm(size, generator=generator).to(device) for _ in range(config.ppo_epochs)
     ]
-    first = orders[0][:minibatch_size] if orders else None
+    first_rows = orders[0][:minibatch_size] if orders else None
 
     with _eval_mode(policy, value_head, reference):
-        batch, first_forward = _score_rollout(
-            policy, value_head, reference, rollout, config, kl_coef, first, world
+        scored, first_forward = score_rollout(
+            policy, value_head, reference, rollout, config, kl_coef, first_rows, world
         )
-        off_policy_stats = _importance_weights(rollout, batch, config, world)
-        train_stats = _train_epochs(
+        loss_stats = _train_epochs(
             policy,
             value_head,
             optimizer,
             rollout,
-            batch,
+            scored,
             config,
             orders,
             first_forward,
-            _Sharding(world, minibatch_size),
+            world,
+            minibatch_size,
         )
 
-    def mean(per_row: torch.Tensor) -> float:  # over every rank's rows
-        rows = torch.tensor(float(size), device=device)
-        totals = world.all_sum(torch.stack([per_row.float().sum(), rows]))
-        return (totals[0] / totals[1]).item()
-
-    seq_kl = mean(batch["kl"].sum(-1))
-    global_size = world.all_sum(torch.tensor(size, device=device)).item()
-    kl_controller.update(seq_kl, n_steps=int(global_size))
-    scores = batch["scores"]
-    entropy = world.all_sum(torch.stack([batch["entropy"][mask].sum(), mask.sum().float()]))
+    mask = rollout.response_mask.bool()
+    seq_kl = _global_mean(scored.kl.sum(-1), world)
+    kl_controller.update(seq_kl, n_steps=_global_rows(size, world, device))
+    entropy = world.all_sum(torch.stack([scored.entropy[mask].sum(), mask.sum().float()]))
     return {
         "objective/kl": seq_kl,
         "objective/kl_coef": kl_coef,
-        "objective/rlhf_reward": mean(scores - kl_coef * batch["kl"].sum(-1)),
-        "objective/scores": mean(scores),
+        "objective/rlhf_reward": _global_mean(scored.scores - kl_coef * scored.kl.sum(-1), world),
+        "objective/scores": _global_mean(scored.scores, world),
         "policy/entropy": (entropy[0] / entropy[1].clamp(min=1.0)).item(),
-        **train_stats,
-        "response/length": mean(mask.float().sum(-1)),
-        "response/ended_frac": mean(rollout.ended.float()),
-        **off_policy_stats,
+        **loss_stats,
+        "response/length": _global_mean(mask.float().sum(-1), world),
+        "response/ended_frac": _global_mean(rollout.ended.float(), world),
+        **_off_policy_stats(rollout, scored, world),
     }
 
 
-def _importance_weights(
-    rollout: Rollout, batch: dict[str, torch.Tensor], config: PPOConfig, world: World
-) -> dict[str, float]:
-    """Put the truncated importance weights of off-policy rollouts in `batch["is_weights"]`
-    and return their statistics over every rank's tokens: the mean weight, the share of tokens
-    the cap cut, and the largest policy lag (versions behind `latest_version`) of any row.
-    On-policy rollouts get no weights and report 1, 0 and 0, so the statistics always exist."""
-    if rollout.behaviour_logprobs is None or rollout.policy_versions is None:
-        return {
-            "policy/is_weight_mean": 1.0,
-            "policy/is_capped_frac": 0.0,
-            "rollout/policy_lag_max": 0.0,
-        }
-    mask = rollout.response_mask.bool()
-    weights, stats = algo.truncated_importance_weights(
-        batch["old_logprobs"], rollout.behaviour_logprobs, mask, config.importance_cap
-    )
-    batch["is_weights"] = weights
-    tokens = mask.sum().float()
-    totals = world.all_sum(torch.stack([weights.sum(), stats["capped_frac"] * tokens, tokens]))
-    # A max over ranks from the one collective there is: each rank fills its own slot.
-    lags = torch.zeros(world.size, device=weights.device)
-    lags[world.rank] = (rollout.latest_version - rollout.policy_versions).clamp(min=0).max().float()
-    return {
-        "policy/is_weight_mean": (totals[0] / totals[2].clamp(min=1.0)).item(),
-        "policy/is_capped_frac": (totals[1] / totals[2].clamp(min=1.0)).item(),
-        "rollout/policy_lag_max": world.all_sum(lags).max().item(),
-    }
-
-
-def _local_minibatch_size(minibatch_size: int, world: World) -> int:
-    if minibatch_size % world.size:
-        raise ValueError(
-            f"a minibatch of {minibatch_size} does not split evenly over {world.size} ranks"
-        )
-    return minibatch_size // world.size
-
-
-@dataclass(frozen=True)
-class _Sharding:
-    world: World
-    minibatch_size: int  # this rank's rows per minibatch
-
-
-# The policy's (logprobs, values) for some rows, still attached to the autograd graph.
-TrackedForward = tuple[torch.Tensor, torch.Tensor]
-
-
-def _score_rollout(
+def score_rollout(
     policy: nn.Module,
     value_head: ValueHead,
     reference: nn.Module,
@@ -367,7 +313,7 @@ def _score_rollout(
     kl_coef: float,
     tracked_rows: torch.Tensor | None = None,
     world: World = SINGLE,
-) -> tuple[dict[str, torch.Tensor], TrackedForward | None]:
+) -> tuple[ScoredRollout, TrackedForward | None]:
     """Everything fixed during the update: old logprobs and values, rewards, advantages.
 
     The policy's pass over `tracked_rows` keeps its autograd graph and is returned too: before
@@ -396,18 +342,116 @@ def _score_rollout(
             scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator
         )
         advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
-        if config.whiten_advantages:
+        if config.whiten_advantages:  # over every rank's tokens
             advantages = algo.masked_whiten(advantages, mask, all_sum=world.all_sum)
-    batch = {
-        "old_logprobs": old_logprobs,
-        "old_values": old_values,
-        "entropy": entropy,
-        "scores": scores,
-        "kl": kl,
-        "advantages": advantages,
-        "returns": returns,
+        is_weights = capped_frac = None
+        if rollout.behaviour_logprobs is not None:  # sampled by another policy version
+            is_weights, is_stats = algo.truncated_importance_weights(
+                old_logprobs, rollout.behaviour_logprobs, mask, config.importance_cap
+            )
+            capped_frac = is_stats["capped_frac"]
+    scored = ScoredRollout(
+        old_logprobs=old_logprobs,
+        old_values=old_values,
+        entropy=entropy,
+        scores=scores,
+        kl=kl,
+        advantages=advantages,
+        returns=returns,
+        is_weights=is_weights,
+        is_capped_frac=capped_frac,
+    )
+    return scored, tracked
+
+
+def _train_epochs(
+    policy: nn.Module,
+    value_head: ValueHead,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    scored: ScoredRollout,
+    config: PPOConfig,
+    orders: list[torch.Tensor],
+    first_forward: TrackedForward | None,
+    world: World,
+    minibatch_size: int,
+) -> dict[str, float]:
+    """One pass over shuffled minibatches of `minibatch_size` rows (this rank's) per order in
+    `orders` (one per epoch); returns the loss statistics averaged over all minibatches (of
+    this rank). `first_forward` stands in for the first minibatch's forward pass."""
+    params = [p for p in [*policy.parameters(), *value_head.parameters()] if p.requires_grad]
+    size = rollout.input_ids.shape[0]
+    totals: dict[str, float] = {}
+    n_minibatches = 0
+    for order in orders:
+        for start in range(0, size, minibatch_size):
+            rows = order[start : start + minibatch_size]
+            forward = first_forward if n_minibatches == 0 else None
+            loss, stats = _minibatch_loss(
+                policy, value_head, rollout, scored, rows, config, forward
+            )
+            if world.distributed:
+                loss = loss * _token_share(rollout.response_mask[rows], world)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            n_minibatches += 1
+    return {key: total / max(n_minibatches, 1) for key, total in totals.items()}
+
+
+def _minibatch_loss(
+    policy: nn.Module,
+    value_head: ValueHead,
+    rollout: Rollout,
+    scored: ScoredRollout,
+    rows: torch.Tensor,
+    config: PPOConfig,
+    forward: TrackedForward | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss + vf_coef * clipped value loss on `rows`; `forward` is their
+    (logprobs, values) if already computed with autograd on."""
+    mask = rollout.response_mask.bool()[rows]
+    if forward is None:
+        logprobs, values, _ = forward_policy(
+            policy,
+            value_head,
+            rollout.input_ids[rows],
+            rollout.attention_mask[rows],
+            rollout.prompt_width,
+            config.temperature,
+            with_entropy=False,  # reported from the scoring pass; here it would only cost time
+        )
+    else:
+        logprobs, values = forward
+    assert values is not None
+    pg_loss, pg_stats = algo.policy_loss(
+        logprobs,
+        scored.old_logprobs[rows],
+        scored.advantages[rows],
+        mask,
+        config.clip_range,
+        weights=None if scored.is_weights is None else scored.is_weights[rows],
+    )
+    vf_loss, vf_clipfrac = algo.value_loss(
+        values, scored.old_values[rows], scored.returns[rows], mask, config.clip_range_value
+    )
+    stats = {
+        "policy/clipfrac": pg_stats["clipfrac"].item(),
+        "policy/approxkl": pg_stats["approx_kl"].item(),
+        "val/ratio": pg_stats["ratio"].item(),
+        "val/clipfrac": vf_clipfrac.item(),
+        "loss/policy": pg_loss.item(),
+        "loss/value": vf_loss.item(),
     }
-    return batch, tracked
+    return pg_loss + config.vf_coef * vf_loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# The scoring pass's forwards
+# --------------------------------------------------------------------------------------------
 
 
 def _old_policy_pass(
@@ -449,40 +493,17 @@ def _old_policy_pass(
     return merged[0], merged[1], merged[2], (tracked[0], tracked[1])
 
 
-def _train_epochs(
-    policy: nn.Module,
-    value_head: ValueHead,
-    optimizer: torch.optim.Optimizer,
-    rollout: Rollout,
-    batch: dict[str, torch.Tensor],
-    config: PPOConfig,
-    orders: list[torch.Tensor],
-    first_forward: TrackedForward | None,
-    sharding: _Sharding,
-) -> dict[str, float]:
-    """One pass over shuffled minibatches per order in `orders` (one per epoch); returns the
-    loss statistics averaged over all minibatches (of this rank). `first_forward` stands in
-    for the first minibatch's forward pass."""
-    params = [p for p in [*policy.parameters(), *value_head.parameters()] if p.requires_grad]
-    size = rollout.input_ids.shape[0]
-    world, step = sharding.world, sharding.minibatch_size
-    totals: dict[str, float] = {}
-    n_minibatches = 0
-    for order in orders:
-        for start in range(0, size, step):
-            idx = order[start : start + step]
-            forward = first_forward if n_minibatches == 0 else None
-            loss, stats = _minibatch_loss(policy, value_head, rollout, batch, idx, config, forward)
-            if world.distributed:
-                loss = loss * _token_share(rollout.response_mask[idx], world)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-            n_minibatches += 1
-    return {key: total / max(n_minibatches, 1) for key, total in totals.items()}
+# --------------------------------------------------------------------------------------------
+# Data parallel: what makes N ranks' step the one a single process takes on the whole batch
+# --------------------------------------------------------------------------------------------
+
+
+def _local_minibatch_size(minibatch_size: int, world: World) -> int:
+    if minibatch_size % world.size:
+        raise ValueError(
+            f"a minibatch of {minibatch_size} does not split evenly over {world.size} ranks"
+        )
+    return minibatch_size // world.size
 
 
 def _token_share(mask: torch.Tensor, world: World) -> torch.Tensor:
@@ -497,49 +518,35 @@ def _token_share(mask: torch.Tensor, world: World) -> torch.Tensor:
     return local * world.size / world.all_sum(local).clamp(min=1.0)
 
 
-def _minibatch_loss(
-    policy: nn.Module,
-    value_head: ValueHead,
-    rollout: Rollout,
-    batch: dict[str, torch.Tensor],
-    idx: torch.Tensor,
-    config: PPOConfig,
-    forward: TrackedForward | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss + vf_coef * clipped value loss on the rows `idx`; `forward` is their
-    (logprobs, values) if already computed with autograd on."""
-    mask = rollout.response_mask.bool()[idx]
-    if forward is None:
-        logprobs, values, _ = forward_policy(
-            policy,
-            value_head,
-            rollout.input_ids[idx],
-            rollout.attention_mask[idx],
-            rollout.prompt_width,
-            config.temperature,
-            with_entropy=False,  # reported from the scoring pass; here it would only cost time
-        )
-    else:
-        logprobs, values = forward
-    assert values is not None
-    weights = batch.get("is_weights")  # only for off-policy rollouts
-    pg_loss, pg_stats = algo.policy_loss(
-        logprobs,
-        batch["old_logprobs"][idx],
-        batch["advantages"][idx],
-        mask,
-        config.clip_range,
-        weights=None if weights is None else weights[idx],
-    )
-    vf_loss, vf_clipfrac = algo.value_loss(
-        values, batch["old_values"][idx], batch["returns"][idx], mask, config.clip_range_value
-    )
-    stats = {
-        "policy/clipfrac": pg_stats["clipfrac"].item(),
-        "policy/approxkl": pg_stats["approx_kl"].item(),
-        "val/ratio": pg_stats["ratio"].item(),
-        "val/clipfrac": vf_clipfrac.item(),
-        "loss/policy": pg_loss.item(),
-        "loss/value": vf_loss.item(),
+def _global_mean(per_row: torch.Tensor, world: World) -> float:
+    """The mean over every rank's rows of a per-row statistic."""
+    rows = torch.tensor(float(per_row.shape[0]), device=per_row.device)
+    totals = world.all_sum(torch.stack([per_row.float().sum(), rows]))
+    return (totals[0] / totals[1]).item()
+
+
+def _global_rows(size: int, world: World, device: torch.device) -> int:
+    return int(world.all_sum(torch.tensor(size, device=device)).item())
+
+
+def _off_policy_stats(rollout: Rollout, scored: ScoredRollout, world: World) -> dict[str, float]:
+    """The importance weights' statistics over every rank's tokens: the mean weight, the share
+    of tokens the cap cut, and the largest policy lag (versions behind `latest_version`) of
+    any row. On-policy rollouts report 1, 0 and 0, so the statistics always exist."""
+    weights, capped_frac = scored.is_weights, scored.is_capped_frac
+    if weights is None or capped_frac is None or rollout.policy_versions is None:
+        return {
+            "policy/is_weight_mean": 1.0,
+            "policy/is_capped_frac": 0.0,
+            "rollout/policy_lag_max": 0.0,
+        }
+    tokens = rollout.response_mask.bool().sum().float()
+    totals = world.all_sum(torch.stack([weights.sum(), capped_frac * tokens, tokens]))
+    # A max over ranks from the one collective there is: each rank fills its own slot.
+    lags = torch.zeros(world.size, device=weights.device)
+    lags[world.rank] = (rollout.latest_version - rollout.policy_versions).clamp(min=0).max().float()
+    return {
+        "policy/is_weight_mean": (totals[0] / totals[2].clamp(min=1.0)).item(),
+        "policy/is_capped_frac": (totals[1] / totals[2].clamp(min=1.0)).item(),
+        "rollout/policy_lag_max": world.all_sum(lags).max().item(),
     }
-    return pg_loss + config.vf_coef * vf_loss, stats

@@ -24,9 +24,10 @@ import hashlib
 import math
 import random
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,6 +36,7 @@ from rlhf.algorithms import reward as algo
 from rlhf.joining import FeedbackJoin, Joined
 from rlhf.models import NORMALISATION, encode_reward_inputs, set_reward_normalisation
 from rlhf.scoring import reward_prompt
+from rlhf.training.reward_config import RewardTrainingConfig
 from rlhf.v1 import events_pb2
 
 # --------------------------------------------------------------------------------------------
@@ -75,25 +77,19 @@ class FeedbackExamples:
     """Joins feedback to generations (`FeedbackJoin`, which also drops duplicate feedback) and
     turns each joined piece into labelled examples.
 
-    Rankings name several generations; those already seen are looked up among the recent
-    generations (bounded), and unknown ones are left out of the pairs (counted).
+    Rankings name several generations; those the join still holds are looked up there
+    (bounded), and unknown ones are left out of the pairs (counted).
     """
 
     def __init__(self, max_pending: int = 50_000) -> None:
-        self._join = FeedbackJoin(max_pending)
-        self._recent: OrderedDict[str, events_pb2.GenerationEvent] = OrderedDict()
-        self._max = max_pending
+        self.join = FeedbackJoin(max_pending)
         self.unresolved_ranked = 0
 
     def add_generation(self, event: events_pb2.GenerationEvent) -> list[Labelled]:
-        self._recent[event.generation_id] = event
-        self._recent.move_to_end(event.generation_id)
-        while len(self._recent) > self._max:
-            self._recent.popitem(last=False)
-        return self._examples(self._join.add_generation(event))
+        return self._examples(self.join.add_generation(event))
 
     def add_feedback(self, event: events_pb2.FeedbackEvent) -> list[Labelled]:
-        return self._examples(self._join.add_feedback(event))
+        return self._examples(self.join.add_feedback(event))
 
     def _examples(self, joined: list[Joined]) -> list[Labelled]:
         labelled = []
@@ -119,7 +115,8 @@ class FeedbackExamples:
 
     def _ranking_pairs(self, prompt: str, ranked_ids: list[str]) -> list[Example]:
         """Every (better, worse) pair of a best-first ranking, among generations we know."""
-        known = [self._recent[g].response for g in ranked_ids if g in self._recent]
+        found = [self.join.generation(g) for g in ranked_ids]
+        known = [g.response for g in found if g is not None]
         self.unresolved_ranked += len(ranked_ids) - len(known)
         return [
             Pair(prompt, known[i], known[j])
@@ -164,6 +161,25 @@ class ReferenceSamples:
     def samples(self) -> list[tuple[str, str]]:
         with self._lock:
             return list(self._samples)
+
+    def state(self) -> dict[str, Any]:
+        """Everything it holds, as JSON (for the reward stage's checkpoints)."""
+        with self._lock:
+            version, internal, gauss = self._rng.getstate()
+            return {
+                "policy_version": self.policy_version,
+                "offered": self._offered,
+                "samples": [list(sample) for sample in self._samples],
+                "rng": [version, list(internal), gauss],
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.policy_version = state["policy_version"]
+            self._offered = int(state["offered"])
+            self._samples = [(str(p), str(r)) for p, r in state["samples"]]
+            version, internal, gauss = state["rng"]
+            self._rng.setstate((version, tuple(internal), gauss))
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +258,38 @@ class FeedbackDataset:
             self._fresh.clear()
         return DataSnapshot(train, heldout, fresh)
 
+    def state(self) -> dict[str, list[list[Any]]]:
+        """Both splits and the fresh examples, as JSON (for the reward stage's checkpoints)."""
+        with self._lock:
+            return {
+                "train": [example_json(e) for e in self._train],
+                "heldout": [example_json(e) for e in self._heldout],
+                "fresh": [example_json(e) for e in self._fresh],
+            }
+
+    def restore(self, state: dict[str, list[list[Any]]]) -> None:
+        with self._lock:
+            for name, side in (("train", self._train), ("heldout", self._heldout)):
+                side.clear()
+                side.extend(example_from_json(row) for row in state[name])
+            self._fresh.clear()
+            self._fresh.extend(example_from_json(row) for row in state["fresh"])
+
+
+def example_json(example: Example) -> list[Any]:
+    if isinstance(example, Pair):
+        return ["pair", example.prompt, example.chosen, example.rejected]
+    return ["rated", example.prompt, example.response, example.target]
+
+
+def example_from_json(row: list[Any]) -> Example:
+    kind, prompt, text, other = row
+    if kind == "pair":
+        return Pair(str(prompt), str(text), str(other))
+    if kind == "rated":
+        return Rated(str(prompt), str(text), float(other))
+    raise ValueError(f"unknown example kind {kind!r}")
+
 
 def _split_kinds(examples: Iterable[Example]) -> Examples:
     result = Examples()
@@ -253,25 +301,6 @@ def _split_kinds(examples: Iterable[Example]) -> Examples:
 # --------------------------------------------------------------------------------------------
 # Training rounds
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RewardTrainingConfig:
-    learning_rate: float = 2e-4
-    batch_size: int = 16  # examples per step (a pair is one example, two sequences)
-    steps_per_round: int = 80
-    trainable_layers: int = 2  # top encoder layers trained with the head; < 0 trains everything
-    max_tokens: int = 128
-    pair_weight: float = 1.0
-    rated_weight: float = 1.0
-    desirable_weight: float = 1.0  # != 1 rebalances thumbs at the price of calibration
-    undesirable_weight: float = 1.0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    eval_batch_size: int = 64
-    min_heldout: int = 32  # fewer held-out examples than this cannot justify a publish
-    tolerance: float = 0.01  # how much worse than the incumbent a metric may be and still pass
-    seed: int = 0
 
 
 # Gate: metric -> +1 if higher is better, -1 if lower is better. ECE is reported, not gated:
@@ -337,10 +366,14 @@ class RewardTrainer:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         config: RewardTrainingConfig,
+        max_tokens: int = 256,
     ) -> None:
+        """`max_tokens`: (prompt, answer) pairs are truncated to this many tokens, as the
+        reward service truncates what it scores (RLHF_REWARD_MAX_TOKENS)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.max_tokens = max_tokens
         self.incumbent = _frozen_copy(model)
         freeze_lower_layers(self.model, config.trainable_layers)
         self.optimizer = self._new_optimizer()
@@ -385,7 +418,7 @@ class RewardTrainer:
     def _forward(
         self, model: PreTrainedModel, prompts: Sequence[str], responses: Sequence[str]
     ) -> torch.Tensor:
-        encoded = encode_reward_inputs(self.tokenizer, prompts, responses, self.config.max_tokens)
+        encoded = encode_reward_inputs(self.tokenizer, prompts, responses, self.max_tokens)
         return model(**encoded).logits[:, 0].float()
 
     # -- evaluation ---------------------------------------------------------------------------

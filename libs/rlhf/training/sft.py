@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rlhf.models import CHAT_ROLES
+from rlhf.training.sft_config import SFTConfig
 
 IGNORE = -100  # label value cross_entropy skips
 Encoder = Callable[[str], list[int]]
@@ -67,15 +68,6 @@ def sft_loss(
     return nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
     )
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    learning_rate: float = 2e-5
-    batch_size: int = 8
-    epochs: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 0
 
 
 class SFTLearner:

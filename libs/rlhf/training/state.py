@@ -1,5 +1,6 @@
-"""Training state as safetensors tensors plus JSON: optimizer moments, RNG states, queued
-protobuf events and id lists, so a trainer checkpoint never needs pickle.
+"""Training state as safetensors tensors plus JSON: optimizer moments, RNG states, a stage's
+intake (join state, queued protobuf events, id lists, offsets), so a trainer checkpoint never
+needs pickle.
 
 Pure conversions; the checkpoint store does the I/O.
 """
@@ -7,10 +8,14 @@ Pure conversions; the checkpoint store does the I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from google.protobuf.message import Message
+
+from rlhf.joining import JoinState
+from rlhf.v1 import events_pb2
 
 M = TypeVar("M", bound=Message)
 
@@ -84,3 +89,77 @@ def load_optimizer_state(
     for index, values in meta.get("scalars", {}).items():
         per_param.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+
+
+def pack_join(join: JoinState, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A join's state (`rlhf.joining.FeedbackJoin.snapshot`) as tensors, named
+    `<prefix>generations`, `<prefix>orphans` and `<prefix>seen`."""
+    return {
+        **pack_messages(f"{prefix}generations", join.generations),
+        **pack_messages(f"{prefix}orphans", join.orphans),
+        **pack_strings(f"{prefix}seen", join.seen_feedback_ids),
+    }
+
+
+def unpack_join(tensors: dict[str, torch.Tensor], prefix: str = "") -> JoinState:
+    return JoinState(
+        generations=unpack_messages(f"{prefix}generations", tensors, events_pb2.GenerationEvent),
+        orphans=unpack_messages(f"{prefix}orphans", tensors, events_pb2.FeedbackEvent),
+        seen_feedback_ids=unpack_strings(f"{prefix}seen", tensors),
+    )
+
+
+def offsets_json(offsets: dict[tuple[str, int], int]) -> list[list[Any]]:
+    """Consumer offsets ((topic, partition) -> next offset) as JSON."""
+    return [[topic, partition, offset] for (topic, partition), offset in offsets.items()]
+
+
+def offsets_from_json(rows: list[list[Any]]) -> dict[tuple[str, int], int]:
+    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
+
+
+INTAKE_TENSORS = "intake.safetensors"
+INTAKE_JSON = "intake.json"
+
+
+@dataclass
+class IntakeState:
+    """A trainer stage's intake at one instant: the offsets it has consumed up to and what it
+    holds because of them: the join (generations and feedback waiting for each other, feedback
+    ids seen), counters, and the stage's own content: JSON (`data`: examples, demonstrations,
+    a ledger) and queued events (`messages`: lists of protobuf messages by name)."""
+
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    join: JoinState = field(default_factory=lambda: JoinState([], [], []))
+    counters: dict[str, int] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    messages: dict[str, list[Message]] = field(default_factory=dict)
+
+
+def intake_files(state: IntakeState) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(tensor files, JSON files) holding `state`, for the checkpoint store."""
+    tensors = pack_join(state.join)
+    for name, messages in state.messages.items():
+        tensors.update(pack_messages(name, messages))
+    meta = {"offsets": offsets_json(state.offsets), "counters": state.counters, **state.data}
+    return {INTAKE_TENSORS: tensors}, {INTAKE_JSON: meta}
+
+
+def intake_from_files(
+    tensors: dict[str, dict[str, torch.Tensor]],
+    json_files: dict[str, Any],
+    message_types: dict[str, type[Message]] | None = None,
+) -> IntakeState:
+    """Inverse of `intake_files`; `message_types` names the queued message lists to read."""
+    packed, meta = tensors[INTAKE_TENSORS], dict(json_files[INTAKE_JSON])
+    offsets, counters = meta.pop("offsets"), meta.pop("counters")
+    return IntakeState(
+        offsets=offsets_from_json(offsets),
+        join=unpack_join(packed),
+        counters={str(k): int(v) for k, v in counters.items()},
+        data=meta,
+        messages={
+            name: unpack_messages(name, packed, kind)
+            for name, kind in (message_types or {}).items()
+        },
+    )

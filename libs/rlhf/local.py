@@ -1,4 +1,4 @@
-"""Where `make up` serves things: the well-known local ports and `run/up.env`.
+"""Where `make up` serves things on this machine: the well-known local ports and `run/up.env`.
 
 The launcher writes `run/up.env`; the `rlhf` command line reads it, so both name the addresses
 the same way. Kept free of heavy imports: the command line loads it on every call.
@@ -15,10 +15,12 @@ PORTS = {
     "reward": (50053, 9103),
     "trainer": (50054, 9104),
     "reward-trainer": (50055, 9105),
+    "playground": (50056, 9106),
 }
 BROKER_PORT = 9092
-HTTP_PORT = 8080  # the generation service's TGI-compatible API
+HTTP_PORT = 8080  # the generation service's HTTP API (TGI and OpenAI chat completions)
 FEEDBACK_HTTP_PORT = 8081  # the feedback service's HTTP JSON API
+PLAYGROUND_PORT = 8082  # the playground's chat page
 PROMETHEUS_PORT = 9090
 UP_ENV = Path("run") / "up.env"
 

@@ -1,4 +1,4 @@
-"""`python -m rlhf.docs` (`make docs`): regenerate the reference parts of docs/operations.md.
+"""`python docs/generate.py` (`make docs`): regenerate the reference parts of docs/operations.md.
 
 The configuration reference comes from the config classes (`rlhf.config.describe`, the same
 rows `--help` prints) and the metrics reference from the Prometheus collectors the modules
@@ -15,6 +15,7 @@ import inspect
 import pkgutil
 import re
 import sys
+import tomllib
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -25,9 +26,9 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import rlhf
 import services
-from rlhf.config import CommonConfig, _default_cache, describe
+from rlhf.config import CommonConfig, Row, _default_cache, describe, sections
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+DOC = Path(__file__).resolve().parent / "operations.md"
 BEGIN = "<!-- BEGIN GENERATED {name}: `make docs` rewrites this block from the code -->"
 END = "<!-- END GENERATED {name} -->"
 # Prometheus' own process and Python collectors: documented upstream, not listed here.
@@ -46,9 +47,9 @@ def _default(shown: str) -> str:
     return shown.replace(str(_default_cache()), "~/.cache/rlhf")
 
 
-def _rows(cls: type, skip: set[tuple[str, str, str, str]]) -> list[str]:
+def _rows(rows: list[Row], skip: set[Row]) -> list[str]:
     lines = ["| variable | type | default | meaning |", "|---|---|---|---|"]
-    for env, kind, default, help_text in describe(cls):
+    for env, kind, default, help_text in rows:
         if (env, kind, default, help_text) in skip:
             continue
         lines.append(f"| `{env}` | {kind} | {_cell(_default(default))} | {_cell(help_text)} |")
@@ -73,11 +74,20 @@ def service_configs() -> list[tuple[str, type]]:
     return sorted(found, key=lambda item: item[0])
 
 
+def _scripts() -> dict[str, str]:
+    """Console scripts (name -> target): the checkout's pyproject.toml when there is one (an
+    editable install's metadata lags behind a script added since), else the installed ones."""
+    pyproject = DOC.parents[1] / "pyproject.toml"
+    if pyproject.exists():
+        return tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    return {script.name: script.value for script in entry_points(group="console_scripts")}
+
+
 def _command(service: str) -> str:
-    """How the service is started: its console script, from the installed package's metadata."""
-    for script in entry_points(group="console_scripts"):
-        if script.value.startswith(f"services.{service}.main:"):
-            return script.name
+    """How the service is started: its console script."""
+    for name, target in _scripts().items():
+        if target.startswith(f"services.{service}.main:"):
+            return name
     return f"python -m services.{service}"
 
 
@@ -85,17 +95,21 @@ def configuration() -> str:
     common = set(describe(CommonConfig))
     lines = [
         "Every service reads its settings from environment variables and lists them with "
-        "`--help`. Secrets show as *(secret)*.",
+        "`--help`. Secrets show as *(secret)*. Groups of settings declared beside the code "
+        "that reads them (an algorithm's knobs) are listed under their own heading.",
         "",
         "### Every service",
         "",
-        *_rows(CommonConfig, set()),
+        *_rows(describe(CommonConfig), set()),
     ]
     for name, cls in service_configs():
         shared = common if issubclass(cls, CommonConfig) else set()
         note = " (and the settings every service has)" if shared else ""
-        lines += ["", f"### {name.replace('_', ' ')}: `{_command(name)}`{note}", ""]
-        lines += _rows(cls, shared)
+        lines += ["", f"### {name.replace('_', ' ')}: `{_command(name)}`{note}"]
+        for title, rows in sections(cls):
+            if title:
+                lines += ["", f"#### {title}"]
+            lines += ["", *_rows(rows, shared)]
     return "\n".join(lines)
 
 

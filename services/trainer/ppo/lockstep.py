@@ -26,7 +26,7 @@ from rlhf.training.online import PPOLearner, Scorer
 
 log = logging.getLogger(__name__)
 
-ITERATE, UPDATE, REBASE, STOP = "iterate", "update", "rebase", "stop"
+ITERATE, REBASE, STOP = "iterate", "rebase", "stop"
 EXPORT, STATE = "export_policy", "state_files"
 
 
@@ -37,7 +37,7 @@ class Lockstep:
         self.learner = learner
         self.world = world
 
-    def __getattr__(self, name: str) -> Any:  # updates, lora, export_policy, state_files, ...
+    def __getattr__(self, name: str) -> Any:  # updates, lora, world, ...
         return getattr(self.learner, name)
 
     def iterate(
@@ -48,18 +48,6 @@ class Lockstep:
     ) -> dict[str, float]:
         self.world.broadcast((ITERATE, [list(p) for p in prompts], prompt_texts))
         return self.learner.iterate(prompts, score, prompt_texts)
-
-    def update(
-        self,
-        prompts: Sequence[Sequence[int]],
-        responses: Sequence[Sequence[int]],
-        scores: Sequence[float],
-    ) -> dict[str, float]:
-        """The global batch in, each rank (this one too) updates on its shard."""
-        self.world.broadcast((UPDATE, prompts, responses, scores))
-        return self.learner.update(
-            *(self.world.shard(rows) for rows in (prompts, responses, scores))
-        )
 
     def export_policy(self) -> PreTrainedModel | None:
         if self.world.sharded:  # a gather every rank must join
@@ -101,8 +89,6 @@ def follow(learner: PPOLearner, world: World, score: Scorer) -> None:
             if command == ITERATE:
                 prompts, prompt_texts = args
                 learner.iterate(prompts, score, prompt_texts)
-            elif command == UPDATE:
-                learner.update(*(world.shard(rows) for rows in args))
             elif command in (EXPORT, STATE):  # this rank's part of a gather to rank 0
                 getattr(learner, command)()
             elif command == REBASE and world.sharded:

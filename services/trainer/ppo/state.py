@@ -13,72 +13,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointError, CheckpointStore, Manifest
-from rlhf.joining import Joined, JoinState, Ledger
 from rlhf.models import policy_checkpoint_files, policy_from_checkpoint
 from rlhf.training.online import LEARNER_FILE, PPOLearner
-from rlhf.training.state import pack_messages, pack_strings, unpack_messages, unpack_strings
-from rlhf.v1 import events_pb2
+from rlhf.training.state import IntakeState, intake_files, intake_from_files
+
+from .intake import QUEUED_GENERATIONS, Intake
 
 log = logging.getLogger(__name__)
 
-INTAKE_TENSORS = "intake.safetensors"
-INTAKE_JSON = "intake.json"
 LOOP_JSON = "loop.json"
-
-
-@dataclass
-class IntakeSnapshot:
-    """The intake at one instant: what it holds and the offsets it has consumed up to."""
-
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    join: JoinState = field(default_factory=lambda: JoinState([], [], []))
-    queue: list[Joined] = field(default_factory=list)
-    used: Ledger = field(default_factory=Ledger)
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-def intake_files(snapshot: IntakeSnapshot) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {
-        **pack_messages("generations", snapshot.join.generations),
-        **pack_messages("orphans", snapshot.join.orphans),
-        **pack_strings("seen", snapshot.join.seen_feedback_ids),
-        **pack_messages("queue.generations", [j.generation for j in snapshot.queue]),
-        **pack_messages("queue.feedback", [j.feedback for j in snapshot.queue]),
-    }
-    meta = {
-        "offsets": [[topic, part, offset] for (topic, part), offset in snapshot.offsets.items()],
-        "used": {"count": snapshot.used.count, "digest": f"{snapshot.used.digest:016x}"},
-        "counters": snapshot.counters,
-    }
-    return tensors, meta
-
-
-def intake_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> IntakeSnapshot:
-    generations = unpack_messages("queue.generations", tensors, events_pb2.GenerationEvent)
-    feedback = unpack_messages("queue.feedback", tensors, events_pb2.FeedbackEvent)
-    return IntakeSnapshot(
-        offsets={(topic, part): offset for topic, part, offset in meta["offsets"]},
-        join=JoinState(
-            generations=unpack_messages("generations", tensors, events_pb2.GenerationEvent),
-            orphans=unpack_messages("orphans", tensors, events_pb2.FeedbackEvent),
-            seen_feedback_ids=unpack_strings("seen", tensors),
-        ),
-        queue=[Joined(g, f) for g, f in zip(generations, feedback, strict=True)],
-        used=Ledger(meta["used"]["count"], int(meta["used"]["digest"], 16)),
-        counters=dict(meta["counters"]),
-    )
 
 
 def write_checkpoint(
     store: CheckpointStore,
     learner: PPOLearner,
-    snapshot: IntakeSnapshot,
+    snapshot: IntakeState,
     parent_version: int,
     lora_base_version: int,
     metadata: dict[str, Any],
@@ -89,19 +44,17 @@ def write_checkpoint(
     if store.discard(PPO_STATE, version):
         log.warning("discarded trainer state v%d left without its policy", version)
     state_tensors, state_json = learner.state_files()
-    intake_tensors, intake_meta = intake_files(snapshot)
+    intake_tensors, intake_json = intake_files(snapshot)
     store.write(
         PPO_STATE,
-        {**state_tensors, INTAKE_TENSORS: intake_tensors},
-        {**state_json, INTAKE_JSON: intake_meta, LOOP_JSON: {"lora_base": lora_base_version}},
+        {**state_tensors, **intake_tensors},
+        {**state_json, **intake_json, LOOP_JSON: {"lora_base": lora_base_version}},
         parent_version=parent_version,
         version=version,
     )
     tensors, json_files = policy_checkpoint_files(learner.export_policy())
-    ledger = {
-        "feedback_used": snapshot.used.count,
-        "feedback_digest": f"{snapshot.used.digest:016x}",
-    }
+    used = snapshot.data["used"]
+    ledger = {"feedback_used": used["count"], "feedback_digest": used["digest"]}
     return store.write(
         POLICY,
         tensors,
@@ -119,7 +72,7 @@ class Resumed:
     learner: PPOLearner
     policy_version: int  # newest published policy (0: the base model)
     lora_base_version: int  # the weights under the LoRA adapter (0: the base model)
-    intake: IntakeSnapshot | None = None  # None: start from the group's committed offsets
+    intake: IntakeState | None = None  # None: start from the group's committed offsets
 
 
 def resume(
@@ -143,9 +96,7 @@ def resume(
     except CheckpointError as exc:
         log.warning("policy v%d has no trainer state (%s); fresh optimizer", version, exc)
         return Resumed(make_learner(policy), version, lora_base_version=version)
-    snapshot = intake_from_files(
-        state.tensors.pop(INTAKE_TENSORS), state.json_files.pop(INTAKE_JSON)
-    )
+    snapshot = intake_from_files(state.tensors, state.json_files, Intake.messages)
     saved_rank = int(state.json_files[LEARNER_FILE]["lora_rank"])
     lora_base = int(state.json_files[LOOP_JSON]["lora_base"])
     if saved_rank != lora_rank:
@@ -166,8 +117,8 @@ def resume(
         "resumed from policy v%d at update %d: %d queued prompts, %d feedback events used",
         version,
         learner.updates,
-        len(snapshot.queue),
-        snapshot.used.count,
+        len(snapshot.messages[QUEUED_GENERATIONS]),
+        snapshot.data["used"]["count"],
     )
     return Resumed(learner, version, lora_base, snapshot)
 

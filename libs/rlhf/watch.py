@@ -1,0 +1,139 @@
+"""One snapshot of the running loop, from the services' own answers: the served policy
+(generation, gRPC), the trainers' status (gRPC), thumbs per policy version and the feedback rate
+(the feedback service's /metrics), live reward per policy version (the reward service's drift
+sample). The `make up` view and the playground both show it. Any source that does not answer is
+left out and named, so a service that restarts never stops a view.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from rlhf.scrape import samples, scrape_url, sum_by
+from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+RATE_WINDOW = 60.0  # seconds the feedback rate is averaged over
+# A trainer busy with a PPO update on 2 cores can take seconds to answer GetStatus.
+CALL_TIMEOUT = 5.0
+
+
+@dataclass
+class VersionRow:
+    """What users and the reward model said about one policy version's answers."""
+
+    version: int
+    thumbs: int = 0
+    up: int = 0
+    scored: int = 0
+    reward_sum: float = 0.0
+
+    @property
+    def up_rate(self) -> float | None:
+        return self.up / self.thumbs if self.thumbs else None
+
+    @property
+    def live_reward(self) -> float | None:
+        return self.reward_sum / self.scored if self.scored else None
+
+
+@dataclass
+class Snapshot:
+    policy: generation_pb2.PolicyInfo | None = None
+    ppo: trainer_pb2.TrainerStatus | None = None
+    reward: trainer_pb2.TrainerStatus | None = None
+    versions: list[VersionRow] = field(default_factory=list)
+    feedback_total: int | None = None
+    feedback_per_minute: float | None = None
+    missing: list[str] = field(default_factory=list)  # sources that did not answer
+
+
+def version_rows(feedback_metrics: str | None, reward_metrics: str | None) -> list[VersionRow]:
+    """Per policy version: thumbs from the feedback service, live reward from the reward one."""
+    rows: dict[int, VersionRow] = {}
+
+    def row(version: str) -> VersionRow:
+        return rows.setdefault(int(version), VersionRow(int(version)))
+
+    if feedback_metrics is not None:
+        found = samples(feedback_metrics)
+        thumbs = sum_by(found, "rlhf_feedback_thumbs_total", "policy_version", "thumb")
+        for (version, thumb), count in thumbs.items():
+            row(version).thumbs += int(count)
+            row(version).up += int(count) if thumb == "up" else 0
+    if reward_metrics is not None:
+        found = samples(reward_metrics)
+        sums = sum_by(found, "rlhf_reward_live_sum", "policy_version")
+        for (version,), count in sum_by(found, "rlhf_reward_live_count", "policy_version").items():
+            row(version).scored += int(count)
+            row(version).reward_sum += sums.get((version,), 0.0)
+    return [rows[version] for version in sorted(rows)]
+
+
+class Watcher:
+    """Takes snapshots of a running platform; keeps its channels open between them.
+
+    `addresses` are gRPC host:port by service name (generation, trainer, reward-trainer),
+    `metrics_urls` the /metrics URLs (feedback, reward); a service left out is not asked."""
+
+    def __init__(self, addresses: Mapping[str, str], metrics_urls: Mapping[str, str]) -> None:
+        self._channels = {name: grpc.insecure_channel(a) for name, a in addresses.items()}
+        self._metrics_urls = dict(metrics_urls)
+        self._accepted: deque[tuple[float, float]] = deque()
+
+    def _status(self, name: str, missing: list[str]) -> trainer_pb2.TrainerStatus | None:
+        if name not in self._channels:
+            return None
+        try:
+            stub = trainer_pb2_grpc.TrainerServiceStub(self._channels[name])
+            return stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=CALL_TIMEOUT)
+        except grpc.RpcError:
+            missing.append(name)
+            return None
+
+    def _metrics(self, name: str, missing: list[str]) -> str | None:
+        if name not in self._metrics_urls:
+            return None
+        try:
+            return scrape_url(self._metrics_urls[name], timeout=CALL_TIMEOUT)
+        except OSError:
+            missing.append(f"{name} metrics")
+            return None
+
+    def _feedback_rate(self, total: float) -> float | None:
+        """Accepted feedback per minute over the last RATE_WINDOW seconds."""
+        now = time.monotonic()
+        self._accepted.append((now, total))
+        while now - self._accepted[0][0] > RATE_WINDOW:
+            self._accepted.popleft()
+        then, before = self._accepted[0]
+        if now - then < 1.0:
+            return None
+        return max(0.0, total - before) * 60.0 / (now - then)
+
+    def snapshot(self) -> Snapshot:
+        shot = Snapshot()
+        try:
+            if "generation" in self._channels:
+                stub = generation_pb2_grpc.GenerationServiceStub(self._channels["generation"])
+                request = generation_pb2.GetPolicyInfoRequest()
+                shot.policy = stub.GetPolicyInfo(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError:
+            shot.missing.append("generation")
+        shot.ppo = self._status("trainer", shot.missing)
+        shot.reward = self._status("reward-trainer", shot.missing)
+        feedback = self._metrics("feedback", shot.missing)
+        shot.versions = version_rows(feedback, self._metrics("reward", shot.missing))
+        if feedback is not None:
+            accepted = sum(sum_by(samples(feedback), "rlhf_feedback_accepted_total").values())
+            shot.feedback_total = int(accepted)
+            shot.feedback_per_minute = self._feedback_rate(accepted)
+        return shot
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()

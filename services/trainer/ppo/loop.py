@@ -1,0 +1,246 @@
+"""The ppo stage's work: joined prompts in, PPO iterations, policy checkpoints out.
+
+Each unit of work takes a batch of prompts that received feedback, runs a PPO iteration
+(rollouts from the trainer's policy, scored by the reward service; `rlhf.training.online`) and
+every `publish_every` updates writes a checkpoint: trainer state vN (including the intake's join
+state and the offsets it covers) and then policy vN, and hands it to the stage skeleton, which
+announces the policy and only then commits those offsets. A restarted trainer resumes from the
+state and seeks to its offsets, so every feedback event is used exactly once across crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from rlhf.checkpoints import POLICY, PPO_STATE, Manifest
+from rlhf.clients import RewardUnavailable
+from rlhf.joining import Joined
+from rlhf.models import policy_from_checkpoint
+from rlhf.scoring import reward_prompt
+from rlhf.training.distributed import ShardFailed
+from rlhf.training.online import PPOLearner, Scorer
+
+from ..servicer import COLLECTING, COMMAND_TIMEOUT, TRAINING
+from ..stage import Stage, StageParts
+from .intake import Intake
+from .lockstep import Lockstep
+from .state import write_checkpoint
+
+log = logging.getLogger(__name__)
+
+STATS = Gauge("rlhf_trainer_stat", "last PPO statistics, named like TRL's", ["name"])
+UPDATES = Counter("rlhf_trainer_updates_total", "PPO updates done")
+PUBLISHED_VERSION = Gauge("rlhf_trainer_published_version", "last policy version published")
+FAILED_BATCHES = Counter("rlhf_trainer_failed_batches_total", "PPO iterations that raised")
+STALENESS = Gauge(
+    "rlhf_trainer_data_staleness_seconds", "age of the oldest prompt in the last PPO batch"
+)
+KL_WARNINGS = Counter(
+    "rlhf_trainer_kl_warnings_total", "PPO updates whose KL was negative or exploded", ["kind"]
+)
+ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "operator rollbacks of the policy")
+
+# A sampled k1 KL estimate of a few hundredths below 0 is noise; below this it is a bug
+# (sampling and scoring temperatures or masks differ).
+NEGATIVE_KL_TOLERANCE = -0.05
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    batch_size: int = 8
+    publish_every: int = 1
+    kl_alarm: float = 50.0  # nats per sequence: above it, warn that KL exploded
+    metrics_log: Path | None = None
+    protect: frozenset[int] = frozenset()  # policy versions never pruned (the reference)
+
+
+class TrainingLoop(Stage):
+    """Runs PPO iterations as joined prompts arrive and publishes policy checkpoints."""
+
+    name = "ppo"
+    product_kind, state_kind = POLICY, PPO_STATE
+
+    def __init__(
+        self,
+        parts: StageParts,
+        learner: PPOLearner | Lockstep,
+        score: Scorer,
+        settings: LoopSettings,
+        start_version: int,
+        lora_base_version: int = 0,
+    ) -> None:
+        super().__init__(parts, policy_version=start_version, step=learner.updates)
+        self.learner, self._score, self.settings = learner, score, settings
+        self.intake: Intake = parts.intake  # type: ignore[assignment]
+        self._lora_base = lora_base_version
+        self._last_stats: dict[str, float] = {}
+
+    def live_status(self) -> dict[str, Any]:
+        return {"pending_prompts": len(self.intake), "feedback_used": self.intake.used.count}
+
+    # Operator commands -----------------------------------------------------------------------
+
+    def checkpoint_now(self, timeout: float = COMMAND_TIMEOUT) -> Manifest:
+        """Write and announce a checkpoint of the current policy, after the running update."""
+        return self.run_command(lambda: self._publish(self._last_stats), timeout)
+
+    def rollback(self, version: int, pause: bool, timeout: float = COMMAND_TIMEOUT) -> Manifest:
+        """Serve policy `version`'s weights again, as a new version, and train on from them.
+
+        Raises CheckpointError if the version is not in the store or fails verification.
+        """
+        return self.run_command(lambda: self._rollback(version, pause), timeout)
+
+    def _rollback(self, version: int, pause: bool) -> Manifest:
+        if pause:
+            self.pause()
+        weights = policy_from_checkpoint(self._store.load(POLICY, version))
+        self.learner.rebase(weights)
+        if self.learner.lora.enabled:  # a fresh adapter starts over these weights
+            self._lora_base = (self._store.latest_version(POLICY) or 0) + 1
+        manifest = self._publish(self._last_stats, rolled_back_from=version)
+        ROLLBACKS.inc()
+        log.warning("rolled back: policy v%d serves v%d's weights", manifest.version, version)
+        return manifest
+
+    # The work ---------------------------------------------------------------------------------
+
+    def work(self) -> bool:
+        queued, wanted = len(self.intake), self.settings.batch_size
+        if queued < wanted:
+            self.set_phase(COLLECTING, f"{queued} of {wanted} prompts with feedback for a batch")
+            return False
+        batch, staleness = self.intake.take(wanted)
+        if not batch:  # all of them were too old
+            return True
+        self.set_phase(TRAINING, f"PPO on batches of {wanted} prompts with feedback")
+        try:
+            self.step(batch, staleness)
+        except Exception:  # one bad batch must not stop training for good
+            FAILED_BATCHES.inc()
+            log.exception("PPO iteration failed; dropping its %d prompts", len(batch))
+        return True
+
+    def step(self, batch: list[Joined], staleness: float = 0.0) -> dict[str, float] | None:
+        """One PPO iteration on a batch of joined prompts; publishes when it is time."""
+        prompts = [list(j.generation.prompt_token_ids) for j in batch]
+        # The reward model is asked about the user's words, as it was trained (not the template).
+        texts = [reward_prompt(j.generation) for j in batch]
+        try:
+            stats = self.learner.iterate(prompts, self._score, prompt_texts=texts)
+        except (RewardUnavailable, ShardFailed) as exc:
+            log.warning("rollouts or rewards unavailable (%s); retrying the batch shortly", exc)
+            self.intake.put_back(batch)
+            self.wait(2.0)
+            return None
+        self.intake.mark_used(batch)
+        stats["data/staleness_seconds"] = staleness
+        self._record(stats)
+        if self.learner.updates % self.settings.publish_every == 0:
+            self._publish(stats)
+        return stats
+
+    def _record(self, stats: dict[str, float]) -> None:
+        """Export an update's statistics: gauges, status, log line, JSONL, KL warnings."""
+        UPDATES.inc()
+        for name, value in stats.items():
+            STATS.labels(name).set(value)
+        STALENESS.set(stats["data/staleness_seconds"])
+        self._last_stats = stats
+        self.update_status(
+            step=self.learner.updates,
+            kl=stats["objective/kl"],
+            mean_reward=stats["objective/scores"],
+            metrics=dict(stats),
+            data_staleness_seconds=stats["data/staleness_seconds"],
+        )
+        log.info(
+            "ppo update %d: reward %.3f kl %.3f",
+            self.learner.updates,
+            stats["objective/scores"],
+            stats["objective/kl"],
+        )
+        self._warn_about_kl(stats["objective/kl"])
+        if self.settings.metrics_log is not None:
+            self._append_jsonl(stats)
+
+    def _warn_about_kl(self, kl: float) -> None:
+        if kl < NEGATIVE_KL_TOLERANCE:
+            KL_WARNINGS.labels("negative").inc()
+            log.warning(
+                "KL to the reference is negative (%.3f nats) at update %d: the logprobs used "
+                "for the update do not match the sampling distribution (temperature, top-k/top-p "
+                "or masking differ between rollout and scoring)",
+                kl,
+                self.learner.updates,
+            )
+        elif kl > self.settings.kl_alarm or not math.isfinite(kl):
+            KL_WARNINGS.labels("exploded").inc()
+            log.warning(
+                "KL to the reference exploded (%.1f nats > %.1f) at update %d: the policy is "
+                "drifting far from the reference; lower the learning rate, raise the KL "
+                "coefficient or roll back (rlhf rollback)",
+                kl,
+                self.settings.kl_alarm,
+                self.learner.updates,
+            )
+
+    def _append_jsonl(self, stats: dict[str, float]) -> None:
+        path = self.settings.metrics_log
+        assert path is not None
+        line = {
+            "time": time.time(),
+            "step": self.learner.updates,
+            "policy_version": self._status.policy_version,
+            "feedback_used": self.intake.used.count,
+            **stats,
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+        except OSError as exc:  # a full or read-only disk must not stop training
+            log.warning("could not append to the metrics log %s: %s", path, exc)
+
+    # Checkpoints ------------------------------------------------------------------------------
+
+    def _publish(self, stats: dict[str, float], rolled_back_from: int = 0) -> Manifest:
+        """Write trainer state and policy; the skeleton announces, prunes and commits."""
+        snapshot = self.intake.snapshot()
+        metadata: dict[str, Any] = {
+            "stats": stats,
+            "updates": self.learner.updates,
+            "data_parallel_ranks": self.learner.world.size,
+        }
+        if rolled_back_from:
+            metadata["rolled_back_from"] = rolled_back_from
+        manifest = write_checkpoint(
+            self._store,
+            self.learner,
+            snapshot,
+            parent_version=self._status.policy_version,
+            lora_base_version=self._lora_base,
+            metadata=metadata,
+        )
+        self.checkpoint_written(manifest, snapshot.offsets)
+        return manifest
+
+    def announced(self, manifest: Manifest) -> None:
+        self.update_status(policy_version=manifest.version)
+        PUBLISHED_VERSION.set(manifest.version)
+
+    def prune(self) -> None:
+        # With LoRA, the adapter's base weights must outlive pruning: resuming needs them.
+        protect = self.settings.protect
+        if self.learner.lora.enabled:
+            protect = protect | {self._lora_base}
+        self._store.prune(POLICY, keep=self.keep.checkpoints, protect=protect)
+        self._store.prune(PPO_STATE, keep=self.keep.states)

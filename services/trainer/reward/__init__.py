@@ -1,0 +1,1 @@
+"""The reward stage: the reward model trained from thumbs, rankings, scores and corrections."""
