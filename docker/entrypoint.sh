@@ -11,16 +11,17 @@ services:
   generation        serve the policy (gRPC, and HTTP: TGI and OpenAI chat completions)
   feedback          ingest users' feedback
   reward            serve the reward model
-  trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo or reward)
+  trainer           a trainer stage (RLHF_TRAINER_STAGE: ppo, reward or sft)
   simulated-users   demo traffic
   playground        a chat page where people rate answers
   topics            create the Kafka topics (python -m rlhf.topics_cli --help)
+  broker            an in-memory Kafka-compatible broker with the topics, for trials only
 USAGE
 }
 
 service="${1:-}"
 case "$service" in
-    generation | feedback | reward | trainer | simulated-users | playground)
+    generation | feedback | reward | trainer | simulated-users | playground | broker)
         shift
         exec "rlhf-$service" "$@"
         ;;

@@ -254,6 +254,16 @@ def build() -> Schema:
                 }
             }
         ),
+        "devBroker": obj(
+            {
+                "enabled": BOOLEAN,
+                "port": ref("port"),
+                "resources": ref("resources"),
+                "nodeSelector": STRING_MAP,
+                "tolerations": ref("tolerations"),
+            },
+            required=["enabled", "port"],
+        ),
         "topics": obj(
             {
                 "create": BOOLEAN,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import secrets
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,63 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def gpu_values() -> dict[str, Any]:
     return yaml.safe_load((CHART / "values-gpu.yaml").read_text())
+
+
+def local_values() -> dict[str, Any]:
+    """values-local.yaml: one node, the development broker, the image built there."""
+    return yaml.safe_load((CHART / "values-local.yaml").read_text())
+
+
+@dataclass
+class Install:
+    """A `helm install` command of the README: release, namespace, -f files, --set values."""
+
+    release: str
+    namespace: str
+    values_files: list[Path]
+    sets: list[str]
+
+    def values(self) -> dict[str, Any]:
+        """The values Helm would merge: the files in order, then the --set values."""
+        out: dict[str, Any] = {}
+        for path in self.values_files:
+            out = merged(out, yaml.safe_load(path.read_text()))
+        for expression in self.sets:
+            out = merged(out, helm.parse_set_string(expression))
+        return out
+
+
+def readme_local_install() -> Install:
+    """The README's single-node install (the one `helm install` with values-local.yaml), with
+    each `$(openssl rand -hex N)` replaced by N random bytes in hex, as the shell would."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deploy on Kubernetes", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        c
+        for c in re.findall(r"helm install .*?(?=\n\s*```)", section, re.S)
+        if "values-local.yaml" in c
+    ]
+    assert len(commands) == 1, "the README has one helm install with values-local.yaml"
+    words = shlex.split(commands[0].replace("\\\n", " "))
+    assert words[:2] == ["helm", "install"] and words[3] == "deploy/helm/rlhf", words
+    install = Install(release=words[2], namespace="default", values_files=[], sets=[])
+    rest = iter(words[4:])
+    for word in rest:
+        if word == "-n":
+            install.namespace = next(rest)
+        elif word == "-f":
+            install.values_files.append(ROOT / next(rest))
+        elif word == "--set":
+            install.sets.append(
+                re.sub(
+                    r"\$\(openssl rand -hex (\d+)\)",
+                    lambda m: secrets.token_hex(int(m.group(1))),
+                    next(rest),
+                )
+            )
+        elif word != "--create-namespace":
+            raise AssertionError(f"the README's install has {word!r}: teach readme_local_install")
+    return install
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -191,9 +250,11 @@ def invalid(docs: list[dict[str, Any]], kube_version: str) -> tuple[list[str], s
     return errors, unchecked
 
 
-def render(chart: helm.Chart, values: dict[str, Any]) -> Rendered:
+def render(
+    chart: helm.Chart, values: dict[str, Any], release: str = RELEASE, namespace: str = NAMESPACE
+) -> Rendered:
     """Render like `helm install` would (schema checked), parse strictly, drop empty files."""
-    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    out = chart.render(values, name=release, namespace=namespace, is_install=True)
     docs, notes = [], ""
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):

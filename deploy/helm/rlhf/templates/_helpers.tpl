@@ -71,7 +71,14 @@ rlhf.io/stage: {{ index . 2 }}
 {{- end -}}
 
 {{- define "rlhf.kafkaBootstrap" -}}
-{{- required "externalKafka.bootstrapServers is required: host:port[,host:port] of your Kafka brokers (this chart does not install Kafka)" .Values.externalKafka.bootstrapServers -}}
+{{- if .Values.devBroker.enabled -}}
+{{- if .Values.externalKafka.bootstrapServers -}}
+{{- fail "devBroker.enabled and externalKafka.bootstrapServers are both set: use your Kafka cluster or the development broker, not both" -}}
+{{- end -}}
+{{- printf "%s.%s.svc:%v" (include "rlhf.componentName" (list . "broker")) .Release.Namespace .Values.devBroker.port -}}
+{{- else -}}
+{{- required "externalKafka.bootstrapServers is required: host:port[,host:port] of your Kafka brokers (this chart does not install Kafka; devBroker.enabled runs a throwaway one for trials)" .Values.externalKafka.bootstrapServers -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The image of a workload: (list root gpuCount). GPU workloads run the CUDA variant. */}}
