@@ -5,18 +5,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker
+from rlhf.checkpoints import REWARD, CheckpointStore
 from rlhf.config import CommonConfig, load_config
-from rlhf.models import TINY
+from rlhf.models import TINY, load_reward_backbone, reward_checkpoint_files
 from rlhf.scrape import scrape as scrape_port
 from rlhf.server import RunningServer, Service
 from services.generation.config import GenerationConfig
 from services.trainer.config import TrainerConfig
+from services.trainer.stage import announce
 
 ID_KEY = "test-generation-id-key-0123456789"
 API_KEY = "test-api-key-0123456789"
@@ -68,6 +71,17 @@ def trainer_config(fields: dict[str, Any], **env: object) -> TrainerConfig:
     broker and the checkpoint store (`fields`)."""
     config = load_config(TrainerConfig, {name: str(value) for name, value in env.items()})
     return dataclasses.replace(config, **fields)
+
+
+def publish_reward_model(bootstrap: str, checkpoint_dir: Path) -> int:
+    """Write the tiny reward model to the store as the next reward version and announce it, as
+    the reward stage publishes one; returns its version. Its scores mean nothing: tests of the
+    loop's plumbing need a published reward model (PPO waits for one), not a good one."""
+    store = CheckpointStore(checkpoint_dir)
+    manifest = store.write(REWARD, *reward_checkpoint_files(load_reward_backbone(TINY)[0]))
+    with bus.Publisher(bootstrap, client_id="test-reward-model") as publisher:
+        assert announce(publisher, manifest)
+    return manifest.version
 
 
 def serve(service: Service) -> RunningServer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +12,15 @@ from rlhf import decoding
 from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Rewards of a batch of (prompt, response) pairs, and the reward model version that gave
+    them (the oldest, if a hot swap landed mid-batch; 0: the untrained head or unknown)."""
+
+    values: list[float]
+    model_version: int = 0
+
+
 class RewardUnavailable(Exception):
     """The reward service could not score a batch (down, overloaded, or refused it)."""
 
@@ -18,15 +28,50 @@ class RewardUnavailable(Exception):
 class RewardClient:
     """Scores (prompt, response) pairs through the reward service, in chunks it accepts."""
 
-    def __init__(self, address: str, timeout: float = 30.0, chunk: int = 32) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        chunk: int = 32,
+        min_model_version: int = 0,
+        stale_wait: float = 30.0,
+    ) -> None:
+        """`min_model_version`: scores from an older reward model are not returned: the pairs
+        are scored again (a hot swap may be under way) for up to `stale_wait` seconds, then
+        RewardUnavailable (the caller retries the batch later)."""
         self._channel = grpc.insecure_channel(address)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
         self._timeout = timeout
         self._chunk = chunk
-        self.last_model_version = 0
+        self.min_model_version = min_model_version
+        self._stale_wait = stale_wait
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def model_version(self) -> int:
+        """The reward model version the service serves now (0: the untrained head)."""
+        try:
+            reply = self._stub.GetModelInfo(reward_pb2.GetModelInfoRequest(), timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise RewardUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+        return reply.version
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> Scores:
+        """Scores of (prompt, response) pairs and the oldest reward model version that scored
+        them (a hot swap can land between two chunks), at least `min_model_version`."""
+        deadline = time.monotonic() + self._stale_wait
+        while True:
+            scored = self._score(prompts, responses)
+            if scored.model_version >= self.min_model_version:
+                return scored
+            if time.monotonic() >= deadline:
+                raise RewardUnavailable(
+                    f"the reward service serves reward model v{scored.model_version}; scores "
+                    f"of v{self.min_model_version} or newer are needed"
+                )
+            time.sleep(1.0)
+
+    def _score(self, prompts: list[str], responses: list[str]) -> Scores:
         scores: list[float] = []
+        versions: list[int] = []
         for start in range(0, len(prompts), self._chunk):
             pairs = [
                 reward_pb2.ScoredPair(prompt=p, response=r)
@@ -43,8 +88,8 @@ class RewardClient:
             except grpc.RpcError as exc:
                 raise RewardUnavailable(f"{exc.code().name}: {exc.details()}") from exc
             scores.extend(reply.scores)
-            self.last_model_version = reply.model_version
-        return scores
+            versions.append(reply.model_version)
+        return Scores(scores, min(versions, default=0))
 
     def close(self) -> None:
         self._channel.close()

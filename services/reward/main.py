@@ -45,7 +45,7 @@ class RewardService:
             max_queued=config.max_queued_pairs,
         )
         self.drift = self._drift_sampler(config) if config.drift_sample > 0 else None
-        self.servicer = RewardServicer(config, self.batcher)
+        self.servicer = RewardServicer(config, self.batcher, self.model)
 
     def score_batch(self, pairs: Sequence[PromptResponse]) -> tuple[list[float], int]:
         """One forward pass with the model served right now; a hot swap lands between batches."""

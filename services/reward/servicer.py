@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import Counter, Histogram
+from transformers import PreTrainedModel
 
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.scoring import ScoreBatcher
+from rlhf.serving import HotSwap
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 
 from .config import RewardConfig
@@ -31,9 +33,23 @@ def _timeout(context: grpc.ServicerContext) -> float | None:
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, config: RewardConfig, batcher: ScoreBatcher) -> None:
+    def __init__(
+        self, config: RewardConfig, batcher: ScoreBatcher, served: HotSwap[PreTrainedModel]
+    ) -> None:
         self._config = config
         self._batcher = batcher
+        self._served = served
+
+    def GetModelInfo(
+        self, request: reward_pb2.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> reward_pb2.ModelInfo:
+        served = self._served.current()
+        return reward_pb2.ModelInfo(
+            version=served.version,
+            manifest_sha256=served.manifest_sha256,
+            loaded_at=served.loaded_at,
+            model=self._config.reward_model,
+        )
 
     def Score(
         self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext

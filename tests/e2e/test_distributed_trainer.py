@@ -36,6 +36,7 @@ def test_two_rank_trainer_trains_publishes_and_stops_cleanly(
         "RLHF_POLICY_MODEL": "tiny-random",
         "RLHF_REWARD_ADDRESS": f"127.0.0.1:{reward.port}",
         "RLHF_TRAINER_GROUP": f"ddp-{uuid.uuid4().hex[:8]}",
+        "RLHF_PPO_MIN_REWARD_VERSION": "0",  # the untrained reward head serves the plumbing
         "RLHF_PPO_BATCH_SIZE": "4",
         "RLHF_PPO_MINIBATCH_SIZE": "2",
         "RLHF_PPO_EPOCHS": "1",

@@ -55,6 +55,9 @@ def folders(tmp_path_factory):
         "RLHF_CHECKPOINT_DIR": str(root / "checkpoints"),
         "RLHF_UP_RUN_DIR": str(root / "run"),
         "RLHF_POLICY_MODEL": "tiny-random",
+        # The plumbing of `make up` on tiny models: PPO may train on the untrained reward head
+        # (with SmolLM2 it waits for the first reward model; tests/e2e/test_loop.py pins that).
+        "RLHF_PPO_MIN_REWARD_VERSION": "0",
         "RLHF_REWARD_MODEL": "tiny-random",
         "RLHF_SIM_PAUSE_SECONDS": "0.2",
         "RLHF_SIM_USERS": "2",

@@ -6,6 +6,7 @@ VADER sentiment.
 """
 
 import random
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,8 @@ from rlhf.v1 import (
     common_pb2,
     generation_pb2,
     generation_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
     trainer_pb2,
     trainer_pb2_grpc,
 )
@@ -27,7 +30,15 @@ from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.users import SimulatedUser, Tally
 from services.trainer.ppo.service import PPOTrainerService
-from tests.conftest import API_KEY, ID_KEY, TENANT, serve, trainer_config, wait_until
+from tests.conftest import (
+    API_KEY,
+    ID_KEY,
+    TENANT,
+    publish_reward_model,
+    serve,
+    trainer_config,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -65,15 +76,60 @@ def platform(broker, cache_dir, tmp_path):
         )
     )
     channels = {name: grpc.insecure_channel(f"127.0.0.1:{s.port}") for name, s in servers.items()}
+    channels["bootstrap"], channels["store"] = broker.bootstrap, store
     yield channels, CheckpointStore(store)
-    for channel in channels.values():
-        channel.close()
+    for name in ("trainer", "feedback", "generation", "reward"):
+        channels[name].close()
     for name in ("trainer", "feedback", "generation", "reward"):
         servers[name].stop()
 
 
+def _reward_model_served(channels) -> int:
+    """Publish a reward model (PPO waits for one) and wait until the reward service serves it."""
+    version = publish_reward_model(channels["bootstrap"], channels["store"])
+    reward = reward_pb2_grpc.RewardServiceStub(channels["reward"])
+    request = reward_pb2.GetModelInfoRequest()
+    assert wait_until(lambda: reward.GetModelInfo(request).version == version, timeout=60)
+    return version
+
+
+def test_ppo_waits_for_a_trained_reward_model_and_says_why(platform):
+    """Before any reward model is published, feedback is consumed and joined but PPO does not
+    train on the untrained head's scores: no policy, and the status says what it waits for.
+    Once a reward model is served, training starts and every update names its version."""
+    channels, store = platform
+    generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
+    trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
+    user = SimulatedUser(
+        channels["generation"], channels["feedback"], API_KEY, 0.3, 8, random.Random(2), Tally()
+    )
+    for _ in range(3):
+        user.interact(timeout=60)
+
+    def status():
+        return trainer.GetStatus(trainer_pb2.GetStatusRequest())
+
+    assert wait_until(lambda: status().pending_prompts >= 3, timeout=60)
+    assert wait_until(lambda: status().phase == "waiting", timeout=30)
+    waiting = status()
+    assert "reward model v1" in waiting.phase_detail and "v0" in waiting.phase_detail
+    time.sleep(6)  # longer than the guard's polling interval: still nothing trained
+    assert status().step == 0 and store.versions(POLICY) == []
+    info = generation_pb2.GetPolicyInfoRequest()
+    assert generation.GetPolicyInfo(info).version == 0
+
+    version = _reward_model_served(channels)
+    assert wait_until(lambda: generation.GetPolicyInfo(info).version >= 1, timeout=120), status()
+    trained = status()
+    assert trained.step >= 1 and trained.reward_version == version
+    assert trained.metrics["reward/model_version"] == version
+    manifest, _ = store.read_manifest(POLICY, store.versions(POLICY)[0])
+    assert manifest.metadata["stats"]["reward/model_version"] == version
+
+
 def test_feedback_turns_into_a_new_served_policy(platform):
     channels, store = platform
+    _reward_model_served(channels)
     generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
     trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
     fixed = generation_pb2.GenerateRequest(
@@ -113,6 +169,7 @@ def test_feedback_turns_into_a_new_served_policy(platform):
 
 def test_an_operator_checkpoints_pauses_and_rolls_back_the_served_policy(platform):
     channels, store = platform
+    _reward_model_served(channels)
     generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
     trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
     info = generation_pb2.GetPolicyInfoRequest()

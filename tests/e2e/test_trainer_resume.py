@@ -87,6 +87,7 @@ def test_a_killed_trainer_resumes_and_uses_every_feedback_event_exactly_once(
         "RLHF_REWARD_ADDRESS": f"127.0.0.1:{reward.port}",
         "RLHF_TRAINER_GROUP": f"resume-{uuid.uuid4().hex[:8]}",
         "RLHF_KAFKA_MAX_POLL_INTERVAL_MS": "4000",
+        "RLHF_PPO_MIN_REWARD_VERSION": "0",  # the untrained reward head serves the plumbing
         "RLHF_PPO_BATCH_SIZE": "2",
         "RLHF_PPO_MINIBATCH_SIZE": "2",
         "RLHF_PPO_EPOCHS": "1",

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import decoding
+from rlhf.clients import Scores
 from rlhf.config import ConfigError, SeedSettings, setting
 from rlhf.training.distributed import SINGLE, ShardFailed, World
 from rlhf.training.pool import PoolRollouts, PoolSampler
@@ -39,8 +40,9 @@ from rlhf.training.ppo import ValueHead, build_rollout, ppo_step
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.state import load_optimizer_state, optimizer_state
 
-# (prompts, responses) -> one scalar per pair
-Scorer = Callable[[list[str], list[str]], list[float]]
+# (prompts, responses) -> one scalar per pair, with the reward model version that gave them
+# (a plain list: version unknown, reported as 0)
+Scorer = Callable[[list[str], list[str]], Scores | list[float]]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -246,13 +248,26 @@ class PPOLearner:
             completions, pooled = self._rollouts(prompts, first_row)
             responses = [c.token_ids for c in completions]
             response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            scores = score(list(prompt_texts), response_texts)
+            scored = score(list(prompt_texts), response_texts)
         except Exception:
             self.world.any_failed(True)
             raise
         if self.world.any_failed(False):
             raise ShardFailed("another rank could not sample or score its share of the batch")
-        return self.update(prompts, responses, scores, pooled)
+        if not isinstance(scored, Scores):
+            scored = Scores(list(scored))
+        stats = self.update(prompts, responses, scored.values, pooled)
+        # The oldest reward model that scored any rank's share: what this update optimised.
+        stats["reward/model_version"] = float(self._global_min(scored.model_version))
+        return stats
+
+    def _global_min(self, value: int) -> int:
+        """The smallest of every rank's `value` (one collective: each rank fills its slot)."""
+        if not self.world.distributed:
+            return value
+        slots = torch.zeros(self.world.size, device=self.world.device)
+        slots[self.world.rank] = value
+        return int(self.world.all_sum(slots).min().item())
 
     def update(
         self,

@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\".\n\nScoredPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"2\n\x0cScoreRequest\x12\"\n\x05pairs\x18\x01 \x03(\x0b\x32\x13.rlhf.v1.ScoredPair\"6\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x32G\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\"\x15\n\x13GetModelInfoRequest\"W\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\x11\n\tloaded_at\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\".\n\nScoredPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"2\n\x0cScoreRequest\x12\"\n\x05pairs\x18\x01 \x03(\x0b\x32\x13.rlhf.v1.ScoredPair\"6\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x32\x89\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12@\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREDPAIR']._serialized_start=33
-  _globals['_SCOREDPAIR']._serialized_end=79
-  _globals['_SCOREREQUEST']._serialized_start=81
-  _globals['_SCOREREQUEST']._serialized_end=131
-  _globals['_SCORERESPONSE']._serialized_start=133
-  _globals['_SCORERESPONSE']._serialized_end=187
-  _globals['_REWARDSERVICE']._serialized_start=189
-  _globals['_REWARDSERVICE']._serialized_end=260
+  _globals['_GETMODELINFOREQUEST']._serialized_start=33
+  _globals['_GETMODELINFOREQUEST']._serialized_end=54
+  _globals['_MODELINFO']._serialized_start=56
+  _globals['_MODELINFO']._serialized_end=143
+  _globals['_SCOREDPAIR']._serialized_start=145
+  _globals['_SCOREDPAIR']._serialized_end=191
+  _globals['_SCOREREQUEST']._serialized_start=193
+  _globals['_SCOREREQUEST']._serialized_end=243
+  _globals['_SCORERESPONSE']._serialized_start=245
+  _globals['_SCORERESPONSE']._serialized_end=299
+  _globals['_REWARDSERVICE']._serialized_start=302
+  _globals['_REWARDSERVICE']._serialized_end=439
 # @@protoc_insertion_point(module_scope)

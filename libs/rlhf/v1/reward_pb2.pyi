@@ -6,6 +6,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("version", "manifest_sha256", "loaded_at", "model")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    manifest_sha256: str
+    loaded_at: float
+    model: str
+    def __init__(self, version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., loaded_at: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+
 class ScoredPair(_message.Message):
     __slots__ = ("prompt", "response")
     PROMPT_FIELD_NUMBER: _ClassVar[int]

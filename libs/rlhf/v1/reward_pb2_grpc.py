@@ -40,6 +40,11 @@ class RewardServiceStub:
                 request_serializer=rlhf_dot_v1_dot_reward__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_reward__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/rlhf.v1.RewardService/GetModelInfo',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -52,6 +57,13 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelInfo(self, request, context):
+        """The reward model served right now (the ppo stage waits for a trained one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=rlhf_dot_v1_dot_reward__pb2.ScoreRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_reward__pb2.ScoreResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class RewardService:
             '/rlhf.v1.RewardService/Score',
             rlhf_dot_v1_dot_reward__pb2.ScoreRequest.SerializeToString,
             rlhf_dot_v1_dot_reward__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/GetModelInfo',
+            rlhf_dot_v1_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

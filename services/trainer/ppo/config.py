@@ -21,6 +21,13 @@ class PPOStageConfig:
     reward_address: str = setting(
         "RLHF_REWARD_ADDRESS", "127.0.0.1:50053", "host:port of the reward service"
     )
+    min_reward_version: int = setting(
+        "RLHF_PPO_MIN_REWARD_VERSION",
+        1,
+        "PPO trains only on batches scored by a reward model of at least this version: it waits "
+        "until the reward service serves one, and a batch scored by an older one is scored "
+        "again, not trained on (0 = whatever is served, the untrained head included)",
+    )
     batch_size: int = setting("RLHF_PPO_BATCH_SIZE", 8, "prompts per PPO rollout batch")
     publish_every: int = setting(
         "RLHF_PUBLISH_EVERY_UPDATES", 1, "PPO updates between published policy checkpoints"
@@ -79,6 +86,8 @@ class PPOStageConfig:
     lora: LoraSettings = group(LoraSettings, "ppo LoRA")
 
     def validate(self) -> None:
+        if self.min_reward_version < 0:
+            raise ConfigError("RLHF_PPO_MIN_REWARD_VERSION must be >= 0")
         if self.batch_size < 1 or self.publish_every < 1:
             raise ConfigError("RLHF_PPO_BATCH_SIZE and RLHF_PUBLISH_EVERY_UPDATES must be positive")
         if self.max_staleness_seconds <= 0:

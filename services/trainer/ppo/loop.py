@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from rlhf.scoring import reward_prompt
 from rlhf.training.distributed import ShardFailed
 from rlhf.training.online import PPOLearner, Scorer
 
-from ..servicer import COLLECTING, COMMAND_TIMEOUT, TRAINING
+from ..servicer import COLLECTING, COMMAND_TIMEOUT, TRAINING, WAITING
 from ..stage import Stage, StageParts
 from .intake import Intake
 from .lockstep import Lockstep
@@ -48,6 +49,8 @@ KL_WARNINGS = Counter(
 )
 ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "operator rollbacks of the policy")
 
+# How often a ppo stage waiting for a trained reward model asks the reward service again.
+REWARD_CHECK_SECONDS = 5.0
 # A sampled k1 KL estimate of a few hundredths below 0 is noise; below this it is a bug
 # (sampling and scoring temperatures or masks differ).
 NEGATIVE_KL_TOLERANCE = -0.05
@@ -58,6 +61,7 @@ class LoopSettings:
     batch_size: int = 8
     publish_every: int = 1
     kl_alarm: float = 50.0  # nats per sequence: above it, warn that KL exploded
+    min_reward_version: int = 0  # no PPO before the reward service serves this version
     metrics_log: Path | None = None
     protect: frozenset[int] = frozenset()  # policy versions never pruned (the reference)
 
@@ -76,9 +80,15 @@ class TrainingLoop(Stage):
         settings: LoopSettings,
         start_version: int,
         lora_base_version: int = 0,
+        reward_version: Callable[[], int] | None = None,
     ) -> None:
+        """`reward_version`: asks the reward service which reward model it serves (needed
+        with a minimum version in `settings`)."""
         super().__init__(parts, policy_version=start_version, step=learner.updates)
         self.learner, self._score, self.settings = learner, score, settings
+        self._reward_version = reward_version
+        self._served_reward = 0  # the reward model version last seen served
+        self._reward_checked = -math.inf
         self.intake: Intake = parts.intake  # type: ignore[assignment]
         self._lora_base = lora_base_version
         self._last_stats: dict[str, float] = {}
@@ -114,6 +124,8 @@ class TrainingLoop(Stage):
     # The work ---------------------------------------------------------------------------------
 
     def work(self) -> bool:
+        if not self._reward_ready():
+            return False
         queued, wanted = len(self.intake), self.settings.batch_size
         if queued < wanted:
             self.set_phase(COLLECTING, f"{queued} of {wanted} prompts with feedback for a batch")
@@ -128,6 +140,38 @@ class TrainingLoop(Stage):
             FAILED_BATCHES.inc()
             log.exception("PPO iteration failed; dropping its %d prompts", len(batch))
         return True
+
+    def _reward_ready(self) -> bool:
+        """Whether the reward service serves a reward model PPO may train against (asked every
+        few seconds while it does not). Before one has earned it, scores are an untrained
+        head's noise, and every update would optimise that."""
+        wanted = self.settings.min_reward_version
+        if wanted <= 0 or self._served_reward >= wanted:
+            return True
+        now = time.monotonic()
+        if now - self._reward_checked < REWARD_CHECK_SECONDS:
+            return False
+        self._reward_checked = now
+        assert self._reward_version is not None, "a minimum reward version needs a way to ask"
+        try:
+            self._served_reward = self._reward_version()
+        except RewardUnavailable as exc:
+            self.set_phase(WAITING, f"the reward service does not answer ({exc})")
+            return False
+        if self._served_reward >= wanted:
+            log.info("reward model v%d is served: PPO starts", self._served_reward)
+            return True
+        served = (
+            "an untrained reward model (v0)"
+            if self._served_reward == 0
+            else f"reward model v{self._served_reward}"
+        )
+        self.set_phase(
+            WAITING,
+            f"no PPO until the reward service serves reward model v{wanted} or newer "
+            f"(RLHF_PPO_MIN_REWARD_VERSION); it serves {served}",
+        )
+        return False
 
     def step(self, batch: list[Joined], staleness: float = 0.0) -> dict[str, float] | None:
         """One PPO iteration on a batch of joined prompts; publishes when it is time."""
@@ -155,7 +199,10 @@ class TrainingLoop(Stage):
             STATS.labels(name).set(value)
         STALENESS.set(stats["data/staleness_seconds"])
         self._last_stats = stats
+        reward_version = int(stats.get("reward/model_version", 0))
+        self._served_reward = max(self._served_reward, reward_version)
         self.update_status(
+            reward_version=reward_version,
             step=self.learner.updates,
             kl=stats["objective/kl"],
             mean_reward=stats["objective/scores"],
@@ -163,10 +210,11 @@ class TrainingLoop(Stage):
             data_staleness_seconds=stats["data/staleness_seconds"],
         )
         log.info(
-            "ppo update %d: reward %.3f kl %.3f",
+            "ppo update %d: reward %.3f kl %.3f (reward model v%d)",
             self.learner.updates,
             stats["objective/scores"],
             stats["objective/kl"],
+            reward_version,
         )
         self._warn_about_kl(stats["objective/kl"])
         if self.settings.metrics_log is not None:

@@ -87,6 +87,12 @@ def resume_learner(
     )
 
 
+def reward_client(config: TrainerConfig) -> RewardClient:
+    """The reward service's client; it scores a batch again while the served reward model is
+    older than RLHF_PPO_MIN_REWARD_VERSION, and gives up after a while (the batch is retried)."""
+    return RewardClient(config.ppo.reward_address, min_model_version=config.ppo.min_reward_version)
+
+
 def join_world(config: TrainerConfig) -> World:
     """The torchrun world (a world of one without torchrun), checked against the config."""
     world = distributed.join(config.ppo.dist_backend, strategy=config.ppo.dist_strategy)
@@ -124,7 +130,7 @@ class PPOTrainerService(StageService):
         )
         if resumed.intake is not None:  # saved with the policy, read by `resume`
             self.intake.restore(resumed.intake)
-        self.reward = RewardClient(config.ppo.reward_address)
+        self.reward = reward_client(config)
         loop = TrainingLoop(
             parts,
             learner or resumed.learner,
@@ -133,12 +139,14 @@ class PPOTrainerService(StageService):
                 batch_size=config.ppo.batch_size,
                 publish_every=config.ppo.publish_every,
                 kl_alarm=config.ppo.kl_alarm,
+                min_reward_version=config.ppo.min_reward_version,
                 metrics_log=config.metrics_log_path(),
                 # The reference must outlive pruning: a restarted trainer loads it again.
                 protect=frozenset({config.ppo.reference_version} - {0}),
             ),
             start_version=resumed.policy_version,
             lora_base_version=resumed.lora_base_version,
+            reward_version=self.reward.model_version,
         )
         self.serve(loop, store)
         self.lockstep = learner
@@ -163,7 +171,7 @@ def run_follower(config: TrainerConfig) -> None:
     store = CheckpointStore(config.checkpoint_dir)
     generation = pool_client(config)  # each rank samples its shard on the pool
     learner = resume_learner(config, store, world, pool_sampler(config, store, generation)).learner
-    reward = RewardClient(config.ppo.reward_address)
+    reward = reward_client(config)
     try:
         follow(learner, world, reward)
     finally:
