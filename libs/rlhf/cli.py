@@ -219,6 +219,7 @@ def ppo_table(status: trainer_pb2.TrainerStatus) -> Table:
         "ppo trainer",
         [
             ("state", _state(status)),
+            ("algorithm", status.algorithm or "ppo"),
             ("step", str(status.step)),
             ("published policy", f"v{status.policy_version}"),
             ("mean reward (last batch)", f"{status.mean_reward:+.3f}"),

@@ -40,6 +40,7 @@ class Status:
     consumer_lag: int = 0
     phase: str = COLLECTING
     phase_detail: str = ""
+    algorithm: str = ""  # ppo stage: ppo, grpo or rloo
 
 
 def manifest_fields(manifest: Manifest) -> dict[str, Any]:
@@ -110,6 +111,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             consumer_lag=status.consumer_lag,
             phase=status.phase,
             phase_detail=status.phase_detail,
+            algorithm=status.algorithm,
         )
 
     def Pause(

@@ -9,7 +9,7 @@ import torch
 
 from rlhf.config import ConfigError, load_config
 from rlhf.training.online import LoraSettings, RolloutSettings
-from rlhf.training.ppo_config import KL_ESTIMATORS, PPOConfig
+from rlhf.training.ppo_config import ALGORITHMS, KL_ESTIMATORS, LOSS_AGGREGATIONS, PPOConfig
 from services.trainer.config import TrainerConfig
 
 
@@ -123,6 +123,27 @@ def test_unusable_strategies_are_refused_by_name(env, needle):
         load_config(TrainerConfig, env)
 
 
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RLHF_PPO_ALGORITHM": "a2c"}, "RLHF_PPO_ALGORITHM='a2c'"),
+        # A baseline from the other answers needs other answers.
+        ({"RLHF_PPO_ALGORITHM": "rloo", "RLHF_PPO_GROUP_SIZE": "1"}, "at least 2 answers"),
+        ({"RLHF_PPO_LOSS_AGGREGATION": "batch"}, "RLHF_PPO_LOSS_AGGREGATION"),
+    ],
+)
+def test_unusable_algorithm_settings_are_refused_by_name(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(TrainerConfig, env)
+
+
+def test_one_setting_selects_the_algorithm_and_ppo_ignores_the_group_size():
+    grpo = load_config(TrainerConfig, {"RLHF_PPO_ALGORITHM": "grpo"}).ppo.algorithm
+    assert grpo.critic_free and grpo.answers_per_prompt == 4
+    ppo = load_config(TrainerConfig, {"RLHF_PPO_GROUP_SIZE": "1"}).ppo.algorithm
+    assert not ppo.critic_free and ppo.answers_per_prompt == 1
+
+
 def _other_value(field: dataclasses.Field, hint: type) -> object:
     """A valid value different from the field's default, by type."""
     default = field.default
@@ -132,8 +153,13 @@ def _other_value(field: dataclasses.Field, hint: type) -> object:
         return default + 1
     if hint is float:
         return default * 0.5 if default else 0.5
-    if field.name == "kl_estimator":
-        return next(e for e in KL_ESTIMATORS if e != default)
+    choices = {
+        "kl_estimator": KL_ESTIMATORS,
+        "algorithm": ALGORITHMS,
+        "loss_aggregation": LOSS_AGGREGATIONS,
+    }
+    if field.name in choices:
+        return next(e for e in choices[field.name] if e != default)
     if hint == tuple[str, ...]:
         return ("q_proj",)
     raise AssertionError(f"no test value for {field.name}: {hint}")

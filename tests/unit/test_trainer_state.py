@@ -1,11 +1,18 @@
 """Trainer state survives the trip through safetensors + JSON, and a resumed learner continues
-exactly as the original would have: same next update, bit for bit (with and without LoRA)."""
+exactly as the original would have: same next update, bit for bit (with and without LoRA, with
+ppo and grpo); a state saved by another algorithm is not mixed in."""
 
 import pytest
 import torch
 
 from rlhf.models import TINY, load_base_policy, load_tokenizer
-from rlhf.training.online import LoraSettings, PPOLearner, RolloutSettings
+from rlhf.training.online import (
+    LEARNER_FILE,
+    VALUE_HEAD_FILE,
+    LoraSettings,
+    PPOLearner,
+    RolloutSettings,
+)
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.state import (
     load_optimizer_state,
@@ -27,12 +34,14 @@ def _score(prompts, responses):
     return [float(len(r)) / 10 for r in responses]
 
 
-def _learner(cache_dir, rank=0):
+def _learner(cache_dir, rank=0, algorithm="ppo"):
     return PPOLearner(
         load_base_policy(TINY, cache_dir),
         load_base_policy(TINY, cache_dir),
         load_tokenizer(cache_dir),
-        PPOConfig(minibatch_size=2, ppo_epochs=2, learning_rate=1e-3),
+        PPOConfig(
+            minibatch_size=2, ppo_epochs=2, learning_rate=1e-3, algorithm=algorithm, group_size=3
+        ),
         RolloutSettings(max_new_tokens=8, seed=3),
         LoraSettings(rank=rank),
     )
@@ -69,14 +78,14 @@ def test_optimizer_state_round_trips():
     assert float(state["state"][0]["step"]) == 1.0
 
 
-@pytest.mark.parametrize("rank", [0, 4])
-def test_a_resumed_learner_makes_the_same_next_update(cache_dir, rank):
-    original = _learner(cache_dir, rank)
+@pytest.mark.parametrize(("rank", "algorithm"), [(0, "ppo"), (4, "ppo"), (0, "grpo")])
+def test_a_resumed_learner_makes_the_same_next_update(cache_dir, rank, algorithm):
+    original = _learner(cache_dir, rank, algorithm)
     original.iterate(PROMPTS, _score)
     tensors, json_files = original.state_files()
     policy_weights = {k: v.clone() for k, v in original.policy.state_dict().items()}
 
-    resumed = _learner(cache_dir, rank)
+    resumed = _learner(cache_dir, rank, algorithm)
     if rank == 0:  # the policy weights travel in the policy checkpoint, not in the state
         resumed.policy.load_state_dict(policy_weights)
     resumed.load_state(tensors, json_files)
@@ -89,6 +98,43 @@ def test_a_resumed_learner_makes_the_same_next_update(cache_dir, rank):
         original.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_state_saved_by_another_algorithm_is_refused_by_the_learner(cache_dir):
+    tensors, json_files = _learner(cache_dir).state_files()
+    assert json_files[LEARNER_FILE]["algorithm"] == "ppo" and VALUE_HEAD_FILE in tensors
+    with pytest.raises(ValueError, match="saved by ppo, this trainer runs rloo"):
+        _learner(cache_dir, algorithm="rloo").load_state(tensors, json_files)
+    tensors, json_files = _learner(cache_dir, algorithm="rloo").state_files()
+    assert VALUE_HEAD_FILE not in tensors  # no critic, nothing of one saved
+    with pytest.raises(ValueError, match="saved by rloo, this trainer runs ppo"):
+        _learner(cache_dir).load_state(tensors, json_files)
+
+
+def test_a_grpo_iteration_samples_a_seeded_group_per_prompt_and_trains_no_value_head(cache_dir):
+    learner = _learner(cache_dir, algorithm="grpo")
+    assert learner.value_head is None
+    # Every optimised parameter is the policy's: nothing of a critic.
+    policy_params = {id(p) for p in learner.policy.parameters()}
+    assert all(id(p) in policy_params for p in learner.optimizer.param_groups[0]["params"])
+    seen = []
+
+    def score(prompts, responses):
+        seen.append((prompts, responses))
+        return _score(prompts, responses)
+
+    stats = learner.iterate(PROMPTS, score, prompt_texts=["first", "second"])
+    [(prompts, responses)] = seen
+    # Group-major: the three answers to a prompt are consecutive rows.
+    assert prompts == ["first"] * 3 + ["second"] * 3
+    assert len(set(responses)) > 1, "each answer of a group is its own draw"
+    assert {"reward_std", "frac_reward_zero_std"} <= stats.keys()
+    # Seeded by their place in the global batch: a new learner draws the same answers.
+    again = []
+    _learner(cache_dir, algorithm="grpo").iterate(
+        PROMPTS, lambda p, r: again.append(r) or _score(p, r), prompt_texts=["a", "b"]
+    )
+    assert again == [responses]
 
 
 def test_state_saved_with_another_lora_rank_is_refused(cache_dir):
@@ -117,3 +163,48 @@ def test_lora_trains_only_the_adapter_and_value_head_and_exports_merged_weights(
         untrained = load_base_policy(TINY, cache_dir)(input_ids=ids).logits
         assert not torch.allclose(expected, untrained, atol=1e-5), "the adapter never moved"
     assert learner.policy.peft_config, "exporting must not unload the adapter being trained"
+
+
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("ppo", "grpo"), ("rloo", "ppo")])
+def test_switching_algorithms_on_resume_keeps_the_policy_and_intake_and_starts_a_fresh_learner(
+    cache_dir, tmp_path, saved_by, resumed_by
+):
+    """The ppo stage's resume with RLHF_PPO_ALGORITHM changed since the checkpoint: handled,
+    not mixed (the optimizer covered a value head or not) and not refused."""
+    from rlhf.checkpoints import POLICY, CheckpointStore
+    from services.trainer.ppo.intake import QUEUED_GENERATIONS
+    from services.trainer.ppo.state import resume, write_checkpoint
+    from tests.unit.test_training_loop import _intake_with
+
+    store = CheckpointStore(tmp_path)
+    saved = _learner(cache_dir, algorithm=saved_by)
+    saved.iterate(PROMPTS, _score)
+    intake = _intake_with(["a", "b"])  # two joined prompts queued, not trained on yet
+    intake.offsets = {("rlhf.feedback.v1", 0): 41}
+    write_checkpoint(store, saved, intake.snapshot(), 0, 0, {"algorithm": saved_by})
+    weights = {k: v.clone() for k, v in saved.policy.state_dict().items()}
+
+    def maker(algorithm):
+        def make_learner(policy):
+            learner = _learner(cache_dir, algorithm=algorithm)
+            learner.rebase(policy)
+            return learner
+
+        return make_learner
+
+    def load_base():
+        return load_base_policy(TINY, cache_dir)
+
+    switched = resume(store, load_base, maker(resumed_by), lora_rank=0, algorithm=resumed_by)
+    assert switched.policy_version == store.latest_version(POLICY) == 1
+    assert switched.learner.updates == 0  # fresh: no moments or KL state of the other estimator
+    assert switched.learner.config.algorithm == resumed_by
+    assert (switched.learner.value_head is None) == (resumed_by != "ppo")
+    for name, value in switched.learner.policy.state_dict().items():
+        assert torch.equal(value, weights[name]), name  # what the users taught it is kept
+    assert switched.intake is not None and switched.intake.offsets == intake.offsets
+    queued = switched.intake.messages[QUEUED_GENERATIONS]
+    assert [g.generation_id for g in queued] == ["a", "b"]
+
+    same = resume(store, load_base, maker(saved_by), lora_rank=0, algorithm=saved_by)
+    assert same.learner.updates == 1  # the state itself is loaded when the algorithm matches

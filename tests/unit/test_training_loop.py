@@ -11,6 +11,7 @@ import pytest
 from rlhf import bus
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import Ledger
+from rlhf.training.ppo_config import PPOConfig
 from rlhf.v1 import events_pb2
 from services.trainer.ppo.intake import Intake
 from services.trainer.ppo.loop import KL_WARNINGS, LoopSettings, TrainingLoop
@@ -18,7 +19,8 @@ from services.trainer.stage import StageParts
 
 
 class FakeLearner:
-    def __init__(self, kl=0.5):
+    def __init__(self, kl=0.5, algorithm="ppo"):
+        self.config = PPOConfig(algorithm=algorithm)
         self.kl = kl
         self.updates = 0
         self.fail_with = None
@@ -48,17 +50,30 @@ def _intake_with(gids):
     return intake
 
 
-def test_an_update_is_logged_as_jsonl_and_its_feedback_counted_as_used(tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_an_update_is_logged_as_jsonl_and_its_feedback_counted_as_used(tmp_path, algorithm):
     intake = _intake_with(["a", "b"])
-    loop = _loop(tmp_path, FakeLearner(), intake)
+    loop = _loop(tmp_path, FakeLearner(algorithm=algorithm), intake)
     batch, staleness = intake.take(2)
     loop.step(batch, staleness)
     [line] = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert line["step"] == 1 and line["policy_version"] == 3 and line["feedback_used"] == 2
     assert line["objective/kl"] == 0.5 and line["policy/clipfrac"] == 0.1
+    assert line["algorithm"] == algorithm
     assert intake.used == Ledger.of(["e-a", "e-b"])
     status = loop.status
     assert status.step == 1 and status.kl == 0.5 and status.feedback_used == 2
+    assert status.algorithm == algorithm
+
+
+def test_a_critic_free_stage_says_how_many_answers_each_prompt_gets(tmp_path):
+    intake = _intake_with(["a", "b"])
+    loop = _loop(tmp_path, FakeLearner(algorithm="rloo"), intake)
+    assert loop.work()  # takes the batch of 2 and trains
+    assert loop.status.phase_detail == (
+        "rloo on batches of 2 prompts with feedback, 4 answers each"
+    )
+    assert loop.status.algorithm == "rloo"
 
 
 @pytest.mark.parametrize("kl, kind", [(-0.5, "negative"), (80.0, "exploded")])

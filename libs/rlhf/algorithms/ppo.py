@@ -18,6 +18,8 @@ from typing import Literal, Protocol
 import torch
 
 KLEstimator = Literal["k1", "k3"]
+# How a per-token loss is averaged over a minibatch (see `aggregate`).
+LossAggregation = Literal["token", "sequence"]
 
 # Added to variances before the square root so that whitening a constant stays finite.
 _WHITEN_EPS = 1e-8
@@ -44,6 +46,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     if dim is None:
         return selected.sum() / count.sum().clamp(min=1.0)
     return selected.sum(dim) / count.sum(dim).clamp(min=1.0)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: LossAggregation) -> torch.Tensor:
+    """A per-token loss [B, R] averaged over the masked positions, one of two ways.
+
+    - "token": the mean over every real token of the batch, each token weighing the same
+      (DAPO, Yu et al. 2025, sec. 3.3; what PPO here has always done).
+    - "sequence": each row's mean over its real tokens, then the mean over the rows that have
+      any (the GRPO paper's 1/|o_i| normalisation; Shao et al. 2024, eq. 3). A token of a short
+      answer then weighs more than one of a long answer (Liu et al. 2025, Dr. GRPO, sec. 3.1).
+
+    `rlhf.algorithms.group` says why "token" is the default.
+    """
+    if how == "token":
+        return masked_mean(x, mask)
+    if how == "sequence":
+        has_tokens = mask.bool().any(dim=-1)
+        return masked_mean(masked_mean(x, mask, dim=-1), has_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r}; expected 'token' or 'sequence'")
 
 
 def masked_var(
@@ -278,8 +299,10 @@ def policy_loss(
     mask: torch.Tensor,
     clip_range: float,
     weights: torch.Tensor | None = None,
+    aggregation: LossAggregation = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate loss, averaged over real tokens, and its statistics.
+    """PPO's clipped surrogate loss, averaged over real tokens (`aggregate`: every token alike,
+    or per answer first), and its statistics.
 
     loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))). The max of the negated
     objectives is the pessimistic bound: once the ratio has moved past 1 +/- eps in the
@@ -292,6 +315,7 @@ def policy_loss(
     clipped term before the mean, which stays over real tokens (not divided by the weights'
     sum): the decoupled objective of Hilton et al. 2021 when the samples came from another
     (behaviour) policy than `old_logprobs`'. Without weights the loss is plain PPO's.
+    The statistics are token means whatever the aggregation.
     """
     # Zero the log-ratio on padding first: exp of a junk difference there could overflow, and
     # the backward pass of an inf is NaN even where the loss ignores it.
@@ -302,7 +326,7 @@ def policy_loss(
     surrogate = torch.maximum(unclipped, clipped)
     if weights is not None:
         surrogate = surrogate * weights
-    loss = masked_mean(surrogate, mask)
+    loss = aggregate(surrogate, mask, aggregation)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),

@@ -130,7 +130,7 @@ class World:
         0, each rank keeps its slice of what it was given (the trainer loads the same
         checkpoint on every rank; a rollback broadcasts rank 0's, see `PPOLearner.rebase`).
         Gradients are reduce-scattered and divided by the world size, DDP's average, so the
-        losses' token normalisation (`ppo._token_share`) holds for both strategies."""
+        losses' normalisation (`ppo._loss_share`) holds for both strategies."""
         layers = getattr(getattr(module, "model", None), "layers", None)
         for layer in layers if isinstance(layers, nn.ModuleList) else ():
             fully_shard(layer)

@@ -1,11 +1,13 @@
 """The PPO learner behind the online trainer: rollout, score, update, checkpoint contents.
 
-It owns the trainable policy (optionally a LoRA adapter over frozen weights), its value head, the
-frozen reference and the optimizer. Scoring is injected (the trainer service passes a
-reward-service client), and so is sampling on the generation pool (`rlhf.training.pool`) when
-rollouts are not sampled in this process, so this file does no I/O. `state_files` /
-`load_state` carry everything a resumed trainer needs beyond the policy weights: value head,
-optimizer moments, KL controller, RNG states and counters.
+It owns the trainable policy (optionally a LoRA adapter over frozen weights), its value head (ppo
+only: grpo and rloo have none), the frozen reference and the optimizer. For grpo and rloo every
+prompt is sampled `group_size` times (a group of consecutive rows, seeded by their place in the
+global batch like every rollout) and scored like any other rollout. Scoring is injected (the
+trainer service passes a reward-service client), and so is sampling on the generation pool
+(`rlhf.training.pool`) when rollouts are not sampled in this process, so this file does no I/O.
+`state_files` / `load_state` carry everything a resumed trainer needs beyond the policy weights:
+value head, optimizer moments, KL controller, RNG states, counters and the algorithm.
 
 Under FSDP (`World.sharded`) each rank holds a slice of the policy, value head and moments:
 `export_policy`, `state_files` and `rebase` are then collectives that every rank calls together
@@ -110,8 +112,12 @@ class PPOLearner:
             raise ValueError("LoRA is not supported with the fsdp strategy; use ddp")
         self.world = world
         self.sampler = sampler
-        self.value_head = ValueHead(policy.config.hidden_size).to(policy.device)
-        self._trained_value_head = world.wrap(self.value_head)
+        # grpo and rloo have no critic: nothing to compute, train, shard or save for it.
+        self.value_head: ValueHead | None = None
+        self._trained_value_head: torch.nn.Module | None = None
+        if not config.critic_free:
+            self.value_head = ValueHead(policy.config.hidden_size).to(policy.device)
+            self._trained_value_head = world.wrap(self.value_head)
         self.kl_controller = config.make_kl_controller()
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.updates = 0
@@ -145,7 +151,8 @@ class PPOLearner:
         # The parameter order (policy's trainable ones, then the value head's) is the index
         # the optimizer file is keyed by: the same under every strategy.
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        params = [*trainable, *self.value_head.parameters()]
+        heads = [] if self.value_head is None else list(self.value_head.parameters())
+        params = [*trainable, *heads]
         # Fused: one kernel over all parameters instead of a Python loop of elementwise passes
         # (measured 0.16 s instead of 0.67 s per step on SmolLM2's weights on this CPU).
         return torch.optim.AdamW(params, lr=self.config.learning_rate, fused=True)
@@ -158,7 +165,7 @@ class PPOLearner:
         the policy already sharded (the other ranks' argument is ignored and may be None)."""
         if not self.world.sharded:
             assert weights is not None
-            self._set_policy(weights.to(self.value_head.linear.weight.device))
+            self._set_policy(weights.to(self._device))
             return
         full = weights.state_dict() if self.world.is_main and weights is not None else {}
         set_model_state_dict(
@@ -167,6 +174,11 @@ class PPOLearner:
             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
         )
         self.optimizer = self._make_optimizer()
+
+    @property
+    def _device(self) -> torch.device:
+        """Where this learner trains (the reference lives there too, whatever the strategy)."""
+        return next(self.reference.parameters()).device
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.optimizer.param_groups[0]["params"])
@@ -235,13 +247,17 @@ class PPOLearner:
 
         The reward model sees `prompt_texts` if given (the online trainer passes the user's
         words, as the reward model was trained on), else the decoded prompts. Data parallel,
-        every rank is given the whole batch and works on its shard; the statistics are the
-        whole batch's.
+        every rank is given the whole batch and works on its shard (whole prompts, so a group
+        of answers never spans ranks); the statistics are the whole batch's. grpo and rloo
+        sample `group_size` answers per prompt: rows p * G .. p * G + G - 1 answer prompt p.
         """
         if prompt_texts is None:
             prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
-        first_row = self.world.rank * (len(prompts) // self.world.size)
-        prompts, prompt_texts = self.world.shard(prompts), self.world.shard(prompt_texts)
+        answers = self.config.answers_per_prompt
+        # The global row of this rank's first rollout: rollouts are seeded by it.
+        first_row = self.world.rank * (len(prompts) // self.world.size) * answers
+        prompts = [p for p in self.world.shard(prompts) for _ in range(answers)]
+        prompt_texts = [t for t in self.world.shard(prompt_texts) for _ in range(answers)]
         try:
             # Pool rollouts can fail on one rank only (stale pool, pool down): like scoring,
             # inside the agreement below, so that no rank enters the update's collectives alone.
@@ -277,7 +293,8 @@ class PPOLearner:
         pooled: PoolRollouts | None = None,
     ) -> dict[str, float]:
         """One PPO update on scored responses (data parallel: this rank's shard of them);
-        `pooled` is the pool's batch they came from, for the importance weights."""
+        `pooled` is the pool's batch they came from, for the importance weights. For grpo and
+        rloo the rows are whole groups, consecutive (see `iterate`)."""
         off_policy: dict[str, Any] = {}
         if pooled is not None:
             off_policy = {
@@ -314,14 +331,16 @@ class PPOLearner:
         whose files are those an unsharded learner writes (the other ranks' are partial
         and only good to discard)."""
         opt_tensors, opt_meta = optimizer_state(self.optimizer, gather=_full_tensor)
-        value_head = (
-            _gather(self.value_head) if self.world.sharded else dict(self.value_head.state_dict())
-        )
         tensors = {
-            VALUE_HEAD_FILE: value_head,
             OPTIMIZER_FILE: opt_tensors,
             RNG_FILE: {"shuffle": self.shuffle.get_state(), "torch": torch.get_rng_state()},
         }
+        if self.value_head is not None:
+            tensors[VALUE_HEAD_FILE] = (
+                _gather(self.value_head)
+                if self.world.sharded
+                else dict(self.value_head.state_dict())
+            )
         if self.lora.enabled:
             adapter = get_peft_model_state_dict(self.policy)
             tensors[ADAPTER_FILE] = {k: v.detach().clone() for k, v in adapter.items()}
@@ -331,6 +350,7 @@ class PPOLearner:
             "kl_controller": self.kl_controller.state_dict(),
             "optimizer": opt_meta,
             "lora_rank": self.lora.rank,
+            "algorithm": self.config.algorithm,
         }
         return tensors, {LEARNER_FILE: learner}
 
@@ -346,9 +366,17 @@ class PPOLearner:
                 f"trainer state was saved with LoRA rank {learner['lora_rank']}, "
                 f"this trainer uses {self.lora.rank}"
             )
+        if saved_algorithm(learner) != self.config.algorithm:
+            # The optimizer's parameters differ (a value head or not) and so does what its
+            # moments and the value head learnt from: not to be mixed.
+            raise ValueError(
+                f"trainer state was saved by {saved_algorithm(learner)}, "
+                f"this trainer runs {self.config.algorithm}"
+            )
         if self.lora.enabled:
             set_peft_model_state_dict(self.policy, tensors[ADAPTER_FILE])
-        _load_full(self.value_head, tensors[VALUE_HEAD_FILE])
+        if self.value_head is not None:
+            _load_full(self.value_head, tensors[VALUE_HEAD_FILE])
         params = self.optimizer.param_groups[0]["params"]
         moments = {
             name: _slice_like(params[int(name.split(".", 1)[0])], value)
@@ -360,6 +388,12 @@ class PPOLearner:
         self.kl_controller.load_state_dict(learner["kl_controller"])
         self.updates = int(learner["updates"])
         self._rollout_calls = int(learner["rollout_calls"])
+
+
+def saved_algorithm(learner_json: dict[str, Any]) -> str:
+    """The algorithm a learner state was saved by (states from before grpo and rloo existed
+    are ppo's)."""
+    return str(learner_json.get("algorithm", "ppo"))
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@ everything that stays fixed during the update, in a `ScoredRollout`), runs a few
 clipped PPO over shuffled minibatches (`_train_epochs`) and returns TRL-style statistics. The
 knobs are `rlhf.training.ppo_config.PPOConfig`.
 
+The critic-free algorithms (`config.algorithm` grpo or rloo) are the same step without a value
+head: the rollout holds groups of answers to the same prompts, and `score_rollout` takes the
+advantages from each group (`rlhf.algorithms.group`) instead of GAE; there is no value loss.
+
 Data parallel (a `World` of several ranks), each rank holds its shard of the batch; the few
 places that must see the whole batch (advantage whitening, the losses' token normalisation, the
 statistics) take a `world.all_sum`, and are marked so.
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf.algorithms import group as group_algo
 from rlhf.algorithms import ppo as algo
 from rlhf.training.distributed import SINGLE, World
 from rlhf.training.ppo_config import PPOConfig
@@ -189,9 +194,10 @@ def forward_policy(
 
 
 @contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+def _eval_mode(*maybe_modules: nn.Module | None) -> Iterator[None]:
     """Disable dropout for the duration: with dropout on, the ratio to the old policy would be
     noisy even before any update, and the KL to the reference would never start at 0."""
+    modules = [m for m in maybe_modules if m is not None]
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -207,28 +213,29 @@ class ScoredRollout:
     """Everything that stays fixed during one update, per response token [B, R] unless noted:
     the policy's logprobs and values before the update, the entropy (a statistic), the scores
     [B] after the no-EOS penalty, the per-token KL to the reference, the advantages and the
-    returns the value head regresses on; for off-policy rollouts, the truncated importance
-    weights of each token and the share of real tokens whose weight the cap cut (None for
-    on-policy rollouts)."""
+    returns the value head regresses on (values and returns None without a value head: grpo,
+    rloo); for off-policy rollouts, the truncated importance weights of each token and the
+    share of real tokens whose weight the cap cut (None for on-policy rollouts)."""
 
     old_logprobs: torch.Tensor
-    old_values: torch.Tensor
+    old_values: torch.Tensor | None
     entropy: torch.Tensor
     scores: torch.Tensor
     kl: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
     is_weights: torch.Tensor | None = None
     is_capped_frac: torch.Tensor | None = None
 
 
-# The policy's (logprobs, values) for some rows, still attached to the autograd graph.
-TrackedForward = tuple[torch.Tensor, torch.Tensor]
+# The policy's (logprobs, values) for some rows, still attached to the autograd graph (values
+# None without a value head).
+TrackedForward = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def ppo_step(
     policy: nn.Module,
-    value_head: ValueHead,
+    value_head: ValueHead | None,
     reference: nn.Module,
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
@@ -255,7 +262,17 @@ def ppo_step(
     each token's clipped surrogate by min(pi_old / pi_behaviour, `config.importance_cap`),
     pi_old being this policy before the update; the value loss, the KL penalty and the
     advantages are computed as for on-policy rollouts.
+
+    grpo and rloo (`config.critic_free`) take no value head (pass None): the rollout's rows are
+    groups of `config.group_size` answers to one prompt each, consecutive, never split across
+    ranks, and each row's advantage is its KL-penalised return against its group's
+    (`rlhf.algorithms.group`). They report TRL GRPOTrainer's "reward_std" and
+    "frac_reward_zero_std" and no value statistics.
     """
+    if config.critic_free != (value_head is None):
+        raise ValueError(
+            f"{config.algorithm} needs {'no' if config.critic_free else 'a'} value head"
+        )
     device = next(policy.parameters()).device
     rollout = rollout.to(device)
     kl_coef = kl_controller.value
@@ -291,6 +308,10 @@ def ppo_step(
     seq_kl = _global_mean(scored.kl.sum(-1), world)
     kl_controller.update(seq_kl, n_steps=_global_rows(size, world, device))
     entropy = world.all_sum(torch.stack([scored.entropy[mask].sum(), mask.sum().float()]))
+    group_stats: dict[str, float] = {}
+    if config.critic_free:  # over the scores after the no-EOS penalty, as TRL's over rewards
+        raw = group_algo.group_reward_stats(scored.scores, config.group_size, world.all_sum)
+        group_stats = {name: value.item() for name, value in raw.items()}
     return {
         "objective/kl": seq_kl,
         "objective/kl_coef": kl_coef,
@@ -300,13 +321,14 @@ def ppo_step(
         **loss_stats,
         "response/length": _global_mean(mask.float().sum(-1), world),
         "response/ended_frac": _global_mean(rollout.ended.float(), world),
+        **group_stats,
         **_off_policy_stats(rollout, scored, world),
     }
 
 
 def score_rollout(
     policy: nn.Module,
-    value_head: ValueHead,
+    value_head: ValueHead | None,
     reference: nn.Module,
     rollout: Rollout,
     config: PPOConfig,
@@ -314,7 +336,8 @@ def score_rollout(
     tracked_rows: torch.Tensor | None = None,
     world: World = SINGLE,
 ) -> tuple[ScoredRollout, TrackedForward | None]:
-    """Everything fixed during the update: old logprobs and values, rewards, advantages.
+    """Everything fixed during the update: old logprobs and values, rewards, advantages (GAE
+    with a value head; from each group's returns without one, `config.critic_free`).
 
     The policy's pass over `tracked_rows` keeps its autograd graph and is returned too: before
     any update it is exactly what the first minibatch of the first epoch (those rows) would
@@ -341,9 +364,12 @@ def score_rollout(
         rewards, kl = algo.compute_rewards(
             scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator
         )
-        advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
-        if config.whiten_advantages:  # over every rank's tokens
-            advantages = algo.masked_whiten(advantages, mask, all_sum=world.all_sum)
+        if old_values is None:  # critic-free: this rank's rows are whole groups
+            advantages, returns = _group_advantages(rewards, mask, config), None
+        else:
+            advantages, returns = algo.gae(old_values, rewards, mask, config.gamma, config.lam)
+            if config.whiten_advantages:  # over every rank's tokens
+                advantages = algo.masked_whiten(advantages, mask, all_sum=world.all_sum)
         is_weights = capped_frac = None
         if rollout.behaviour_logprobs is not None:  # sampled by another policy version
             is_weights, is_stats = algo.truncated_importance_weights(
@@ -364,9 +390,22 @@ def score_rollout(
     return scored, tracked
 
 
+def _group_advantages(rewards: torch.Tensor, mask: torch.Tensor, config: PPOConfig) -> torch.Tensor:
+    """Per-token advantages [B, R] of grpo or rloo: each answer's KL-penalised return against
+    its group's, spread over its real tokens (`rlhf.algorithms.group` for the choices)."""
+    returns = group_algo.sequence_returns(rewards, mask)
+    if config.algorithm == "rloo":
+        advantages = group_algo.rloo_advantages(returns, config.group_size)
+    elif config.algorithm == "grpo":
+        advantages = group_algo.grpo_advantages(returns, config.group_size, config.grpo_scale_std)
+    else:
+        raise ValueError(f"{config.algorithm!r} does not take its advantages from groups")
+    return group_algo.token_advantages(advantages, mask)
+
+
 def _train_epochs(
     policy: nn.Module,
-    value_head: ValueHead,
+    value_head: ValueHead | None,
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
     scored: ScoredRollout,
@@ -379,7 +418,8 @@ def _train_epochs(
     """One pass over shuffled minibatches of `minibatch_size` rows (this rank's) per order in
     `orders` (one per epoch); returns the loss statistics averaged over all minibatches (of
     this rank). `first_forward` stands in for the first minibatch's forward pass."""
-    params = [p for p in [*policy.parameters(), *value_head.parameters()] if p.requires_grad]
+    heads = [] if value_head is None else list(value_head.parameters())
+    params = [p for p in [*policy.parameters(), *heads] if p.requires_grad]
     size = rollout.input_ids.shape[0]
     totals: dict[str, float] = {}
     n_minibatches = 0
@@ -387,11 +427,15 @@ def _train_epochs(
         for start in range(0, size, minibatch_size):
             rows = order[start : start + minibatch_size]
             forward = first_forward if n_minibatches == 0 else None
-            loss, stats = _minibatch_loss(
+            pg_loss, vf_loss, stats = _minibatch_loss(
                 policy, value_head, rollout, scored, rows, config, forward
             )
-            if world.distributed:
-                loss = loss * _token_share(rollout.response_mask[rows], world)
+            mask = rollout.response_mask[rows]
+            if world.distributed:  # each loss scaled by this rank's share of what it averages
+                pg_loss = pg_loss * _loss_share(mask, config.loss_aggregation, world)
+                if vf_loss is not None:
+                    vf_loss = vf_loss * _loss_share(mask, "token", world)
+            loss = pg_loss if vf_loss is None else pg_loss + config.vf_coef * vf_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -404,15 +448,15 @@ def _train_epochs(
 
 def _minibatch_loss(
     policy: nn.Module,
-    value_head: ValueHead,
+    value_head: ValueHead | None,
     rollout: Rollout,
     scored: ScoredRollout,
     rows: torch.Tensor,
     config: PPOConfig,
     forward: TrackedForward | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss + vf_coef * clipped value loss on `rows`; `forward` is their
-    (logprobs, values) if already computed with autograd on."""
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """(clipped policy loss, clipped value loss or None without a value head, statistics) on
+    `rows`; `forward` is their (logprobs, values) if already computed with autograd on."""
     mask = rollout.response_mask.bool()[rows]
     if forward is None:
         logprobs, values, _ = forward_policy(
@@ -426,7 +470,6 @@ def _minibatch_loss(
         )
     else:
         logprobs, values = forward
-    assert values is not None
     pg_loss, pg_stats = algo.policy_loss(
         logprobs,
         scored.old_logprobs[rows],
@@ -434,19 +477,22 @@ def _minibatch_loss(
         mask,
         config.clip_range,
         weights=None if scored.is_weights is None else scored.is_weights[rows],
-    )
-    vf_loss, vf_clipfrac = algo.value_loss(
-        values, scored.old_values[rows], scored.returns[rows], mask, config.clip_range_value
+        aggregation=config.loss_aggregation,  # type: ignore[arg-type]  # validated setting
     )
     stats = {
         "policy/clipfrac": pg_stats["clipfrac"].item(),
         "policy/approxkl": pg_stats["approx_kl"].item(),
         "val/ratio": pg_stats["ratio"].item(),
-        "val/clipfrac": vf_clipfrac.item(),
         "loss/policy": pg_loss.item(),
-        "loss/value": vf_loss.item(),
     }
-    return pg_loss + config.vf_coef * vf_loss, stats
+    if values is None:  # critic-free
+        return pg_loss, None, stats
+    assert scored.old_values is not None and scored.returns is not None
+    vf_loss, vf_clipfrac = algo.value_loss(
+        values, scored.old_values[rows], scored.returns[rows], mask, config.clip_range_value
+    )
+    stats |= {"val/clipfrac": vf_clipfrac.item(), "loss/value": vf_loss.item()}
+    return pg_loss, vf_loss, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,20 +502,20 @@ def _minibatch_loss(
 
 def _old_policy_pass(
     policy: nn.Module,
-    value_head: ValueHead,
+    value_head: ValueHead | None,
     rollout: Rollout,
     temperature: float,
     tracked_rows: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TrackedForward | None]:
-    """(old logprobs, old values, entropy) for every row, detached, and the tracked forward of
-    `tracked_rows` (None if not asked for): one pass over those rows with autograd on, one
-    without over the others."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, TrackedForward | None]:
+    """(old logprobs, old values (None without a value head), entropy) for every row,
+    detached, and the tracked forward of `tracked_rows` (None if not asked for): one pass over
+    those rows with autograd on, one without over the others."""
     args = (rollout.prompt_width, temperature)
     ids, attention = rollout.input_ids, rollout.attention_mask
     if tracked_rows is None:
         with torch.no_grad():
             logprobs, values, entropy = forward_policy(policy, value_head, ids, attention, *args)
-        assert values is not None and entropy is not None
+        assert entropy is not None
         return logprobs, values, entropy, None
     with torch.enable_grad():
         tracked = forward_policy(
@@ -483,14 +529,18 @@ def _old_policy_pass(
             parts.append(
                 (rest, forward_policy(policy, value_head, ids[rest], attention[rest], *args))
             )
-    merged = []
+    merged: list[torch.Tensor | None] = []
     for field in range(3):  # logprobs, values, entropy
+        if tracked[field] is None:  # no value head
+            merged.append(None)
+            continue
         out = torch.empty(rollout.response_mask.shape, dtype=torch.float32, device=ids.device)
         for rows, outputs in parts:
             out[rows] = outputs[field].detach().float()
         merged.append(out)
-    assert tracked[1] is not None
-    return merged[0], merged[1], merged[2], (tracked[0], tracked[1])
+    logprobs, values, entropy = merged
+    assert logprobs is not None and entropy is not None
+    return logprobs, values, entropy, (tracked[0], tracked[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,15 +556,17 @@ def _local_minibatch_size(minibatch_size: int, world: World) -> int:
     return minibatch_size // world.size
 
 
-def _token_share(mask: torch.Tensor, world: World) -> torch.Tensor:
-    """Turns this rank's per-token mean loss into its share of the global minibatch's mean.
+def _loss_share(mask: torch.Tensor, aggregation: str, world: World) -> torch.Tensor:
+    """Turns this rank's mean loss into its share of the global minibatch's mean.
 
-    The losses average over the rank's real tokens, and DDP averages gradients over ranks:
-    a mean of means, which weighs a token of a rank with short responses more. Scaling by
-    local_tokens * ranks / global_tokens makes the averaged gradient that of the global
-    per-token mean, the one a single process on the whole minibatch computes.
+    A loss averages over the rank's real tokens ("token") or its answers that have any
+    ("sequence"), and DDP averages gradients over ranks: a mean of means, which weighs a token
+    of a rank with short responses more. Scaling by local_count * ranks / global_count makes
+    the averaged gradient that of the global mean, the one a single process on the whole
+    minibatch computes.
     """
-    local = mask.sum().float()
+    counted = mask.bool() if aggregation == "token" else mask.bool().any(dim=-1)
+    local = counted.sum().float()
     return local * world.size / world.all_sum(local).clamp(min=1.0)
 
 

@@ -1,9 +1,15 @@
-"""The PPO algorithm's knobs, each one a setting a deployment can change (`RLHF_PPO_*`).
+"""The policy optimisation knobs, each one a setting a deployment can change (`RLHF_PPO_*`).
 
 `rlhf.training.ppo.ppo_step` reads them; the trainer's ppo stage nests this class into its own
 configuration, so `rlhf-trainer --help` and docs/operations.md list every field with its help.
 Defaults follow TRL's PPO for language models where this platform has no measured reason to
 differ (noted per field).
+
+`RLHF_PPO_ALGORITHM` picks the advantage estimator of the one clipped-surrogate update: ppo (a
+value head and GAE) or one of the critic-free ones, grpo and rloo, which sample a group of
+answers per prompt and take a baseline from the group (`rlhf.algorithms.group`). Everything
+else (sampling, scoring, the KL penalty to the reference, the no-EOS penalty, importance
+weights, LoRA, data parallel) is shared.
 """
 
 from __future__ import annotations
@@ -14,10 +20,39 @@ from rlhf.algorithms import ppo as algo
 from rlhf.config import ConfigError, SeedSettings, setting
 
 KL_ESTIMATORS = ("k1", "k3")
+ALGORITHMS = ("ppo", "grpo", "rloo")
+LOSS_AGGREGATIONS = ("token", "sequence")
 
 
 @dataclass(frozen=True)
 class PPOConfig(SeedSettings):
+    algorithm: str = setting(
+        "RLHF_PPO_ALGORITHM",
+        "ppo",
+        "advantage estimator: ppo (value head and GAE, one answer per prompt), grpo (group mean "
+        "baseline) or rloo (leave-one-out baseline); grpo and rloo sample RLHF_PPO_GROUP_SIZE "
+        "answers per prompt and train no value head. A checkpoint's optimizer state belongs to "
+        "the algorithm that wrote it: resuming under another starts a fresh optimizer",
+    )
+    group_size: int = setting(
+        "RLHF_PPO_GROUP_SIZE",
+        4,
+        "grpo and rloo: answers sampled and scored per prompt (>= 2), each compared with the "
+        "others of its group; RLHF_PPO_BATCH_SIZE prompts make batch x group rollouts",
+    )
+    grpo_scale_std: bool = setting(
+        "RLHF_PPO_GRPO_SCALE_STD",
+        False,
+        "grpo: divide each group's advantages by the group's reward std, as the GRPO paper "
+        "does (false: Dr. GRPO's unscaled advantages; see rlhf/algorithms/group.py)",
+    )
+    loss_aggregation: str = setting(
+        "RLHF_PPO_LOSS_AGGREGATION",
+        "token",
+        "how the clipped policy loss averages a minibatch: token (every real token weighs the "
+        "same, DAPO / Dr. GRPO) or sequence (each answer's token mean, then the mean over "
+        "answers, as the GRPO paper; favours short answers)",
+    )
     ppo_epochs: int = setting("RLHF_PPO_EPOCHS", 2, "passes over each rollout batch")
     minibatch_size: int = setting(
         "RLHF_PPO_MINIBATCH_SIZE", 4, "sequences per gradient step (over all data-parallel ranks)"
@@ -64,7 +99,11 @@ class PPOConfig(SeedSettings):
         "RLHF_PPO_MAX_GRAD_NORM", 1.0, "gradients are clipped to this global norm"
     )
     whiten_advantages: bool = setting(
-        "RLHF_PPO_WHITEN_ADVANTAGES", True, "normalise advantages to mean 0, std 1 per batch"
+        "RLHF_PPO_WHITEN_ADVANTAGES",
+        True,
+        "ppo: normalise advantages to mean 0, std 1 per batch (grpo and rloo never do: their "
+        "advantages are already relative to the group, and shifting them would move a group "
+        "whose answers all scored the same away from 0)",
     )
     no_eos_penalty: float = setting(
         "RLHF_PPO_NO_EOS_PENALTY",
@@ -79,7 +118,31 @@ class PPOConfig(SeedSettings):
         "in-process rollouts are on-policy and never weighted",
     )
 
+    @property
+    def critic_free(self) -> bool:
+        """Whether the advantages come from a group of answers rather than a value head."""
+        return self.algorithm != "ppo"
+
+    @property
+    def answers_per_prompt(self) -> int:
+        """Rollouts sampled for each prompt: the group for grpo and rloo, one for ppo."""
+        return self.group_size if self.critic_free else 1
+
     def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"RLHF_PPO_ALGORITHM={self.algorithm!r}: expected one of {ALGORITHMS}"
+            )
+        if self.critic_free and self.group_size < 2:
+            raise ConfigError(
+                f"RLHF_PPO_GROUP_SIZE={self.group_size}: {self.algorithm} needs at least 2 "
+                "answers per prompt (the baseline comes from the other answers)"
+            )
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ConfigError(
+                f"RLHF_PPO_LOSS_AGGREGATION={self.loss_aggregation!r}: expected one of "
+                f"{LOSS_AGGREGATIONS}"
+            )
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
             raise ConfigError("RLHF_PPO_EPOCHS and RLHF_PPO_MINIBATCH_SIZE must be positive")
         if self.kl_estimator not in KL_ESTIMATORS:

@@ -73,7 +73,7 @@ class ListCheckpointsReply(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("stage", "step", "policy_version", "kl", "mean_reward", "pending_prompts", "feedback_consumed", "reward_version", "metrics", "paused", "feedback_used", "data_staleness_seconds", "consumer_lag", "phase", "phase_detail")
+    __slots__ = ("stage", "step", "policy_version", "kl", "mean_reward", "pending_prompts", "feedback_consumed", "reward_version", "metrics", "paused", "feedback_used", "data_staleness_seconds", "consumer_lag", "phase", "phase_detail", "algorithm")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class TrainerStatus(_message.Message):
     CONSUMER_LAG_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     PHASE_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     stage: str
     step: int
     policy_version: int
@@ -111,4 +112,5 @@ class TrainerStatus(_message.Message):
     consumer_lag: int
     phase: str
     phase_detail: str
-    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., kl: _Optional[float] = ..., mean_reward: _Optional[float] = ..., pending_prompts: _Optional[int] = ..., feedback_consumed: _Optional[int] = ..., reward_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., feedback_used: _Optional[int] = ..., data_staleness_seconds: _Optional[float] = ..., consumer_lag: _Optional[int] = ..., phase: _Optional[str] = ..., phase_detail: _Optional[str] = ...) -> None: ...
+    algorithm: str
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., kl: _Optional[float] = ..., mean_reward: _Optional[float] = ..., pending_prompts: _Optional[int] = ..., feedback_consumed: _Optional[int] = ..., reward_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., feedback_used: _Optional[int] = ..., data_staleness_seconds: _Optional[float] = ..., consumer_lag: _Optional[int] = ..., phase: _Optional[str] = ..., phase_detail: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...

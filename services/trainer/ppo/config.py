@@ -28,7 +28,12 @@ class PPOStageConfig:
         "until the reward service serves one, and a batch scored by an older one is scored "
         "again, not trained on (0 = whatever is served, the untrained head included)",
     )
-    batch_size: int = setting("RLHF_PPO_BATCH_SIZE", 8, "prompts per PPO rollout batch")
+    batch_size: int = setting(
+        "RLHF_PPO_BATCH_SIZE",
+        8,
+        "prompts with feedback per iteration (grpo and rloo sample RLHF_PPO_GROUP_SIZE answers "
+        "for each)",
+    )
     publish_every: int = setting(
         "RLHF_PUBLISH_EVERY_UPDATES", 1, "PPO updates between published policy checkpoints"
     )

@@ -48,6 +48,12 @@ KL_WARNINGS = Counter(
     "rlhf_trainer_kl_warnings_total", "PPO updates whose KL was negative or exploded", ["kind"]
 )
 ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "operator rollbacks of the policy")
+ALGORITHM = Gauge(
+    "rlhf_trainer_algorithm",
+    "1 for the policy optimisation algorithm the ppo stage runs (RLHF_PPO_ALGORITHM: ppo, grpo "
+    "or rloo)",
+    ["algorithm"],
+)
 
 # How often a ppo stage waiting for a trained reward model asks the reward service again.
 REWARD_CHECK_SECONDS = 5.0
@@ -84,7 +90,11 @@ class TrainingLoop(Stage):
     ) -> None:
         """`reward_version`: asks the reward service which reward model it serves (needed
         with a minimum version in `settings`)."""
-        super().__init__(parts, policy_version=start_version, step=learner.updates)
+        self.algorithm = learner.config.algorithm
+        super().__init__(
+            parts, policy_version=start_version, step=learner.updates, algorithm=self.algorithm
+        )
+        ALGORITHM.labels(self.algorithm).set(1)
         self.learner, self._score, self.settings = learner, score, settings
         self._reward_version = reward_version
         self._served_reward = 0  # the reward model version last seen served
@@ -133,13 +143,18 @@ class TrainingLoop(Stage):
         batch, staleness = self.intake.take(wanted)
         if not batch:  # all of them were too old
             return True
-        self.set_phase(TRAINING, f"PPO on batches of {wanted} prompts with feedback")
+        self.set_phase(TRAINING, self._training_detail(wanted))
         try:
             self.step(batch, staleness)
         except Exception:  # one bad batch must not stop training for good
             FAILED_BATCHES.inc()
             log.exception("PPO iteration failed; dropping its %d prompts", len(batch))
         return True
+
+    def _training_detail(self, prompts: int) -> str:
+        answers = self.learner.config.answers_per_prompt
+        each = f", {answers} answers each" if answers > 1 else ""
+        return f"{self.algorithm} on batches of {prompts} prompts with feedback{each}"
 
     def _reward_ready(self) -> bool:
         """Whether the reward service serves a reward model PPO may train against (asked every
@@ -210,7 +225,8 @@ class TrainingLoop(Stage):
             data_staleness_seconds=stats["data/staleness_seconds"],
         )
         log.info(
-            "ppo update %d: reward %.3f kl %.3f (reward model v%d)",
+            "%s update %d: reward %.3f kl %.3f (reward model v%d)",
+            self.algorithm,
             self.learner.updates,
             stats["objective/scores"],
             stats["objective/kl"],
@@ -247,6 +263,7 @@ class TrainingLoop(Stage):
         line = {
             "time": time.time(),
             "step": self.learner.updates,
+            "algorithm": self.algorithm,
             "policy_version": self._status.policy_version,
             "feedback_used": self.intake.used.count,
             **stats,
@@ -265,6 +282,7 @@ class TrainingLoop(Stage):
         snapshot = self.intake.snapshot()
         metadata: dict[str, Any] = {
             "stats": stats,
+            "algorithm": self.algorithm,
             "updates": self.learner.updates,
             "data_parallel_ranks": self.learner.world.size,
         }

@@ -84,6 +84,7 @@ def resume_learner(
         lambda: load_base_policy(config.policy_model, config.cache_dir),
         make_learner,
         config.ppo.lora.rank,
+        config.ppo.algorithm.algorithm,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 
 from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointError, CheckpointStore, Manifest
 from rlhf.models import policy_checkpoint_files, policy_from_checkpoint
-from rlhf.training.online import LEARNER_FILE, PPOLearner
+from rlhf.training.online import LEARNER_FILE, PPOLearner, saved_algorithm
 from rlhf.training.state import IntakeState, intake_files, intake_from_files
 
 from .intake import QUEUED_GENERATIONS, Intake
@@ -80,12 +80,21 @@ def resume(
     load_base: Callable[[], torch.nn.Module],
     make_learner: Callable[[torch.nn.Module], PPOLearner],
     lora_rank: int,
+    algorithm: str = "ppo",
 ) -> Resumed:
     """A learner continuing from the newest policy and, when it has one, its trainer state.
 
-    Without usable state (a first start, or state saved with another LoRA rank) training
-    continues from the policy weights with a fresh optimizer; the intake's state is still
-    restored when present, so no feedback is lost or counted twice either way.
+    Without usable state (a first start, or state saved with another LoRA rank or by another
+    algorithm) training continues from the policy weights with a fresh optimizer; the intake's
+    state is still restored when present, so no feedback is lost or counted twice either way.
+
+    Switching RLHF_PPO_ALGORITHM is handled, not refused and not mixed: ppo's state has a value
+    head and optimizer moments for it, grpo's and rloo's have neither, and moments learnt
+    under one estimator's advantages do not belong to another's. So a switch keeps the
+    policy (the served weights, and what the users' feedback has taught it so far) and the
+    intake, and starts the learner afresh (optimizer, KL coefficient, value head for ppo), as
+    a change of LoRA rank does. Refusing would leave an operator who changed the setting
+    with a stage that cannot start until the store is edited by hand.
     """
     version = store.latest_version(POLICY) or 0
     if version == 0:
@@ -98,13 +107,17 @@ def resume(
         return Resumed(make_learner(policy), version, lora_base_version=version)
     snapshot = intake_from_files(state.tensors, state.json_files, Intake.messages)
     saved_rank = int(state.json_files[LEARNER_FILE]["lora_rank"])
+    saved_by = saved_algorithm(state.json_files[LEARNER_FILE])
     lora_base = int(state.json_files[LOOP_JSON]["lora_base"])
-    if saved_rank != lora_rank:
+    if saved_rank != lora_rank or saved_by != algorithm:
         log.warning(
-            "trainer state v%d was saved with LoRA rank %d, not %d: fresh optimizer and value "
-            "head from the policy weights",
+            "trainer state v%d was saved by %s with LoRA rank %d, this trainer runs %s with "
+            "rank %d: a fresh learner (optimizer, KL coefficient, value head) from the policy "
+            "weights; the intake is restored",
             version,
+            saved_by,
             saved_rank,
+            algorithm,
             lora_rank,
         )
         return Resumed(make_learner(policy), version, version, snapshot)
