@@ -11,6 +11,11 @@ checkpointing like ours (TRL defaults to bf16 and checkpointing, both slower on 
 trains a separate value model (a second copy of the backbone), its documented setup; ours puts a
 linear value head on the policy. Each side runs in this process, one after the other.
 
+"ours, GRPO" and "ours, RLOO" are the same iteration with the critic-free estimators
+(`RLHF_PPO_ALGORITHM`): the same BATCH rollouts of the same length, as GROUP answers to each of
+the first BATCH / GROUP prompts, scored alike, with the same minibatch, epochs and KL penalty,
+but no value head (no hidden states kept, no value loss) and advantages from each group.
+
 "ours, pool rollouts" is the same iteration with the rollouts sampled on a generation service
 process (the trainer's `RLHF_PPO_ROLLOUTS=pool`: exact prompt ids over gRPC, behaviour logprobs
 back, importance-weighted update) serving the same weights. Nothing is published during the
@@ -52,6 +57,7 @@ EPOCHS = 2
 TEMPERATURE = 0.7
 LEARNING_RATE = 1e-5
 LORA_RANK = 16
+GROUP = 4  # grpo and rloo: answers per prompt (BATCH / GROUP prompts, BATCH rollouts)
 # Asking for long answers, so most responses use all NEW_TOKENS and both sides do equal work.
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -64,6 +70,10 @@ PROMPTS = [
     "Explain how trains are scheduled on a large network.",
 ]
 POOL = "ours, pool rollouts"
+CRITIC_FREE = {
+    "grpo": f"ours, GRPO ({BATCH // GROUP} x {GROUP})",
+    "rloo": f"ours, RLOO ({BATCH // GROUP} x {GROUP})",
+}
 PHASES = ("rollout", "scoring", "old/ref forward", "training epochs", "rest of the loop")
 
 
@@ -113,10 +123,17 @@ def _timing(module: object, name: str, totals: dict[str, float], phase: str) -> 
         setattr(module, name, original)
 
 
-def ours(repeats: int, lora_rank: int = 0, pool_address: str = "", model: str = SMOLLM2) -> Run:
+def ours(
+    repeats: int,
+    lora_rank: int = 0,
+    pool_address: str = "",
+    model: str = SMOLLM2,
+    algorithm: str = "ppo",
+) -> Run:
     """`PPOLearner.iterate`, the trainer's own loop, timed per iteration and per phase; with
-    `pool_address`, rollouts on that generation service (`PoolSampler`). `model` other than
-    SmolLM2 (tiny-random) is for smoke runs only."""
+    `pool_address`, rollouts on that generation service (`PoolSampler`); `algorithm` grpo or
+    rloo samples GROUP answers for each of BATCH / GROUP prompts (BATCH rollouts either way).
+    `model` other than SmolLM2 (tiny-random) is for smoke runs only."""
     cache = load_config(CommonConfig).cache_dir
     tokenizer = load_tokenizer(cache)
     config = PPOConfig(
@@ -124,6 +141,8 @@ def ours(repeats: int, lora_rank: int = 0, pool_address: str = "", model: str = 
         minibatch_size=MINIBATCH,
         learning_rate=LEARNING_RATE,
         temperature=TEMPERATURE,
+        algorithm=algorithm,
+        group_size=GROUP,
     )
     client = GenerationClient(pool_address) if pool_address else None
     learner = online.PPOLearner(
@@ -136,15 +155,15 @@ def ours(repeats: int, lora_rank: int = 0, pool_address: str = "", model: str = 
         # Nothing is published during the bench: the pool serves v0, the trainer's "latest".
         sampler=PoolSampler(client, lambda: 0) if client is not None else None,
     )
-    prompts = _chat_prompts(tokenizer)
-    prompt_tokens = sum(len(p) for p in prompts)
+    prompts = _chat_prompts(tokenizer)[: BATCH // config.answers_per_prompt]
+    prompt_tokens = sum(len(p) for p in prompts) * config.answers_per_prompt
     run, totals = Run(), {}
     with contextlib.ExitStack() as stack:
         if client is not None:
             stack.callback(client.close)
         stack.enter_context(_timing(decoding, "generate", totals, "rollout"))
         stack.enter_context(_timing(PoolSampler, "sample", totals, "rollout"))
-        stack.enter_context(_timing(ppo_training, "_score_rollout", totals, "old/ref forward"))
+        stack.enter_context(_timing(ppo_training, "score_rollout", totals, "old/ref forward"))
         stack.enter_context(_timing(ppo_training, "_train_epochs", totals, "training epochs"))
 
         def score(_prompts: list[str], responses: list[str]) -> list[float]:
@@ -328,6 +347,7 @@ def run(quick: bool) -> str:
     results = {
         "ours": ours(repeats),
         f"ours, LoRA r={LORA_RANK}": ours(repeats, lora_rank=LORA_RANK),
+        **{label: ours(repeats, algorithm=name) for name, label in CRITIC_FREE.items()},
         POOL: pool(repeats),
         "TRL": trl(repeats),
         f"TRL, LoRA r={LORA_RANK}": trl(repeats, lora_rank=LORA_RANK),
@@ -354,6 +374,12 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         )
     phases = [r for label, m in results.items() for r in _phase_rows(label, m)]
     local, pooled = results["ours"], results[POOL]
+    critic_free_note = "".join(
+        f" {label}: {local.median_seconds() / results[label].median_seconds():.2f}x PPO's"
+        " iterations per second."
+        for label in CRITIC_FREE.values()
+        if label in results
+    )
     pool_note = (
         f" Pool rollouts: {pooled.samples_per_second():.2f} samples/s against "
         f"{local.samples_per_second():.2f} in-process "
@@ -361,15 +387,20 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         f"service on the same {os.cpu_count()} cores as the trainer."
     )
     return (
-        f"### PPO iteration throughput (batch {BATCH}, minibatch {MINIBATCH}, {NEW_TOKENS} new "
-        f"tokens, {EPOCHS} PPO epochs, T={TEMPERATURE}, median of {repeats} after a warm-up)\n\n"
+        f"### PPO, GRPO and RLOO iteration throughput (batch {BATCH}, minibatch {MINIBATCH}, "
+        f"{NEW_TOKENS} new tokens, {EPOCHS} epochs, T={TEMPERATURE}, median of {repeats} after a "
+        "warm-up)\n\n"
         + table(
             ["trainer", "s / iteration", "fastest", "samples/s", "tokens/s", "vs TRL", "runs (s)"],
             rows,
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
         " of the batch. LoRA rows compare with TRL using the same LoRA rank and target modules."
-        f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after."
+        f" GRPO and RLOO rows (RLHF_PPO_ALGORITHM=grpo / rloo): {GROUP} answers to each of"
+        f" {BATCH // GROUP} of the same prompts, so the same {BATCH} rollouts of up to"
+        f" {NEW_TOKENS} tokens, scored, penalised and clipped alike, without a value head."
+        + critic_free_note
+        + f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after."
         + pool_note
         + "\n\n"
         "### Where an iteration's time goes (mean seconds per iteration)\n\n"

@@ -1,6 +1,10 @@
 """A few PPO iterations of the tiny model on a fixed batch, for tests/integration/
 test_distributed_ppo.py: run as one process, or under torchrun as data-parallel ranks.
 
+With --algorithm grpo or rloo the same, critic-free: every prompt gets a group of GROUP answers
+(each rank samples its prompts' groups, seeded by their global rows), and the fixed batch's
+rows are groups of GROUP consecutive answers to one prompt.
+
 Rank 0 (or the single process) writes the trained weights (safetensors) and the last
 statistics (JSON) to --out.
 
@@ -37,6 +41,7 @@ from rlhf.training.ppo_config import PPOConfig
 from services.trainer.ppo.lockstep import Lockstep, follow
 
 BATCH = 8
+GROUP = 2  # answers per prompt for grpo and rloo
 
 
 def prompts() -> list[list[int]]:
@@ -55,6 +60,8 @@ def trainable(learner: PPOLearner) -> dict[str, torch.Tensor]:
         for name, p in learner.policy.named_parameters()
         if p.requires_grad
     }
+    if learner.value_head is None:  # critic-free
+        return weights
     value_head = learner.value_head.state_dict()
     return weights | {f"value_head.{k}": v.clone() for k, v in value_head.items()}
 
@@ -69,7 +76,8 @@ def full_trainable(learner: PPOLearner | Lockstep) -> dict[str, torch.Tensor]:
     if policy is None:
         return {}
     weights = {name: p.detach().clone() for name, p in policy.named_parameters()}
-    return weights | {f"value_head.{k}": v for k, v in tensors[VALUE_HEAD_FILE].items()}
+    value_head = tensors.get(VALUE_HEAD_FILE, {})  # none for grpo and rloo
+    return weights | {f"value_head.{k}": v for k, v in value_head.items()}
 
 
 def fixed_batch(eos: int) -> tuple[list[list[int]], list[float]]:
@@ -80,7 +88,12 @@ def fixed_batch(eos: int) -> tuple[list[list[int]], list[float]]:
 
 
 def make_learner(
-    world: distributed.World, lora_rank: int, weights=None, pool: str = ""
+    world: distributed.World,
+    lora_rank: int,
+    weights=None,
+    pool: str = "",
+    algorithm: str = "ppo",
+    aggregation: str = "token",
 ) -> PPOLearner:
     """`pool`: host:port of a generation server serving these weights as v1, to sample on."""
     cache_dir = load_config(CommonConfig).cache_dir
@@ -91,8 +104,17 @@ def make_learner(
         weights or load_base_policy(TINY, cache_dir, seed=0),
         load_base_policy(TINY, cache_dir, seed=0),
         load_tokenizer(cache_dir),
-        # One minibatch per epoch (the whole batch): the step is then exactly one process's.
-        PPOConfig(ppo_epochs=2, minibatch_size=BATCH, learning_rate=3e-3, init_kl_coef=0.2),
+        # One minibatch per epoch (the whole batch, every answer of every group): the step is
+        # then exactly one process's.
+        PPOConfig(
+            ppo_epochs=2,
+            minibatch_size=BATCH * GROUP,
+            learning_rate=3e-3,
+            init_kl_coef=0.2,
+            algorithm=algorithm,
+            group_size=GROUP,
+            loss_aggregation=aggregation,
+        ),
         RolloutSettings(max_new_tokens=8, seed=0),
         LoraSettings(rank=lora_rank),
         world,
@@ -121,8 +143,13 @@ def lockstep(learner: PPOLearner, world: distributed.World, run_lead):
 
 
 def update(learner: PPOLearner, world: distributed.World) -> dict[str, float]:
-    """Every rank updates on its shard of the fixed batch, as a PPO iteration's update does."""
-    rows = (prompts(), *fixed_batch(learner.tokenizer.eos_token_id))
+    """Every rank updates on its shard of the fixed batch, as a PPO iteration's update does
+    (critic-free: rows in groups of GROUP answers to one prompt, never split over ranks)."""
+    group = learner.config.answers_per_prompt
+    rows = (
+        [prompts()[row // group] for row in range(BATCH)],
+        *fixed_batch(learner.tokenizer.eos_token_id),
+    )
     return learner.update(*(world.shard(part) for part in rows))
 
 
@@ -132,7 +159,7 @@ def resume_and_update(args: argparse.Namespace, world: distributed.World) -> Non
     state_dir = args.out / "state"
     policy = load_base_policy(TINY, load_config(CommonConfig).cache_dir, seed=0)
     policy.load_state_dict(load_file(str(state_dir / "policy.safetensors")), strict=False)
-    learner = make_learner(world, args.lora_rank, policy)
+    learner = make_learner(world, args.lora_rank, policy, "", args.algorithm, args.aggregation)
     tensors = {
         name: load_file(str(state_dir / name))
         for name in state_dir.glob("*.safetensors")
@@ -155,12 +182,20 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp")
     parser.add_argument("--pool", default="", help="host:port of a generation server")
+    parser.add_argument("--algorithm", default="ppo")
+    parser.add_argument("--aggregation", default="token")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     world = distributed.join(strategy=args.strategy)
     cache_dir = load_config(CommonConfig).cache_dir
-    learner = make_learner(world, args.lora_rank, pool=args.pool)
+    learner = make_learner(
+        world,
+        args.lora_rank,
+        pool=args.pool,
+        algorithm=args.algorithm,
+        aggregation=args.aggregation,
+    )
     initial = full_trainable(learner)  # every rank at once: no lead yet
     fsdp = args.strategy == "fsdp"
     # In-process sampling is ddp's only: fsdp trains on rollouts sampled elsewhere.

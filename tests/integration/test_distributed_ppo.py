@@ -1,6 +1,7 @@
 """Data-parallel PPO under torchrun (2 ranks, gloo) takes the same steps as one process on the
 same global batch: the weights after a few iterations match within float tolerance, with DDP
-and with FSDP (whose learner state also survives a gather to rank 0 and a resume)."""
+and with FSDP (whose learner state also survives a gather to rank 0 and a resume), and so do
+GRPO's and RLOO's (groups of answers sampled per prompt on each rank, seeded by global row)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,19 @@ WORKER = Path(__file__).with_name("ppo_worker.py")
 
 
 def run_worker(
-    out: Path, ranks: int, lora_rank: int, strategy: str = "ddp", pool: str = ""
+    out: Path,
+    ranks: int,
+    lora_rank: int,
+    strategy: str = "ddp",
+    pool: str = "",
+    algorithm: str = "ppo",
+    aggregation: str = "token",
 ) -> tuple[dict, dict, dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command = [*launcher, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     command += [str(WORKER), "--out", str(out), "--lora-rank", str(lora_rank)]
     command += ["--strategy", strategy, "--pool", pool]
+    command += ["--algorithm", algorithm, "--aggregation", aggregation]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     stats = json.loads((out / "stats.json").read_text())
@@ -42,15 +50,36 @@ def assert_same_training(initial, single, single_stats, ranks, ranks_stats) -> N
     assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
     for name, weight in single.items():
         torch.testing.assert_close(ranks[name], weight, atol=2e-5, rtol=1e-4, msg=name)
-    for key in ("objective/kl", "objective/scores", "response/length", "kl_coef_after"):
+    keys = ["objective/kl", "objective/scores", "response/length", "kl_coef_after"]
+    keys += [k for k in ("reward_std", "frac_reward_zero_std") if k in single_stats]
+    for key in keys:
         assert ranks_stats[key] == pytest.approx(single_stats[key], rel=1e-4, abs=1e-6), key
+    for key in keys[:3]:  # the same for the in-process sampled iterations (every one for ddp)
+        if key in single_stats["iterate"]:
+            single_value = single_stats["iterate"][key]
+            assert ranks_stats["iterate"][key] == pytest.approx(single_value, rel=1e-4), key
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, lora_rank):
-    initial, single, single_stats = run_worker(tmp_path / "single", 1, lora_rank)
-    _, ddp, ddp_stats = run_worker(tmp_path / "ddp", 2, lora_rank)
+@pytest.mark.parametrize(
+    ("lora_rank", "algorithm", "aggregation"),
+    [
+        (0, "ppo", "token"),
+        (4, "ppo", "token"),
+        (0, "grpo", "token"),
+        # Each rank's answers are a share of the minibatch's answers, not of its tokens.
+        (0, "rloo", "sequence"),
+    ],
+)
+def test_two_ranks_match_one_process_on_the_same_global_batch(
+    tmp_path, lora_rank, algorithm, aggregation
+):
+    setup = {"algorithm": algorithm, "aggregation": aggregation}
+    initial, single, single_stats = run_worker(tmp_path / "single", 1, lora_rank, **setup)
+    _, ddp, ddp_stats = run_worker(tmp_path / "ddp", 2, lora_rank, **setup)
     assert_same_training(initial, single, single_stats, ddp, ddp_stats)
+    if algorithm != "ppo":  # whole groups of answers, sampled per prompt on each rank
+        assert "loss/value" not in single_stats
+        assert single_stats["iterate"]["reward_std"] > 0
 
 
 def test_fsdp_two_ranks_match_one_process_and_resume_from_gathered_state(tmp_path):
