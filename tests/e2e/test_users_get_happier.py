@@ -6,12 +6,14 @@ tiny model. A random tiny model only babbles, so the sft stage first teaches it 
 answer to the users' questions, a cheerful one and a grumpy one, equally often: the users
 (VADER, thumbs-up for clearly positive answers) then rate about half its answers up. The reward
 stage learns their taste from those thumbs (MiniLM), and PPO, held to the sft policy by the KL
-penalty, shifts the policy towards the answers they like.
+penalty, shifts the policy towards the answers they like. The same loop runs once more with GRPO
+in PPO's place (RLHF_PPO_ALGORITHM=grpo: groups of answers per prompt, no value head).
 """
 
 import json
 import random
 import uuid
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -41,6 +43,7 @@ CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely 
 GRUMPY = ["I hate it, what an awful and sad time.", "Terrible, it is horrible and boring."]
 # Users' ratings of the sft policy (also PPO's prompts: 12 updates of 16) and of the last policy.
 BEFORE, AFTER = 192, 160
+UPDATES = 12
 # Gains measured over 8 runs: 0.33 to 0.42 (KL 0.5 to 4 nats). PPO's outcome varied with smaller
 # batches: with batches of 4, gains 0.04 to 0.45 (one run in seven below 0.15); of 8, one run
 # in thirteen drifted to 9 nats with a gain of 0.08. The sampling noise on the gain is about 0.05.
@@ -75,8 +78,58 @@ def common(own_broker, cache_dir, tmp_path):
     }
 
 
+# The ppo stage's settings for PPO (besides the shared ones in `_loop`).
+PPO = {
+    "RLHF_PPO_BATCH_SIZE": 16,
+    "RLHF_PPO_MINIBATCH_SIZE": 16,
+    "RLHF_PPO_LEARNING_RATE": 5e-4,
+}
+
+# GRPO in PPO's place: the same 16 rollouts per update, as 4 answers to each of 4 prompts.
+GRPO = {
+    "RLHF_PPO_ALGORITHM": "grpo",
+    "RLHF_PPO_GROUP_SIZE": 4,
+    "RLHF_PPO_BATCH_SIZE": 4,
+    "RLHF_PPO_MINIBATCH_SIZE": 16,
+    "RLHF_PPO_LEARNING_RATE": 5e-4,
+}
+GRPO_MARGIN = 0.15
+
+
+@dataclass(frozen=True)
+class Outcome:
+    first_rate: float  # thumbs-up rate of the sft policy (v1)
+    last_rate: float  # of the last policy
+    pinned: int  # the last policy's version
+    final: trainer_pb2.TrainerStatus  # the trainer when it was pinned
+
+
 @pytest.mark.timeout(900)  # three stages and five services; about 2-3 minutes on 2 cores
 def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
+    outcome = _loop(common, tmp_path, PPO)
+    assert outcome.last_rate >= outcome.first_rate + MARGIN, (
+        f"thumbs-up {outcome.first_rate:.2f} (v1) -> {outcome.last_rate:.2f} "
+        f"(v{outcome.pinned}); trainer: {outcome.final}"
+    )
+    assert outcome.final.kl < 25.0, "PPO stayed near the sft policy"
+
+
+@pytest.mark.timeout(900)
+def test_grpo_in_ppos_place_raises_the_thumbs_up_rate_with_kl_bounded(common, tmp_path):
+    outcome = _loop(common, tmp_path, GRPO)
+    assert outcome.last_rate >= outcome.first_rate + GRPO_MARGIN, (
+        f"thumbs-up {outcome.first_rate:.2f} (v1) -> {outcome.last_rate:.2f} "
+        f"(v{outcome.pinned}); trainer: {outcome.final}"
+    )
+    assert outcome.final.algorithm == "grpo"
+    assert outcome.final.kl < 25.0, "GRPO stayed near the sft policy"
+    assert "loss/value" not in outcome.final.metrics  # no critic
+    assert 0.0 <= outcome.final.metrics["frac_reward_zero_std"] < 1.0
+
+
+def _loop(common, tmp_path, ppo_stage: dict, seed: int = 0) -> Outcome:
+    """sft, then the reward stage and the ppo stage (`ppo_stage`: its algorithm's settings)
+    while users rate the sft policy, UPDATES updates, then users rate the last policy."""
     store = CheckpointStore(common["checkpoint_dir"])
     group = uuid.uuid4().hex[:8]
     data = tmp_path / "demos.jsonl"
@@ -137,14 +190,13 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
                     RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
                     RLHF_TRAINER_GROUP=f"ppo-{group}",
                     RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
-                    RLHF_PPO_BATCH_SIZE=16,
-                    RLHF_PPO_MINIBATCH_SIZE=16,
                     RLHF_PPO_EPOCHS=2,
-                    RLHF_PPO_LEARNING_RATE=5e-4,
                     RLHF_PPO_INIT_KL_COEF=0.1,
                     RLHF_PPO_RESPONSE_TOKENS=16,
                     RLHF_PUBLISH_EVERY_UPDATES=2,
                     RLHF_PPO_REFERENCE_VERSION=1,
+                    RLHF_SEED=seed,
+                    **ppo_stage,
                 )
             )
         )
@@ -164,7 +216,7 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
             API_KEY,
             THRESHOLD,
             16,
-            random.Random(0),
+            random.Random(seed),
             tally,
         )
         _interact(user, BEFORE)
@@ -184,7 +236,7 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         def trained(updates):
             return trainer.GetStatus(trainer_pb2.GetStatusRequest()).step >= updates
 
-        assert wait_until(lambda: trained(12), timeout=300)
+        assert wait_until(lambda: trained(UPDATES), timeout=300)
         # Pin the last policy while users rate it: pause, then checkpoint after the running
         # update, so no newer version appears meanwhile.
         trainer.Pause(trainer_pb2.PauseRequest())
@@ -193,11 +245,7 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         info = generation_pb2.GetPolicyInfoRequest()
         assert wait_until(lambda: generation.GetPolicyInfo(info).version == pinned)
         _interact(user, AFTER)
-        last_rate = tally.rates()[pinned]
-        assert last_rate >= first_rate + MARGIN, (
-            f"thumbs-up {first_rate:.2f} (v1) -> {last_rate:.2f} (v{pinned}); trainer: {final}"
-        )
-        assert final.kl < 25.0, "PPO stayed near the sft policy"
+        return Outcome(first_rate, tally.rates()[pinned], pinned, final)
     finally:
         for name in ("trainer", "feedback", "generation", "reward-trainer", "reward"):
             if name in servers:
