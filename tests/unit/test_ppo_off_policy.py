@@ -1,5 +1,6 @@
 """A PPO update on rollouts sampled by another policy version: behaviour logprobs in the
-Rollout, truncated importance weights in the policy loss, lag and weight statistics."""
+Rollout, truncated importance weights in the policy loss, lag and weight statistics (for GRPO's
+critic-free update as for PPO's)."""
 
 import copy
 import math
@@ -53,14 +54,24 @@ def _with_behaviour(rollout: Rollout, behaviour: torch.Tensor, versions, latest:
     return rollout
 
 
-def _step(rollout: Rollout, cap: float = 2.0) -> tuple[dict[str, float], torch.nn.Module]:
-    policy, head = tiny_llama(), ValueHead(HIDDEN)
-    config = PPOConfig(ppo_epochs=2, minibatch_size=2, seed=3, importance_cap=cap)
+def _step(
+    rollout: Rollout, cap: float = 2.0, algorithm: str = "ppo"
+) -> tuple[dict[str, float], torch.nn.Module]:
+    policy = tiny_llama()
+    head = ValueHead(HIDDEN) if algorithm == "ppo" else None
+    config = PPOConfig(  # for grpo, hand_rollout's rows are two groups of two answers
+        ppo_epochs=2,
+        minibatch_size=2,
+        seed=3,
+        importance_cap=cap,
+        algorithm=algorithm,
+        group_size=2,
+    )
     stats = ppo_step(
         policy,
         head,
         tiny_llama(),
-        make_optimizer(policy, head),
+        make_optimizer(policy, head) if head else torch.optim.Adam(policy.parameters(), 1e-3),
         rollout,
         config,
         config.make_kl_controller(),
@@ -90,22 +101,23 @@ def test_on_policy_behaviour_weighs_one_and_changes_nothing():
         torch.testing.assert_close(trained, reference, atol=1e-5, rtol=0)
 
 
-def test_tokens_the_behaviour_policy_found_unlikely_are_capped_and_weigh_the_loss():
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_tokens_the_behaviour_policy_found_unlikely_are_capped_and_weigh_the_loss(algorithm):
     rollout = hand_rollout()
     old = _policy_logprobs(rollout)
     # Every token 3 nats less likely under the behaviour policy: raw weight e^3 > cap 2.
     far = _with_behaviour(rollout, old - 3.0, [5, 4, 6, 6], 6)
-    stats, _ = _step(far, cap=2.0)
+    stats, _ = _step(far, cap=2.0, algorithm=algorithm)
     assert stats["policy/is_capped_frac"] == 1.0
     assert stats["policy/is_weight_mean"] == pytest.approx(2.0)
     assert stats["rollout/policy_lag_max"] == 2.0  # v4 is two behind v6
-    plain_stats, _ = _step(rollout)
+    plain_stats, _ = _step(rollout, algorithm=algorithm)
     # The first minibatch's loss is taken before any step, so it doubles exactly; later ones
     # move apart, but the weighted loss is about twice the plain one throughout.
     assert stats["loss/policy"] / plain_stats["loss/policy"] == pytest.approx(2.0, rel=0.3)
     # Twice as likely under the behaviour policy: weight 0.5, nothing capped.
     half = _with_behaviour(rollout, old + math.log(2.0), [6, 6, 6, 6], 6)
-    stats, _ = _step(half)
+    stats, _ = _step(half, algorithm=algorithm)
     assert stats["policy/is_weight_mean"] == pytest.approx(0.5, abs=1e-5)
     assert stats["policy/is_capped_frac"] == 0.0
 
