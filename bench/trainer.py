@@ -375,7 +375,7 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
     phases = [r for label, m in results.items() for r in _phase_rows(label, m)]
     local, pooled = results["ours"], results[POOL]
     critic_free_note = "".join(
-        f" {label}: {local.median_seconds() / results[label].median_seconds():.2f}x PPO's"
+        f" {label}: {median(local.seconds) / median(results[label].seconds):.2f}x PPO's"
         " iterations per second."
         for label in CRITIC_FREE.values()
         if label in results
