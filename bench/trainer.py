@@ -400,7 +400,8 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         f" {BATCH // GROUP} of the same prompts, so the same {BATCH} rollouts of up to"
         f" {NEW_TOKENS} tokens, scored, penalised and clipped alike, without a value head."
         + critic_free_note
-        + f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after."
+        + f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after"
+        + (" (other jobs were running on this shared machine)." if loads[0] > 0.5 else ".")
         + pool_note
         + "\n\n"
         "### Where an iteration's time goes (mean seconds per iteration)\n\n"
