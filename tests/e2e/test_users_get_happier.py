@@ -34,7 +34,8 @@ from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
-from services.simulated_users.users import PROMPTS, SimulatedUser, Tally
+from services.simulated_users.synthetic import PROMPTS
+from services.simulated_users.users import SimulatedUser, Tally
 from services.trainer.main import build
 from tests.conftest import API_KEY, ID_KEY, TENANT, serve, trainer_config, wait_until
 
@@ -220,6 +221,7 @@ def _loop(common, tmp_path, ppo_stage: dict, seed: int = 0) -> Outcome:
             16,
             random.Random(seed),
             tally,
+            questions=PROMPTS,  # the questions the demonstrations answer
         )
         _interact(user, BEFORE)
         first_rate = tally.rates()[1]
