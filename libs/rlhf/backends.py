@@ -1,6 +1,6 @@
 """Generation backends behind one interface: local transformers, or a TGI server.
 
-`LocalBackend` decodes in this process with dynamic batching and hot-reloads policy checkpoints.
+`LocalBackend` decodes in this process with continuous batching and hot-reloads policy checkpoints.
 `TgiBackend` forwards to a text-generation-inference server through the official
 `text-generation` client. A TGI server cannot load new weights while running, so on a new policy
 checkpoint it verifies the checkpoint and asks Kubernetes for a rolling restart of the TGI
@@ -23,7 +23,7 @@ from text_generation import Client
 from text_generation.errors import OverloadedError, ValidationError
 
 from rlhf import decoding
-from rlhf.batching import DynamicBatcher, Job, JobResult, Overloaded
+from rlhf.batching import ContinuousBatcher, Job, JobResult, Overloaded
 from rlhf.bus import POLICY_CHECKPOINTS
 from rlhf.checkpoints import CheckpointStore
 from rlhf.kube import Rollout
@@ -75,12 +75,12 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """In-process decoding: dynamic batching plus hot reload of policy checkpoints."""
+    """In-process decoding: continuous batching plus hot reload of policy checkpoints."""
 
     name = "local"
 
     def __init__(
-        self, slot: HotSwap, batcher: DynamicBatcher, follower: CheckpointFollower | None
+        self, slot: HotSwap, batcher: ContinuousBatcher, follower: CheckpointFollower | None
     ) -> None:
         self._slot = slot
         self._batcher = batcher
@@ -96,9 +96,14 @@ class LocalBackend:
         on_token: TokenCallback | None,
     ) -> Future:
         outer: Future = Future()
-        inner = self._batcher.submit(Job(prompt_ids, sampling, stop_check, on_token))
+        job = Job(prompt_ids, sampling, stop_check, on_token)
+        inner = self._batcher.submit(job)
+        # A caller that gives up cancels its future: the request leaves the batch.
+        outer.add_done_callback(lambda future: job.abandon() if future.cancelled() else None)
 
         def done(future: Future) -> None:
+            if outer.cancelled():
+                return
             if future.exception() is not None:
                 outer.set_exception(future.exception())
                 return

@@ -29,9 +29,17 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
     max_concurrent_requests: int = setting(
         "RLHF_MAX_CONCURRENT_REQUESTS", 64, "requests queued or running before RESOURCE_EXHAUSTED"
     )
-    max_batch: int = setting("RLHF_MAX_BATCH", 16, "requests decoded together in one batch")
+    max_batch: int = setting("RLHF_MAX_BATCH", 16, "requests decoded together (rows of a step)")
     batch_wait_ms: float = setting(
-        "RLHF_BATCH_WAIT_MS", 5.0, "a batch keeps collecting while requests arrive this close"
+        "RLHF_BATCH_WAIT_MS",
+        5.0,
+        "an idle batcher keeps collecting a burst while requests arrive this close",
+    )
+    kv_budget_tokens: int = setting(
+        "RLHF_GENERATION_KV_BUDGET_TOKENS",
+        32768,
+        "KV cache columns the running batch may hold (each request reserves prompt + "
+        "max_new_tokens); requests beyond it wait in the queue",
     )
     request_timeout_seconds: float = setting(
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
@@ -58,6 +66,11 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
             raise ConfigError("RLHF_GENERATION_ID_KEY must be set to at least 16 bytes")
         if self.backend not in ("local", "tgi"):
             raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
+        if self.kv_budget_tokens < self.max_prompt_tokens + self.max_new_tokens_limit:
+            raise ConfigError(
+                "RLHF_GENERATION_KV_BUDGET_TOKENS must hold one request of RLHF_MAX_PROMPT_TOKENS "
+                "+ RLHF_MAX_NEW_TOKENS_LIMIT"
+            )
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
         try:

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
-from rlhf.batching import DynamicBatcher
+from rlhf.batching import ContinuousBatcher
 from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.ids import GenerationIdSigner
@@ -35,13 +35,14 @@ def local_backend(
         lambda: load_base_policy(config.policy_model, config.cache_dir),
     )
     slot = HotSwap(POLICY, initial)
-    batcher = DynamicBatcher(
+    batcher = ContinuousBatcher(
         slot,
         eos_ids={tokenizer.eos_token_id},
         pad_id=tokenizer.pad_token_id,
         max_batch=config.max_batch,
         max_wait_s=config.batch_wait_ms / 1000,
         max_queue=config.max_concurrent_requests,
+        kv_budget_tokens=config.kv_budget_tokens,
     )
     follower = CheckpointFollower(
         slot,

@@ -101,3 +101,53 @@ def test_top_p_keeps_the_nucleus():
 def test_empty_prompt_refused(model):
     with pytest.raises(ValueError):
         generate(model, [[]], [Sampling()], {EOS}, PAD)
+
+
+def _alone(model, prompt, sampling):
+    return generate(model, [prompt], [sampling], set(), PAD)[0]
+
+
+def test_rows_join_a_running_batch_and_leave_it_with_their_own_answers(model):
+    """Per-step batching: a row joining mid-flight, or outliving its batch-mates, samples
+    exactly what it samples alone (seeded and greedy rows alike)."""
+    first = decoding.Row([5, 6, 7], Sampling(20, 1.0, seed=11))
+    short = decoding.Row([9, 9], Sampling(3, 0.0))  # leaves after 3 tokens
+    late = decoding.Row([4, 3, 2, 1, 8, 8, 8, 8, 8], Sampling(6, 0.8, seed=5))
+    batch = decoding.DecodeBatch(model, set(), PAD)
+    assert batch.join([first, short]) == []
+    finished = []
+    for _ in range(2):
+        finished += batch.step()
+    assert finished == [short] and len(batch) == 1  # `short` left as soon as it ended
+    assert batch.join([late]) == []  # a longer prompt than the running row's cache
+    assert batch.width == len(late.prompt)
+    while batch:
+        finished += batch.step()
+    assert finished == [short, late, first]
+    for row in (first, short, late):
+        alone = _alone(model, row.prompt, row.sampling)
+        assert row.completion.token_ids == alone.token_ids
+        assert row.completion.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+        assert row.completion.finish_reason == decoding.LENGTH
+    assert batch.width == 0  # every column was released
+
+
+def test_dropped_row_leaves_and_the_others_continue(model):
+    keep = decoding.Row([5, 6], Sampling(8, 0.0))
+    gone = decoding.Row([7, 7, 7, 7], Sampling(8, 0.0))
+    batch = decoding.DecodeBatch(model, set(), PAD)
+    batch.join([gone, keep])
+    batch.step()
+    batch.drop([gone])
+    assert batch.rows == [keep]
+    while batch:
+        batch.step()
+    assert keep.completion.token_ids == _alone(model, keep.prompt, keep.sampling).token_ids
+    assert len(gone.completion.token_ids) == 2
+
+
+def test_row_finishing_at_its_first_token_never_enters_the_batch(model):
+    row = decoding.Row([5, 6], Sampling(1, 0.0))
+    batch = decoding.DecodeBatch(model, set(), PAD)
+    assert batch.join([row]) == [row] and len(batch) == 0
+    assert len(row.completion.token_ids) == 1
