@@ -213,7 +213,8 @@ class ContinuousBatcher:
         served = self._policy.current()
         cohort = next((c for c in self._cohorts if c.served is served), None)
         if cohort is None:
-            cohort = _Cohort(served, decoding.DecodeBatch(served.model, self._eos_ids, self._pad_id))
+            batch = decoding.DecodeBatch(served.model, self._eos_ids, self._pad_id)
+            cohort = _Cohort(served, batch)
         others = sum(c.reserved() for c in self._cohorts if c is not cohort)
         rows_running = sum(len(c.batch) for c in self._cohorts)
         admitted: list[Job] = []
