@@ -61,7 +61,10 @@ class Backend(Protocol):
         stop_check: Callable[[list[int]], bool] | None,
         stops: list[str],
         on_token: TokenCallback | None,
-    ) -> Future: ...
+        exact: bool = False,
+    ) -> Future:
+        """`exact`: a trainer's rollout, decoded on the checkpoint's own float32 weights."""
+        ...
 
     def policy(self) -> PolicyState: ...
 
@@ -94,9 +97,10 @@ class LocalBackend:
         stop_check: Callable[[list[int]], bool] | None,
         stops: list[str],
         on_token: TokenCallback | None,
+        exact: bool = False,
     ) -> Future:
         outer: Future = Future()
-        job = Job(prompt_ids, sampling, stop_check, on_token)
+        job = Job(prompt_ids, sampling, stop_check, on_token, exact=exact)
         inner = self._batcher.submit(job)
         # A caller that gives up cancels its future: the request leaves the batch.
         outer.add_done_callback(lambda future: job.abandon() if future.cancelled() else None)
@@ -170,6 +174,7 @@ class TgiBackend:
         stop_check: Callable[[list[int]], bool] | None,
         stops: list[str],
         on_token: TokenCallback | None,
+        exact: bool = False,
     ) -> Future:
         if not self._slots.acquire(blocking=False):
             raise Overloaded("too many requests in flight to the TGI server")

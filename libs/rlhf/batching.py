@@ -11,6 +11,12 @@ Hot swap: a request decodes on the policy version that was served when it was ad
 requests are grouped into cohorts by version; a swap opens a new cohort for newcomers while the
 old one drains (a step then runs one forward pass per cohort, briefly).
 
+Precision: a version is served as `PolicyWeights`, the checkpoint's float32 weights and the
+weights user requests decode with (`decode_dtype`: bfloat16 where the hardware multiplies it
+natively). Exact requests (a trainer's rollouts, whose logprobs are PPO's behaviour policy)
+always decode on the float32 weights, in a cohort of their own. Logprobs are computed in
+float32 from either.
+
 Bounds: at most `max_queue` requests wait for admission (more are refused at once, `Overloaded`,
 so latency cannot grow without limit), and the KV cache never holds more than `kv_budget_tokens`
 columns over all rows: a request reserves its prompt plus `max_new_tokens`, and a cohort holds
@@ -29,9 +35,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import torch
 from prometheus_client import Counter, Gauge, Histogram
+from transformers import PreTrainedModel
 
 from rlhf import decoding
+from rlhf.models import policy_in_dtype
 from rlhf.serving import HotSwap, Served
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,39 @@ TIME_TO_FIRST_TOKEN = Histogram(
 TOKENS = Counter("rlhf_generation_tokens_total", "tokens generated (rate() = tokens/s)")
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def decode_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype user requests decode in. `auto`: bfloat16 where the hardware multiplies it
+    natively (a CPU with AMX, a CUDA GPU with bfloat16), float32 elsewhere."""
+    if choice not in DTYPES:
+        raise ValueError(f"decode dtype {choice!r}: use one of {DTYPES}")
+    if choice != "auto":
+        return getattr(torch, choice)
+    if torch.device(device).type == "cuda":  # untested here: no GPU on this machine
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+@dataclass(frozen=True)
+class PolicyWeights:
+    """One served policy version: `exact` holds the checkpoint's float32 weights (rollouts'
+    behaviour logprobs must be the ones the trainer recomputes), `fast` the weights other
+    requests decode with (a bfloat16 copy, or `exact` itself)."""
+
+    exact: PreTrainedModel
+    fast: PreTrainedModel
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, dtype: torch.dtype) -> PolicyWeights:
+        return cls(model, policy_in_dtype(model, dtype))
+
+    def model(self, exact: bool) -> PreTrainedModel:
+        return self.exact if exact else self.fast
+
+
 class Overloaded(Exception):
     """The queue is full: the caller should answer RESOURCE_EXHAUSTED."""
 
@@ -75,6 +117,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     abandoned: bool = False
+    exact: bool = False  # decode on the float32 weights (a trainer's rollout)
 
     @property
     def reservation(self) -> int:
@@ -95,9 +138,10 @@ class JobResult:
 
 @dataclass(eq=False)
 class _Cohort:
-    """The running requests of one policy version."""
+    """The running requests of one policy version (and precision)."""
 
     served: Served
+    exact: bool
     batch: decoding.DecodeBatch
 
     def reserved(self, extra: int = 0, reservation: int = 0) -> int:
@@ -209,29 +253,47 @@ class ContinuousBatcher:
                 return
 
     def _admit(self) -> None:
-        """Move queued requests into the current version's cohort while they fit."""
+        """Move queued requests (oldest first) into the current version's cohorts while they
+        fit; each request joins the cohort of its precision."""
         served = self._policy.current()
-        cohort = next((c for c in self._cohorts if c.served is served), None)
-        if cohort is None:
-            batch = decoding.DecodeBatch(served.model, self._eos_ids, self._pad_id)
-            cohort = _Cohort(served, batch)
-        others = sum(c.reserved() for c in self._cohorts if c is not cohort)
-        rows_running = sum(len(c.batch) for c in self._cohorts)
-        admitted: list[Job] = []
+        joining: dict[bool, list[Job]] = {False: [], True: []}
+        cohorts = {
+            exact: next((c for c in self._cohorts if c.served is served and c.exact == exact), None)
+            or self._cohort(served, exact)
+            for exact in (False, True)
+        }
+        rows = sum(len(c.batch) for c in self._cohorts)
         with self._condition:
-            while self._queue and rows_running + len(admitted) < self.max_batch:
+            while self._queue and rows < self.max_batch:
                 job = self._queue[0]
                 if job.abandoned:
                     self._queue.popleft()
                     continue
-                largest = max([job.reservation] + [j.reservation for j in admitted])
-                wanted = cohort.reserved(len(admitted) + 1, largest)
-                if others + wanted > self.kv_budget_tokens:
+                joining[job.exact].append(job)
+                if self._reserved(cohorts, joining) > self.kv_budget_tokens:
+                    joining[job.exact].pop()
                     break  # oldest first: the head waits for room rather than being overtaken
-                admitted.append(self._queue.popleft())
+                self._queue.popleft()
+                rows += 1
             QUEUE_DEPTH.set(len(self._queue))
-        if not admitted:
-            return
+        for exact, jobs in joining.items():
+            if jobs:
+                self._join(cohorts[exact], jobs)
+
+    def _cohort(self, served: Served, exact: bool) -> _Cohort:
+        model = served.model.model(exact)
+        return _Cohort(served, exact, decoding.DecodeBatch(model, self._eos_ids, self._pad_id))
+
+    def _reserved(self, cohorts: dict[bool, _Cohort], joining: dict[bool, list[Job]]) -> int:
+        """KV columns held by every cohort once `joining` has joined."""
+        total = 0
+        for cohort in set(self._cohorts) | set(cohorts.values()):
+            jobs = joining[cohort.exact] if cohorts[cohort.exact] is cohort else []
+            largest = max([0] + [job.reservation for job in jobs])
+            total += cohort.reserved(len(jobs), largest)
+        return total
+
+    def _join(self, cohort: _Cohort, admitted: list[Job]) -> None:
         if cohort not in self._cohorts:
             self._cohorts.append(cohort)
         rows = [

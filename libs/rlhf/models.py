@@ -178,9 +178,24 @@ def policy_checkpoint_files(model: PreTrainedModel) -> tuple[dict[str, Any], dic
 def policy_from_checkpoint(checkpoint: VerifiedCheckpoint) -> LlamaForCausalLM:
     """Rebuild a policy from verified checkpoint contents (no code or pickle involved)."""
     config = LlamaConfig.from_dict(checkpoint.json_files[CONFIG_FILE])
+    return _assemble_policy(config, checkpoint.tensors[WEIGHTS_FILE])
+
+
+def policy_in_dtype(model: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
+    """`model` with its weights cast to `dtype`: a new model beside it, or `model` itself when
+    it already is in `dtype` (e.g. bfloat16 weights to decode with, beside the float32 ones)."""
+    if model.dtype == dtype:
+        return model
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return _assemble_policy(model.config, {k: v.detach().to(dtype) for k, v in state.items()})
+
+
+def _assemble_policy(config: LlamaConfig, state: Mapping[str, torch.Tensor]) -> LlamaForCausalLM:
+    """A policy built around `state`'s tensors (assigned, not copied)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    state = checkpoint.tensors[WEIGHTS_FILE]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:

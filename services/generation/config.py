@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from rlhf.auth import ApiKeys
+from rlhf.batching import DTYPES
 from rlhf.config import (
     CommonConfig,
     ConfigError,
@@ -41,6 +42,12 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
         "KV cache columns the running batch may hold (each request reserves prompt + "
         "max_new_tokens); requests beyond it wait in the queue",
     )
+    decode_dtype: str = setting(
+        "RLHF_GENERATION_DTYPE",
+        "auto",
+        "weights user requests decode with: float32, bfloat16, or auto (bfloat16 on a CPU with "
+        "AMX or a CUDA GPU with bfloat16, else float32); trainer rollouts always use float32",
+    )
     request_timeout_seconds: float = setting(
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
     )
@@ -71,6 +78,8 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
                 "RLHF_GENERATION_KV_BUDGET_TOKENS must hold one request of RLHF_MAX_PROMPT_TOKENS "
                 "+ RLHF_MAX_NEW_TOKENS_LIMIT"
             )
+        if self.decode_dtype not in DTYPES:
+            raise ConfigError(f"RLHF_GENERATION_DTYPE={self.decode_dtype!r}: use one of {DTYPES}")
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
         try:

@@ -270,6 +270,7 @@ class GenerationCore:
                 stop_check,
                 prepared.stops,
                 on_token,
+                exact=prepared.rollout,
             )
             try:
                 return future.result(timeout=self.config.request_timeout_seconds)

@@ -9,9 +9,9 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
-from rlhf.batching import ContinuousBatcher
+from rlhf.batching import ContinuousBatcher, PolicyWeights, decode_dtype
 from rlhf.bus import Publisher
-from rlhf.checkpoints import POLICY, CheckpointStore
+from rlhf.checkpoints import POLICY, CheckpointStore, VerifiedCheckpoint
 from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
@@ -28,11 +28,16 @@ from .servicer import GenerationServicer
 def local_backend(
     config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
 ) -> LocalBackend:
+    dtype = decode_dtype(config.decode_dtype)
+
+    def build(checkpoint: VerifiedCheckpoint) -> PolicyWeights:
+        return PolicyWeights.of(policy_from_checkpoint(checkpoint), dtype)
+
     initial = latest_or_base(
         store,
         POLICY,
-        policy_from_checkpoint,
-        lambda: load_base_policy(config.policy_model, config.cache_dir),
+        build,
+        lambda: PolicyWeights.of(load_base_policy(config.policy_model, config.cache_dir), dtype),
     )
     slot = HotSwap(POLICY, initial)
     batcher = ContinuousBatcher(
@@ -47,7 +52,7 @@ def local_backend(
     follower = CheckpointFollower(
         slot,
         store,
-        policy_from_checkpoint,
+        build,
         config.kafka_bootstrap,
         bus.POLICY_CHECKPOINTS,
         client_id="generation-follower",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.batching import ContinuousBatcher, Job, Overloaded
+from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyWeights, decode_dtype
 from rlhf.decoding import Sampling, generate
 from rlhf.serving import HotSwap, Served
 
@@ -35,7 +35,7 @@ def model():
 
 
 def _batcher(model, **options):
-    slot = HotSwap("policy", Served(model, 1, "", time.time()))
+    slot = HotSwap("policy", Served(PolicyWeights(model, model), 1, "", time.time()))
     batcher = ContinuousBatcher(slot, eos_ids=set(), pad_id=PAD, **options)
     return batcher, slot
 
@@ -136,7 +136,7 @@ def test_hot_swap_lands_between_steps_and_requests_keep_their_version(model):
     try:
         old_future = batcher.submit(old)
         assert tokens.first["old"].wait(10)
-        slot.swap(Served(other, 2, "", time.time()))
+        slot.swap(Served(PolicyWeights(other, other), 2, "", time.time()))
         new_result = batcher.submit(new).result(10)
         assert not old_future.done()  # both versions decoded side by side
         old_result = old_future.result(30)
@@ -173,3 +173,43 @@ def test_stop_finishes_queued_work_and_then_refuses(model):
     assert all(len(f.result(0).completion.token_ids) == 5 for f in futures)
     with pytest.raises(Exception, match="shutting down"):
         batcher.submit(Job([1, 2], Sampling(5, 0.0)))
+
+
+def test_decode_dtype_setting():
+    assert decode_dtype("float32") is torch.float32
+    assert decode_dtype("bfloat16") is torch.bfloat16
+    native = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    assert decode_dtype("auto") is (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError):
+        decode_dtype("float16")
+
+
+# bfloat16 keeps 8 bits of mantissa: logits move by ~1e-2 relative, so a token's logprob moves
+# by a few hundredths of a nat. Stated bound per token, and a tighter one on the mean.
+BF16_LOGPROB_MAX, BF16_LOGPROB_MEAN = 0.15, 0.03
+
+
+def test_bf16_decode_logprobs_stay_close_to_float32_and_rollouts_stay_exact(model):
+    weights = PolicyWeights.of(model, torch.bfloat16)
+    assert weights.exact is model and weights.fast.dtype is torch.bfloat16
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(weights.fast.state_dict()[name], tensor.to(torch.bfloat16)), name
+    batcher, slot = _batcher(model)
+    slot.swap(Served(weights, 2, "", time.time()))
+    prompt, sampling = [5, 6, 7, 8], Sampling(24, 1.0, seed=9)
+    batcher.start()
+    try:
+        fast = batcher.submit(Job(prompt, sampling)).result(30).completion
+        exact = batcher.submit(Job(prompt, sampling, exact=True)).result(30).completion
+    finally:
+        batcher.stop()
+    alone = generate(model, [prompt], [sampling], set(), PAD)[0]
+    assert exact.token_ids == alone.token_ids and exact.logprobs == alone.logprobs
+    # The fp32 model's logprobs of the tokens the bf16 weights chose (teacher forcing).
+    ids = torch.tensor([prompt + fast.token_ids])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    reference = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt) :, None])[:, 0]
+    difference = (torch.tensor(fast.logprobs) - reference).abs()
+    assert difference.max() < BF16_LOGPROB_MAX and difference.mean() < BF16_LOGPROB_MEAN
+    assert difference.max() > 0  # the bf16 weights really were used

@@ -151,3 +151,14 @@ def test_row_finishing_at_its_first_token_never_enters_the_batch(model):
     batch = decoding.DecodeBatch(model, set(), PAD)
     assert batch.join([row]) == [row] and len(batch) == 0
     assert len(row.completion.token_ids) == 1
+
+
+def test_bf16_copy_of_a_tied_policy_stays_tied(model):
+    from rlhf.models import policy_in_dtype
+
+    config = LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})
+    tied = LlamaForCausalLM(config).eval()
+    copy = policy_in_dtype(tied, torch.bfloat16)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    assert copy.dtype is torch.bfloat16 and tied.dtype is torch.float32
+    assert policy_in_dtype(tied, torch.float32) is tied
