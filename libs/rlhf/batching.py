@@ -12,7 +12,7 @@ requests are grouped into cohorts by version; a swap opens a new cohort for newc
 old one drains (a step then runs one forward pass per cohort, briefly).
 
 Precision: a version is served as `PolicyWeights`, the checkpoint's float32 weights and the
-weights user requests decode with (`decode_dtype`: bfloat16 where the hardware multiplies it
+weights user requests decode with (`models.serving_dtype`: bfloat16 where the hardware multiplies it
 natively). Exact requests (a trainer's rollouts, whose logprobs are PPO's behaviour policy)
 always decode on the float32 weights, in a cohort of their own. Logprobs are computed in
 float32 from either.
@@ -62,22 +62,6 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 TOKENS = Counter("rlhf_generation_tokens_total", "tokens generated (rate() = tokens/s)")
-
-
-DTYPES = ("auto", "float32", "bfloat16")
-
-
-def decode_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype user requests decode in. `auto`: bfloat16 where the hardware multiplies it
-    natively (a CPU with AMX, a CUDA GPU with bfloat16), float32 elsewhere."""
-    if choice not in DTYPES:
-        raise ValueError(f"decode dtype {choice!r}: use one of {DTYPES}")
-    if choice != "auto":
-        return getattr(torch, choice)
-    if torch.device(device).type == "cuda":  # untested here: no GPU on this machine
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if native else torch.float32
 
 
 @dataclass(frozen=True)

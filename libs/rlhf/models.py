@@ -112,6 +112,23 @@ def prepare_policy(cache_dir: Path) -> Path:
     return target
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def serving_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a serving process runs a model in (RLHF_GENERATION_DTYPE, RLHF_REWARD_DTYPE).
+    `auto`: bfloat16 where the hardware multiplies it natively (a CPU with AMX, a CUDA GPU with
+    bfloat16), float32 elsewhere."""
+    if choice not in DTYPES:
+        raise ValueError(f"dtype {choice!r}: use one of {DTYPES}")
+    if choice != "auto":
+        return getattr(torch, choice)
+    if torch.device(device).type == "cuda":  # untested here: no GPU on this machine
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def load_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
     """The policy tokenizer (shared by SmolLM2 and the tiny test policy)."""
     tokenizer = AutoTokenizer.from_pretrained(prepare_policy(cache_dir))

@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 
 from rlhf.auth import ApiKeys
-from rlhf.batching import DTYPES
 from rlhf.config import (
     CommonConfig,
     ConfigError,
@@ -12,6 +11,7 @@ from rlhf.config import (
     setting,
 )
 from rlhf.limits import PromptLimits
+from rlhf.models import DTYPES
 
 # Most choices (OpenAI `n`) one request may ask for; they are decoded in one batch, so also at
 # most RLHF_MAX_BATCH.

@@ -9,12 +9,17 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
-from rlhf.batching import ContinuousBatcher, PolicyWeights, decode_dtype
+from rlhf.batching import ContinuousBatcher, PolicyWeights
 from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore, VerifiedCheckpoint
 from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
-from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
+from rlhf.models import (
+    load_base_policy,
+    load_tokenizer,
+    policy_from_checkpoint,
+    serving_dtype,
+)
 from rlhf.server import run_main
 from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
@@ -28,7 +33,7 @@ from .servicer import GenerationServicer
 def local_backend(
     config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
 ) -> LocalBackend:
-    dtype = decode_dtype(config.decode_dtype)
+    dtype = serving_dtype(config.decode_dtype)
 
     def build(checkpoint: VerifiedCheckpoint) -> PolicyWeights:
         return PolicyWeights.of(policy_from_checkpoint(checkpoint), dtype)

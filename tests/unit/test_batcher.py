@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyWeights, decode_dtype
+from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyWeights
 from rlhf.decoding import Sampling, generate
+from rlhf.models import serving_dtype
 from rlhf.serving import HotSwap, Served
 
 PAD = 0
@@ -176,12 +177,12 @@ def test_stop_finishes_queued_work_and_then_refuses(model):
 
 
 def test_decode_dtype_setting():
-    assert decode_dtype("float32") is torch.float32
-    assert decode_dtype("bfloat16") is torch.bfloat16
+    assert serving_dtype("float32") is torch.float32
+    assert serving_dtype("bfloat16") is torch.bfloat16
     native = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
-    assert decode_dtype("auto") is (torch.bfloat16 if native else torch.float32)
+    assert serving_dtype("auto") is (torch.bfloat16 if native else torch.float32)
     with pytest.raises(ValueError):
-        decode_dtype("float16")
+        serving_dtype("float16")
 
 
 # bfloat16 keeps 8 bits of mantissa: logits move by ~1e-2 relative, so a token's logprob moves
