@@ -40,7 +40,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from transformers import PreTrainedModel
 
 from rlhf import decoding
-from rlhf.models import policy_in_dtype
+from rlhf.checkpoints import VerifiedCheckpoint
+from rlhf.models import CONFIG_FILE, policy_from_checkpoint, policy_in_dtype
 from rlhf.serving import HotSwap, Served
 
 log = logging.getLogger(__name__)
@@ -64,21 +65,103 @@ TIME_TO_FIRST_TOKEN = Histogram(
 TOKENS = Counter("rlhf_generation_tokens_total", "tokens generated (rate() = tokens/s)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PolicyWeights:
     """One served policy version: `exact` holds the checkpoint's float32 weights (rollouts'
     behaviour logprobs must be the ones the trainer recomputes), `fast` the weights other
-    requests decode with (a bfloat16 copy, or `exact` itself)."""
+    requests decode with (a bfloat16 copy, or `exact` itself). `buffers`: the checkpoint files'
+    bytes that `exact`'s tensors are views of, when it was loaded from the store."""
 
     exact: PreTrainedModel
     fast: PreTrainedModel
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, model: PreTrainedModel, dtype: torch.dtype) -> PolicyWeights:
-        return cls(model, policy_in_dtype(model, dtype))
+    def of(
+        cls,
+        model: PreTrainedModel,
+        dtype: torch.dtype,
+        buffers: dict[str, torch.Tensor] | None = None,
+    ) -> PolicyWeights:
+        return cls(model, policy_in_dtype(model, dtype), dict(buffers or {}))
 
     def model(self, exact: bool) -> PreTrainedModel:
         return self.exact if exact else self.fast
+
+
+class PolicyLoader:
+    """Builds each served version's `PolicyWeights` for hot reload, in the memory of a retired
+    version when no request decodes on it any more.
+
+    A retired version's file buffers are offered to the store (`reuse`) to read the next
+    checkpoint into: its float32 model, whose tensors are views of those buffers, then holds the
+    new weights already, and its bfloat16 tensors are overwritten in place. Nothing is
+    allocated (no fresh pages to fault in) and no model is constructed; the price is that two
+    versions stay resident. Anything that does not line up (another architecture, a version
+    still decoding) is built afresh.
+    """
+
+    def __init__(self, dtype: torch.dtype, in_use: Callable[[PolicyWeights], bool]) -> None:
+        self._dtype = dtype
+        self._in_use = in_use
+        self._lock = threading.Lock()
+        self._current: PolicyWeights | None = None
+        self._retired: PolicyWeights | None = None
+        self._offered: PolicyWeights | None = None
+
+    def initial(self, weights: PolicyWeights) -> PolicyWeights:
+        """Record the version served at start-up."""
+        self._current = weights
+        return weights
+
+    def reuse(self) -> dict[str, torch.Tensor] | None:
+        """Buffers to read the next checkpoint into: the retired version's, if it is free."""
+        with self._lock:
+            spare = self._retired
+            self._offered = spare if spare is not None and not self._in_use(spare) else None
+            return dict(self._offered.buffers) if self._offered is not None else None
+
+    def build(self, checkpoint: VerifiedCheckpoint) -> PolicyWeights:
+        with self._lock:
+            spare, self._offered = self._offered, None
+            weights = self._rebuilt(spare, checkpoint) if spare is not None else None
+            if weights is None:
+                model = policy_from_checkpoint(checkpoint)
+                weights = PolicyWeights.of(model, self._dtype, checkpoint.buffers)
+            if spare is not None:  # its buffers now hold other bytes: never offer it again
+                self._retired = None
+            self._retired, self._current = self._current, weights
+            return weights
+
+    @staticmethod
+    def _rebuilt(spare: PolicyWeights, checkpoint: VerifiedCheckpoint) -> PolicyWeights | None:
+        """`spare` with the checkpoint's weights, if they were read into its own buffers at the
+        places its float32 tensors view; None otherwise."""
+        config = spare.exact.config
+        announced = type(config).from_dict(checkpoint.json_files.get(CONFIG_FILE, {}))
+        if announced.to_dict() != config.to_dict():
+            return None
+        loaded = {
+            name: tensor for state in checkpoint.tensors.values() for name, tensor in state.items()
+        }
+        exact = spare.exact.state_dict()
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(loaded) != set(exact) - tied:
+            return None
+        for name, source in loaded.items():
+            tensor = exact[name]
+            if (source.data_ptr(), source.shape, source.dtype) != (
+                tensor.data_ptr(),
+                tensor.shape,
+                tensor.dtype,
+            ):
+                return None
+        if spare.fast is not spare.exact:
+            fast = spare.fast.state_dict()
+            with torch.no_grad():
+                for name, tensor in exact.items():
+                    fast[name].copy_(tensor)
+        return PolicyWeights(spare.exact, spare.fast, dict(checkpoint.buffers))
 
 
 class Overloaded(Exception):
@@ -171,6 +254,11 @@ class ContinuousBatcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def serving(self, weights: object) -> bool:
+        """Whether a running request decodes on `weights` (a served version's model)."""
+        with self._condition:
+            return any(cohort.served.model is weights for cohort in self._cohorts)
+
     def running(self) -> int:
         """Requests in the running batch (every cohort)."""
         return sum(len(cohort.batch) for cohort in list(self._cohorts))
@@ -247,7 +335,7 @@ class ContinuousBatcher:
             for exact in (False, True)
         }
         rows = sum(len(c.batch) for c in self._cohorts)
-        with self._condition:
+        with self._condition:  # cohorts are registered under it: see `serving`
             while self._queue and rows < self.max_batch:
                 job = self._queue[0]
                 if job.abandoned:
@@ -260,6 +348,9 @@ class ContinuousBatcher:
                 self._queue.popleft()
                 rows += 1
             QUEUE_DEPTH.set(len(self._queue))
+            for exact, jobs in joining.items():
+                if jobs and cohorts[exact] not in self._cohorts:
+                    self._cohorts.append(cohorts[exact])
         for exact, jobs in joining.items():
             if jobs:
                 self._join(cohorts[exact], jobs)
@@ -278,8 +369,6 @@ class ContinuousBatcher:
         return total
 
     def _join(self, cohort: _Cohort, admitted: list[Job]) -> None:
-        if cohort not in self._cohorts:
-            self._cohorts.append(cohort)
         rows = [
             decoding.Row(job.prompt_ids, job.sampling, job.stop_check, self._on_token(job), job)
             for job in admitted
@@ -320,7 +409,8 @@ class ContinuousBatcher:
                 JobResult(row.completion, cohort.served.version, remaining + len(finished))
             )
         if not cohort.batch and cohort in self._cohorts:
-            self._cohorts.remove(cohort)
+            with self._condition:
+                self._cohorts.remove(cohort)
         RUNNING.set(sum(len(c.batch) for c in self._cohorts))
         KV_RESERVED.set(sum(c.reserved() for c in self._cohorts))
 

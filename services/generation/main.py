@@ -9,17 +9,12 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
-from rlhf.batching import ContinuousBatcher, PolicyWeights
+from rlhf.batching import ContinuousBatcher, PolicyLoader, PolicyWeights
 from rlhf.bus import Publisher
-from rlhf.checkpoints import POLICY, CheckpointStore, VerifiedCheckpoint
+from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
-from rlhf.models import (
-    load_base_policy,
-    load_tokenizer,
-    policy_from_checkpoint,
-    serving_dtype,
-)
+from rlhf.models import load_base_policy, load_tokenizer, serving_dtype
 from rlhf.server import run_main
 from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
@@ -33,17 +28,20 @@ from .servicer import GenerationServicer
 def local_backend(
     config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
 ) -> LocalBackend:
-    dtype = serving_dtype(config.decode_dtype)
-
-    def build(checkpoint: VerifiedCheckpoint) -> PolicyWeights:
-        return PolicyWeights.of(policy_from_checkpoint(checkpoint), dtype)
-
+    batcher: ContinuousBatcher | None = None
+    loader = PolicyLoader(
+        serving_dtype(config.decode_dtype), lambda w: batcher is not None and batcher.serving(w)
+    )
     initial = latest_or_base(
         store,
         POLICY,
-        build,
-        lambda: PolicyWeights.of(load_base_policy(config.policy_model, config.cache_dir), dtype),
+        loader.build,
+        lambda: PolicyWeights.of(
+            load_base_policy(config.policy_model, config.cache_dir),
+            serving_dtype(config.decode_dtype),
+        ),
     )
+    loader.initial(initial.model)
     slot = HotSwap(POLICY, initial)
     batcher = ContinuousBatcher(
         slot,
@@ -57,10 +55,11 @@ def local_backend(
     follower = CheckpointFollower(
         slot,
         store,
-        build,
+        loader.build,
         config.kafka_bootstrap,
         bus.POLICY_CHECKPOINTS,
         client_id="generation-follower",
+        reuse=loader.reuse,
     )
     return LocalBackend(slot, batcher, follower)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyWeights
+from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyLoader, PolicyWeights
+from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.decoding import Sampling, generate
-from rlhf.models import serving_dtype
+from rlhf.models import policy_checkpoint_files, policy_from_checkpoint, serving_dtype
 from rlhf.serving import HotSwap, Served
 
 PAD = 0
@@ -214,3 +215,48 @@ def test_bf16_decode_logprobs_stay_close_to_float32_and_rollouts_stay_exact(mode
     difference = (torch.tensor(fast.logprobs) - reference).abs()
     assert difference.max() < BF16_LOGPROB_MAX and difference.mean() < BF16_LOGPROB_MEAN
     assert difference.max() > 0  # the bf16 weights really were used
+
+
+def _tied_policy(seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_hot_reload_reuses_a_retired_versions_memory_once_nothing_decodes_on_it(tmp_path):
+    store = CheckpointStore(tmp_path)
+    versions = [store.write(POLICY, *policy_checkpoint_files(_tied_policy(s))) for s in range(4)]
+    busy: set = set()
+    loader = PolicyLoader(torch.bfloat16, lambda weights: weights in busy)
+
+    def load(manifest):
+        checkpoint = store.load(POLICY, manifest.version, manifest.sha256, loader.reuse())
+        return loader.build(checkpoint)
+
+    first = loader.initial(load(versions[0]))
+    second = load(versions[1])  # nothing retired yet: built afresh
+    busy.add(first)
+    third = load(versions[2])  # the retired version still decodes: built afresh
+    assert third.exact is not first.exact
+    busy.clear()
+    fourth = load(versions[3])  # `second` retired and free: its memory holds version 4 now
+    assert fourth.exact is second.exact and fourth.fast is second.fast
+    assert fourth.buffers["model.safetensors"] is second.buffers["model.safetensors"]
+    fresh = PolicyWeights.of(
+        policy_from_checkpoint(store.load(POLICY, 4, versions[3].sha256)), torch.bfloat16
+    )
+    for name, tensor in fresh.exact.state_dict().items():
+        assert torch.equal(fourth.exact.state_dict()[name], tensor), name
+        assert torch.equal(fourth.fast.state_dict()[name], fresh.fast.state_dict()[name]), name
+    assert fourth.fast.lm_head.weight is fourth.fast.model.embed_tokens.weight
+    prompt, sampling = [5, 6, 7], Sampling(12, 1.0, seed=4)
+    assert _alone(fourth.fast, Job(prompt, sampling)) == _alone(fresh.fast, Job(prompt, sampling))
