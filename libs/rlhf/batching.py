@@ -22,6 +22,9 @@ so latency cannot grow without limit), and the KV cache never holds more than `k
 columns over all rows: a request reserves its prompt plus `max_new_tokens`, and a cohort holds
 (rows x its largest reservation), which bounds its right-aligned cache whatever happens. A
 request whose caller gave up (`Job.abandon`) leaves at the next step.
+
+Requests that share a prompt prefix (a chat template's system prompt) prefill only what follows
+it once the batcher has seen it twice (`decoding.PrefixCache`, one per served version).
 """
 
 from __future__ import annotations
@@ -238,6 +241,8 @@ class ContinuousBatcher:
         self.kv_budget_tokens = kv_budget_tokens
         self._queue: deque[Job] = deque()
         self._cohorts: list[_Cohort] = []
+        self._prefixes_for: Served | None = None  # the version whose prefixes are kept
+        self._prefixes: dict[bool, decoding.PrefixCache] = {}
         self._condition = threading.Condition()
         self._arriving = 0  # requests being validated and tokenised, about to be submitted
         self._stopping = False
@@ -356,8 +361,14 @@ class ContinuousBatcher:
                 self._join(cohorts[exact], jobs)
 
     def _cohort(self, served: Served, exact: bool) -> _Cohort:
+        """A new cohort for the served version; it shares the version's learnt prompt prefix
+        (see `decoding.PrefixCache`) with the version's earlier cohorts."""
+        if self._prefixes_for is not served:
+            self._prefixes_for, self._prefixes = served, {}
+        prefixes = self._prefixes.setdefault(exact, decoding.PrefixCache())
         model = served.model.model(exact)
-        return _Cohort(served, exact, decoding.DecodeBatch(model, self._eos_ids, self._pad_id))
+        batch = decoding.DecodeBatch(model, self._eos_ids, self._pad_id, prefixes)
+        return _Cohort(served, exact, batch)
 
     def _reserved(self, cohorts: dict[bool, _Cohort], joining: dict[bool, list[Job]]) -> int:
         """KV columns held by every cohort once `joining` has joined."""

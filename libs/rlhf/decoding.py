@@ -131,6 +131,7 @@ class Row:
     completion: Completion = field(default_factory=lambda: Completion([], []))
     generator: torch.Generator | None = None
     length: int = 0  # tokens of this row in the KV cache (its positions are 0 .. length-1)
+    span: int = 0  # cache columns from this row's first token to the right edge (>= length)
     pending: int = -1  # the token chosen last, fed to the model at the next step
 
     @property
@@ -139,22 +140,81 @@ class Row:
         return len(self.prompt) + self.sampling.max_new_tokens
 
 
+class PrefixCache:
+    """The KV cache of one prompt prefix that requests keep sharing (a chat template's system
+    prompt, say), so joining rows prefill only what follows it.
+
+    Learnt from traffic: when two prefills in a row share at least `min_tokens` leading tokens,
+    the keys and values of that common prefix are kept (cut from the prefill that just computed
+    them, no extra forward pass). Rows whose prompt starts with (part of) it reuse them; by
+    causality the cache of a prefix's prefix is valid as it is."""
+
+    def __init__(self, min_tokens: int = 16) -> None:
+        self.min_tokens = min_tokens
+        self.ids: list[int] = []
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [1, H, P, D]
+        self._last: Sequence[int] = ()
+        self.hits = 0  # rows that reused it
+
+    def shared(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Leading tokens every prompt shares with the cached prefix, if worth reusing (each
+        prompt keeps at least one token of its own to compute the next token's logits)."""
+        if not self.ids:
+            return 0
+        length = min(min(_common(p, self.ids), len(p) - 1) for p in prompts)
+        return length if length >= self.min_tokens else 0
+
+    def learn(self, prompts: Sequence[Sequence[int]], cache: DynamicCache, first: int) -> None:
+        """After a full prefill: keep the prefix this batch shares with the last one. `first`:
+        the cache column where the first prompt begins."""
+        common = min(_common(p, self._last) for p in prompts) if self._last else 0
+        self._last = prompts[-1]
+        if common < self.min_tokens or self.ids[:common] == list(prompts[0][:common]):
+            return
+        self.ids = list(prompts[0][:common])
+        self.states = [
+            (
+                layer.keys[:1, :, first : first + common].clone(),
+                layer.values[:1, :, first : first + common].clone(),
+            )
+            for layer in cache.layers
+        ]
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 class DecodeBatch:
     """Rows decoding together on one model with one KV cache; rows join and leave between steps.
 
-    The cache is right-aligned: row i's `length` tokens fill the last `length` columns and the
-    columns before them are masked. Rows that join are prefilled together (their own forward
-    pass) and their cache is laid beside the running rows' by left-padding the shorter of the
-    two; a row that finishes leaves the cache at once (its columns are dropped, and leading
-    columns no row uses are trimmed), so it costs nothing after its last token. Each row samples
-    with its own parameters and generator, so a seeded row gives the same answer whoever its
-    batch-mates are and whenever it joined.
+    The cache is right-aligned: row i's tokens lie in its last `span` columns (its prompt may
+    be split by masked padding when it reused a shared prefix) and the columns before them are
+    masked. Rows that join are prefilled together (their own forward pass; with a
+    `PrefixCache`, only what follows the shared prefix) and their cache is laid beside the
+    running rows' by left-padding the shorter of the two; a row that finishes leaves the cache
+    at once (its columns are dropped, and leading columns no row uses are trimmed), so it costs
+    nothing after its last token. Each row samples with its own parameters and generator, so a
+    seeded row gives the same answer whoever its batch-mates are and whenever it joined.
     """
 
-    def __init__(self, model: PreTrainedModel, eos_ids: set[int], pad_id: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        eos_ids: set[int],
+        pad_id: int,
+        prefixes: PrefixCache | None = None,
+    ) -> None:
         self.model = model
         self._eos_ids = eos_ids
         self._pad_id = pad_id
+        self._prefixes = prefixes
         self.rows: list[Row] = []
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
@@ -165,7 +225,7 @@ class DecodeBatch:
 
     @property
     def width(self) -> int:
-        """Columns of the KV cache (the longest row's length)."""
+        """Columns of the KV cache (the longest row's span)."""
         return self._mask.shape[1]
 
     @torch.inference_mode()
@@ -176,9 +236,21 @@ class DecodeBatch:
             return []
         if any(not row.prompt for row in rows):
             raise ValueError("empty prompt")
-        input_ids, attention = left_pad([row.prompt for row in rows], self._pad_id)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        prompts = [row.prompt for row in rows]
+        shared = self._prefixes.shared(prompts) if self._prefixes is not None else 0
         cache = DynamicCache()
+        if shared:
+            assert self._prefixes is not None
+            for index, (keys, values) in enumerate(self._prefixes.states):
+                size = (len(rows), -1, shared, -1)
+                cache.update(
+                    keys[:, :, :shared].expand(size), values[:, :, :shared].expand(size), index
+                )
+            self._prefixes.hits += len(rows)
+        input_ids, attention = left_pad([p[shared:] for p in prompts], self._pad_id)
+        positions = (shared + attention.cumsum(-1) - 1).clamp(min=shared)
+        if shared:
+            attention = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), attention], 1)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention,
@@ -188,8 +260,11 @@ class DecodeBatch:
             logits_to_keep=1,  # the prefill needs only the last position's logits
         )
         self.steps += 1
+        if self._prefixes is not None and not shared:
+            self._prefixes.learn(prompts, cache, attention.shape[1] - len(prompts[0]))
         for row in rows:
             row.length = len(row.prompt)
+            row.span = attention.shape[1] if shared else row.length
             if row.generator is None:
                 row.generator = _generator(row.sampling.seed)
         self._merge(rows, cache, attention)
@@ -215,6 +290,7 @@ class DecodeBatch:
         self.steps += 1
         for row in self.rows:
             row.length += 1
+            row.span += 1
         return self._advance(out.logits[:, -1, :], 0)
 
     def drop(self, rows: Sequence[Row]) -> None:
@@ -278,7 +354,7 @@ class DecodeBatch:
             return
         index = torch.tensor(indices, dtype=torch.long)
         mask = self._mask.index_select(0, index)
-        start = self.width - max(row.length for row in self.rows)
+        start = self.width - max(row.span for row in self.rows)
         self._mask = mask[:, start:]
         assert self._cache is not None
         for layer in self._layers(self._cache):

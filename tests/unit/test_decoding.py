@@ -162,3 +162,30 @@ def test_bf16_copy_of_a_tied_policy_stays_tied(model):
     assert copy.lm_head.weight is copy.model.embed_tokens.weight
     assert copy.dtype is torch.bfloat16 and tied.dtype is torch.float32
     assert policy_in_dtype(tied, torch.float32) is tied
+
+
+def test_rows_sharing_a_prompt_prefix_reuse_its_cache_and_answer_as_alone(model):
+    template = [3, 4, 5, 6, 7, 8, 9, 10]  # say, a chat template's system prompt
+    prefixes = decoding.PrefixCache(min_tokens=4)
+    batch = decoding.DecodeBatch(model, set(), PAD, prefixes)
+    rows = [
+        decoding.Row(template + tail, Sampling(6, 1.0, seed=seed))
+        for seed, tail in enumerate([[11, 12], [13], [14, 15, 16], [17, 18], [19]])
+    ]
+    batch.join(rows[:1])
+    batch.step()
+    batch.join(rows[1:2])  # shares the template with the last prefill: learnt, not reused yet
+    assert prefixes.ids == template and prefixes.hits == 0
+    batch.step()
+    batch.join(rows[2:4])  # two rows with different tails, prefilled after the cached prefix
+    batch.join(rows[4:])
+    assert prefixes.hits == 3
+    while batch:
+        batch.step()
+    for row in rows:
+        alone = _alone(model, row.prompt, row.sampling)
+        assert row.completion.token_ids == alone.token_ids
+        assert row.completion.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    unrelated = decoding.Row([20, 21, 22, 23, 24], Sampling(3, 0.0))
+    batch.join([unrelated])  # shares nothing with the prefix: a full prefill
+    assert prefixes.hits == 3
