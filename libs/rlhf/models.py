@@ -98,6 +98,10 @@ def prepare_policy(cache_dir: Path) -> Path:
         for attribute in ("quantization_config", "is_quantized"):
             if hasattr(model.config, attribute):
                 delattr(model.config, attribute)
+        # The weights are dequantised float32 now; transformers 5 still keeps the GGUF
+        # "quantizer" on the model and would refuse to save it.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         staging = cache_dir / f".{_POLICY_FOLDER}.tmp-{os.getpid()}"
