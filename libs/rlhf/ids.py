@@ -74,6 +74,9 @@ def partition_key(generation_id: str) -> str:
     return prompt_hash or generation_id
 
 
+_PREFIX_DOT = PREFIX.encode() + b"."
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -86,11 +89,16 @@ class GenerationIdSigner:
     def __init__(self, key: bytes, max_age_seconds: float = 7 * 24 * 3600) -> None:
         if len(key) < 16:
             raise ValueError("the generation id key must be at least 16 bytes")
-        self._key = key
+        # Keyed once; each signature copies it. (hmac.digest() and hmac.new() set the key up
+        # on every call, and the one-shot form releases the GIL around even a 60-byte message:
+        # in a service whose other threads hold it, each id then waits for the GIL to return.)
+        self._mac = hmac.new(key, _PREFIX_DOT, hashlib.sha256)
         self.max_age_seconds = max_age_seconds
 
     def _sign(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, PREFIX.encode() + b"." + payload, hashlib.sha256).digest()
+        mac = self._mac.copy()
+        mac.update(payload)
+        return mac.digest()
 
     def issue(self, policy_version: int, now: float | None = None, prompt_hash: str = "") -> str:
         """A fresh signed id; pass `prompt_hash=prompt_digest(prompt)` to bind it to its prompt."""
