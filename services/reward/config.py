@@ -28,7 +28,7 @@ class RewardConfig(CommonConfig, RewardModelSettings, RewardTokenSettings, Consu
     batch_wait_ms: float = setting(
         "RLHF_REWARD_BATCH_WAIT_MS",
         2.0,
-        "longest a call waits for others to share its forward pass",
+        "longest a batch waits for calls still being validated to share its forward pass",
     )
     max_queued_pairs: int = setting(
         "RLHF_REWARD_MAX_QUEUED_PAIRS",
