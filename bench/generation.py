@@ -421,19 +421,22 @@ def reload_and_swap(service: Service, store: CheckpointStore, bootstrap: str, re
             started = time.perf_counter()
             publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
             while service.version() != manifest.version:
-                time.sleep(0.02)
+                time.sleep(0.005)
             latencies.append(time.perf_counter() - started)
             time.sleep(2.0)
     stop.set()
     for thread in threads:
         thread.join()
+    fresh, reused = latencies[:2], latencies[2:]
+    met = "met" if median(reused) < 0.3 else "**NOT met**"
     rows = [
         [
-            "checkpoint event -> new version served (median)",
-            f"{median(latencies):.2f} s",
-            "< 0.3 s",
+            f"checkpoint event -> new version served (median of the last {len(reused)})",
+            f"{median(reused):.2f} s",
+            f"< 0.3 s: {met}",
         ],
-        ["slowest of the swaps", f"{max(latencies):.2f} s", ""],
+        ["the same, each of those swaps", ", ".join(f"{x:.2f}" for x in reused), ""],
+        ["the first two swaps (built afresh)", ", ".join(f"{x:.2f}" for x in fresh), ""],
         ["requests served during the swaps (8 clients)", served[0], ""],
         ["failed requests during the swaps", len(failures), "0"],
     ]
@@ -443,7 +446,10 @@ def reload_and_swap(service: Service, store: CheckpointStore, bootstrap: str, re
         + "\n\nThe latency runs from publishing the checkpoint event to GetPolicyInfo reporting "
         "the new version: the event's delivery, reading the 540 MB safetensors file while "
         "hashing it (BLAKE3) against the manifest, and the bfloat16 weights the service decodes "
-        "with, written into the memory of the version before last (PolicyLoader), under load.\n"
+        "with, under load. From the third swap on, the version before last has drained and "
+        "its memory is reused (PolicyLoader): the file is read into its buffer, so its float32 "
+        "model holds the new weights in place, and its bfloat16 tensors are overwritten; the "
+        "first two swaps build both models in fresh memory.\n"
     )
 
 
@@ -461,7 +467,8 @@ def run(quick: bool) -> str:
                 overhead(service, model, tokenizer, repeats),
                 throughput(service, 10.0 if quick else 20.0),
                 staggered(service, model, tokenizer, 1 if quick else 3),
-                reload_and_swap(service, store, broker.bootstrap, repeats),
+                # The first two swaps build afresh (nothing retired with memory to reuse yet).
+                reload_and_swap(service, store, broker.bootstrap, repeats + 4),
             ]
         finally:
             service.stop()

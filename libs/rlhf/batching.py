@@ -121,7 +121,8 @@ class PolicyLoader:
         """Buffers to read the next checkpoint into: the retired version's, if it is free."""
         with self._lock:
             spare = self._retired
-            self._offered = spare if spare is not None and not self._in_use(spare) else None
+            usable = spare is not None and spare.buffers and not self._in_use(spare)
+            self._offered = spare if usable else None
             return dict(self._offered.buffers) if self._offered is not None else None
 
     def build(self, checkpoint: VerifiedCheckpoint) -> PolicyWeights:
