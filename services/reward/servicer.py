@@ -69,8 +69,9 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "scoring did not finish in time")
         label = str(version)
         PAIRS.labels(label).inc(len(scores))
+        histogram = SCORES.labels(label)
         for score in scores:
-            SCORES.labels(label).observe(score)
+            histogram.observe(score)
         return reward_pb2.ScoreResponse(scores=scores, model_version=version)
 
     def _check(self, request: reward_pb2.ScoreRequest) -> str | None:
