@@ -172,6 +172,12 @@ class CommonConfig:
     tls_key_file: str = setting(
         "RLHF_TLS_KEY_FILE", "", "PEM private key of RLHF_TLS_CERT_FILE (empty = plaintext)"
     )
+    nice: int = setting(
+        "RLHF_NICE",
+        0,
+        "scheduling priority the process gives itself at start (os.nice, 0-19): on a node it "
+        "shares with serving, give training a high value so answers stay fast",
+    )
 
 
 # Settings several services read, declared once; a service's config inherits the ones it uses.
