@@ -332,16 +332,21 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         """Move queued requests (oldest first) into the current version's cohorts while they
-        fit; each request joins the cohort of its precision."""
-        served = self._policy.current()
+        fit; each request joins the cohort of its precision. The version is read and its
+        cohorts registered under the condition, so `serving` never misses one."""
         joining: dict[bool, list[Job]] = {False: [], True: []}
-        cohorts = {
-            exact: next((c for c in self._cohorts if c.served is served and c.exact == exact), None)
-            or self._cohort(served, exact)
-            for exact in (False, True)
-        }
-        rows = sum(len(c.batch) for c in self._cohorts)
-        with self._condition:  # cohorts are registered under it: see `serving`
+        with self._condition:
+            if not self._queue:
+                return
+            served = self._policy.current()
+            cohorts = {
+                exact: next(
+                    (c for c in self._cohorts if c.served is served and c.exact == exact), None
+                )
+                or self._cohort(served, exact)
+                for exact in (False, True)
+            }
+            rows = sum(len(c.batch) for c in self._cohorts)
             while self._queue and rows < self.max_batch:
                 job = self._queue[0]
                 if job.abandoned:
