@@ -94,10 +94,12 @@ class RecentAcks:
         with self._lock:
             return self._entries.get(event_id)
 
-    def remember(self, event_id: str, fingerprint: bytes, stored: Stored) -> None:
+    def remember(self, entries: Iterable[tuple[str, bytes, Stored]]) -> None:
+        """Remember (event id, fingerprint, where stored) of each entry, under one lock."""
         with self._lock:
-            self._entries[event_id] = (fingerprint, stored)
-            self._entries.move_to_end(event_id)
+            for event_id, fingerprint, stored in entries:
+                self._entries[event_id] = (fingerprint, stored)
+                self._entries.move_to_end(event_id)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
@@ -249,9 +251,11 @@ class FeedbackIngest:
 
     def record(self, tenant: str, items: list[Item]) -> None:
         """Remember newly stored items, to answer resends, and count every outcome."""
-        for item in items:
-            if item.stored is not None and not item.stored.duplicate:
-                self._recent.remember(item.event_id, item.fingerprint, item.stored)
+        self._recent.remember(
+            (item.event_id, item.fingerprint, item.stored)
+            for item in items
+            if item.stored is not None and not item.stored.duplicate
+        )
         _count_outcomes(tenant, items)
 
     def open_stream(self, tenant: str) -> StreamIngest:
