@@ -1,6 +1,6 @@
 """Generation backends behind one interface: local transformers, or a TGI server.
 
-`LocalBackend` decodes in this process with dynamic batching and hot-reloads policy checkpoints.
+`LocalBackend` decodes in this process with continuous batching and hot-reloads policy checkpoints.
 `TgiBackend` forwards to a text-generation-inference server through the official
 `text-generation` client. A TGI server cannot load new weights while running, so on a new policy
 checkpoint it verifies the checkpoint and asks Kubernetes for a rolling restart of the TGI
@@ -23,7 +23,7 @@ from text_generation import Client
 from text_generation.errors import OverloadedError, ValidationError
 
 from rlhf import decoding
-from rlhf.batching import DynamicBatcher, Job, JobResult, Overloaded
+from rlhf.batching import ContinuousBatcher, Job, JobResult, Overloaded
 from rlhf.bus import POLICY_CHECKPOINTS
 from rlhf.checkpoints import CheckpointStore
 from rlhf.kube import Rollout
@@ -61,7 +61,10 @@ class Backend(Protocol):
         stop_check: Callable[[list[int]], bool] | None,
         stops: list[str],
         on_token: TokenCallback | None,
-    ) -> Future: ...
+        exact: bool = False,
+    ) -> Future:
+        """`exact`: a trainer's rollout, decoded on the checkpoint's own float32 weights."""
+        ...
 
     def policy(self) -> PolicyState: ...
 
@@ -75,12 +78,12 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """In-process decoding: dynamic batching plus hot reload of policy checkpoints."""
+    """In-process decoding: continuous batching plus hot reload of policy checkpoints."""
 
     name = "local"
 
     def __init__(
-        self, slot: HotSwap, batcher: DynamicBatcher, follower: CheckpointFollower | None
+        self, slot: HotSwap, batcher: ContinuousBatcher, follower: CheckpointFollower | None
     ) -> None:
         self._slot = slot
         self._batcher = batcher
@@ -94,11 +97,17 @@ class LocalBackend:
         stop_check: Callable[[list[int]], bool] | None,
         stops: list[str],
         on_token: TokenCallback | None,
+        exact: bool = False,
     ) -> Future:
         outer: Future = Future()
-        inner = self._batcher.submit(Job(prompt_ids, sampling, stop_check, on_token))
+        job = Job(prompt_ids, sampling, stop_check, on_token, exact=exact)
+        inner = self._batcher.submit(job)
+        # A caller that gives up cancels its future: the request leaves the batch.
+        outer.add_done_callback(lambda future: job.abandon() if future.cancelled() else None)
 
         def done(future: Future) -> None:
+            if outer.cancelled():
+                return
             if future.exception() is not None:
                 outer.set_exception(future.exception())
                 return
@@ -165,6 +174,7 @@ class TgiBackend:
         stop_check: Callable[[list[int]], bool] | None,
         stops: list[str],
         on_token: TokenCallback | None,
+        exact: bool = False,
     ) -> Future:
         if not self._slots.acquire(blocking=False):
             raise Overloaded("too many requests in flight to the TGI server")

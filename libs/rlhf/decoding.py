@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -116,7 +116,264 @@ def _sample(
 OnToken = Callable[[int, int, float], None]
 
 
-@torch.inference_mode()
+@dataclass(eq=False)
+class Row:
+    """One sequence of a `DecodeBatch`: its sampling, its answer so far, and its callbacks.
+
+    `stop` gets the token ids so far after each token (True ends the row with `STOP`);
+    `on_token` gets (token, logprob) as each token is chosen. `tag` is the caller's handle."""
+
+    prompt: Sequence[int]
+    sampling: Sampling
+    stop: Callable[[list[int]], bool] | None = None
+    on_token: Callable[[int, float], None] | None = None
+    tag: object = None
+    completion: Completion = field(default_factory=lambda: Completion([], []))
+    generator: torch.Generator | None = None
+    length: int = 0  # tokens of this row in the KV cache (its positions are 0 .. length-1)
+    span: int = 0  # cache columns from this row's first token to the right edge (>= length)
+    pending: int = -1  # the token chosen last, fed to the model at the next step
+
+    @property
+    def reservation(self) -> int:
+        """KV-cache columns this row can ever occupy: prompt plus every new token."""
+        return len(self.prompt) + self.sampling.max_new_tokens
+
+
+class PrefixCache:
+    """The KV cache of one prompt prefix that requests keep sharing (a chat template's system
+    prompt, say), so joining rows prefill only what follows it.
+
+    Learnt from traffic: when two prefills in a row share at least `min_tokens` leading tokens,
+    the keys and values of that common prefix are kept (cut from the prefill that just computed
+    them, no extra forward pass). Rows whose prompt starts with (part of) it reuse them; by
+    causality the cache of a prefix's prefix is valid as it is."""
+
+    def __init__(self, min_tokens: int = 16) -> None:
+        self.min_tokens = min_tokens
+        self.ids: list[int] = []
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [1, H, P, D]
+        self._last: Sequence[int] = ()
+        self.hits = 0  # rows that reused it
+
+    def shared(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Leading tokens every prompt shares with the cached prefix, if worth reusing (each
+        prompt keeps at least one token of its own to compute the next token's logits)."""
+        if not self.ids:
+            return 0
+        length = min(min(_common(p, self.ids), len(p) - 1) for p in prompts)
+        return length if length >= self.min_tokens else 0
+
+    def learn(self, prompts: Sequence[Sequence[int]], cache: DynamicCache, first: int) -> None:
+        """After a full prefill: keep the prefix this batch shares with the last one. `first`:
+        the cache column where the first prompt begins."""
+        common = min(_common(p, self._last) for p in prompts) if self._last else 0
+        self._last = prompts[-1]
+        if common < self.min_tokens or self.ids[:common] == list(prompts[0][:common]):
+            return
+        self.ids = list(prompts[0][:common])
+        self.states = [
+            (
+                layer.keys[:1, :, first : first + common].clone(),
+                layer.values[:1, :, first : first + common].clone(),
+            )
+            for layer in cache.layers
+        ]
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+class DecodeBatch:
+    """Rows decoding together on one model with one KV cache; rows join and leave between steps.
+
+    The cache is right-aligned: row i's tokens lie in its last `span` columns (its prompt may
+    be split by masked padding when it reused a shared prefix) and the columns before them are
+    masked. Rows that join are prefilled together (their own forward pass; with a
+    `PrefixCache`, only what follows the shared prefix) and their cache is laid beside the
+    running rows' by left-padding the shorter of the two; a row that finishes leaves the cache
+    at once (its columns are dropped, and leading columns no row uses are trimmed), so it costs
+    nothing after its last token. Each row samples with its own parameters and generator, so a
+    seeded row gives the same answer whoever its batch-mates are and whenever it joined.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        eos_ids: set[int],
+        pad_id: int,
+        prefixes: PrefixCache | None = None,
+    ) -> None:
+        self.model = model
+        self._eos_ids = eos_ids
+        self._pad_id = pad_id
+        self._prefixes = prefixes
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self.steps = 0  # forward passes (prefills and decode steps) so far
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        """Columns of the KV cache (the longest row's span)."""
+        return self._mask.shape[1]
+
+    @torch.inference_mode()
+    def join(self, rows: Sequence[Row]) -> list[Row]:
+        """Prefill `rows`, choose their first tokens and add them to the batch; returns the rows
+        that finished already (they never enter the batch)."""
+        if not rows:
+            return []
+        if any(not row.prompt for row in rows):
+            raise ValueError("empty prompt")
+        prompts = [row.prompt for row in rows]
+        shared = self._prefixes.shared(prompts) if self._prefixes is not None else 0
+        cache = DynamicCache()
+        if shared:
+            assert self._prefixes is not None
+            for index, (keys, values) in enumerate(self._prefixes.states):
+                size = (len(rows), -1, shared, -1)
+                cache.update(
+                    keys[:, :, :shared].expand(size), values[:, :, :shared].expand(size), index
+                )
+            self._prefixes.hits += len(rows)
+        input_ids, attention = left_pad([p[shared:] for p in prompts], self._pad_id)
+        positions = (shared + attention.cumsum(-1) - 1).clamp(min=shared)
+        if shared:
+            attention = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), attention], 1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the prefill needs only the last position's logits
+        )
+        self.steps += 1
+        if self._prefixes is not None and not shared:
+            self._prefixes.learn(prompts, cache, attention.shape[1] - len(prompts[0]))
+        for row in rows:
+            row.length = len(row.prompt)
+            row.span = attention.shape[1] if shared else row.length
+            if row.generator is None:
+                row.generator = _generator(row.sampling.seed)
+        self._merge(rows, cache, attention)
+        first = len(self.rows) - len(rows)
+        return self._advance(out.logits[:, -1, :], first)
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One decode step for every row; returns the rows that finished (and left)."""
+        if not self.rows:
+            return []
+        count = len(self.rows)
+        input_ids = torch.tensor([[row.pending] for row in self.rows], dtype=torch.long)
+        positions = torch.tensor([[row.length] for row in self.rows], dtype=torch.long)
+        self._mask = torch.cat([self._mask, torch.ones((count, 1), dtype=torch.long)], dim=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self.steps += 1
+        for row in self.rows:
+            row.length += 1
+            row.span += 1
+        return self._advance(out.logits[:, -1, :], 0)
+
+    def drop(self, rows: Sequence[Row]) -> None:
+        """Take rows out of the batch before they finish (their requests were abandoned)."""
+        doomed = set(map(id, rows))
+        self._keep([i for i, row in enumerate(self.rows) if id(row) not in doomed])
+
+    def _advance(self, logits: torch.Tensor, first: int) -> list[Row]:
+        """Choose the next token of rows[first:] from their logits; finished rows leave."""
+        rows = self.rows[first:]
+        tokens, logprobs = pick_tokens(
+            logits.float(), [r.sampling for r in rows], [r.generator for r in rows]
+        )
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one copy, not per row
+        finished: list[Row] = []
+        for row, token, logprob in zip(rows, token_list, logprob_list, strict=True):
+            if row.on_token is not None:
+                row.on_token(token, logprob)
+            completion = row.completion
+            completion.token_ids.append(token)
+            completion.logprobs.append(logprob)
+            row.pending = token
+            if token in self._eos_ids:
+                completion.finish_reason = EOS
+            elif row.stop is not None and row.stop(completion.token_ids):
+                completion.finish_reason = STOP
+            elif len(completion.token_ids) >= row.sampling.max_new_tokens:
+                completion.finish_reason = LENGTH
+            else:
+                continue
+            finished.append(row)
+        if finished:
+            done = set(map(id, finished))
+            self._keep([i for i, row in enumerate(self.rows) if id(row) not in done])
+        return finished
+
+    def _layers(self, cache: DynamicCache) -> list:
+        return list(cache.layers)
+
+    def _merge(self, rows: Sequence[Row], cache: DynamicCache, attention: torch.Tensor) -> None:
+        """Lay the new rows' cache beside the running rows', right-aligned."""
+        if self._cache is None or not self.rows:
+            self._cache, self._mask, self.rows = cache, attention, list(rows)
+            return
+        width = max(self.width, attention.shape[1])
+        for old, new in zip(self._layers(self._cache), self._layers(cache), strict=True):
+            old.keys = torch.cat([_left_pad_seq(old.keys, width), _left_pad_seq(new.keys, width)])
+            old.values = torch.cat(
+                [_left_pad_seq(old.values, width), _left_pad_seq(new.values, width)]
+            )
+        self._mask = torch.cat(
+            [_left_pad_mask(self._mask, width), _left_pad_mask(attention, width)]
+        )
+        self.rows.extend(rows)
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only rows[indices], and trim cache columns that no remaining row uses."""
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self._cache, self._mask = None, torch.zeros((0, 0), dtype=torch.long)
+            return
+        index = torch.tensor(indices, dtype=torch.long)
+        mask = self._mask.index_select(0, index)
+        start = self.width - max(row.span for row in self.rows)
+        self._mask = mask[:, start:]
+        assert self._cache is not None
+        for layer in self._layers(self._cache):
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _left_pad_seq(states: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, S, D] states padded with zeros on the left of S up to `width` (masked columns)."""
+    missing = width - states.shape[2]
+    if missing == 0:
+        return states
+    return torch.nn.functional.pad(states, (0, 0, missing, 0))
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
+
+
 def generate(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -131,50 +388,28 @@ def generate(
         raise ValueError("need one Sampling per prompt, and at least one prompt")
     if any(not p for p in prompts):
         raise ValueError("empty prompt")
-    input_ids, attention = left_pad(prompts, pad_id)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    generators = [_generator(p.seed) for p in params]
-    completions = [Completion([], []) for _ in prompts]
-    active = [p.max_new_tokens > 0 for p in params]
-    cache = DynamicCache()
-    step_ids, step_positions = input_ids, positions
-    for _ in range(max(p.max_new_tokens for p in params)):
-        if not any(active):
-            break
-        out = model(
-            input_ids=step_ids,
-            attention_mask=attention,
-            position_ids=step_positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,  # the prefill needs only the last position's logits
+    rows = [
+        Row(
+            prompt,
+            sampling,
+            stop=_bound_stop(stop_check, index),
+            on_token=_bound_on_token(on_token, index),
         )
-        tokens, logprobs = pick_tokens(out.logits[:, -1, :].float(), params, generators)
-        token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one copy, not one per row
-        next_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
-        emitted = torch.zeros((len(prompts), 1), dtype=torch.long)
-        for row, params_row in enumerate(params):
-            if not active[row]:
-                continue
-            token, logprob = token_list[row], logprob_list[row]
-            if on_token is not None:
-                on_token(row, token, logprob)
-            completion = completions[row]
-            completion.token_ids.append(token)
-            completion.logprobs.append(logprob)
-            next_ids[row, 0], emitted[row, 0] = token, 1
-            if token in eos_ids:
-                completion.finish_reason, active[row] = EOS, False
-            elif stop_check is not None and stop_check(row, completion.token_ids):
-                completion.finish_reason, active[row] = STOP, False
-            elif len(completion.token_ids) >= params_row.max_new_tokens:
-                completion.finish_reason, active[row] = LENGTH, False
-        # Masks come from what was emitted, never from token identity: a sampled token that
-        # happens to equal the pad id is still a real token.
-        attention = torch.cat([attention, emitted], dim=1)
-        step_positions = step_positions[:, -1:] + 1
-        step_ids = next_ids
-    return completions
+        for index, (prompt, sampling) in enumerate(zip(prompts, params, strict=True))
+    ]
+    batch = DecodeBatch(model, eos_ids, pad_id)
+    batch.join([row for row in rows if row.sampling.max_new_tokens > 0])
+    while batch:
+        batch.step()
+    return [row.completion for row in rows]
+
+
+def _bound_stop(check: StopCheck | None, index: int) -> Callable[[list[int]], bool] | None:
+    return None if check is None else (lambda token_ids: check(index, token_ids))
+
+
+def _bound_on_token(callback: OnToken | None, index: int) -> Callable[[int, float], None] | None:
+    return None if callback is None else (lambda token, logprob: callback(index, token, logprob))
 
 
 def stop_sequence_check(

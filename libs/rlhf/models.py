@@ -98,6 +98,10 @@ def prepare_policy(cache_dir: Path) -> Path:
         for attribute in ("quantization_config", "is_quantized"):
             if hasattr(model.config, attribute):
                 delattr(model.config, attribute)
+        # The weights are dequantised float32 now; transformers 5 still keeps the GGUF
+        # "quantizer" on the model and would refuse to save it.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         staging = cache_dir / f".{_POLICY_FOLDER}.tmp-{os.getpid()}"
@@ -110,6 +114,23 @@ def prepare_policy(cache_dir: Path) -> Path:
             shutil.rmtree(target)
         os.rename(staging, target)
     return target
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def serving_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a serving process runs a model in (RLHF_GENERATION_DTYPE, RLHF_REWARD_DTYPE).
+    `auto`: bfloat16 where the hardware multiplies it natively (a CPU with AMX, a CUDA GPU with
+    bfloat16), float32 elsewhere."""
+    if choice not in DTYPES:
+        raise ValueError(f"dtype {choice!r}: use one of {DTYPES}")
+    if choice != "auto":
+        return getattr(torch, choice)
+    if torch.device(device).type == "cuda":  # untested here: no GPU on this machine
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
 
 
 def load_tokenizer(cache_dir: Path) -> PreTrainedTokenizerBase:
@@ -178,9 +199,24 @@ def policy_checkpoint_files(model: PreTrainedModel) -> tuple[dict[str, Any], dic
 def policy_from_checkpoint(checkpoint: VerifiedCheckpoint) -> LlamaForCausalLM:
     """Rebuild a policy from verified checkpoint contents (no code or pickle involved)."""
     config = LlamaConfig.from_dict(checkpoint.json_files[CONFIG_FILE])
+    return _assemble_policy(config, checkpoint.tensors[WEIGHTS_FILE])
+
+
+def policy_in_dtype(model: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
+    """`model` with its weights cast to `dtype`: a new model beside it, or `model` itself when
+    it already is in `dtype` (e.g. bfloat16 weights to decode with, beside the float32 ones)."""
+    if model.dtype == dtype:
+        return model
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return _assemble_policy(model.config, {k: v.detach().to(dtype) for k, v in state.items()})
+
+
+def _assemble_policy(config: LlamaConfig, state: Mapping[str, torch.Tensor]) -> LlamaForCausalLM:
+    """A policy built around `state`'s tensors (assigned, not copied)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    state = checkpoint.tensors[WEIGHTS_FILE]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:

@@ -2,19 +2,21 @@
 
 `ScoreBatcher` coalesces concurrent requests: callers queue their pairs and wait; one worker
 thread takes the oldest request and every request queued behind it that still fits in
-`max_batch` pairs, waiting at most `max_wait_s` (counted from the oldest request's arrival) for
-companions, and scores them all in one forward pass. Under load requests pile up while the model
-is busy, so batches fill without waiting; a lone request waits at most `max_wait_s`. A request is
-never split, and the queue is bounded (`Overloaded`) so latency cannot grow without limit.
+`max_batch` pairs and scores them all in one forward pass. It waits for companions (at most
+`max_wait_s`, counted from the oldest request's arrival) only while another call is on its way
+(`arriving`: received, not yet queued); a lone caller is never held back. Under load requests
+pile up while the model is busy, so batches fill without waiting. A request is never split, and
+the queue is bounded (`Overloaded`) so latency cannot grow without limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -79,6 +81,13 @@ def score_pairs(
 
 
 @dataclass
+class Arrival:
+    """A call announced by `ScoreBatcher.arriving`, counted until it queues or gives up."""
+
+    counted: bool = True
+
+
+@dataclass
 class _Job:
     pairs: list[PromptResponse]
     enqueued: float
@@ -101,6 +110,7 @@ class ScoreBatcher:
         self.max_queued = max_queued
         self._queue: deque[_Job] = deque()
         self._queued = 0
+        self._arriving = 0  # calls received (validating) that have not queued their pairs yet
         self._stopping = False
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="reward-batcher", daemon=True)
@@ -114,6 +124,25 @@ class ScoreBatcher:
     def start(self) -> None:
         self._thread.start()
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Held by a call while it is validated: a batch being collected waits for it (and for
+        nothing else) until it submits with this `Arrival`, or leaves the block."""
+        arrival = Arrival()
+        with self._condition:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._condition:
+                self._arrived(arrival)
+
+    def _arrived(self, arrival: Arrival | None) -> None:
+        if arrival is not None and arrival.counted:
+            arrival.counted = False
+            self._arriving -= 1
+            self._condition.notify_all()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, finish what is queued, then end the worker."""
         with self._condition:
@@ -123,9 +152,13 @@ class ScoreBatcher:
             self._thread.join(timeout)
 
     def submit(
-        self, pairs: Sequence[PromptResponse], timeout: float | None = None
+        self,
+        pairs: Sequence[PromptResponse],
+        timeout: float | None = None,
+        arrival: Arrival | None = None,
     ) -> tuple[list[float], int]:
         """Score `pairs` in the next batch; blocks until done. Returns (scores, model version).
+        `arrival`: the call's `arriving()` handle, no longer waited for once its pairs queue.
 
         Raises Overloaded, ShuttingDown, TimeoutError, or whatever scoring raised.
         """
@@ -133,6 +166,7 @@ class ScoreBatcher:
             raise ValueError("nothing to score")
         job = _Job(list(pairs), time.monotonic())
         with self._condition:
+            self._arrived(arrival)
             if self._stopping:
                 raise ShuttingDown("the reward service is shutting down")
             if self._queued + len(job.pairs) > self.max_queued:
@@ -169,8 +203,8 @@ class ScoreBatcher:
                     size += len(batch[-1].pairs)
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
-                    break
+                if remaining <= 0 or self._stopping or self._arriving == 0:
+                    break  # nobody else is on the way: waiting would only add latency
                 self._condition.wait(remaining)
             self._queued -= size
             QUEUED_PAIRS.set(self._queued)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from rlhf.bus import EventConsumer
@@ -69,9 +70,12 @@ def load_served(
     version: int,
     build: Callable[[VerifiedCheckpoint], M],
     expected_manifest_sha256: str | None = None,
+    reuse: Callable[[], dict[str, torch.Tensor] | None] | None = None,
 ) -> Served[M]:
-    """Load and verify one checkpoint version and build the servable model from it."""
-    checkpoint = store.load(kind, version, expected_manifest_sha256)
+    """Load and verify one checkpoint version and build the servable model from it; `reuse`
+    may offer memory to read the files into (see `CheckpointStore.load`)."""
+    spare = reuse() if reuse is not None else None
+    checkpoint = store.load(kind, version, expected_manifest_sha256, spare)
     return Served(build(checkpoint), version, checkpoint.manifest_sha256, time.time())
 
 
@@ -129,7 +133,8 @@ class CheckpointFollower(Generic[M]):
 
     The one verify-or-refuse path: `build` turns a verified checkpoint into what is served (a
     model in memory; nothing, for servers that load weights themselves), and `activate`, if
-    given, runs on it before the swap (e.g. rolling TGI pods onto the verified version)."""
+    given, runs on it before the swap (e.g. rolling TGI pods onto the verified version).
+    `reuse`, if given, offers memory nothing uses any more to read the next checkpoint into."""
 
     def __init__(
         self,
@@ -140,11 +145,13 @@ class CheckpointFollower(Generic[M]):
         topic: str,
         client_id: str,
         activate: Callable[[Served[M]], None] | None = None,
+        reuse: Callable[[], dict[str, torch.Tensor] | None] | None = None,
     ) -> None:
         self._slot = slot
         self._store = store
         self._build = build
         self._activate = activate
+        self._reuse = reuse
         self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
 
     def start(self) -> None:
@@ -161,7 +168,7 @@ class CheckpointFollower(Generic[M]):
         started = time.perf_counter()
         try:
             served = load_served(
-                self._store, kind, event.version, self._build, event.manifest_sha256
+                self._store, kind, event.version, self._build, event.manifest_sha256, self._reuse
             )
             if self._activate is not None:
                 self._activate(served)

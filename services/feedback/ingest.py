@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from rlhf import bus
 from rlhf.auth import ApiKeys, Unauthenticated
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner, feedback_event_id, partition_key
+from rlhf.ids import GenerationIdSigner, feedback_event_id
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
@@ -60,6 +60,10 @@ PUBLISH_SECONDS = Histogram(
     ["mode"],  # "sync": SubmitFeedback and HTTP; "pipelined": StreamFeedback
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+_PIPELINED_SECONDS = PUBLISH_SECONDS.labels("pipelined")
+# A stream's acknowledgement latency is sampled on every ACK_SAMPLE-th item: a callback per item
+# on the producer's I/O thread costs more than the histogram is worth.
+ACK_SAMPLE = 16
 THUMB_NAMES = {events_pb2.THUMB_UP: "up", events_pb2.THUMB_DOWN: "down"}
 
 
@@ -90,10 +94,12 @@ class RecentAcks:
         with self._lock:
             return self._entries.get(event_id)
 
-    def remember(self, event_id: str, fingerprint: bytes, stored: Stored) -> None:
+    def remember(self, entries: Iterable[tuple[str, bytes, Stored]]) -> None:
+        """Remember (event id, fingerprint, where stored) of each entry, under one lock."""
         with self._lock:
-            self._entries[event_id] = (fingerprint, stored)
-            self._entries.move_to_end(event_id)
+            for event_id, fingerprint, stored in entries:
+                self._entries[event_id] = (fingerprint, stored)
+                self._entries.move_to_end(event_id)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
@@ -105,6 +111,7 @@ class Item:
     index: int
     idempotency_key: str
     event_id: str = ""
+    key: str = ""  # the Kafka key: rlhf.ids.partition_key of the generation id
     fingerprint: bytes = b""
     policy_version: int = 0
     signal: str = ""
@@ -204,6 +211,8 @@ class FeedbackIngest:
             index=index,
             idempotency_key=feedback.idempotency_key,
             event_id=feedback_event_id(tenant, feedback.idempotency_key),
+            # What partition_key would parse out of the id again, from its verified claims.
+            key=claims.prompt_hash or feedback.generation_id,
             fingerprint=fingerprint_of(feedback),
             policy_version=claims.policy_version,
             signal=feedback.WhichOneof("signal") or "",
@@ -231,7 +240,7 @@ class FeedbackIngest:
         try:
             partition, offset = self.publisher.publish(
                 bus.FEEDBACK,
-                partition_key(item.event.feedback.generation_id),
+                item.key,
                 item.event,
                 timeout=self.publish_timeout,
             )
@@ -242,9 +251,11 @@ class FeedbackIngest:
 
     def record(self, tenant: str, items: list[Item]) -> None:
         """Remember newly stored items, to answer resends, and count every outcome."""
-        for item in items:
-            if item.stored is not None and not item.stored.duplicate:
-                self._recent.remember(item.event_id, item.fingerprint, item.stored)
+        self._recent.remember(
+            (item.event_id, item.fingerprint, item.stored)
+            for item in items
+            if item.stored is not None and not item.stored.duplicate
+        )
         _count_outcomes(tenant, items)
 
     def open_stream(self, tenant: str) -> StreamIngest:
@@ -346,15 +357,15 @@ class StreamIngest:
             item.rejected, item.event = _unavailable(self._bus_error), None
             return
         publisher = self._ingest.publisher
-        key = partition_key(item.event.feedback.generation_id)
         try:
-            item.future = publisher.publish_async(bus.FEEDBACK, key, item.event)
+            item.future = publisher.publish_async(bus.FEEDBACK, item.key, item.event)
         except BusUnavailable as exc:
             self._bus_error = str(exc)
             item.rejected, item.event = _unavailable(self._bus_error), None
             return
-        item.sent_at = time.perf_counter()
-        item.future.add_callback(item.mark_acked)
+        if not item.index % ACK_SAMPLE:  # the producer's I/O thread runs the callback
+            item.sent_at = time.perf_counter()
+            item.future.add_callback(item.mark_acked)
         self._in_flight.append(item)
         while len(self._in_flight) > self._limits.window:
             self._settle(self._in_flight.popleft(), self._ingest.publish_timeout)
@@ -368,8 +379,8 @@ class StreamIngest:
             item.rejected = _unavailable(repr(exc))
         else:
             item.stored = Stored(item.event_id, metadata.partition, metadata.offset)
-            acked = item.acked_at or time.perf_counter()
-            PUBLISH_SECONDS.labels("pipelined").observe(acked - item.sent_at)
+            if item.sent_at:
+                _PIPELINED_SECONDS.observe((item.acked_at or time.perf_counter()) - item.sent_at)
         item.future, item.event = None, None
 
     def finish(self) -> list[Item]:

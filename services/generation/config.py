@@ -11,6 +11,7 @@ from rlhf.config import (
     setting,
 )
 from rlhf.limits import PromptLimits
+from rlhf.models import DTYPES
 
 # Most choices (OpenAI `n`) one request may ask for; they are decoded in one batch, so also at
 # most RLHF_MAX_BATCH.
@@ -29,9 +30,23 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
     max_concurrent_requests: int = setting(
         "RLHF_MAX_CONCURRENT_REQUESTS", 64, "requests queued or running before RESOURCE_EXHAUSTED"
     )
-    max_batch: int = setting("RLHF_MAX_BATCH", 16, "requests decoded together in one batch")
+    max_batch: int = setting("RLHF_MAX_BATCH", 16, "requests decoded together (rows of a step)")
     batch_wait_ms: float = setting(
-        "RLHF_BATCH_WAIT_MS", 5.0, "a batch keeps collecting while requests arrive this close"
+        "RLHF_BATCH_WAIT_MS",
+        5.0,
+        "an idle batcher keeps collecting a burst while requests arrive this close",
+    )
+    kv_budget_tokens: int = setting(
+        "RLHF_GENERATION_KV_BUDGET_TOKENS",
+        32768,
+        "KV cache columns the running batch may hold (each request reserves prompt + "
+        "max_new_tokens); requests beyond it wait in the queue",
+    )
+    decode_dtype: str = setting(
+        "RLHF_GENERATION_DTYPE",
+        "auto",
+        "weights user requests decode with: float32, bfloat16, or auto (bfloat16 on a CPU with "
+        "AMX or a CUDA GPU with bfloat16, else float32); trainer rollouts always use float32",
     )
     request_timeout_seconds: float = setting(
         "RLHF_REQUEST_TIMEOUT_SECONDS", 300.0, "longest a request may queue and decode"
@@ -58,6 +73,13 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
             raise ConfigError("RLHF_GENERATION_ID_KEY must be set to at least 16 bytes")
         if self.backend not in ("local", "tgi"):
             raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
+        if self.kv_budget_tokens < self.max_prompt_tokens + self.max_new_tokens_limit:
+            raise ConfigError(
+                "RLHF_GENERATION_KV_BUDGET_TOKENS must hold one request of RLHF_MAX_PROMPT_TOKENS "
+                "+ RLHF_MAX_NEW_TOKENS_LIMIT"
+            )
+        if self.decode_dtype not in DTYPES:
+            raise ConfigError(f"RLHF_GENERATION_DTYPE={self.decode_dtype!r}: use one of {DTYPES}")
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
         try:

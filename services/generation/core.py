@@ -270,8 +270,13 @@ class GenerationCore:
                 stop_check,
                 prepared.stops,
                 on_token,
+                exact=prepared.rollout,
             )
-            return future.result(timeout=self.config.request_timeout_seconds)
+            try:
+                return future.result(timeout=self.config.request_timeout_seconds)
+            except FutureTimeout:
+                future.cancel()  # the request leaves the running batch at its next step
+                raise
         except Overloaded as exc:
             REJECTED.labels("overloaded").inc()
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded", str(exc)) from exc

@@ -9,12 +9,12 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
-from rlhf.batching import DynamicBatcher
+from rlhf.batching import ContinuousBatcher, PolicyLoader, PolicyWeights
 from rlhf.bus import Publisher
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
-from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
+from rlhf.models import load_base_policy, load_tokenizer, serving_dtype
 from rlhf.server import run_main
 from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
@@ -28,28 +28,38 @@ from .servicer import GenerationServicer
 def local_backend(
     config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
 ) -> LocalBackend:
+    batcher: ContinuousBatcher | None = None
+    loader = PolicyLoader(
+        serving_dtype(config.decode_dtype), lambda w: batcher is not None and batcher.serving(w)
+    )
     initial = latest_or_base(
         store,
         POLICY,
-        policy_from_checkpoint,
-        lambda: load_base_policy(config.policy_model, config.cache_dir),
+        loader.build,
+        lambda: PolicyWeights.of(
+            load_base_policy(config.policy_model, config.cache_dir),
+            serving_dtype(config.decode_dtype),
+        ),
     )
+    loader.initial(initial.model)
     slot = HotSwap(POLICY, initial)
-    batcher = DynamicBatcher(
+    batcher = ContinuousBatcher(
         slot,
         eos_ids={tokenizer.eos_token_id},
         pad_id=tokenizer.pad_token_id,
         max_batch=config.max_batch,
         max_wait_s=config.batch_wait_ms / 1000,
         max_queue=config.max_concurrent_requests,
+        kv_budget_tokens=config.kv_budget_tokens,
     )
     follower = CheckpointFollower(
         slot,
         store,
-        policy_from_checkpoint,
+        loader.build,
         config.kafka_bootstrap,
         bus.POLICY_CHECKPOINTS,
         client_id="generation-follower",
+        reuse=loader.reuse,
     )
     return LocalBackend(slot, batcher, follower)
 

@@ -10,6 +10,7 @@ from rlhf.config import (
     RewardTokenSettings,
     setting,
 )
+from rlhf.models import DTYPES
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,18 @@ class RewardConfig(CommonConfig, RewardModelSettings, RewardTokenSettings, Consu
     batch_wait_ms: float = setting(
         "RLHF_REWARD_BATCH_WAIT_MS",
         2.0,
-        "longest a call waits for others to share its forward pass",
+        "longest a batch waits for calls still being validated to share its forward pass",
     )
     max_queued_pairs: int = setting(
         "RLHF_REWARD_MAX_QUEUED_PAIRS",
         1024,
         "pairs waiting for a forward pass beyond which calls get RESOURCE_EXHAUSTED",
+    )
+    dtype: str = setting(
+        "RLHF_REWARD_DTYPE",
+        "auto",
+        "weights the reward model scores with: float32, bfloat16, or auto (bfloat16 on a CPU "
+        "with AMX or a CUDA GPU with bfloat16, else float32); scores are normalised in float32",
     )
     drift_sample: float = setting(
         "RLHF_REWARD_DRIFT_SAMPLE",
@@ -51,5 +58,7 @@ class RewardConfig(CommonConfig, RewardModelSettings, RewardTokenSettings, Consu
             raise ConfigError("batch, queue and token limits must be positive")
         if self.batch_wait_ms < 0:
             raise ConfigError("RLHF_REWARD_BATCH_WAIT_MS must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"RLHF_REWARD_DTYPE={self.dtype!r}: use one of {DTYPES}")
         if not 0.0 <= self.drift_sample <= 1.0:
             raise ConfigError("RLHF_REWARD_DRIFT_SAMPLE must be in [0, 1]")

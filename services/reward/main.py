@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+from transformers import PreTrainedModel
 
 from rlhf import bus
 from rlhf.bus import EventConsumer
-from rlhf.checkpoints import REWARD, CheckpointStore
+from rlhf.checkpoints import REWARD, CheckpointStore, VerifiedCheckpoint
 from rlhf.drift import LiveRewardSampler
-from rlhf.models import load_reward_backbone, reward_from_checkpoint
+from rlhf.models import load_reward_backbone, reward_from_checkpoint, serving_dtype
 from rlhf.scoring import PromptResponse, ScoreBatcher, score_pairs
 from rlhf.server import run_main
 from rlhf.serving import CheckpointFollower, HotSwap, latest_or_base
@@ -27,13 +28,16 @@ class RewardService:
         self.config = config
         store = CheckpointStore(config.checkpoint_dir)
         base, self.tokenizer = load_reward_backbone(config.reward_model)
-        self.model = HotSwap(
-            REWARD, latest_or_base(store, REWARD, reward_from_checkpoint, lambda: base)
-        )
+        dtype = serving_dtype(config.dtype)
+
+        def build(checkpoint: VerifiedCheckpoint) -> PreTrainedModel:
+            return reward_from_checkpoint(checkpoint).to(dtype)
+
+        self.model = HotSwap(REWARD, latest_or_base(store, REWARD, build, lambda: base.to(dtype)))
         self.follower = CheckpointFollower(
             self.model,
             store,
-            reward_from_checkpoint,
+            build,
             config.kafka_bootstrap,
             bus.REWARD_CHECKPOINTS,
             client_id="reward-follower",

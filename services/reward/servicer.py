@@ -54,22 +54,24 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def Score(
         self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> reward_pb2.ScoreResponse:
-        problem = self._check(request)
-        if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        pairs = [(p.prompt, p.response) for p in request.pairs]
-        try:
-            scores, version = self._batcher.submit(pairs, timeout=_timeout(context))
-        except Overloaded as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ShuttingDown as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except TimeoutError:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "scoring did not finish in time")
+        with self._batcher.arriving() as arrival:  # a batch being collected waits for this
+            problem = self._check(request)
+            if problem:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            pairs = [(p.prompt, p.response) for p in request.pairs]
+            try:
+                scores, version = self._batcher.submit(pairs, _timeout(context), arrival)
+            except Overloaded as exc:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except ShuttingDown as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except TimeoutError:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "scoring did not finish in time")
         label = str(version)
         PAIRS.labels(label).inc(len(scores))
+        histogram = SCORES.labels(label)
         for score in scores:
-            SCORES.labels(label).observe(score)
+            histogram.observe(score)
         return reward_pb2.ScoreResponse(scores=scores, model_version=version)
 
     def _check(self, request: reward_pb2.ScoreRequest) -> str | None:

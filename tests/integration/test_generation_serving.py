@@ -85,8 +85,10 @@ def test_concurrent_requests_share_batches_and_keep_seeded_results(stub, service
         together = dict(zip(seeds, replies, strict=True))
     after = _batch_stats(scrape(service))
     assert together == alone  # batching never changes a seeded answer
-    batches, requests_ = after[0] - before[0], after[1] - before[1]
-    assert requests_ == len(seeds) and batches < len(seeds), "requests were not batched"
+    steps, rows = after[0] - before[0], after[1] - before[1]
+    # 8 requests of 12 tokens each: rows summed over decode steps, at most 11 steps each (the
+    # first token comes from the prefill); more than one row per step on average means shared.
+    assert 0 < rows <= len(seeds) * 11 and rows / steps > 1, "requests were not batched"
 
 
 def _batch_stats(metrics: str) -> tuple[float, float]:

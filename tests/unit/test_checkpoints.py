@@ -1,5 +1,7 @@
+import hashlib
 import json
 
+import blake3
 import pytest
 import torch
 
@@ -111,3 +113,53 @@ def test_discard_removes_one_version_and_reports_whether_it_existed(tmp_path):
     assert store.discard(POLICY, 2) and not store.discard(POLICY, 2)
     assert store.versions(POLICY) == [1]
     assert not [p for p in (tmp_path / POLICY).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_tensors_are_views_of_the_verified_bytes_in_every_dtype(tmp_path):
+    store = CheckpointStore(tmp_path)
+    state = {
+        "f32": torch.randn(5, 7),
+        "bf16": torch.randn(3, 4).to(torch.bfloat16),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.tensor([1, 2, 3], dtype=torch.uint8),
+        "scalar": torch.tensor(2.5),
+    }
+    manifest = store.write(POLICY, {"model.safetensors": state})
+    assert manifest.digest == "blake3"
+    loaded = store.load(POLICY, manifest.version, manifest.sha256).tensors["model.safetensors"]
+    assert set(loaded) == set(state)
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    # One buffer holds them all: nothing was copied after it was hashed.
+    storages = {t.untyped_storage().data_ptr() for t in loaded.values()}
+    assert len(storages) == 1
+
+
+def test_checkpoints_from_before_blake3_still_load(tmp_path):
+    """A manifest without `digest` lists SHA-256 hashes (stores written by earlier builds)."""
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    folder = tmp_path / manifest.path
+    raw = json.loads((folder / "manifest.json").read_text())
+    del raw["digest"]
+    raw["files"] = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in raw["files"]}
+    data = json.dumps(raw, sort_keys=True, indent=1).encode()
+    (folder / "manifest.json").write_bytes(data)
+    loaded = store.load(POLICY, 1, hashlib.sha256(data).hexdigest())
+    assert loaded.manifest.digest == "sha256"
+    assert torch.equal(loaded.tensors["model.safetensors"]["w"], torch.ones(2, 3))
+
+
+def test_malformed_safetensors_with_a_valid_hash_is_refused(tmp_path):
+    """A writer that hashed garbage (a bug, not tampering) still never gets garbage loaded."""
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store)
+    folder = tmp_path / manifest.path
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}})
+    data = len(header).to_bytes(8, "little") + header.encode() + b"\0" * 16
+    (folder / "model.safetensors").write_bytes(data)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["files"]["model.safetensors"] = blake3.blake3(data).hexdigest()
+    (folder / "manifest.json").write_bytes(json.dumps(raw, sort_keys=True, indent=1).encode())
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        store.load(POLICY, 1)

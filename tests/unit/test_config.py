@@ -12,6 +12,7 @@ import pytest
 from rlhf.config import ConfigError, describe, load_config, parse_args, setting
 from services.feedback.config import FeedbackConfig
 from services.generation.config import GenerationConfig
+from services.reward.config import RewardConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,16 @@ def test_services_refuse_to_start_without_keys():
         load_config(GenerationConfig, {})
     with pytest.raises(ConfigError, match="RLHF_FEEDBACK_API_KEYS"):
         load_config(FeedbackConfig, {"RLHF_GENERATION_ID_KEY": "k" * 32})
+
+
+def test_serving_budgets_and_dtypes_are_checked_at_start():
+    base = {"RLHF_GENERATION_ID_KEY": "k" * 32}
+    with pytest.raises(ConfigError, match="RLHF_GENERATION_KV_BUDGET_TOKENS"):
+        load_config(GenerationConfig, {**base, "RLHF_GENERATION_KV_BUDGET_TOKENS": "1000"})
+    with pytest.raises(ConfigError, match="RLHF_GENERATION_DTYPE"):
+        load_config(GenerationConfig, {**base, "RLHF_GENERATION_DTYPE": "float16"})
+    with pytest.raises(ConfigError, match="RLHF_REWARD_DTYPE"):
+        load_config(RewardConfig, {"RLHF_REWARD_DTYPE": "int8"})
 
 
 def _config_classes() -> set[type]:

@@ -101,3 +101,91 @@ def test_top_p_keeps_the_nucleus():
 def test_empty_prompt_refused(model):
     with pytest.raises(ValueError):
         generate(model, [[]], [Sampling()], {EOS}, PAD)
+
+
+def _alone(model, prompt, sampling):
+    return generate(model, [prompt], [sampling], set(), PAD)[0]
+
+
+def test_rows_join_a_running_batch_and_leave_it_with_their_own_answers(model):
+    """Per-step batching: a row joining mid-flight, or outliving its batch-mates, samples
+    exactly what it samples alone (seeded and greedy rows alike)."""
+    first = decoding.Row([5, 6, 7], Sampling(20, 1.0, seed=11))
+    short = decoding.Row([9, 9], Sampling(3, 0.0))  # leaves after 3 tokens
+    late = decoding.Row([4, 3, 2, 1, 8, 8, 8, 8, 8], Sampling(6, 0.8, seed=5))
+    batch = decoding.DecodeBatch(model, set(), PAD)
+    assert batch.join([first, short]) == []
+    finished = []
+    for _ in range(2):
+        finished += batch.step()
+    assert finished == [short] and len(batch) == 1  # `short` left as soon as it ended
+    assert batch.join([late]) == []  # a longer prompt than the running row's cache
+    assert batch.width == len(late.prompt)
+    while batch:
+        finished += batch.step()
+    assert finished == [short, late, first]
+    for row in (first, short, late):
+        alone = _alone(model, row.prompt, row.sampling)
+        assert row.completion.token_ids == alone.token_ids
+        assert row.completion.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+        assert row.completion.finish_reason == decoding.LENGTH
+    assert batch.width == 0  # every column was released
+
+
+def test_dropped_row_leaves_and_the_others_continue(model):
+    keep = decoding.Row([5, 6], Sampling(8, 0.0))
+    gone = decoding.Row([7, 7, 7, 7], Sampling(8, 0.0))
+    batch = decoding.DecodeBatch(model, set(), PAD)
+    batch.join([gone, keep])
+    batch.step()
+    batch.drop([gone])
+    assert batch.rows == [keep]
+    while batch:
+        batch.step()
+    assert keep.completion.token_ids == _alone(model, keep.prompt, keep.sampling).token_ids
+    assert len(gone.completion.token_ids) == 2
+
+
+def test_row_finishing_at_its_first_token_never_enters_the_batch(model):
+    row = decoding.Row([5, 6], Sampling(1, 0.0))
+    batch = decoding.DecodeBatch(model, set(), PAD)
+    assert batch.join([row]) == [row] and len(batch) == 0
+    assert len(row.completion.token_ids) == 1
+
+
+def test_bf16_copy_of_a_tied_policy_stays_tied(model):
+    from rlhf.models import policy_in_dtype
+
+    config = LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})
+    tied = LlamaForCausalLM(config).eval()
+    copy = policy_in_dtype(tied, torch.bfloat16)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    assert copy.dtype is torch.bfloat16 and tied.dtype is torch.float32
+    assert policy_in_dtype(tied, torch.float32) is tied
+
+
+def test_rows_sharing_a_prompt_prefix_reuse_its_cache_and_answer_as_alone(model):
+    template = [3, 4, 5, 6, 7, 8, 9, 10]  # say, a chat template's system prompt
+    prefixes = decoding.PrefixCache(min_tokens=4)
+    batch = decoding.DecodeBatch(model, set(), PAD, prefixes)
+    rows = [
+        decoding.Row(template + tail, Sampling(6, 1.0, seed=seed))
+        for seed, tail in enumerate([[11, 12], [13], [14, 15, 16], [17, 18], [19]])
+    ]
+    batch.join(rows[:1])
+    batch.step()
+    batch.join(rows[1:2])  # shares the template with the last prefill: learnt, not reused yet
+    assert prefixes.ids == template and prefixes.hits == 0
+    batch.step()
+    batch.join(rows[2:4])  # two rows with different tails, prefilled after the cached prefix
+    batch.join(rows[4:])
+    assert prefixes.hits == 3
+    while batch:
+        batch.step()
+    for row in rows:
+        alone = _alone(model, row.prompt, row.sampling)
+        assert row.completion.token_ids == alone.token_ids
+        assert row.completion.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    unrelated = decoding.Row([20, 21, 22, 23, 24], Sampling(3, 0.0))
+    batch.join([unrelated])  # shares nothing with the prefix: a full prefill
+    assert prefixes.hits == 3

@@ -223,4 +223,4 @@ def test_metrics_by_tenant_and_policy_version():
     assert sample("rlhf_feedback_thumbs_total", thumb="down", **labels) == 1
     assert sample("rlhf_feedback_duplicates_total", tenant="tenant-b") == 1
     assert sample("rlhf_feedback_rejected_total", tenant="tenant-b", reason="malformed_id") == 1
-    assert sample("rlhf_feedback_publish_seconds_count", mode="pipelined") >= 2
+    assert sample("rlhf_feedback_publish_seconds_count", mode="pipelined") >= 1  # item 0
