@@ -73,6 +73,10 @@ class Backend(Protocol):
 
     def stop(self) -> None: ...
 
+    def healthy(self) -> bool:
+        """False while following checkpoints has failed (the service reports NOT_SERVING)."""
+        ...
+
 
 class LocalBackend:
     """In-process decoding: dynamic batching plus hot reload of policy checkpoints."""
@@ -127,6 +131,9 @@ class LocalBackend:
         self._batcher.start()
         if self._follower is not None:
             self._follower.start()
+
+    def healthy(self) -> bool:
+        return self._follower is None or self._follower.healthy()
 
     def stop(self) -> None:
         if self._follower is not None:
@@ -225,6 +232,9 @@ class TgiBackend:
     def start(self) -> None:
         if self._follower is not None:
             self._follower.start()
+
+    def healthy(self) -> bool:
+        return self._follower is None or self._follower.healthy()
 
     def stop(self) -> None:
         if self._follower is not None:

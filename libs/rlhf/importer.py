@@ -655,6 +655,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_name(args.name)
         config = load_config(CommonConfig)
+        bus.configure(config.kafka)  # the cluster's TLS and SASL settings
         limits = Limits.from_environment()
     except ValueError as exc:  # ConfigError is a ValueError too
         print(f"rlhf import: {exc}", file=sys.stderr)
