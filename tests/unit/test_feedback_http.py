@@ -51,7 +51,9 @@ def test_idle_connections_cannot_take_every_thread(http_server):
     time.sleep(0.2)
     extra = socket.create_connection(("127.0.0.1", server.port))
     extra.settimeout(5)
-    assert extra.recv(100) == b""  # closed at once, not queued behind the idle ones
+    # Answered 503 and closed at once, not queued behind the idle ones.
+    reply = extra.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in reply
     extra.close()
     for sock in idle:
         sock.close()
