@@ -141,6 +141,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
     return predicate()
 
 
+# The key a test presents to each kind of service: apps generate, operators steer trainers,
+# readers ask the reward service what it serves; feedback calls carry their tenant's key.
+KEY_FOR = {
+    "generation": API_KEY,
+    "feedback": "",
+    "reward": READER_KEY,
+    "trainer": OPERATOR_KEY,
+    "reward-trainer": OPERATOR_KEY,
+    "sft": OPERATOR_KEY,
+}
+
+
+def channels_to(servers: dict[str, RunningServer]) -> dict[str, grpc.Channel]:
+    """A channel to each named test server, presenting the key its kind takes (KEY_FOR)."""
+    return {name: channel(server, KEY_FOR.get(name, "")) for name, server in servers.items()}
+
+
 def scrape(server: RunningServer) -> str:
     """The server's /metrics page (read with the reader key)."""
     return scrape_port(server.metrics_port, security=ClientSecurity(key=READER_KEY))

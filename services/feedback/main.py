@@ -62,6 +62,7 @@ class FeedbackService:
                 self.config.http_port,
                 tls_from_config(self.config),
                 self.config.http_max_connections,
+                self.config.read_timeout_seconds,
             ).start()
 
     def stop(self) -> None:

@@ -102,6 +102,7 @@ class SimulatedUser:
                     max_new_tokens=self._max_new_tokens, temperature=0.8
                 ),
             ),
+            metadata=self._auth,  # the tenant's key: its ids take feedback only from it
             timeout=timeout,
         )
         thumb = rate(answer.text, self._threshold)

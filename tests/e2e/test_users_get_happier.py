@@ -13,7 +13,6 @@ import json
 import random
 import uuid
 
-import grpc
 import pytest
 
 from rlhf.checkpoints import POLICY, CheckpointStore
@@ -34,7 +33,15 @@ from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.users import PROMPTS, SimulatedUser, Tally
 from services.trainer.main import build
-from tests.conftest import API_KEY, ID_KEY, TENANT, serve, trainer_config, wait_until
+from tests.conftest import (
+    API_KEY,
+    ID_KEY,
+    TENANT,
+    channels_to,
+    serve,
+    trainer_config,
+    wait_until,
+)
 
 THRESHOLD = 0.3
 CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely and fun!"]
@@ -119,7 +126,13 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
         )
         servers["generation"] = serve(
             GenerationService(
-                GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY, http_port=0)
+                GenerationConfig(
+                    **common,
+                    policy_model=TINY,
+                    generation_id_key=ID_KEY,
+                    api_keys=(f"{TENANT}={API_KEY}",),
+                    http_port=0,
+                )
             )
         )
         servers["feedback"] = serve(
@@ -148,7 +161,7 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
                 )
             )
         )
-        channels = {n: grpc.insecure_channel(f"127.0.0.1:{s.port}") for n, s in servers.items()}
+        channels = channels_to(servers)
         trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
         generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
         reward = reward_pb2_grpc.RewardServiceStub(channels["reward"])
