@@ -1,7 +1,7 @@
 """A small HTTP JSON endpoint for browsers and webhooks, over the same FeedbackIngest as gRPC.
 
 `POST /v1/feedback` with `Authorization: Bearer <api key>`, `Content-Type: application/json` and
-a Feedback in proto3 JSON, e.g. `{"generationId": "g1...", "idempotencyKey": "click-123",
+a Feedback in proto3 JSON, e.g. `{"generationId": "g2...", "idempotencyKey": "click-123",
 "thumb": "THUMB_UP"}`. 200 answers `{"eventId", "partition", "offset", "duplicate"}` once the
 broker stored it; errors answer `{"error": {"code", "status", "reason", "message"}}` with the gRPC
 status mapped to HTTP as Google APIs do (400, 401, 403, 409, 429, 503; 413 for a body over the
