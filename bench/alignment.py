@@ -36,7 +36,7 @@ from rlhf.training.ppo import build_rollout, forward_policy
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.reward import Examples, Rated, RewardTrainer
 from rlhf.training.reward_config import RewardTrainingConfig
-from services.simulated_users.users import sentiment
+from services.simulated_users.users import HELDOUT_TOPICS, TRAIN_TOPICS, prompts, sentiment
 
 THRESHOLD = 0.5
 TEMPERATURE = 0.7
@@ -45,47 +45,6 @@ TRAIN_MINUTES = 30.0
 EVAL_EVERY_MINUTES = 5.0
 ANSWERS_PER_PROMPT = 2  # for the reward model's data
 REWARD_MAX_TOKENS = 96
-
-TEMPLATES = (
-    "Describe {}.",
-    "What do you think about {}?",
-    "Write one sentence about {}.",
-    "How do you feel about {}?",
-    "Tell me about {}.",
-    "What is it like to deal with {}?",
-)
-TRAIN_TOPICS = (
-    "traffic jams",
-    "rainy Mondays",
-    "doing taxes",
-    "waiting in long queues",
-    "a delayed flight",
-    "a broken phone",
-    "noisy neighbours",
-    "cold coffee",
-    "a dentist visit",
-    "homework",
-    "losing your keys",
-    "a power cut",
-    "slow internet",
-    "a parking ticket",
-    "job interviews",
-    "a flat tyre",
-    "moving house",
-    "an empty fridge",
-    "a long commute",
-    "laundry day",
-)
-HELDOUT_TOPICS = (
-    "a cancelled train",
-    "a leaking roof",
-    "a crowded bus",
-    "filling in forms",
-    "a cold shower",
-    "a missed alarm",
-    "a lost umbrella",
-    "paying bills",
-)
 
 
 @dataclass
@@ -96,10 +55,6 @@ class Point:
     sentiment: float
     kl: float
     reward: float
-
-
-def prompts(topics: tuple[str, ...]) -> list[str]:
-    return [template.format(topic) for topic in topics for template in TEMPLATES]
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

@@ -263,9 +263,13 @@ def ppo_table(status: trainer_pb2.TrainerStatus) -> Table:
         "ppo trainer",
         [
             ("state", _state(status)),
+            *_phase(status),
             ("step", str(status.step)),
             ("published policy", f"v{status.policy_version}"),
-            ("mean reward (last batch)", f"{status.mean_reward:+.3f}"),
+            (
+                "mean reward (last batch)",
+                f"{status.mean_reward:+.3f} (reward model v{status.reward_version})",
+            ),
             ("KL to reference", f"{status.kl:.4f}"),
             ("pending prompts", str(status.pending_prompts)),
             ("feedback consumed / used", f"{status.feedback_consumed} / {status.feedback_used}"),
@@ -275,12 +279,21 @@ def ppo_table(status: trainer_pb2.TrainerStatus) -> Table:
     )
 
 
+def _phase(status: trainer_pb2.TrainerStatus) -> list[tuple[str, str]]:
+    """The stage's phase and why (absent from a stage that does not report one)."""
+    if not status.phase:
+        return []
+    detail = f": {status.phase_detail}" if status.phase_detail else ""
+    return [("phase", f"{status.phase}{detail}")]
+
+
 def reward_table(status: trainer_pb2.TrainerStatus) -> Table:
     headline = ("heldout/pairwise_accuracy", "agreement/thumbs_auc")
     return _facts(
         "reward trainer",
         [
             ("state", _state(status)),
+            *_phase(status),
             ("rounds", str(status.step)),
             ("published reward model", f"v{status.reward_version}"),
             ("new examples", str(status.pending_prompts)),

@@ -350,6 +350,12 @@ class CommonConfig(TlsSettings):
     publish_timeout_seconds: float = setting(
         "RLHF_PUBLISH_TIMEOUT_SECONDS", 5.0, "how long to wait for the broker to acknowledge"
     )
+    nice: int = setting(
+        "RLHF_NICE",
+        0,
+        "scheduling priority the process gives itself at start (os.nice, 0-19): on a node it "
+        "shares with serving, give training a high value so answers stay fast",
+    )
     auth: AuthSettings = group(AuthSettings, "credentials")
     kafka: KafkaSettings = group(KafkaSettings, "Kafka connection security")
 

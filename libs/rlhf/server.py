@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import signal
 import ssl
 import threading
@@ -626,6 +627,16 @@ def serve_until_signalled(server: RunningServer) -> None:
     server.stop()
 
 
+def lower_priority(nice: int) -> None:
+    """Lower this process's scheduling priority by `nice` (RLHF_NICE): a training process on
+    CPUs shared with serving then takes only what serving leaves."""
+    if nice < 0 or nice > 19:
+        raise SystemExit(f"RLHF_NICE={nice}: expected 0 to 19 (a process cannot raise itself)")
+    if nice:
+        os.nice(nice)
+        log.info("running at nice %d", os.nice(0))
+
+
 def configure_logging(service: str) -> None:
     """Structured one-line logs: time, service, level, logger, message."""
     logging.basicConfig(
@@ -660,6 +671,7 @@ def run_main(
     config = parse_args(config_cls, description)
     configure_logging(name)
     bus.configure(config.kafka)
+    lower_priority(config.nice)
     try:
         server = server_for(build(config), config)
     except ConfigError as exc:

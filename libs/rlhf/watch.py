@@ -1,12 +1,15 @@
 """One snapshot of the running loop, from the services' own answers: the served policy
 (generation, gRPC), the trainers' status (gRPC), thumbs per policy version and the feedback rate
 (the feedback service's /metrics), live reward per policy version (the reward service's drift
-sample). The `make up` view and the playground both show it. Any source that does not answer is
-left out and named, so a service that restarts never stops a view.
+sample), and the thumbs-up rate by wall-clock window with its confidence interval (a `Trend` of
+the feedback counters between snapshots). The `make up` view and the playground both show it.
+Any source that does not answer is left out and named, so a service that restarts never stops a
+view.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -19,6 +22,10 @@ from rlhf.scrape import samples, scrape_url, sum_by
 from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 RATE_WINDOW = 60.0  # seconds the feedback rate is averaged over
+TREND_WINDOW = 120.0  # seconds of thumbs per trend point
+TREND_POINTS = 8  # newest windows kept
+# z of a two-sided 90% interval: a rate is shown with the range it lies in 9 times out of 10.
+Z90 = 1.6449
 # A trainer busy with a PPO update on 2 cores can take seconds to answer GetStatus.
 CALL_TIMEOUT = 5.0
 
@@ -42,6 +49,74 @@ class VersionRow:
         return self.reward_sum / self.scored if self.scored else None
 
 
+def wilson(up: int, total: int, z: float = Z90) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927): unlike rate +- z * se it stays in
+    [0, 1] and is honest on a handful of ratings (3 of 3 up is 0.52 to 1 at 90%, not 1 to 1)."""
+    if total <= 0:
+        return 0.0, 1.0
+    rate = up / total
+    denominator = 1 + z * z / total
+    centre = (rate + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The thumbs given in one wall-clock window and the thumbs-up rate's 90% interval."""
+
+    start: float  # seconds since the trend began
+    end: float
+    up: int
+    total: int
+
+    @property
+    def rate(self) -> float | None:
+        return self.up / self.total if self.total else None
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson(self.up, self.total)
+
+
+class Trend:
+    """The thumbs-up rate by wall-clock window, from cumulative counters read now and then:
+    each window counts the thumbs that arrived in it, whichever policy version they rated (a
+    window spans the versions served in it), so the trend shows whether users are getting
+    happier over time."""
+
+    def __init__(self, window: float = TREND_WINDOW, points: int = TREND_POINTS) -> None:
+        self.window = window
+        self.points = points
+        self._began: float | None = None
+        self._first: tuple[int, int] | None = None  # (up, total) at the first reading
+        self._closed: deque[Window] = deque(maxlen=points)
+        self._open_start = 0.0
+        self._at_open: tuple[int, int] = (0, 0)
+        self._last: tuple[int, int] = (0, 0)
+
+    def add(self, now: float, up: int, total: int) -> None:
+        """A reading of the cumulative counters at `now` (monotonic seconds)."""
+        if self._began is None:
+            self._began, self._at_open, self._last = now, (up, total), (up, total)
+            return
+        elapsed = now - self._began
+        while elapsed >= self._open_start + self.window:  # close the windows that ended
+            up0, total0 = self._at_open
+            end = self._open_start + self.window
+            self._closed.append(Window(self._open_start, end, up - up0, total - total0))
+            self._open_start, self._at_open = end, (up, total)
+        self._last = (up, total)
+
+    def windows(self, now: float) -> list[Window]:
+        """The closed windows, then the one still open (so far)."""
+        if self._began is None:
+            return []
+        (up, total), (up0, total0) = self._last, self._at_open
+        current = Window(self._open_start, now - self._began, up - up0, total - total0)
+        return [*self._closed, current]
+
+
 @dataclass
 class Snapshot:
     policy: generation_pb2.PolicyInfo | None = None
@@ -50,6 +125,7 @@ class Snapshot:
     versions: list[VersionRow] = field(default_factory=list)
     feedback_total: int | None = None
     feedback_per_minute: float | None = None
+    trend: list[Window] = field(default_factory=list)  # thumbs-up by wall-clock window
     missing: list[str] = field(default_factory=list)  # sources that did not answer
 
 
@@ -92,6 +168,7 @@ class Watcher:
         self._metrics_urls = dict(metrics_urls)
         self._security = security
         self._accepted: deque[tuple[float, float]] = deque()
+        self.trend = Trend()
 
     def _status(self, name: str, missing: list[str]) -> trainer_pb2.TrainerStatus | None:
         if name not in self._channels:
@@ -140,6 +217,9 @@ class Watcher:
             accepted = sum(sum_by(samples(feedback), "rlhf_feedback_accepted_total").values())
             shot.feedback_total = int(accepted)
             shot.feedback_per_minute = self._feedback_rate(accepted)
+            up = sum(row.up for row in shot.versions)
+            self.trend.add(time.monotonic(), up, sum(row.thumbs for row in shot.versions))
+        shot.trend = self.trend.windows(time.monotonic())
         return shot
 
     def close(self) -> None:

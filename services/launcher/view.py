@@ -8,9 +8,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from rlhf.watch import Snapshot, VersionRow
+from rlhf.v1 import trainer_pb2
+from rlhf.watch import TREND_WINDOW, Snapshot, VersionRow, Window
 
 VERSIONS_SHOWN = 8  # newest policy versions in the table
+TREND_MINUTES = int(TREND_WINDOW // 60)
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -37,23 +39,34 @@ def _versions_table(rows: list[VersionRow], served: int | None) -> Table:
     return table
 
 
+def _stage(status: trainer_pb2.TrainerStatus) -> str:
+    """A stage's phase and why, e.g. 'waiting: no PPO until ...'."""
+    if not status.phase:
+        return "paused" if status.paused else "running"
+    return f"{status.phase}: {status.phase_detail}" if status.phase_detail else status.phase
+
+
 def _facts(shot: Snapshot) -> Table:
     rows = []
     if shot.policy is not None:
         rows.append(("served policy", f"v{shot.policy.version}  ({shot.policy.model})"))
     if shot.ppo is not None:
         ppo = shot.ppo
-        rows.append(
-            (
-                "trainer",
-                f"step {ppo.step} · published v{ppo.policy_version} · mean reward "
-                f"{ppo.mean_reward:+.3f} · KL {ppo.kl:.4f} · {ppo.pending_prompts} pending prompts"
-                + (" · paused" if ppo.paused else ""),
+        rows.append(("ppo stage", _stage(ppo)))
+        if ppo.step:
+            rows.append(
+                (
+                    "",
+                    f"step {ppo.step} · published v{ppo.policy_version} · mean reward "
+                    f"{ppo.mean_reward:+.3f} (reward model v{ppo.reward_version}) · KL "
+                    f"{ppo.kl:.4f} · {ppo.pending_prompts} prompts waiting"
+                    + (" · paused" if ppo.paused else ""),
+                )
             )
-        )
     if shot.reward is not None:
         reward = shot.reward
-        rows.append(("reward model", f"v{reward.reward_version} ({reward.step} training rounds)"))
+        rows.append(("reward stage", _stage(reward)))
+        rows.append(("", f"reward model v{reward.reward_version} · {reward.step} training rounds"))
     if shot.feedback_total is not None:
         rate = shot.feedback_per_minute
         per_minute = f"{rate:.1f} / min · " if rate is not None else ""
@@ -66,11 +79,65 @@ def _facts(shot: Snapshot) -> Table:
     return grid
 
 
+def recipe(shot: Snapshot) -> list[tuple[str, bool]]:
+    """The steps of the recipe and whether each is reached: ratings of the base policy, the first
+    reward model, PPO against it, the reward model refreshed on the new policy's answers."""
+    reward_version = shot.reward.reward_version if shot.reward is not None else 0
+    step = shot.ppo.step if shot.ppo is not None else 0
+    rated = sum(row.thumbs for row in shot.versions)
+    return [
+        (f"users rate the base policy ({rated} ratings)" if rated else "users rate", rated > 0),
+        (
+            f"reward model v{reward_version}" if reward_version else "first reward model",
+            reward_version >= 1,
+        ),
+        (f"PPO (step {step})" if step else "PPO", step > 0),
+        ("reward model refreshed on the new policy's answers", reward_version >= 2 and step > 0),
+    ]
+
+
+def _recipe_line(shot: Snapshot) -> Text:
+    text = Text()
+    for index, (label, done) in enumerate(recipe(shot)):
+        if index:
+            text.append("  →  ", style="dim")
+        text.append(("✓ " if done else "· ") + label, style="green" if done else "dim")
+    return text
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _trend_table(windows: list[Window]) -> Table:
+    table = Table(
+        title="thumbs-up by window (90% interval)",
+        title_justify="left",
+        title_style="bold",
+        box=None,
+        padding=(0, 2),
+        header_style="bold",
+    )
+    for column, justify in (("minutes", "left"), ("rated", "right"), ("thumbs-up", "left")):
+        table.add_column(column, justify=justify)
+    for window in windows:
+        rate = window.rate
+        low, high = window.interval
+        table.add_row(
+            f"{_minutes(window.start)}-{_minutes(window.end)}",
+            str(window.total),
+            f"{_bar(rate)} {rate:4.0%}  ({low:.0%}-{high:.0%})" if rate is not None else "-",
+        )
+    return table
+
+
 def panel(shot: Snapshot, footer: str, uptime: float) -> Panel:
     """The live view: the loop's state, then thumbs-up and live reward per policy version."""
-    parts: list[RenderableType] = [_facts(shot)]
+    parts: list[RenderableType] = [_recipe_line(shot), Text(), _facts(shot)]
     served = shot.policy.version if shot.policy is not None else None
     if shot.versions:
+        if shot.trend:
+            parts += [Text(), _trend_table(shot.trend)]
         parts += [Text(), _versions_table(shot.versions, served)]
     else:
         parts += [Text(), Text("waiting for the first feedback ...", style="dim")]
@@ -97,10 +164,19 @@ def line(shot: Snapshot) -> str:
         parts.append(
             f"trainer step {ppo.step} (published v{ppo.policy_version}, "
             f"reward {ppo.mean_reward:+.3f}, kl {ppo.kl:.3f}, feedback {ppo.feedback_consumed}, "
-            f"waiting prompts {ppo.pending_prompts}{', paused' if ppo.paused else ''})"
+            f"waiting prompts {ppo.pending_prompts}{', paused' if ppo.paused else ''}, "
+            f"{ppo.phase or 'running'})"
         )
     if shot.reward is not None:
-        parts.append(f"reward model v{shot.reward.reward_version}")
+        reward = shot.reward
+        parts.append(f"reward model v{reward.reward_version} ({reward.phase or 'running'})")
+    if shot.trend and shot.trend[-1].total:
+        last = shot.trend[-1]
+        low, high = last.interval
+        parts.append(
+            f"thumbs-up last {TREND_MINUTES} min {last.rate:.0%} of {last.total} "
+            f"({low:.0%}-{high:.0%})"
+        )
     rated = [row for row in shot.versions if row.up_rate is not None]
     if rated:
         rates = ", ".join(f"v{r.version} {r.up_rate:.0%} of {r.thumbs}" for r in rated[-4:])

@@ -2,7 +2,13 @@
 
 from dataclasses import dataclass
 
-from rlhf.config import GenerationAddressSettings, SeedSettings, TlsSettings, setting
+from rlhf.config import (
+    ConfigError,
+    GenerationAddressSettings,
+    SeedSettings,
+    TlsSettings,
+    setting,
+)
 
 
 @dataclass(frozen=True)
@@ -19,8 +25,21 @@ class SimulatedUsersConfig(SeedSettings, GenerationAddressSettings, TlsSettings)
     users: int = setting("RLHF_SIM_USERS", 2, "concurrent simulated users")
     pause_seconds: float = setting("RLHF_SIM_PAUSE_SECONDS", 0.5, "think time between requests")
     max_new_tokens: int = setting("RLHF_SIM_MAX_NEW_TOKENS", 32, "answer length users ask for")
+    rank_share: float = setting(
+        "RLHF_SIM_RANK_SHARE",
+        0.25,
+        "share of questions a user asks twice, then ranks the two answers (0 = thumbs only)",
+    )
     threshold: float = setting(
         "RLHF_SIM_POSITIVE_THRESHOLD",
         0.3,
         "VADER compound score above which users give a thumbs-up",
     )
+
+    def validate(self) -> None:
+        if self.users < 1 or self.max_new_tokens < 1 or self.pause_seconds < 0:
+            raise ConfigError(
+                "RLHF_SIM_USERS and RLHF_SIM_MAX_NEW_TOKENS must be >= 1, the pause >= 0"
+            )
+        if not 0.0 <= self.rank_share <= 1.0:
+            raise ConfigError("RLHF_SIM_RANK_SHARE must be in [0, 1]")

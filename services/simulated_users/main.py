@@ -35,6 +35,7 @@ def run(config: SimulatedUsersConfig, stop: threading.Event) -> Tally:
             config.max_new_tokens,
             random.Random(config.seed * 1000 + index),
             tally,
+            rank_share=config.rank_share,
         )
         while not stop.is_set():
             try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from rlhf.v1 import common_pb2, events_pb2
 
-from .users import PROMPTS, rate, sentiment
+from .users import INDIFFERENCE, rate, sentiment
 
 SUBJECTS = {
     "How was your weekend?": ("my weekend", "was"),
@@ -58,9 +58,7 @@ ENDINGS = {
 }
 WORDS = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}
 TONES = ("positive", "positive", "negative", "negative", "neutral")
-# A user asked which of two answers is better gives no ranking when they read about the same
-# (VADER compound scores closer than this), like a "no preference" button.
-INDIFFERENCE = 0.1
+PROMPTS = tuple(SUBJECTS)  # the questions of this synthetic stream
 MIXED = 0.2  # share of answers with a "but" clause in a second, random tone
 NEGATED = 0.1  # share of evaluative phrases negated ("not great")
 

@@ -1,8 +1,15 @@
 """Simulated users: ask a question, read the answer, rate it like a person who likes positivity.
 
 The rating rule is VADER's compound sentiment (a rule-based model built from human ratings):
-thumbs-up when the answer reads clearly positive. The prompts invite either tone, so the untrained
-policy earns a mixed rate and there is room for training to improve it.
+thumbs-up when the answer reads clearly positive, and thumbs-down for an answer that repeats
+itself, as people do (`repetitive`): so sentiment cannot be bought with babble ("great great
+great"). The prompts ask about everyday annoyances (traffic jams, doing taxes, ...), so the
+untrained policy is mostly rated down (about 35% up) and there is room for training to improve
+it. Users ask about `TRAIN_TOPICS`; `HELDOUT_TOPICS` are never asked by them, so a policy's
+thumbs-up rate there (`bench loop`) measures what it learnt, not what it memorised.
+
+Now and then a user asks for a second answer and says which of the two is better, as chat apps
+ask ("which response do you prefer?"): a ranking, when the two clearly differ.
 """
 
 from __future__ import annotations
@@ -27,20 +34,62 @@ from rlhf.v1 import (
 
 log = logging.getLogger(__name__)
 
-PROMPTS = (
-    "How was your weekend?",
-    "What do you think about rainy days?",
-    "Describe Mondays in one sentence.",
-    "What is it like to wait in a long queue?",
-    "Tell me about your favourite food.",
-    "How do you feel about winter?",
-    "Write one sentence about traffic.",
-    "What do you think of homework?",
-    "Describe the city at night.",
-    "How would you describe a job interview?",
-    "What is your opinion of airports?",
-    "Tell me about learning a new language.",
+TEMPLATES = (
+    "Describe {}.",
+    "What do you think about {}?",
+    "Write one sentence about {}.",
+    "How do you feel about {}?",
+    "Tell me about {}.",
+    "What is it like to deal with {}?",
 )
+TRAIN_TOPICS = (
+    "traffic jams",
+    "rainy Mondays",
+    "doing taxes",
+    "waiting in long queues",
+    "a delayed flight",
+    "a broken phone",
+    "noisy neighbours",
+    "cold coffee",
+    "a dentist visit",
+    "homework",
+    "losing your keys",
+    "a power cut",
+    "slow internet",
+    "a parking ticket",
+    "job interviews",
+    "a flat tyre",
+    "moving house",
+    "an empty fridge",
+    "a long commute",
+    "laundry day",
+)
+HELDOUT_TOPICS = (
+    "a cancelled train",
+    "a leaking roof",
+    "a crowded bus",
+    "filling in forms",
+    "a cold shower",
+    "a missed alarm",
+    "a lost umbrella",
+    "paying bills",
+)
+
+
+def prompts(topics: tuple[str, ...]) -> list[str]:
+    return [template.format(topic) for topic in topics for template in TEMPLATES]
+
+
+PROMPTS = tuple(prompts(TRAIN_TOPICS))  # what the simulated users ask
+HELDOUT_PROMPTS = tuple(prompts(HELDOUT_TOPICS))  # never asked by them: for evaluation only
+
+# A user asked which of two answers is better gives no ranking when they read about the same
+# (VADER compound scores closer than this), like a "no preference" button.
+INDIFFERENCE = 0.1
+# Below this share of distinct word bigrams an answer reads as repeating itself. SmolLM2's own
+# answers are all above 0.88 (1st percentile of 672), "great great great wonderful wonderful
+# wonderful great great" is at 0.57.
+MIN_DISTINCT_BIGRAMS = 0.8
 
 _ANALYZER = SentimentIntensityAnalyzer()
 
@@ -50,9 +99,26 @@ def sentiment(text: str) -> float:
     return _ANALYZER.polarity_scores(text)["compound"]
 
 
+def distinct_bigrams(text: str) -> float:
+    """The share of distinct word bigrams (1.0 for fewer than five: nothing to repeat)."""
+    words = text.lower().split()
+    bigrams = list(zip(words, words[1:], strict=False))
+    return len(set(bigrams)) / len(bigrams) if len(bigrams) >= 5 else 1.0
+
+
+def repetitive(text: str) -> bool:
+    """Whether an answer repeats itself: a long word twice in a row ("a tragic tragic ending")
+    or too few distinct word bigrams."""
+    words = [w.strip(".,!?;:'\"()").lower() for w in text.split()]
+    stutter = any(a == b and len(a) >= 5 for a, b in zip(words, words[1:], strict=False))
+    return stutter or distinct_bigrams(text) < MIN_DISTINCT_BIGRAMS
+
+
 def rate(text: str, threshold: float) -> int:
     """The simulated user's thumb for an answer."""
-    return events_pb2.THUMB_UP if sentiment(text) >= threshold else events_pb2.THUMB_DOWN
+    if repetitive(text) or sentiment(text) < threshold:
+        return events_pb2.THUMB_DOWN
+    return events_pb2.THUMB_UP
 
 
 class Tally:
@@ -83,19 +149,34 @@ class SimulatedUser:
         max_new_tokens: int,
         rng: random.Random,
         tally: Tally,
+        rank_share: float = 0.0,
+        questions: tuple[str, ...] = PROMPTS,
     ) -> None:
+        """`rank_share`: how often the user asks for a second answer and ranks the two."""
         self._generate = generation_pb2_grpc.GenerationServiceStub(generation)
         self._feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback)
         self._auth = (("authorization", f"Bearer {api_key}"),)
         self._threshold = threshold
         self._max_new_tokens = max_new_tokens
         self._rng = rng
+        self._rank_share = rank_share
+        self._questions = questions
         self.tally = tally
 
     def interact(self, timeout: float = 120.0) -> tuple[generation_pb2.GenerateResponse, int]:
-        """One round: ask, read, rate. Returns the answer and the thumb given."""
-        question = self._rng.choice(PROMPTS)
-        answer = self._generate.Generate(
+        """One round: ask, read, rate (and now and then ask again and rank the two answers).
+        Returns the first answer and the thumb it got."""
+        question = self._rng.choice(self._questions)
+        answers = [self._ask(question, timeout)]
+        if self._rng.random() < self._rank_share:
+            answers.append(self._ask(question, timeout))
+        thumbs = [self._rate(answer, timeout) for answer in answers]
+        if len(answers) == 2:
+            self._rank(answers, timeout)
+        return answers[0], thumbs[0]
+
+    def _ask(self, question: str, timeout: float) -> generation_pb2.GenerateResponse:
+        return self._generate.Generate(
             generation_pb2.GenerateRequest(
                 messages=[common_pb2.ChatMessage(role="user", content=question)],
                 sampling=common_pb2.SamplingParams(
@@ -105,17 +186,43 @@ class SimulatedUser:
             metadata=self._auth,  # the tenant's key: its ids take feedback only from it
             timeout=timeout,
         )
-        thumb = rate(answer.text, self._threshold)
+
+    def _send(self, feedback: events_pb2.Feedback, timeout: float) -> None:
         self._feedback.SubmitFeedback(
-            feedback_pb2.SubmitFeedbackRequest(
-                feedback=events_pb2.Feedback(
-                    generation_id=answer.generation_id,
-                    idempotency_key=uuid.uuid4().hex,
-                    thumb=thumb,
-                )
-            ),
+            feedback_pb2.SubmitFeedbackRequest(feedback=feedback),
             metadata=self._auth,
             timeout=timeout,
         )
+
+    def _rate(self, answer: generation_pb2.GenerateResponse, timeout: float) -> int:
+        thumb = rate(answer.text, self._threshold)
+        self._send(
+            events_pb2.Feedback(
+                generation_id=answer.generation_id,
+                idempotency_key=uuid.uuid4().hex,
+                thumb=thumb,
+            ),
+            timeout,
+        )
         self.tally.add(answer.policy_version, thumb)
-        return answer, thumb
+        return thumb
+
+    def _rank(self, answers: list[generation_pb2.GenerateResponse], timeout: float) -> None:
+        """Which of two answers to one question is better, unless they read about the same
+        (or the user cannot tell: both repeat themselves)."""
+
+        def appeal(answer: generation_pb2.GenerateResponse) -> float:
+            return -2.0 if repetitive(answer.text) else sentiment(answer.text)
+
+        best, worst = sorted(answers, key=appeal, reverse=True)
+        if appeal(best) - appeal(worst) < INDIFFERENCE:
+            return
+        ranking = events_pb2.Ranking(generation_ids=[best.generation_id, worst.generation_id])
+        self._send(
+            events_pb2.Feedback(
+                generation_id=answers[0].generation_id,
+                idempotency_key=uuid.uuid4().hex,
+                ranking=ranking,
+            ),
+            timeout,
+        )

@@ -333,7 +333,7 @@ class Stage:
         return {}
 
     def set_phase(self, phase: str, detail: str) -> None:
-        if (phase, detail) != (self._status.phase, self._status.phase_detail):
+        if phase != self._status.phase:  # not every new count: that would be a line a poll
             log.info("%s stage: %s (%s)", self.name, phase, detail)
         self._status = replace(self._status, phase=phase, phase_detail=detail)
 
@@ -462,6 +462,7 @@ class RoundsStage(Stage):
     def __init__(self, parts: StageParts, round_examples: int, **status: Any) -> None:
         super().__init__(parts, **status)
         self.round_examples = round_examples
+        self.verdict = ""  # what the last round came to, shown while collecting the next
 
     def pending(self) -> int:
         """New examples waiting for a round."""
@@ -483,8 +484,9 @@ class RoundsStage(Stage):
     def work(self) -> bool:
         pending = self.pending()
         if not self.due():
+            last = f"; {self.verdict}" if self.verdict else ""
             self.set_phase(
-                COLLECTING, f"{pending} of {self.round_examples} new {self.unit} for a round"
+                COLLECTING, f"{pending} of {self.round_examples} new {self.unit} for a round{last}"
             )
             return False
         self.set_phase(TRAINING, f"training a round on {pending} new {self.unit}")

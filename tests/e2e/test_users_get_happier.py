@@ -31,7 +31,8 @@ from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
-from services.simulated_users.users import PROMPTS, SimulatedUser, Tally
+from services.simulated_users.synthetic import PROMPTS
+from services.simulated_users.users import SimulatedUser, Tally
 from services.trainer.main import build
 from tests.conftest import (
     API_KEY,
@@ -179,6 +180,7 @@ def test_simulated_users_rate_the_last_policy_above_the_first(common, tmp_path):
             16,
             random.Random(0),
             tally,
+            questions=PROMPTS,  # the questions the demonstrations answer
         )
         _interact(user, BEFORE)
         first_rate = tally.rates()[1]

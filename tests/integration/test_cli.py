@@ -36,6 +36,7 @@ from tests.conftest import (
     consume_all,
     serve,
     trainer_config,
+    wait_until,
 )
 
 
@@ -208,6 +209,11 @@ def test_status_shows_the_served_policy_and_both_trainer_stages(rlhf):
     for heading in ("served policy (generation)", "ppo trainer", "reward trainer"):
         assert heading in out
     assert "tiny-random (local backend)" in out and "published reward model" in out
+    # Each stage says where it is in the recipe: here ppo waits for a trained reward model.
+    assert wait_until(lambda: "phase" in rlhf("status")[1])
+    words = " ".join(re.sub(r"[│┌┐└┘├┤┬┴┼─]", " ", rlhf("status")[1]).split())
+    assert "phase waiting: no PPO until the reward service serves reward model v1" in words
+    assert "phase collecting" in words  # the reward stage
 
 
 def test_status_without_a_reward_trainer_says_so_and_succeeds(rlhf):

@@ -11,6 +11,7 @@ import pytest
 import requests
 from prometheus_client import REGISTRY
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -182,14 +183,22 @@ def test_a_person_chats_and_rates_answers(platform, browser, broker):
 
     # The panel: the served policy, and the thumb just given in the trend.
     _wait(browser, lambda d: f"v{version}" in d.find_element(By.ID, "panel-policy").text)
-    row = _wait(
-        browser,
-        lambda d: d.find_elements(By.CSS_SELECTOR, f"#trend li[data-version='{version}']"),
-    )[0]
+    # The panel redraws its trend as it refreshes: find the row afresh on every look.
+    row_css = f"#trend li[data-version='{version}']"
+
+    def trend_row(d):
+        try:
+            [row] = d.find_elements(By.CSS_SELECTOR, row_css)
+            return row.get_attribute("data-thumbs"), row.text
+        except (ValueError, StaleElementReferenceException):
+            return None
+
     # The trend shows the feedback service's counts, this thumb included.
     rated = up_before + down_before + 1
-    _wait(browser, lambda d: int(row.get_attribute("data-thumbs")) == rated)
-    assert f"{(up_before + 1) / rated:.0%} of {rated:.0f}" in row.text
+    _, row_text = _wait(
+        browser, lambda d: (r := trend_row(d)) is not None and int(r[0]) == rated and r
+    )
+    assert f"{(up_before + 1) / rated:.0%} of {rated:.0f}" in row_text
     assert "trainer" in browser.find_element(By.ID, "panel-missing").text
 
     # Two answers, the second ranked better; then a correction of the first.
@@ -247,6 +256,9 @@ def test_the_panel_shows_the_trainer_phase_as_text(platform, browser):
         "feedback": {"total": 15, "perMinute": 2.5},
         "missing": [],
     }
+    # The page's own refresher would redraw the panel from the real (trainer-less) status:
+    # its requests never answer from here on.
+    browser.execute_script("window.fetch = () => new Promise(() => {})")
     browser.execute_script("window.rlhfPlayground.renderStatus(arguments[0])", status)
     phase = browser.find_element(By.ID, "panel-phase")
     assert phase.is_displayed() and phase.text == "training — <img src=x onerror=alert(1)>"

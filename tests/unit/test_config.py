@@ -1,6 +1,8 @@
 import dataclasses
 import importlib.util
 import re
+import subprocess
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +202,26 @@ def test_libs_never_import_services():
         if re.search(r"^\s*(from|import) services\b", path.read_text(), re.MULTILINE)
     ]
     assert not offenders, f"libs/ modules importing services/: {offenders}"
+
+
+def test_a_service_lowers_its_own_priority_when_asked():
+    """RLHF_NICE: the process (here a child Python) runs at that nice value afterwards."""
+    script = (
+        "import os; from rlhf.server import lower_priority; lower_priority(7); print(os.nice(0))"
+    )
+    base = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.nice(0))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert int(done.stdout) == base + 7
+    refused = subprocess.run(
+        [sys.executable, "-c", script.replace("(7)", "(-1)")], capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "RLHF_NICE=-1" in refused.stderr

@@ -69,8 +69,8 @@ class PPOConfig(SeedSettings):
     no_eos_penalty: float = setting(
         "RLHF_PPO_NO_EOS_PENALTY",
         -1.0,
-        "score given to responses that never end (no EOS within the token budget), in place "
-        "of the reward model's; 0 disables it",
+        "added to the reward model's score of a response that never ends (no EOS within the "
+        "token budget), so rambling until cut off does not pay; 0 disables it",
     )
     importance_cap: float = setting(
         "RLHF_PPO_IS_CAP",

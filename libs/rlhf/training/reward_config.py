@@ -18,7 +18,13 @@ class RewardTrainingConfig(SeedSettings):
         "RLHF_REWARD_BATCH_SIZE", 16, "examples per step (a pair counts once, two sequences)"
     )
     steps_per_round: int = setting(
-        "RLHF_REWARD_STEPS_PER_ROUND", 80, "gradient steps per training round"
+        "RLHF_REWARD_STEPS_PER_ROUND", 80, "gradient steps per training round, at most"
+    )
+    epochs_per_round: float = setting(
+        "RLHF_REWARD_EPOCHS_PER_ROUND",
+        4.0,
+        "a round takes at most this many passes over the training examples (fewer steps on "
+        "little data, so early rounds do not overfit it)",
     )
     trainable_layers: int = setting(
         "RLHF_REWARD_TRAINABLE_LAYERS",
@@ -52,12 +58,19 @@ class RewardTrainingConfig(SeedSettings):
         "share of generations held out to judge each round's candidate (by a hash of the id)",
     )
     min_heldout: int = setting(
-        "RLHF_REWARD_MIN_HELDOUT", 32, "held-out examples needed before publishing"
+        "RLHF_REWARD_MIN_HELDOUT", 16, "held-out examples needed before publishing"
+    )
+    gate_confidence: float = setting(
+        "RLHF_REWARD_GATE_CONFIDENCE",
+        0.9,
+        "a candidate is published when it beats the base-rate predictor on the held-out "
+        "feedback with this confidence, unless it is worse than the served model with it",
     )
     tolerance: float = setting(
         "RLHF_REWARD_TOLERANCE",
-        0.01,
-        "how much worse than the served model a held-out metric may be",
+        0.0,
+        "how much worse (mean held-out Brier score) than the served model a candidate may be "
+        "with that confidence and still be published",
     )
 
     def validate(self) -> None:
@@ -67,5 +80,11 @@ class RewardTrainingConfig(SeedSettings):
             raise ConfigError("RLHF_REWARD_HELDOUT_FRACTION must be in (0, 1)")
         if min(self.desirable_weight, self.undesirable_weight) <= 0:
             raise ConfigError("reward thumb weights must be positive")
+        if not 0.5 <= self.gate_confidence < 1.0:
+            raise ConfigError("RLHF_REWARD_GATE_CONFIDENCE must be in [0.5, 1)")
+        if self.epochs_per_round <= 0 or self.min_heldout < 2:
+            raise ConfigError(
+                "RLHF_REWARD_EPOCHS_PER_ROUND must be > 0 and RLHF_REWARD_MIN_HELDOUT >= 2"
+            )
         if self.learning_rate <= 0 or min(self.pair_weight, self.rated_weight) < 0:
             raise ConfigError("RLHF_REWARD_LEARNING_RATE must be > 0 and loss weights >= 0")

@@ -10,7 +10,7 @@ from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import GenerationClient, RewardClient
 from rlhf.config import ConfigError
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
-from rlhf.server import configure_logging
+from rlhf.server import configure_logging, lower_priority
 from rlhf.training import distributed
 from rlhf.training.distributed import World
 from rlhf.training.online import PPOLearner
@@ -174,6 +174,7 @@ def run_follower(config: TrainerConfig) -> None:
     """A rank > 0 of the distributed ppo stage: rank 0's commands on this rank's shard, until
     rank 0 stops. No gRPC port and no Kafka; it scores its shard on the reward service."""
     configure_logging("trainer")
+    lower_priority(config.nice)
     world = join_world(config)
     store = CheckpointStore(config.checkpoint_dir)
     generation = pool_client(config)  # each rank samples its shard on the pool

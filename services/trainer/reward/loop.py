@@ -156,8 +156,17 @@ class RewardRounds(RoundsStage):
             if result.agreement.get(count, 0) >= MIN_AGREEMENT_EXAMPLES and not math.isnan(value):
                 AGREEMENT.labels(name).set(value)
                 agreement[name] = value
-        metrics = {**_finite(served, "heldout"), **_finite(agreement, "agreement")}
+        metrics = {
+            **_finite(served, "heldout"),
+            **_finite(agreement, "agreement"),
+            **{k: v for k, v in result.gate.items() if math.isfinite(v)},
+        }
         self.update_status(step=self.trainer.rounds, metrics=metrics)
+        self.verdict = (
+            f"round {self.trainer.rounds} published"
+            if result.promoted
+            else f"round {self.trainer.rounds} not published: {'; '.join(result.reasons)}"
+        )
         log.info(
             "reward round %d: candidate %s, served %s",
             self.trainer.rounds,
@@ -174,6 +183,7 @@ class RewardRounds(RoundsStage):
             "normalisation/shift": shift,
             "normalisation/scale": scale,
             "round": float(self.trainer.rounds),
+            **{k: v for k, v in result.gate.items() if math.isfinite(v)},
         }
         tensors, json_files = reward_checkpoint_files(self.trainer.model)
         NORMALISATION.labels("shift").set(shift)

@@ -29,7 +29,11 @@ class RewardTrainerService(StageService):
         # Continue from the newest published reward model: it is also the one to beat.
         current = latest_or_base(store, REWARD, reward_from_checkpoint, lambda: base)
         trainer = RewardTrainer(
-            current.model, tokenizer, settings.training, max_tokens=settings.reward_max_tokens
+            current.model,
+            tokenizer,
+            settings.training,
+            max_tokens=settings.reward_max_tokens,
+            incumbent_trained=current.version > 0,
         )
         parts = self.open_intake(
             store,
