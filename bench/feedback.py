@@ -182,6 +182,7 @@ def feedback_service(bootstrap: str) -> Iterator[int]:
         "RLHF_METRICS_PORT": "0",
         "RLHF_GENERATION_ID_KEY": ID_KEY,
         "RLHF_FEEDBACK_API_KEYS": f"bench={API_KEY}",
+        "RLHF_FEEDBACK_RATE_PER_TENANT": "0",  # ingestion speed, not the per-tenant limit
     }
     with tempfile.NamedTemporaryFile(prefix="bench-feedback-", suffix=".log") as log:
         process = subprocess.Popen(

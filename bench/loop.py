@@ -39,6 +39,7 @@ import torch
 
 from bench.report import RESULTS, machine, table
 from rlhf import bus, decoding
+from rlhf.auth import ClientSecurity, dial
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
@@ -46,7 +47,7 @@ from rlhf.models import MINILM, SMOLLM2, chat_text, load_base_policy, load_token
 from rlhf.training.ppo import build_rollout, forward_policy
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from rlhf.watch import wilson
-from services.launcher.main import CPU_DEMO, Process, plan, wait_healthy
+from services.launcher.main import CPU_DEMO, Keys, Process, plan, wait_healthy
 from services.simulated_users.users import (
     HELDOUT_PROMPTS,
     distinct_bigrams,
@@ -84,8 +85,11 @@ class Point:
 class Evaluator:
     """Held-out users: the served policy's answers to prompts no training user asks."""
 
-    def __init__(self, generation: str, cache_dir: Path) -> None:
-        self.client = GenerationClient(generation, timeout=300)
+    def __init__(self, generation: str, cache_dir: Path, service_key: str) -> None:
+        # Rollouts are the platform's own calls: they present a service key.
+        self.client = GenerationClient(
+            generation, timeout=300, security=ClientSecurity(key=service_key)
+        )
         self.tokenizer = load_tokenizer(cache_dir)
         self.reference = load_base_policy(SMOLLM2, cache_dir).eval()
         chats = [
@@ -168,8 +172,8 @@ def run_loop(minutes: float, every: float) -> dict:
     broker = EmbeddedBroker(port=free_port(), log_path=logs / "broker.log")
     broker.start()
     bus.ensure_topics(broker.bootstrap)
-    api_key, id_key = secrets.token_hex(16), secrets.token_hex(32)
-    processes: list[Process] = plan(broker.bootstrap, SMOLLM2, MINILM, api_key, id_key)
+    keys, id_key = Keys.new(), secrets.token_hex(32)
+    processes: list[Process] = plan(broker.bootstrap, SMOLLM2, MINILM, keys, id_key)
     stop = threading.Event()
     points: list[Point] = []
     events: dict[str, float] = {}
@@ -181,9 +185,9 @@ def run_loop(minutes: float, every: float) -> dict:
         started = time.monotonic()
         print(f"platform up; logs in {logs}", flush=True)
         ports = {p.name: p.grpc_port for p in processes if p.grpc_port is not None}
-        evaluator = Evaluator(f"127.0.0.1:{ports['generation']}", cache_dir)
+        evaluator = Evaluator(f"127.0.0.1:{ports['generation']}", cache_dir, keys.service)
         channels = {
-            name: grpc.insecure_channel(f"127.0.0.1:{ports[name]}")
+            name: dial(f"127.0.0.1:{ports[name]}", ClientSecurity(key=keys.reader))
             for name in ("trainer", "reward-trainer")
         }
         next_eval = 0.0

@@ -95,6 +95,9 @@ def assemble() -> Path:
     return out
 
 
+BENCH_KEY = "bench-service-key-0123456789"
+
+
 class ServiceProcess:
     """A platform service as its own process on a free loopback port, as deployed.
 
@@ -105,6 +108,7 @@ class ServiceProcess:
     def __init__(self, module: str, bootstrap: str, settings: dict[str, str]) -> None:
         import grpc
 
+        from rlhf.auth import ClientSecurity, dial
         from rlhf.broker import free_port
 
         self.port = free_port()
@@ -113,6 +117,9 @@ class ServiceProcess:
             "RLHF_KAFKA_BOOTSTRAP": bootstrap,
             "RLHF_GRPC_HOST": "127.0.0.1",
             "RLHF_GRPC_PORT": str(self.port),
+            # The bench calls as the platform's own service (Score, Generate) and reads /metrics.
+            "RLHF_SERVICE_KEYS": f"bench={BENCH_KEY}",
+            "RLHF_METRICS_OPEN": "true",
             **settings,
         }
         self.process = subprocess.Popen(
@@ -122,7 +129,7 @@ class ServiceProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = dial(f"127.0.0.1:{self.port}", ClientSecurity(key=BENCH_KEY))
         grpc.channel_ready_future(self.channel).result(timeout=300)
 
     def stop(self) -> None:

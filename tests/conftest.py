@@ -1,16 +1,24 @@
-"""Shared fixtures: a real embedded broker, real in-process gRPC servers, test keys."""
+"""Shared fixtures: a real embedded broker, real in-process gRPC servers, test keys.
+
+Every test server accepts the same keys, one per role (`rlhf.auth`): the app key of tenant
+TENANT (API_KEY), a service key, an operator key and a reader key. Tests present them through
+`channel(server, key)` (gRPC), `scrape(server)` (/metrics, with the reader key) and, for
+services run as processes, `KEYS_ENV` (`tests/processes.py` adds it)."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from rlhf import bus
+from rlhf.auth import OPERATOR, READER, SERVICE, ClientSecurity, Credentials, dial
 from rlhf.broker import EmbeddedBroker
 from rlhf.checkpoints import REWARD, CheckpointStore
 from rlhf.config import CommonConfig, load_config
@@ -25,6 +33,24 @@ ID_KEY = "test-generation-id-key-0123456789"
 API_KEY = "test-api-key-0123456789"
 TENANT = "tests"
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
+SERVICE_KEY = "test-service-key-0123456789"
+OPERATOR_KEY = "test-operator-key-0123456789"
+READER_KEY = "test-reader-key-0123456789"
+SERVICE_AUTH = (("authorization", f"Bearer {SERVICE_KEY}"),)
+OPERATOR_AUTH = (("authorization", f"Bearer {OPERATOR_KEY}"),)
+READER_AUTH = (("authorization", f"Bearer {READER_KEY}"),)
+# What every test server accepts besides its own apps' keys, and the same as settings.
+CREDENTIALS = (
+    Credentials.parse(SERVICE, [f"tests={SERVICE_KEY}"])
+    | Credentials.parse(OPERATOR, [f"tests={OPERATOR_KEY}"])
+    | Credentials.parse(READER, [f"tests={READER_KEY}"])
+)
+KEYS_ENV = {
+    "RLHF_SERVICE_KEYS": f"tests={SERVICE_KEY}",
+    "RLHF_OPERATOR_KEYS": f"tests={OPERATOR_KEY}",
+    "RLHF_READER_KEYS": f"tests={READER_KEY}",
+    "RLHF_CLIENT_KEY": SERVICE_KEY,  # what a trainer presents to reward and generation
+}
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +85,7 @@ def tiny_generation_config(
         "cache_dir": cache_dir,
         "policy_model": TINY,
         "generation_id_key": ID_KEY,
+        "api_keys": (f"{TENANT}={API_KEY}",),
         "grpc_host": "127.0.0.1",
         "http_port": 0,
     }
@@ -67,9 +94,11 @@ def tiny_generation_config(
 
 def trainer_config(fields: dict[str, Any], **env: object) -> TrainerConfig:
     """A trainer stage's config the way a deployment sets it: environment variables (`env`,
-    e.g. RLHF_PPO_BATCH_SIZE=16, parsed and validated), then top-level fields such as the
-    broker and the checkpoint store (`fields`)."""
-    config = load_config(TrainerConfig, {name: str(value) for name, value in env.items()})
+    e.g. RLHF_PPO_BATCH_SIZE=16, parsed and validated, and the test keys: it presents the
+    service key), then top-level fields such as the broker and the checkpoint store
+    (`fields`)."""
+    environ = {**KEYS_ENV, **{name: str(value) for name, value in env.items()}}
+    config = load_config(TrainerConfig, environ)
     return dataclasses.replace(config, **fields)
 
 
@@ -85,8 +114,22 @@ def publish_reward_model(bootstrap: str, checkpoint_dir: Path) -> int:
 
 
 def serve(service: Service) -> RunningServer:
-    """Start `service` on a free loopback port with its own /metrics port."""
-    return RunningServer(service, host="127.0.0.1", port=0, metrics_port=0, grace_seconds=2).start()
+    """Start `service` on a free loopback port with its own /metrics port, accepting the test
+    keys (CREDENTIALS) besides the service's own apps' keys."""
+    return RunningServer(
+        service,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        grace_seconds=2,
+        credentials=CREDENTIALS,
+    ).start()
+
+
+def channel(server: RunningServer | int, key: str = "") -> grpc.Channel:
+    """A channel to a test server (or a port on loopback) presenting `key` on every call."""
+    port = server if isinstance(server, int) else server.port
+    return dial(f"127.0.0.1:{port}", ClientSecurity(key=key))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> bool:
@@ -98,9 +141,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
     return predicate()
 
 
+# The key a test presents to each kind of service: apps generate, operators steer trainers,
+# readers ask the reward service what it serves; feedback calls carry their tenant's key.
+KEY_FOR = {
+    "generation": API_KEY,
+    "feedback": "",
+    "reward": READER_KEY,
+    "trainer": OPERATOR_KEY,
+    "reward-trainer": OPERATOR_KEY,
+    "sft": OPERATOR_KEY,
+}
+
+
+def channels_to(servers: dict[str, RunningServer]) -> dict[str, grpc.Channel]:
+    """A channel to each named test server, presenting the key its kind takes (KEY_FOR)."""
+    return {name: channel(server, KEY_FOR.get(name, "")) for name, server in servers.items()}
+
+
 def scrape(server: RunningServer) -> str:
-    """The server's /metrics page."""
-    return scrape_port(server.metrics_port)
+    """The server's /metrics page (read with the reader key)."""
+    return scrape_port(server.metrics_port, security=ClientSecurity(key=READER_KEY))
 
 
 def consume_all(bootstrap: str, topic: str, message_type, timeout: float = 10.0) -> list:
@@ -116,3 +176,59 @@ def consume_all(bootstrap: str, topic: str, message_type, timeout: float = 10.0)
     finally:
         consumer.close()
     return records
+
+
+def _openssl(*argv: str) -> None:
+    subprocess.run(["openssl", *argv], check=True, capture_output=True)
+
+
+def _authority(folder: Path, name: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-days", "1", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert),
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    return cert, key
+
+
+def _leaf(folder: Path, name: str, authority: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A certificate for localhost / 127.0.0.1 usable as server and as client."""
+    cert, key, request = folder / f"{name}.pem", folder / f"{name}.key", folder / f"{name}.csr"
+    extensions = folder / f"{name}.ext"
+    extensions.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(request),
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(request), "-CA", str(authority[0]), "-CAkey",
+        str(authority[1]), "-CAcreateserial", "-days", "1", "-out", str(cert),
+        "-extfile", str(extensions),
+    )  # fmt: skip
+    return cert, key
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """A test CA, a service certificate it signed (server and client), and a certificate
+    signed by another CA (a stranger's)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    """Certificates made with the openssl CLI (the venv has no `cryptography`)."""
+    folder = tmp_path_factory.mktemp("pki")
+    authority = _authority(folder, "test-ca")
+    cert, key = _leaf(folder, "service", authority)
+    stranger = _leaf(folder, "stranger", _authority(folder, "other-ca"))
+    return Pki(authority[0], cert, key, *stranger)

@@ -11,17 +11,20 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import KEYS_ENV
+
 
 def start_service(
     module: str, env: dict[str, str], port: int, log_path: Path, timeout: float = 60.0
 ) -> subprocess.Popen:
-    """Start `python -m <module>` with `env` added, logging to `log_path`; returns once its gRPC
-    health check on `port` says SERVING."""
+    """Start `python -m <module>` with `env` added (and the test keys), logging to `log_path`;
+    returns once its gRPC health check on `port` says SERVING."""
     full_env = {
         **os.environ,
         "RLHF_GRPC_HOST": "127.0.0.1",
         "RLHF_GRPC_PORT": str(port),
         "RLHF_METRICS_PORT": "0",
+        **KEYS_ENV,
         **env,
     }
     with open(log_path, "ab") as log:

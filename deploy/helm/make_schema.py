@@ -41,6 +41,16 @@ def integer(minimum: int | None = None, maximum: int | None = None, **extra: Any
 
 
 STRING: Schema = {"type": "string"}
+# A key of 16+ characters (or none), and name=key pairs of them (rlhf.auth.Credentials.parse).
+KEY: Schema = {"type": "string", "pattern": r"^$|^[^,\s]{16,}$"}
+NAMED_KEYS: Schema = {
+    "type": "array",
+    "items": {
+        "description": "name=key, the key 16+ characters",
+        "type": "string",
+        "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}=[^,\s]{16,}$",
+    },
+}
 BOOLEAN: Schema = {"type": "boolean"}
 STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
 ANY_OBJECT: Schema = {"type": "object"}
@@ -251,7 +261,21 @@ def build() -> Schema:
                     "description": "host:port[,host:port] (required)",
                     "type": "string",
                     "pattern": r"^$|^[^,\s]+:[0-9]{1,5}(,[^,\s]+:[0-9]{1,5})*$",
-                }
+                },
+                "securityProtocol": {"enum": ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]},
+                "sasl": obj(
+                    {
+                        "mechanism": {"enum": ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]},
+                        "username": STRING,
+                        "passwordSecret": obj({"name": STRING, "key": STRING}),
+                    }
+                ),
+                "ssl": obj(
+                    {
+                        "caSecret": obj({"name": STRING, "key": STRING}),
+                        "clientCertSecret": STRING,
+                    }
+                ),
             }
         ),
         "devBroker": obj(
@@ -281,15 +305,30 @@ def build() -> Schema:
             {
                 "existingSecret": STRING,
                 "generationIdKey": STRING,
+                "generationIdVerifyKeys": {"type": "array", "items": KEY},
+                "serviceKey": KEY,
+                "previousServiceKeys": {"type": "array", "items": KEY},
+                "operatorKeys": NAMED_KEYS,
+                "readerKeys": NAMED_KEYS,
+                "metricsKey": KEY,
                 "feedbackApiKeys": {
                     "type": "array",
                     "items": {
                         "description": "tenant=key, the key 16+ characters",
                         "type": "string",
-                        "pattern": r"^[^=,\s]+=[^,\s]{16,}$",
+                        "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}=[^,\s]{16,}$",
                     },
                 },
                 "simulatedUsersApiKey": STRING,
+            }
+        ),
+        "tls": obj(
+            {
+                "enabled": BOOLEAN,
+                "secretName": STRING,
+                "clientAuth": BOOLEAN,
+                "serverName": STRING,
+                "healthPort": ref("port"),
             }
         ),
         "checkpoints": obj(
@@ -320,6 +359,7 @@ def build() -> Schema:
         ),
         "monitoring": obj(
             {
+                "metricsOpen": BOOLEAN,
                 "serviceMonitor": obj(
                     {
                         "enabled": BOOLEAN,
@@ -339,6 +379,7 @@ def build() -> Schema:
                 **service_keys(["grpc", "http", "metrics"]),
                 **http,
                 "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
+                "open": BOOLEAN,
                 "backend": {"enum": ["local", "tgi"]},
                 "tgi": obj({"url": STRING, "deployment": STRING, "namespace": STRING}),
             }

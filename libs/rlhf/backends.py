@@ -76,6 +76,10 @@ class Backend(Protocol):
 
     def stop(self) -> None: ...
 
+    def healthy(self) -> bool:
+        """False while following checkpoints has failed (the service reports NOT_SERVING)."""
+        ...
+
 
 class LocalBackend:
     """In-process decoding: continuous batching plus hot reload of policy checkpoints."""
@@ -136,6 +140,9 @@ class LocalBackend:
         self._batcher.start()
         if self._follower is not None:
             self._follower.start()
+
+    def healthy(self) -> bool:
+        return self._follower is None or self._follower.healthy()
 
     def stop(self) -> None:
         if self._follower is not None:
@@ -235,6 +242,9 @@ class TgiBackend:
     def start(self) -> None:
         if self._follower is not None:
             self._follower.start()
+
+    def healthy(self) -> bool:
+        return self._follower is None or self._follower.healthy()
 
     def stop(self) -> None:
         if self._follower is not None:

@@ -27,6 +27,7 @@ from typing import IO
 from kafka import KafkaAdminClient
 
 from rlhf.bus import BusUnavailable, ensure_topics
+from rlhf.local import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,11 @@ class EmbeddedBroker:
         log_path: Path | None = None,
         create_topics: bool = False,
         partitions: int = 3,
+        die_with_parent: bool = False,
     ) -> None:
+        """`die_with_parent`: the broker is stopped (SIGINT) when the process that started it
+        dies, even by SIGKILL (`rlhf.local.die_with_parent`; start it from the main thread)."""
+        self.die_with_parent = die_with_parent
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.log_path = Path(log_path) if log_path is not None else None
@@ -187,6 +192,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGINT) if self.die_with_parent else None,
         )
 
     def _open_log(self) -> IO[bytes]:

@@ -8,8 +8,9 @@ Every service goes through this module so delivery guarantees are decided in one
   topics of equal partition count, and a consumer group assigns partition p of both topics to one
   member (range assignment), so a member holds everything a join of its partitions needs;
 * consuming is at-least-once: offsets are committed only when the caller says its processing is
-  durable (`EventConsumer.commit`), and a record that cannot be decoded is parked on the
-  dead-letter topic before it is skipped, so nothing is lost silently.
+  durable (`EventConsumer.commit`), and a record that cannot be decoded, or whose handling fails
+  (`EventConsumer.dispatch`), is parked on the dead-letter topic with the reason before it is
+  skipped, so nothing is lost silently and one poison record never stops the records after it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from kafka.partitioner import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from rlhf.config import KafkaSettings
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,21 @@ _STALE_PRODUCER_ERRORS = (
     ProducerFencedError,
 )
 _CONNECT_TIMEOUT_MS = 10_000
+# How every Kafka client of this process connects (TLS, SASL): one cluster per process.
+_security: dict[str, Any] = {}
+
+
+def configure(settings: KafkaSettings) -> None:
+    """Connect every Kafka client this process makes from now on as `settings` say
+    (RLHF_KAFKA_SECURITY_PROTOCOL, SASL and SSL files). Plaintext until called."""
+    global _security
+    _security = settings.client_options()
+
+
+def client_options() -> dict[str, Any]:
+    """The security keyword arguments of every KafkaProducer, KafkaConsumer and admin client
+    (`configure`); also for tools that make their own clients (`rlhf.topics_cli`)."""
+    return dict(_security)
 
 
 def murmur2(data: bytes) -> int:
@@ -152,6 +169,7 @@ def _create_topics_once(bootstrap: str, partitions: int, timeout_ms: int) -> Non
         client_id="rlhf-ensure-topics",
         bootstrap_timeout_ms=timeout_ms,
         request_timeout_ms=timeout_ms,
+        **client_options(),
     )
     try:
         result = admin.create_topics(
@@ -276,6 +294,7 @@ class Publisher:
                 reconnect_backoff_max_ms=1000,
                 allow_auto_create_topics=False,
                 partitioner=KeyHashPartitioner(),
+                **client_options(),
             )
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
@@ -415,6 +434,7 @@ class Record:
     message: Message
     timestamp_ms: int
     headers: tuple[tuple[str, bytes], ...] = ()
+    value: bytes = b""  # the bytes as stored, for a dead letter
 
 
 class _Positions(ConsumerRebalanceListener):
@@ -432,6 +452,10 @@ class _Positions(ConsumerRebalanceListener):
     def advance(self, tp: TopicPartition, offset: int) -> None:
         with self._lock:
             self._next[tp] = offset + 1
+
+    def move_to(self, tp: TopicPartition, next_offset: int) -> None:
+        with self._lock:
+            self._next[tp] = next_offset
 
     def snapshot(self) -> dict[TopicPartition, int]:
         with self._lock:
@@ -534,6 +558,7 @@ class EventConsumer:
                 # partition p of every topic, so a generation and its feedback (equal keys, equal
                 # partition numbers) meet. Round-robin, kafka-python's fallback, would split them.
                 partition_assignment_strategy=(RangePartitionAssignor,),
+                **client_options(),
             )
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
@@ -629,21 +654,74 @@ class EventConsumer:
         try:
             return _decode(raw, self.topics[raw.topic])
         except (DecodeError, UnicodeDecodeError, ValueError) as exc:
-            self._dead_letter(raw, f"{type(exc).__name__}: {exc}")
+            self._dead_letter(
+                raw.topic,
+                raw.partition,
+                raw.offset,
+                raw.key or b"",
+                raw.value or b"",
+                f"{type(exc).__name__}: {exc}",
+            )
             return None
 
-    def _dead_letter(self, raw: Any, reason: str) -> None:
-        """Park an undecodable record on DEAD_LETTER, acknowledged, before it is skipped."""
-        where = f"{raw.topic}/{raw.partition}@{raw.offset}"
+    def dispatch(self, records: list[Record], handle: Callable[[Record], Any]) -> int:
+        """Hand each record to `handle`, in order; returns how many were handled.
+
+        A record whose handling raises is dead-lettered with the reason and the records after it
+        are handled as usual: one poison record does not stop its partition, nor the rest of the
+        batch. If the dead-letter publish itself fails, every partition is rewound to its first
+        record not handled yet and BusUnavailable raised, so that record and those after it are
+        read again rather than lost.
+        """
+        handled = 0
+        for index, record in enumerate(records):
+            try:
+                handle(record)
+                handled += 1
+            except Exception as exc:
+                log.exception(
+                    "handling %s/%d@%d failed", record.topic, record.partition, record.offset
+                )
+                try:
+                    self._dead_letter(
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        (record.key or "").encode("utf-8", "surrogatepass"),
+                        record.value,
+                        f"handler failed: {type(exc).__name__}: {exc}"[:4096],
+                    )
+                except BusUnavailable:
+                    self._rewind_to(records[index:])
+                    raise
+        return handled
+
+    def _rewind_to(self, unhandled: list[Record]) -> None:
+        """Seek each partition back to its first record in `unhandled`."""
+        assigned = self._consumer.assignment()
+        first: dict[TopicPartition, int] = {}
+        for record in unhandled:
+            first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        for tp, offset in first.items():
+            if tp in assigned:
+                self._consumer.seek(tp, offset)
+            self._positions.move_to(tp, offset)
+
+    def _dead_letter(
+        self, topic: str, partition: int, offset: int, key: bytes, value: bytes, reason: str
+    ) -> None:
+        """Park a record that cannot be processed on DEAD_LETTER, acknowledged, before it is
+        skipped."""
+        where = f"{topic}/{partition}@{offset}"
         if self.dead_letters is None:
-            log.error("Skipping undecodable %s (no dead-letter publisher): %s", where, reason)
+            log.error("Skipping %s (no dead-letter publisher): %s", where, reason)
             return
         letter = events_pb2.DeadLetter(
-            source_topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            key=raw.key or b"",
-            value=raw.value or b"",
+            source_topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key,
+            value=value,
             reason=reason,
             consumer_group=self.group_id or "",
             failed_at=_utc_now(),
@@ -712,6 +790,7 @@ def _decode(raw: Any, message_type: type[Message]) -> Record:
         message=message_type.FromString(raw.value),
         timestamp_ms=raw.timestamp,
         headers=headers,
+        value=bytes(raw.value),
     )
 
 
@@ -723,6 +802,7 @@ def _partitions_of(bootstrap: str, topics: list[str]) -> list[TopicPartition]:
             client_id="rlhf-partitions",
             bootstrap_timeout_ms=_CONNECT_TIMEOUT_MS,
             request_timeout_ms=_CONNECT_TIMEOUT_MS,
+            **client_options(),
         )
     except (KafkaError, OSError) as exc:
         raise BusUnavailable(f"Cannot connect to Kafka at {bootstrap}: {exc}") from exc

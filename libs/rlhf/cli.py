@@ -2,7 +2,11 @@
 import offline datasets.
 
 Addresses come from flags, then environment variables (RLHF_GENERATION_ADDRESS, ...), then the
-`run/up.env` that `make up` writes, then the local `make up` ports. Every failure is one line on
+`run/up.env` that `make up` writes, then the local `make up` ports. Keys come the same way: the
+app's (RLHF_API_KEY: generate, feedback) and the operator's (RLHF_OPERATOR_KEY: pause, resume,
+rollback, checkpoints and status; a reader key, RLHF_READER_KEY, is enough for status and
+checkpoints). With RLHF_TLS_CA_FILE set, calls use TLS verified against it (and present
+RLHF_TLS_CERT_FILE where the services require client certificates). Every failure is one line on
 stderr and a non-zero exit status, never a traceback.
 """
 
@@ -26,6 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf import importer
+from rlhf.auth import ClientSecurity, dial
+from rlhf.config import TlsSettings, load_config
 from rlhf.local import UP_ENV, address_variable, default_address, read_env_file
 from rlhf.v1 import (
     common_pb2,
@@ -80,15 +86,15 @@ def explain(target: Target, exc: grpc.RpcError, timeout: float) -> str:
             f"{where} did not answer within {timeout:g} s (try a larger --timeout)"
         ),
         grpc.StatusCode.UNAUTHENTICATED: (
-            f"{where} refused the API key: pass --api-key or set RLHF_API_KEY "
-            f"(`make up` writes it to {UP_ENV})"
+            f"{where} refused the {_key_hint(target.name)} (`make up` writes it to {UP_ENV})"
         ),
         grpc.StatusCode.UNIMPLEMENTED: (
             f"{where} does not implement this call (an older version of the service?)"
         ),
         grpc.StatusCode.RESOURCE_EXHAUSTED: f"{where} is overloaded, try again: {details}",
         grpc.StatusCode.INVALID_ARGUMENT: f"{where} rejected the request: {details}",
-        grpc.StatusCode.PERMISSION_DENIED: f"{where} refused: {details}",
+        grpc.StatusCode.PERMISSION_DENIED: f"{where} refused: {details}"
+        + (" (this needs the operator key)" if target.name in STAGE_SERVICE.values() else ""),
         grpc.StatusCode.FAILED_PRECONDITION: f"{where} refused: {details}",
         grpc.StatusCode.NOT_FOUND: f"{where}: not found: {details}",
         grpc.StatusCode.ALREADY_EXISTS: f"{where}: {details}",
@@ -96,12 +102,27 @@ def explain(target: Target, exc: grpc.RpcError, timeout: float) -> str:
     return messages.get(code, f"{where} failed with {code.name}: {details}")
 
 
-class Session:
-    """Channels to the services, opened on first use and closed at the end of the command."""
+def _key_hint(service: str) -> str:
+    if service in STAGE_SERVICE.values():
+        return "operator key: pass --operator-key or set RLHF_OPERATOR_KEY"
+    return "API key: pass --api-key or set RLHF_API_KEY"
 
-    def __init__(self, addresses: Mapping[str, str], timeout: float) -> None:
+
+class Session:
+    """Channels to the services, opened on first use and closed at the end of the command;
+    each presents its service's key (`keys`, by service name) over `security`'s TLS."""
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        timeout: float,
+        keys: Mapping[str, str] | None = None,
+        security: ClientSecurity = ClientSecurity(),
+    ) -> None:
         self.addresses = dict(addresses)
         self.timeout = timeout
+        self.keys = dict(keys or {})
+        self.security = security
         self._channels: dict[str, grpc.Channel] = {}
 
     def target(self, service: str) -> Target:
@@ -109,7 +130,8 @@ class Session:
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(self.addresses[service])
+            security = self.security.with_key(self.keys.get(service, ""))
+            self._channels[service] = dial(self.addresses[service], security)
         return self._channels[service]
 
     def generation(self) -> generation_pb2_grpc.GenerationServiceStub:
@@ -159,6 +181,28 @@ def api_key(flag: str | None, environ: Mapping[str, str], env_file: Path) -> str
             f"(`make up` writes one to {UP_ENV})"
         )
     return key
+
+
+def resolve_keys(
+    api: str | None, operator: str | None, environ: Mapping[str, str], env_file: Path
+) -> dict[str, str]:
+    """The key each service is called with: the app's for generation and feedback, the
+    operator's (else a reader's) for the trainers; "" when none is known (the service then
+    says UNAUTHENTICATED, and the message says which key to pass)."""
+    from_file = read_env_file(env_file)
+
+    def first(flag: str | None, *variables: str) -> str:
+        found = [flag, *(environ.get(v) or from_file.get(v) for v in variables)]
+        return next((key for key in found if key), "")
+
+    app = first(api, "RLHF_API_KEY")
+    control = first(operator, "RLHF_OPERATOR_KEY", "RLHF_READER_KEY")
+    return {
+        "generation": app or control,
+        "feedback": app,
+        "trainer": control,
+        "reward-trainer": control,
+    }
 
 
 # --- formatting ---------------------------------------------------------------------------
@@ -526,6 +570,11 @@ def _connection_options(parser: argparse.ArgumentParser, with_defaults: bool) ->
         )
     parser.add_argument("--env-file", type=Path, default=default(UP_ENV), help=f"default: {UP_ENV}")
     parser.add_argument(
+        "--operator-key",
+        default=default(None),
+        help=f"for the trainers: default $RLHF_OPERATOR_KEY, else $RLHF_READER_KEY, else {UP_ENV}",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=default(60.0), help="seconds per call (60)"
     )
 
@@ -600,7 +649,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
     flags = {service: getattr(args, service.replace("-", "_")) for service in SERVICES}
-    session = Session(resolve_addresses(flags, os.environ, args.env_file), args.timeout)
+    try:
+        tls = load_config(TlsSettings)
+    except ValueError as exc:
+        print(f"rlhf: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    keys = resolve_keys(
+        getattr(args, "api_key", None), args.operator_key, os.environ, args.env_file
+    )
+    session = Session(
+        resolve_addresses(flags, os.environ, args.env_file),
+        args.timeout,
+        keys,
+        ClientSecurity.of(tls, key=""),
+    )
     # No markup: server messages may contain brackets ("score must be in [0, 1]"). Soft wrap:
     # message lines stay whole for scripts and copy and paste; tables still fit the width.
     console = Console(highlight=False, markup=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from rlhf import decoding
+from rlhf.auth import ClientSecurity, dial
 from rlhf.v1 import common_pb2, generation_pb2, generation_pb2_grpc, reward_pb2, reward_pb2_grpc
 
 
@@ -35,11 +36,13 @@ class RewardClient:
         chunk: int = 32,
         min_model_version: int = 0,
         stale_wait: float = 30.0,
+        security: ClientSecurity = ClientSecurity(),
     ) -> None:
         """`min_model_version`: scores from an older reward model are not returned: the pairs
         are scored again (a hot swap may be under way) for up to `stale_wait` seconds, then
-        RewardUnavailable (the caller retries the batch later)."""
-        self._channel = grpc.insecure_channel(address)
+        RewardUnavailable (the caller retries the batch later). `security`: the service key
+        Score needs, and TLS."""
+        self._channel = dial(address, security)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
         self._timeout = timeout
         self._chunk = chunk
@@ -141,9 +144,12 @@ class GenerationClient:
     together.
     """
 
-    def __init__(self, address: str, timeout: float = 120.0) -> None:
+    def __init__(
+        self, address: str, timeout: float = 120.0, security: ClientSecurity = ClientSecurity()
+    ) -> None:
+        """`security`: the service key rollouts need, and TLS."""
         self.address = address
-        self._channel = grpc.insecure_channel(address)
+        self._channel = dial(address, security)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._timeout = timeout
 

@@ -143,7 +143,169 @@ def _default_cache() -> Path:
 
 
 @dataclass(frozen=True)
-class CommonConfig:
+class KafkaSettings:
+    """How every Kafka client of the process connects (`rlhf.bus`): plaintext by default, or
+    TLS and SASL as the cluster requires."""
+
+    security_protocol: str = setting(
+        "RLHF_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+    )
+    sasl_mechanism: str = setting(
+        "RLHF_KAFKA_SASL_MECHANISM",
+        "SCRAM-SHA-512",
+        "with SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+    )
+    sasl_username: str = setting("RLHF_KAFKA_SASL_USERNAME", "", "with SASL: the user name")
+    sasl_password: str = setting(
+        "RLHF_KAFKA_SASL_PASSWORD", "", "with SASL: the password", secret=True
+    )
+    ssl_ca_file: str = setting(
+        "RLHF_KAFKA_SSL_CA_FILE",
+        "",
+        "with SSL: PEM CA bundle the brokers' certificates are verified against (empty = the "
+        "system's)",
+    )
+    ssl_cert_file: str = setting(
+        "RLHF_KAFKA_SSL_CERT_FILE", "", "with SSL: PEM client certificate, if the brokers ask"
+    )
+    ssl_key_file: str = setting(
+        "RLHF_KAFKA_SSL_KEY_FILE", "", "with SSL: PEM private key of RLHF_KAFKA_SSL_CERT_FILE"
+    )
+
+    def validate(self) -> None:
+        protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        if self.security_protocol not in protocols:
+            raise ConfigError(f"RLHF_KAFKA_SECURITY_PROTOCOL must be one of {protocols}")
+        if self.security_protocol.startswith("SASL"):
+            mechanisms = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+            if self.sasl_mechanism not in mechanisms:
+                raise ConfigError(f"RLHF_KAFKA_SASL_MECHANISM must be one of {mechanisms}")
+            if not self.sasl_username or not self.sasl_password:
+                raise ConfigError(
+                    "SASL needs RLHF_KAFKA_SASL_USERNAME and RLHF_KAFKA_SASL_PASSWORD"
+                )
+        if bool(self.ssl_cert_file) != bool(self.ssl_key_file):
+            raise ConfigError("set both RLHF_KAFKA_SSL_CERT_FILE and RLHF_KAFKA_SSL_KEY_FILE")
+        for name in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"RLHF_KAFKA_{name.upper()}={path!r} is not a readable file")
+
+    def client_options(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for producers, consumers and admin clients."""
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            options.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        if self.security_protocol.endswith("SSL"):
+            options["ssl_check_hostname"] = True
+            if self.ssl_ca_file:
+                options["ssl_cafile"] = self.ssl_ca_file
+            if self.ssl_cert_file:
+                options.update(ssl_certfile=self.ssl_cert_file, ssl_keyfile=self.ssl_key_file)
+        return options
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """The keys this service accepts (`rlhf.auth`: service, reader and operator roles; apps'
+    keys are the service's own settings) and the one it presents to other services."""
+
+    service_keys: tuple[str, ...] = setting(
+        "RLHF_SERVICE_KEYS",
+        (),
+        "name=key pairs (keys 16+ chars) of the platform's own callers this service accepts: "
+        "trainer -> reward (Score), trainer -> generation (rollouts); a name may repeat (rotation)",
+        secret=True,
+    )
+    reader_keys: tuple[str, ...] = setting(
+        "RLHF_READER_KEYS",
+        (),
+        "name=key pairs of read-only callers: trainer status and checkpoints, policy and reward "
+        "model info, /metrics",
+        secret=True,
+    )
+    operator_keys: tuple[str, ...] = setting(
+        "RLHF_OPERATOR_KEYS",
+        (),
+        "name=key pairs of operators: what readers may, and Pause, Resume, Checkpoint, Rollback",
+        secret=True,
+    )
+    client_key: str = setting(
+        "RLHF_CLIENT_KEY",
+        "",
+        "the key this process presents when it calls other services: the trainer one of their "
+        "RLHF_SERVICE_KEYS, the playground's panel a reader key",
+        secret=True,
+    )
+    metrics_open: bool = setting(
+        "RLHF_METRICS_OPEN",
+        False,
+        "serve /metrics to anyone; by default it needs a reader, operator or service key",
+    )
+
+    def validate(self) -> None:
+        from rlhf.auth import MIN_KEY_CHARS
+
+        try:
+            self.credentials()
+        except ValueError as exc:
+            raise ConfigError(
+                f"RLHF_SERVICE_KEYS, RLHF_READER_KEYS, RLHF_OPERATOR_KEYS: {exc}"
+            ) from exc
+        if self.client_key and len(self.client_key) < MIN_KEY_CHARS:
+            raise ConfigError(f"RLHF_CLIENT_KEY must be at least {MIN_KEY_CHARS} characters")
+
+    def credentials(self) -> Any:
+        """The service, reader and operator keys as `rlhf.auth.Credentials`."""
+        from rlhf.auth import OPERATOR, READER, SERVICE, Credentials
+
+        return (
+            Credentials.parse(SERVICE, self.service_keys)
+            | Credentials.parse(READER, self.reader_keys)
+            | Credentials.parse(OPERATOR, self.operator_keys)
+        )
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """This process's TLS identity, and the CA its peers' certificates are checked against."""
+
+    tls_cert_file: str = setting(
+        "RLHF_TLS_CERT_FILE",
+        "",
+        "PEM certificate chain: with RLHF_TLS_KEY_FILE, serve TLS only (gRPC, HTTP, /metrics); "
+        "also the client certificate presented to other services when they require one",
+    )
+    tls_key_file: str = setting(
+        "RLHF_TLS_KEY_FILE", "", "PEM private key of RLHF_TLS_CERT_FILE (empty = plaintext)"
+    )
+    tls_ca_file: str = setting(
+        "RLHF_TLS_CA_FILE",
+        "",
+        "PEM CA bundle: calls to other services use TLS verified against it (empty = "
+        "plaintext calls), and with RLHF_TLS_CLIENT_AUTH callers' certificates are checked "
+        "against it",
+    )
+    tls_client_auth: bool = setting(
+        "RLHF_TLS_CLIENT_AUTH",
+        False,
+        "mutual TLS: every TLS port requires a client certificate signed by RLHF_TLS_CA_FILE",
+    )
+    tls_server_name: str = setting(
+        "RLHF_TLS_SERVER_NAME",
+        "",
+        "name other services' certificates are checked for (empty = the host dialled)",
+    )
+
+
+@dataclass(frozen=True)
+class CommonConfig(TlsSettings):
     """Settings every service shares."""
 
     kafka_bootstrap: str = setting(
@@ -157,20 +319,36 @@ class CommonConfig:
     cache_dir: Path = setting(
         "RLHF_CACHE_DIR", _default_cache(), "where converted base models are cached"
     )
-    grpc_host: str = setting("RLHF_GRPC_HOST", "0.0.0.0", "address the gRPC server binds")
+    grpc_host: str = setting(
+        "RLHF_GRPC_HOST",
+        "127.0.0.1",
+        "address the gRPC, HTTP and /metrics servers bind (0.0.0.0 = every interface)",
+    )
     grpc_port: int = setting("RLHF_GRPC_PORT", 50051, "gRPC port (0 = any)")
     metrics_port: int = setting("RLHF_METRICS_PORT", 0, "Prometheus /metrics port (0 = any)")
+    health_port: int = setting(
+        "RLHF_HEALTH_PORT",
+        -1,
+        "a plaintext port serving only gRPC health checks, for probes that cannot speak TLS "
+        "(0 = any, -1 = none)",
+    )
+    max_calls: int = setting(
+        "RLHF_MAX_CALLS",
+        32,
+        "gRPC calls served at once (each holds a thread); more get RESOURCE_EXHAUSTED. Health "
+        "checks have threads of their own",
+    )
+    read_timeout_seconds: float = setting(
+        "RLHF_READ_TIMEOUT_SECONDS",
+        10.0,
+        "longest a client may take to send a request (gRPC request message, HTTP headers and "
+        "body) or stay silent between the messages of a stream",
+    )
     shutdown_grace_seconds: float = setting(
         "RLHF_SHUTDOWN_GRACE_SECONDS", 10.0, "how long SIGTERM waits for in-flight requests"
     )
     publish_timeout_seconds: float = setting(
         "RLHF_PUBLISH_TIMEOUT_SECONDS", 5.0, "how long to wait for the broker to acknowledge"
-    )
-    tls_cert_file: str = setting(
-        "RLHF_TLS_CERT_FILE", "", "PEM certificate chain: with RLHF_TLS_KEY_FILE, serve TLS only"
-    )
-    tls_key_file: str = setting(
-        "RLHF_TLS_KEY_FILE", "", "PEM private key of RLHF_TLS_CERT_FILE (empty = plaintext)"
     )
     nice: int = setting(
         "RLHF_NICE",
@@ -178,6 +356,14 @@ class CommonConfig:
         "scheduling priority the process gives itself at start (os.nice, 0-19): on a node it "
         "shares with serving, give training a high value so answers stay fast",
     )
+    auth: AuthSettings = group(AuthSettings, "credentials")
+    kafka: KafkaSettings = group(KafkaSettings, "Kafka connection security")
+
+    def validate(self) -> None:
+        if self.max_calls < 1 or self.read_timeout_seconds <= 0:
+            raise ConfigError("RLHF_MAX_CALLS must be >= 1 and RLHF_READ_TIMEOUT_SECONDS > 0")
+        if self.tls_client_auth and not self.tls_ca_file:
+            raise ConfigError("RLHF_TLS_CLIENT_AUTH needs RLHF_TLS_CA_FILE")
 
 
 # Settings several services read, declared once; a service's config inherits the ones it uses.
@@ -212,9 +398,27 @@ class GenerationIdSettings:
     generation_id_key: str = setting(
         "RLHF_GENERATION_ID_KEY",
         "",
-        "HMAC key that signs (generation) and verifies (feedback) generation ids, 16+ bytes",
+        "HMAC key that signs new generation ids (generation) and verifies them (feedback), "
+        "16+ bytes; every id names its key by a key id derived from it",
         secret=True,
     )
+    generation_id_verify_keys: tuple[str, ...] = setting(
+        "RLHF_GENERATION_ID_VERIFY_KEYS",
+        (),
+        "comma separated further keys that verify ids but never sign: the previous key after a "
+        "rotation (until its ids expire), or the next one before it signs",
+        secret=True,
+    )
+
+    def check_generation_id_keys(self) -> None:
+        if len(self.generation_id_key.encode()) < 16:
+            raise ConfigError("RLHF_GENERATION_ID_KEY must be set to at least 16 bytes")
+        if any(len(key.encode()) < 16 for key in self.generation_id_verify_keys):
+            raise ConfigError("every RLHF_GENERATION_ID_VERIFY_KEYS key needs 16+ bytes")
+
+    def generation_id_keys(self) -> tuple[bytes, list[bytes]]:
+        """The signing key and the keys that only verify."""
+        return self.generation_id_key.encode(), [k.encode() for k in self.generation_id_verify_keys]
 
 
 @dataclass(frozen=True)

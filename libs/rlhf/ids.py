@@ -1,14 +1,25 @@
-"""Unforgeable generation ids: an HMAC-signed token carrying the policy version and issue time.
+"""Unforgeable generation ids: HMAC-signed tokens naming their key, tenant, policy version and time.
 
 The feedback service verifies a token without a database lookup: a wrong signature is a forgery,
-an old issue time is expired. Format: `g1.<base64url(payload)>.<base64url(hmac-sha256)>` with
-payload `<uuid hex>:<policy version>:<unix seconds>[:<prompt digest>]`.
+an old issue time is expired, a time in the future is refused. Format:
 
-The prompt digest is optional so ids issued before it existed still verify: when a generation
-service passes `prompt_hash=prompt_digest(prompt)`, the feedback service can prove that every id of
-a ranking answers the same prompt; ids without it cannot be checked for that.
+    g2.<key id>.<base64url(payload)>.<base64url(hmac-sha256)>
 
-The same digest is the Kafka key of a generation's event and of every feedback event on it
+with payload `<uuid hex>:<policy version>:<unix seconds>:<prompt digest>:<tenant>` and the HMAC
+over `g2.<key id>.<payload>`. Everything is canonical: unpadded base64url with no other
+characters, plain decimal numbers, one spelling per id. Verification re-encodes what it decoded
+and compares, so one generation has exactly one accepted id (no extra padding, junk characters
+or leading zeros), and ranking duplicates and joins compare ids as strings safely.
+
+The key id is derived from the key (`key_id`), so ids stay verifiable across a rotation: the
+verifier holds the current key and the previous ones (`verify_keys`) and picks the key an id
+names; the signer signs with the current key only.
+
+The tenant is the app that asked for the generation (empty when generation is open to callers
+without a key): the feedback service takes feedback on it from that tenant only.
+
+The prompt digest lets the feedback service prove that every id of a ranking answers the same
+prompt; it is also the Kafka key of a generation's event and of every feedback event on it
 (`partition_key`), so a generation, its feedback and any ranking over its prompt share a partition.
 """
 
@@ -18,20 +29,29 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-PREFIX = "g1"
-MAX_ID_LENGTH = 256
+PREFIX = "g2"
+MAX_ID_LENGTH = 320  # the longest canonical id (19-digit version, 64-char tenant) is 258
+# Ids issued this far in the future (clock skew between pods) still verify; later ones do not.
+MAX_CLOCK_SKEW_SECONDS = 60
+_B64 = re.compile(r"[A-Za-z0-9_-]+")
+_UNSIGNED = re.compile(r"0|[1-9][0-9]{0,18}")  # canonical, and below 2**63
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_TENANT = re.compile(r"|[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # rlhf.auth.NAME, or empty
+_DIGEST = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class InvalidGenerationId(ValueError):
-    """Not a generation id at all (malformed)."""
+    """Not a generation id at all (malformed, not canonical, or from the future)."""
 
 
 class ForgedGenerationId(InvalidGenerationId):
-    """Well formed but not signed with our key."""
+    """Well formed but not signed with any of our keys."""
 
 
 class ExpiredGenerationId(InvalidGenerationId):
@@ -44,119 +64,163 @@ class GenerationClaims:
     policy_version: int
     issued_at: int
     prompt_hash: str = ""  # empty when the issuer did not bind the id to its prompt
+    tenant: str = ""  # the app the generation answered; "" when generation is open
+    key_id: str = ""
 
 
 def prompt_digest(prompt: str) -> str:
     """A short digest of the prompt text exactly as tokenised, to bind into a generation id."""
-    return _b64(hashlib.sha256(prompt.encode("utf-8")).digest()[:16])
+    return _b64(hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).digest()[:16])
+
+
+def key_id(key: bytes) -> str:
+    """The id of an HMAC key: derived from the key (so it cannot name the wrong one) without
+    revealing anything about it."""
+    return _b64(hmac.new(key, b"rlhf generation id key id", hashlib.sha256).digest()[:6])
 
 
 def partition_key(generation_id: str) -> str:
     """The Kafka key of the generation event of `generation_id` and of all feedback on it.
 
-    The prompt digest bound into the id, when there is one: every answer to one prompt then shares
-    a partition, so a ranking (which may only order answers to one prompt) lands with all the
-    generations it orders, and a consumer that owns the partition can join it whole. Other ids
-    (issued before the digest existed, or not ours at all, e.g. imported data) key by themselves,
-    which still puts a generation and its feedback together.
+    The prompt digest bound into the id: every answer to one prompt then shares a partition, so
+    a ranking (which may only order answers to one prompt) lands with all the generations it
+    orders, and a consumer that owns the partition can join it whole. Other ids (not ours, e.g.
+    imported data) key by themselves, which still puts a generation and its feedback together.
 
     The id is parsed, not verified: producers key what they already trust (the generation service
     issued it; the feedback service verified it), and a key decides placement, never trust.
     """
-    parts = generation_id.split(".")
-    if len(parts) != 3 or parts[0] != PREFIX or len(generation_id) > MAX_ID_LENGTH:
-        return generation_id
     try:
-        prompt_hash = _parse_claims(_unb64(parts[1]).decode()).prompt_hash
-    except ValueError:  # also UnicodeDecodeError and binascii.Error, both ValueErrors
+        _kid, payload, _signature = _split(generation_id)
+        return _parse_claims(payload).prompt_hash or generation_id
+    except InvalidGenerationId:
         return generation_id
-    return prompt_hash or generation_id
-
-
-_PREFIX_DOT = PREFIX.encode() + b"."
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-
-
 def _unb64(text: str) -> bytes:
-    """base64.urlsafe_b64decode with the padding restored, in two C calls instead of Python's
-    several (a feedback id is decoded three times per submission). Non-ASCII text raises
-    UnicodeEncodeError, a ValueError as urlsafe_b64decode's error is."""
-    data = text.encode("ascii").translate(_FROM_URLSAFE)
-    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    """Strict base64url: the alphabet only, no padding, and exactly what `_b64` would write
+    (the unused low bits of the last character must be zero)."""
+    if not _B64.fullmatch(text) or len(text) % 4 == 1:
+        raise InvalidGenerationId("generation id is not canonical base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidGenerationId("generation id is not canonical base64url") from exc
+    if _b64(data) != text:
+        raise InvalidGenerationId("generation id is not canonical base64url")
+    return data
+
+
+def _split(token: str) -> tuple[str, str, bytes]:
+    """(key id, payload text, signature) of a well-formed id; InvalidGenerationId otherwise."""
+    if not isinstance(token, str) or not token or len(token) > MAX_ID_LENGTH:
+        raise InvalidGenerationId("generation id is empty or too long")
+    parts = token.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX:
+        raise InvalidGenerationId("generation id is malformed")
+    kid = parts[1]
+    if not _B64.fullmatch(kid):
+        raise InvalidGenerationId("generation id is malformed")
+    try:
+        payload = _unb64(parts[2]).decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise InvalidGenerationId("generation id payload is malformed") from exc
+    return kid, payload, _unb64(parts[3])
+
+
+def _parse_claims(payload: str, kid: str = "") -> GenerationClaims:
+    """Five canonical fields; anything else is malformed."""
+    fields = payload.split(":")
+    if len(fields) != 5:
+        raise InvalidGenerationId(f"generation id payload has {len(fields)} fields, not 5")
+    nonce, version, issued, prompt_hash, tenant = fields
+    if not _NONCE.fullmatch(nonce):
+        raise InvalidGenerationId("generation id nonce is malformed")
+    if not (_UNSIGNED.fullmatch(version) and _UNSIGNED.fullmatch(issued)):
+        raise InvalidGenerationId("policy version and issue time must be canonical integers")
+    if not _DIGEST.fullmatch(prompt_hash) or not _TENANT.fullmatch(tenant):
+        raise InvalidGenerationId("generation id prompt digest or tenant is malformed")
+    return GenerationClaims(nonce, int(version), int(issued), prompt_hash, tenant, kid)
 
 
 class GenerationIdSigner:
-    def __init__(self, key: bytes, max_age_seconds: float = 7 * 24 * 3600) -> None:
-        if len(key) < 16:
-            raise ValueError("the generation id key must be at least 16 bytes")
-        # Keyed once; each signature copies it. (hmac.digest() and hmac.new() set the key up
-        # on every call, and the one-shot form releases the GIL around even a 60-byte message:
-        # in a service whose other threads hold it, each id then waits for the GIL to return.)
-        self._mac = hmac.new(key, _PREFIX_DOT, hashlib.sha256)
+    """Issues ids with `key` and verifies ids signed with it or any of `verify_keys`."""
+
+    def __init__(
+        self,
+        key: bytes,
+        max_age_seconds: float = 7 * 24 * 3600,
+        verify_keys: Iterable[bytes] = (),
+    ) -> None:
+        keys = [key, *verify_keys]
+        if any(len(k) < 16 for k in keys):
+            raise ValueError("every generation id key must be at least 16 bytes")
+        # Keyed once per key; each signature copies its MAC. (hmac.new() sets the key up on
+        # every call, and the one-shot form releases the GIL around even a short message: in a
+        # service whose other threads hold it, each id then waits for the GIL to return.)
+        self._keys = {key_id(k): hmac.new(k, digestmod=hashlib.sha256) for k in keys}
+        if len(self._keys) != len(keys):
+            raise ValueError("a generation id key is listed twice")
+        self.key_id = key_id(key)
         self.max_age_seconds = max_age_seconds
 
-    def _sign(self, payload: bytes) -> bytes:
-        mac = self._mac.copy()
-        mac.update(payload)
+    def _sign(self, kid: str, payload: str) -> bytes:
+        message = f"{PREFIX}.{kid}.{payload}".encode()
+        mac = self._keys[kid].copy()
+        mac.update(message)
         return mac.digest()
 
-    def issue(self, policy_version: int, now: float | None = None, prompt_hash: str = "") -> str:
-        """A fresh signed id; pass `prompt_hash=prompt_digest(prompt)` to bind it to its prompt."""
-        if ":" in prompt_hash:
-            raise ValueError("prompt_hash must not contain ':'")
+    def issue(
+        self,
+        policy_version: int,
+        now: float | None = None,
+        prompt_hash: str = "",
+        tenant: str = "",
+    ) -> str:
+        """A fresh signed id for an answer to the prompt whose `prompt_digest` is `prompt_hash`
+        (the generation service always binds it; "" leaves the id unbound), asked for by
+        `tenant` ("" when the caller presented no app key)."""
+        if not _DIGEST.fullmatch(prompt_hash) or not _TENANT.fullmatch(tenant):
+            raise ValueError("prompt_hash must be a prompt_digest and tenant a tenant name")
+        if policy_version < 0:
+            raise ValueError("policy_version must be >= 0")
         issued = int(time.time() if now is None else now)
-        fields = [uuid.uuid4().hex, str(policy_version), str(issued)]
-        payload = ":".join([*fields, prompt_hash] if prompt_hash else fields).encode()
-        return f"{PREFIX}.{_b64(payload)}.{_b64(self._sign(payload))}"
+        payload = f"{uuid.uuid4().hex}:{policy_version}:{issued}:{prompt_hash}:{tenant}"
+        signature = self._sign(self.key_id, payload)
+        return f"{PREFIX}.{self.key_id}.{_b64(payload.encode())}.{_b64(signature)}"
 
     def verify(self, token: str, now: float | None = None) -> GenerationClaims:
         """Return the claims of a genuine, unexpired id; raise otherwise."""
-        if not token or len(token) > MAX_ID_LENGTH:
-            raise InvalidGenerationId("generation id is empty or too long")
-        parts = token.split(".")
-        if len(parts) != 3 or parts[0] != PREFIX:
-            raise InvalidGenerationId("generation id is malformed")
-        try:
-            payload, signature = _unb64(parts[1]), _unb64(parts[2])
-        except ValueError as exc:
-            raise InvalidGenerationId("generation id is malformed") from exc
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        kid, payload, signature = _split(token)
+        if kid not in self._keys:
+            raise ForgedGenerationId("generation id names a key this service does not hold")
+        if not hmac.compare_digest(signature, self._sign(kid, payload)):
             raise ForgedGenerationId("generation id signature is invalid")
-        try:
-            claims = _parse_claims(payload.decode())
-        except ValueError as exc:
-            raise InvalidGenerationId("generation id payload is malformed") from exc
+        claims = _parse_claims(payload, kid)
         age = (time.time() if now is None else now) - claims.issued_at
+        if age < -MAX_CLOCK_SKEW_SECONDS:
+            raise InvalidGenerationId("generation id is issued in the future")
         if age > self.max_age_seconds:
             raise ExpiredGenerationId(f"generation id expired {int(age)} s after issue")
         return claims
-
-
-def _parse_claims(payload: str) -> GenerationClaims:
-    """Three fields (ids issued without a prompt digest) or four; anything else is malformed.
-
-    Version and time must be plain ASCII digits: `int()` alone would also take " 5", "-5" or
-    non-ASCII digits, and at most 19 of them (below 2**63: fits every integer field it lands
-    in, the uint64 of events included).
-    """
-    fields = payload.split(":")
-    if len(fields) not in (3, 4) or (len(fields) == 4 and not fields[3]):
-        raise ValueError(f"expected 3 or 4 non-empty fields, got {len(fields)}")
-    if not all(n.isascii() and n.isdigit() and len(n) <= 19 for n in fields[1:3]):
-        raise ValueError("policy version and issue time must be unsigned integers")
-    prompt_hash = fields[3] if len(fields) == 4 else ""
-    return GenerationClaims(fields[0], int(fields[1]), int(fields[2]), prompt_hash)
 
 
 def feedback_event_id(tenant: str, idempotency_key: str) -> str:
     """The id of a feedback event: the same (tenant, idempotency key) gives the same id in every
     process, before and after restarts, so a resent submission is one event downstream. The
     feedback service and the offline importer both name their events with it."""
-    material = f"{len(tenant)}:{tenant}:{idempotency_key}".encode()
+    material = f"{len(tenant)}:{tenant}:{idempotency_key}".encode("utf-8", "surrogatepass")
     return hashlib.sha256(material).hexdigest()[:32]
+
+
+def user_signal_event_id(tenant: str, generation_id: str, user_key: str, signal: str) -> str:
+    """The id of a feedback event from an app that names its user: one per (generation, tenant,
+    user, kind of signal), whatever the idempotency key, so a user's second thumb on the same
+    answer is the same event downstream and counted once."""
+    parts = (tenant, generation_id, user_key, signal)
+    material = ":".join(f"{len(p)}:{p}" for p in parts).encode("utf-8", "surrogatepass")
+    return "u" + hashlib.sha256(material).hexdigest()[:31]

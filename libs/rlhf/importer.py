@@ -23,8 +23,12 @@ each imported prompt as one more prompt to roll out, like any prompt that receiv
 Imported events are marked: tenant `import:<name>` on feedback, `finish_reason` "import" and
 policy version 0 on generations, and ids `import:<name>:<digest>:...`. Ids are a digest of the
 dataset name and the line's content, so importing a file again publishes the same ids and the
-trainers' join drops the repeated feedback. A line counts as imported only once the broker has
-acknowledged all of its events; a broker failure stops the import (running it again is safe).
+trainers' join drops the repeated feedback. They are not signed generation ids (`rlhf.ids`:
+those carry a key id and the tenant that asked), so no app can rate an imported generation
+through the feedback service (it refuses them as malformed); a pair's three events are keyed by
+the ranking's id, which is what `rlhf.ids.partition_key` gives for such ids. A line counts as
+imported only once the broker has acknowledged all of its events; a broker failure stops the
+import (running it again is safe).
 """
 
 from __future__ import annotations
@@ -655,6 +659,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_name(args.name)
         config = load_config(CommonConfig)
+        bus.configure(config.kafka)  # the cluster's TLS and SASL settings
         limits = Limits.from_environment()
     except ValueError as exc:  # ConfigError is a ValueError too
         print(f"rlhf import: {exc}", file=sys.stderr)

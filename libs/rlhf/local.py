@@ -6,6 +6,11 @@ the same way. Kept free of heavy imports: the command line loads it on every cal
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # Well-known local ports (gRPC, metrics); a busy one is replaced by a free one and printed.
@@ -46,3 +51,24 @@ def read_env_file(path: Path) -> dict[str, str]:
         if sep and not name.startswith("#"):
             values[name] = value
     return values
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes a child process get `sig` when the process starting it dies,
+    however it dies (SIGKILL included: Linux delivers it), so nothing `make up` started outlives
+    it. Call from the thread that lives as long as the children (the main thread). None off
+    Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return arm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable
@@ -9,15 +10,31 @@ from collections.abc import Iterable
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-
-def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> str:
-    """The text of http://host:port/metrics."""
-    return scrape_url(f"http://{host}:{port}/metrics", timeout)
+from rlhf.auth import ClientSecurity
 
 
-def scrape_url(url: str, timeout: float = 5.0) -> str:
-    """The text of a /metrics page at `url`."""
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
+def scrape(
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 5.0,
+    security: ClientSecurity = ClientSecurity(),
+) -> str:
+    """The text of http(s)://host:port/metrics (https when `security` has a CA)."""
+    scheme = "https" if security.ca_file else "http"
+    return scrape_url(f"{scheme}://{host}:{port}/metrics", timeout, security)
+
+
+def scrape_url(url: str, timeout: float = 5.0, security: ClientSecurity = ClientSecurity()) -> str:
+    """The text of a /metrics page at `url`, presenting `security.key` (a reader key) and
+    checking an https server against `security.ca_file`."""
+    headers = {"Authorization": f"Bearer {security.key}"} if security.key else {}
+    context = None
+    if url.startswith("https:") and security.ca_file:
+        context = ssl.create_default_context(cafile=security.ca_file)
+        if security.cert_file:
+            context.load_cert_chain(security.cert_file, security.key_file)
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
         return reply.read().decode()
 
 

@@ -1,31 +1,63 @@
-"""The one gRPC server bootstrap: health checking, reflection, Prometheus /metrics, graceful stop.
+"""The one gRPC server bootstrap: credentials, bounded calls, health checking, reflection,
+Prometheus /metrics, graceful stop.
 
-A service supplies a `Service` (register its servicers, start and stop its background work). The
-bootstrap serves it, marks it SERVING once started, and on SIGTERM marks it NOT_SERVING, lets
-in-flight RPCs finish within the grace period, then stops the service's background work (flushing
-producers, committing offsets) before the process exits.
+A service supplies a `Service` (register its servicers, start and stop its background work, and
+say who may call each method). The bootstrap serves it, marks it SERVING once started, and on
+SIGTERM marks it NOT_SERVING, lets in-flight RPCs finish within the grace period, then stops the
+service's background work (flushing producers, committing offsets) before the process exits.
+
+Every call passes one guard (`_Guard`) before the service sees it:
+
+- who: the caller's key (`rlhf.auth`) against the method's rule, before the request is read:
+  UNAUTHENTICATED or PERMISSION_DENIED at once, costing no call slot;
+- how many: at most `max_calls` calls at once, each with a thread of its own; one more is
+  RESOURCE_EXHAUSTED at once (the request is not waited for);
+- how slow: the request message must arrive within `read_timeout` (and a stream's messages
+  within that of each other), or the call is cancelled and its slot freed, so clients that send
+  headers and then nothing cannot hold the server;
+- what: request bytes that are not the method's message are INVALID_ARGUMENT (the client's
+  fault), not the framework's INTERNAL.
+
+Health checks have threads and slots of their own, so they answer while every call slot is busy;
+a service that says it is unhealthy (`Service.healthy`) is reported NOT_SERVING until it
+recovers.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
+from rlhf import bus
+from rlhf.auth import (
+    DEFAULT_ACCESS,
+    OPEN,
+    Access,
+    Credentials,
+    PermissionDenied,
+    Principal,
+    Unauthenticated,
+    set_caller,
+)
 from rlhf.config import CommonConfig, ConfigError, parse_args
+from rlhf.http_server import MetricsHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +74,10 @@ RPC_LATENCY = Histogram(
 )
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_CALLS = 4  # health checks answered at once, on threads of their own
+SPARE_THREADS = 4  # beyond the call slots: refusals never wait behind busy calls
+_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
 
 
 class Rejected(Exception):
@@ -52,23 +88,63 @@ class Rejected(Exception):
         self.code, self.reason = code, reason
 
 
+class Undecodable:
+    """Stands in for request bytes that are not the expected message, so a handler answers
+    INVALID_ARGUMENT (the client's fault) rather than the framework's INTERNAL."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+class _Refused(Undecodable):
+    """Undecodable bytes the guard answers itself (the method's parser was not tolerant)."""
+
+
+def tolerant_parser(
+    parse: Callable[[bytes], Any] | None, marker: type[Undecodable] = Undecodable
+) -> Callable[[bytes], Any]:
+    """A request deserializer that returns `marker` instead of raising. A handler built with
+    one answers undecodable requests itself (feedback counts them per tenant); for the others
+    the server bootstrap answers INVALID_ARGUMENT."""
+
+    def tolerant(data: bytes) -> Any:
+        if parse is None:
+            return data
+        try:
+            return parse(data)
+        except (DecodeError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a string
+            return marker(str(exc) or type(exc).__name__)
+
+    return tolerant
+
+
 @dataclass(frozen=True)
 class TlsIdentity:
-    """A server certificate chain and its private key (PEM), for gRPC and any HTTP endpoint."""
+    """A certificate chain and its private key (PEM), for gRPC and any HTTP endpoint, and the
+    CA bundle that client certificates must chain to when `client_ca` is set (mutual TLS)."""
 
     cert_chain: bytes
     private_key: bytes
     cert_file: str = ""
     key_file: str = ""
+    client_ca: bytes | None = None
+    client_ca_file: str = ""
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)])
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.cert_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
 
     def ssl_context(self) -> ssl.SSLContext:
         """A server-side context for HTTP endpoints (TLS 1.2 or newer)."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca is not None:
+            context.load_verify_locations(self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
 
 
@@ -76,16 +152,35 @@ def tls_from_config(config: CommonConfig) -> TlsIdentity | None:
     """The configured TLS identity, None for plaintext; ConfigError if half set or unreadable."""
     cert, key = config.tls_cert_file, config.tls_key_file
     if not cert and not key:
+        if config.tls_client_auth:
+            raise ConfigError("RLHF_TLS_CLIENT_AUTH needs RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE")
         return None
     if not cert or not key:
         raise ConfigError("set both RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE, or neither")
     try:
-        return TlsIdentity(Path(cert).read_bytes(), Path(key).read_bytes(), cert, key)
+        client_ca = Path(config.tls_ca_file).read_bytes() if config.tls_client_auth else None
+        return TlsIdentity(
+            Path(cert).read_bytes(),
+            Path(key).read_bytes(),
+            cert,
+            key,
+            client_ca,
+            config.tls_ca_file if config.tls_client_auth else "",
+        )
     except OSError as exc:
-        raise ConfigError(f"cannot read the TLS certificate or key: {exc}") from exc
+        raise ConfigError(f"cannot read the TLS certificate, key or CA: {exc}") from exc
 
 
 class Service(Protocol):
+    """What a service gives the bootstrap. Besides these, it may have:
+
+    - `rules`: `{"/package.Service/Method": rlhf.auth.Access}`, who may call each method (a
+      method without a rule is for operators only; health and reflection are open);
+    - `apps`: `rlhf.auth.Credentials` of the apps it accepts (app role), besides the service,
+      reader and operator keys of the process's configuration;
+    - `healthy()`: False while its background work has failed (reported NOT_SERVING).
+    """
+
     name: str  # short name for logs and metrics, e.g. "generation"
 
     def register(self, server: grpc.Server) -> list[str]:
@@ -101,75 +196,320 @@ class Service(Protocol):
         ...
 
 
-class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts requests by status code and times them, for unary and client-streaming handlers."""
+@dataclass(frozen=True)
+class CallLimits:
+    max_calls: int = 32  # calls served at once, each on a thread of its own
+    read_timeout: float = 10.0  # seconds for a request message to arrive
 
-    def __init__(self, service: str) -> None:
+
+class _Deadlines:
+    """One thread that cancels calls whose request did not arrive in time (a timer per call
+    would be a thread per call)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, Callable[[], Any]] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="grpc-read-deadlines", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float, on_expiry: Callable[[], Any]) -> int:
+        token = next(self._ids)
+        with self._lock:
+            self._armed[token] = on_expiry
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token))
+            if self._heap[0][1] == token:  # sooner than what the thread waits for
+                self._lock.notify()
+        return token
+
+    def disarm(self, token: int) -> None:
+        with self._lock:
+            self._armed.pop(token, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            expired = []
+            with self._lock:
+                while not self._stopped:
+                    now = time.monotonic()
+                    while self._heap and (
+                        self._heap[0][0] <= now or self._heap[0][1] not in self._armed
+                    ):
+                        _, token = heapq.heappop(self._heap)
+                        action = self._armed.pop(token, None)
+                        if action is not None:
+                            expired.append(action)
+                    if expired:
+                        break
+                    self._lock.wait(self._heap[0][0] - now if self._heap else None)
+                if self._stopped:
+                    return
+            for action in expired:
+                try:
+                    action()
+                except Exception:  # a call that ended meanwhile
+                    log.debug("cancelling a call past its read deadline failed", exc_info=True)
+
+
+class _Slot:
+    """One call slot, released exactly once."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots = slots
+        self._held = slots.acquire(blocking=False)
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    context.abort(code, message)
+
+
+class _Guard(grpc.ServerInterceptor):
+    """Credentials, call slots, read deadlines, tolerant decoding and metrics, for every call.
+
+    Every request-unary method is served as a request-streaming one, reading its one message
+    itself: the framework would otherwise park a thread waiting for it, with no deadline."""
+
+    def __init__(
+        self,
+        service: str,
+        credentials: Credentials,
+        rules: Mapping[str, Access],
+        limits: CallLimits,
+        deadlines: _Deadlines,
+        health_pool: futures.ThreadPoolExecutor,
+    ) -> None:
         self._service = service
+        self._credentials = credentials
+        self._rules = dict(rules)
+        self._limits = limits
+        self._deadlines = deadlines
+        self._slots = threading.BoundedSemaphore(limits.max_calls)
+        self._health_slots = threading.BoundedSemaphore(HEALTH_CALLS)
+        self._health_pool = health_pool
+
+    def _rule(self, method: str) -> Access:
+        if method in self._rules:
+            return self._rules[method]
+        return OPEN if method.startswith(_OPEN_SERVICES) else DEFAULT_ACCESS
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
-            return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            wrap, inner = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-        elif handler.stream_unary is not None:
-            wrap, inner = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-        else:
-            return handler
+            return None
+        method = handler_call_details.method
+        name = method.rsplit("/", 1)[-1]
+        if method == HEALTH_CHECK:
+            return self._guarded(handler, name, None, self._health_slots, self._health_pool)
+        rule = self._rule(method)
+        principal: Principal | None = None
+        try:
+            principal = self._credentials.identify(handler_call_details.invocation_metadata)
+            rule.check(principal)
+        except Unauthenticated as exc:
+            if not rule.open:
+                return self._refusal(handler, name, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            principal = None  # an open method: an unknown key is no key
+        except PermissionDenied as exc:
+            return self._refusal(handler, name, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return self._guarded(handler, name, principal, self._slots, None)
+
+    # -- refusals before anything is read ------------------------------------------------------
+
+    def _refusal(self, handler: Any, method: str, code: grpc.StatusCode, message: str) -> Any:
+        def refuse(_requests: Any, context: grpc.ServicerContext) -> Any:
+            RPCS.labels(self._service, method, code.name).inc()
+            _abort(context, code, message)
+
+        return self._as_streaming(handler, refuse, None)
+
+    def _as_streaming(
+        self, handler: Any, behavior: Callable, deserializer: Callable | None
+    ) -> grpc.RpcMethodHandler:
+        wrap = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
         return wrap(
-            self._timed(method, inner),
-            request_deserializer=handler.request_deserializer,
+            behavior,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _timed(self, method: str, inner: Callable) -> Callable:
-        def timed(request: Any, context: grpc.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                response = inner(request, context)
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code().name
-                return response
-            except Exception:
-                code = (context.code() or grpc.StatusCode.UNKNOWN).name
-                raise
-            finally:
-                RPCS.labels(self._service, method, code).inc()
-                RPC_LATENCY.labels(self._service, method).observe(time.perf_counter() - start)
+    # -- accepted calls ------------------------------------------------------------------------
 
-        return timed
+    def _guarded(
+        self,
+        handler: Any,
+        method: str,
+        principal: Principal | None,
+        slots: threading.BoundedSemaphore,
+        pool: futures.ThreadPoolExecutor | None,
+    ) -> grpc.RpcMethodHandler:
+        if handler.request_streaming:
+            inner = handler.stream_unary or handler.stream_stream
+            deserializer = handler.request_deserializer
+        else:
+            inner = handler.unary_unary or handler.unary_stream
+            deserializer = tolerant_parser(handler.request_deserializer, _Refused)
+        streaming_request = handler.request_streaming
+
+        def begin(requests: Iterator[Any], context: grpc.ServicerContext) -> tuple[_Slot, Any]:
+            slot = _Slot(slots)
+            if not slot.held:
+                RPCS.labels(self._service, method, "RESOURCE_EXHAUSTED").inc()
+                _abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self._service} is serving as many calls as it may; retry shortly",
+                )
+            try:
+                if streaming_request:
+                    argument = self._timed(requests, context)
+                else:
+                    argument = self._read_one(requests, context)
+                set_caller(principal)
+            except BaseException:
+                slot.release()
+                raise
+            return slot, argument
+
+        if handler.response_streaming:
+
+            def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator:
+                slot, argument = begin(requests, context)
+                try:
+                    yield from inner(argument, context)
+                finally:
+                    slot.release()
+
+        else:
+
+            def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                slot, argument = begin(requests, context)
+                try:
+                    return self._metered(method, inner, argument, context)
+                finally:
+                    slot.release()
+
+        if pool is not None:
+            behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        return self._as_streaming(handler, behavior, deserializer)
+
+    def _read_one(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """The call's one request message, within the read deadline."""
+        token = self._deadlines.arm(self._limits.read_timeout, context.cancel)
+        try:
+            request = next(requests)
+        except StopIteration:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+        finally:
+            self._deadlines.disarm(token)
+        if isinstance(request, _Refused):
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not the method's message: {request.detail}",
+            )
+        return request
+
+    def _timed(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """A request stream whose every message must come within the read deadline."""
+        while True:
+            token = self._deadlines.arm(self._limits.read_timeout, context.cancel)
+            try:
+                request = next(requests)
+            except StopIteration:
+                return
+            finally:
+                self._deadlines.disarm(token)
+            yield request
+
+    def _metered(
+        self, method: str, inner: Callable, request: Any, context: grpc.ServicerContext
+    ) -> Any:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            response = inner(request, context)
+            if context.code() not in (None, grpc.StatusCode.OK):
+                code = context.code().name
+            return response
+        except Exception:
+            code = (context.code() or grpc.StatusCode.UNKNOWN).name
+            raise
+        finally:
+            RPCS.labels(self._service, method, code).inc()
+            RPC_LATENCY.labels(self._service, method).observe(time.perf_counter() - start)
+
+
+def _grpc_server(
+    name: str, interceptor: _Guard, workers: int
+) -> tuple[grpc.Server, futures.ThreadPoolExecutor]:
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    server = grpc.server(
+        pool,
+        interceptors=[interceptor],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    return server, pool
 
 
 class RunningServer:
     """A started gRPC server plus its /metrics endpoint; `port` is the bound port.
 
-    With `tls`, the port serves TLS only (no plaintext fallback on the same port).
+    With `tls`, the port serves TLS only (no plaintext fallback on the same port), and /metrics
+    too. `credentials` are the service, reader and operator keys the server accepts (the
+    service's own app keys are added); `metrics_open` serves /metrics without a key.
+    `health_port`, when not None, also serves health checks alone, in plaintext, for probes
+    that cannot speak TLS.
     """
 
     def __init__(
         self,
         service: Service,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         port: int = 0,
         metrics_port: int | None = 0,
-        max_workers: int = 16,
         grace_seconds: float = 10.0,
         tls: TlsIdentity | None = None,
+        credentials: Credentials | None = None,
+        limits: CallLimits = CallLimits(),
+        metrics_open: bool = False,
+        health_port: int | None = None,
     ) -> None:
         self.service = service
         self.tls = tls
         self.grace_seconds = grace_seconds
+        self.credentials = (credentials or Credentials()) | getattr(service, "apps", Credentials())
         self._health = health.HealthServicer()
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service.name),
-            interceptors=[_MetricsInterceptor(service.name)],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+        self._deadlines = _Deadlines()
+        self._health_pool = futures.ThreadPoolExecutor(HEALTH_CALLS, thread_name_prefix="health")
+        rules = getattr(service, "rules", {})
+        guard = _Guard(
+            service.name, self.credentials, rules, limits, self._deadlines, self._health_pool
+        )
+        self._server, self._pool = _grpc_server(
+            service.name, guard, limits.max_calls + SPARE_THREADS
         )
         names = service.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -182,18 +522,47 @@ class RunningServer:
             self.port = self._server.add_secure_port(address, tls.grpc_credentials())
         if self.port == 0:
             raise OSError(f"could not bind gRPC port {host}:{port}")
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
+        if health_port is not None:
+            health_guard = _Guard(
+                f"{service.name}-health",
+                Credentials(),
+                {},
+                CallLimits(HEALTH_CALLS, limits.read_timeout),
+                self._deadlines,
+                self._health_pool,
+            )
+            self._health_server, _ = _grpc_server(
+                f"{service.name}-health", health_guard, HEALTH_CALLS + SPARE_THREADS
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{host}:{health_port}")
+            if self.health_port == 0:
+                raise OSError(f"could not bind the health port {host}:{health_port}")
         self.metrics_port: int | None = None
-        self._metrics_http = None
+        self._metrics: MetricsHttpServer | None = None
         if metrics_port is not None:
-            self._metrics_http, _ = start_http_server(metrics_port, addr=host)
-            self.metrics_port = self._metrics_http.server_port
+            self._metrics = MetricsHttpServer(
+                (host, metrics_port),
+                tls.ssl_context() if tls is not None else None,
+                None if metrics_open else self.credentials,
+                limits.read_timeout,
+            )
+            self.metrics_port = self._metrics.port
+        self._serving = True
         self._stopped = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_health, name="health", daemon=True)
 
     def start(self) -> RunningServer:
         self._server.start()
+        if self._health_server is not None:
+            self._health_server.start()
+        if self._metrics is not None:
+            self._metrics.start()
         self.service.start()
-        for name in ["", *self._names[:-2]]:
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watcher.start()
         log.info(
             "%s serving gRPC on port %s, metrics on %s",
             self.service.name,
@@ -202,6 +571,27 @@ class RunningServer:
         )
         return self
 
+    def _set_health(self, status: Any) -> None:
+        for name in ["", *self._names[:-2]]:
+            self._health.set(name, status)
+
+    def _watch_health(self) -> None:
+        """NOT_SERVING while the service says it is unhealthy, SERVING again once it recovers."""
+        healthy = getattr(self.service, "healthy", None)
+        if healthy is None:
+            return
+        while not self._stopped.wait(1.0):
+            try:
+                now = bool(healthy())
+            except Exception:
+                log.exception("%s: health check of the service failed", self.service.name)
+                now = False
+            if now != self._serving and not self._stopped.is_set():
+                self._serving = now
+                status = health_pb2.HealthCheckResponse
+                self._set_health(status.SERVING if now else status.NOT_SERVING)
+                log.warning("%s is %s", self.service.name, "healthy again" if now else "unhealthy")
+
     def stop(self) -> None:
         """Drain: refuse new work, finish in-flight RPCs, then stop background work."""
         if self._stopped.is_set():
@@ -209,9 +599,14 @@ class RunningServer:
         self._stopped.set()
         self._health.enter_graceful_shutdown()
         self._server.stop(self.grace_seconds).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         self.service.stop()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+        if self._metrics is not None:
+            self._metrics.stop()
+        self._deadlines.stop()
+        self._pool.shutdown(wait=False)
+        self._health_pool.shutdown(wait=False)
         log.info("%s stopped", self.service.name)
 
     def wait(self) -> None:
@@ -253,10 +648,8 @@ def configure_logging(service: str) -> None:
 
 
 def server_for(service: Service, config: CommonConfig, port: int | None = None) -> RunningServer:
-    """A server for `service` on the configured address (or `port`, e.g. 0 in tests).
-
-    Serves TLS when RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE are set.
-    """
+    """A server for `service` on the configured address (or `port`, e.g. 0 in tests), with the
+    configured TLS, credentials, call limits and health port."""
     return RunningServer(
         service,
         host=config.grpc_host,
@@ -264,6 +657,10 @@ def server_for(service: Service, config: CommonConfig, port: int | None = None) 
         metrics_port=config.metrics_port,
         grace_seconds=config.shutdown_grace_seconds,
         tls=tls_from_config(config),
+        credentials=config.auth.credentials(),
+        limits=CallLimits(config.max_calls, config.read_timeout_seconds),
+        metrics_open=config.auth.metrics_open,
+        health_port=config.health_port if config.health_port >= 0 else None,
     )
 
 
@@ -273,6 +670,7 @@ def run_main(
     """The whole `main()` of a service: --help, config, logs, serve until SIGTERM."""
     config = parse_args(config_cls, description)
     configure_logging(name)
+    bus.configure(config.kafka)
     lower_priority(config.nice)
     try:
         server = server_for(build(config), config)

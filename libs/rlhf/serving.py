@@ -4,6 +4,11 @@ Requests take a snapshot of the served model when they start (`HotSwap.current()
 changes the model under an in-flight request. A new checkpoint is loaded beside the old one and
 verified against the hash announced in its event; a checkpoint that fails is refused with a log
 line and a metric, and the old version keeps serving.
+
+A follower that fails unexpectedly (not a refused checkpoint: a bug, memory, a broken device)
+reports itself unhealthy, so its service answers health checks NOT_SERVING, and tries the event
+again a few times before it gives up on it and is healthy again, still serving what it served.
+At start-up a pod serves the newest checkpoint that verifies, falling back to older ones.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Generic, TypeVar
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from rlhf.bus import EventConsumer
+from rlhf.bus import EventConsumer, Record
 from rlhf.checkpoints import CheckpointError, CheckpointStore, VerifiedCheckpoint
 from rlhf.v1 import events_pb2
 
@@ -36,6 +41,14 @@ RELOAD_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
 )
 SERVED_VERSION = Gauge("rlhf_served_version", "checkpoint version being served", ["kind"])
+FOLLOWER_FAILURES = Counter(
+    "rlhf_checkpoint_follower_failures_total",
+    "unexpected failures handling a checkpoint event (each makes the service NOT_SERVING until "
+    "the event is handled or given up)",
+    ["topic"],
+)
+ATTEMPTS = 3  # tries at one checkpoint event that fails unexpectedly
+RETRY_SECONDS = 2.0  # wait before the next try, times the attempt number
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class CheckpointEvents:
         self._bootstrap, self._topic, self._client_id = bootstrap, topic, client_id
         self._consumer: EventConsumer | None = None
         self._stopping = threading.Event()
+        self._failing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"follow-{topic}", daemon=True)
 
     def start(self) -> None:
@@ -115,6 +129,11 @@ class CheckpointEvents:
         if self._consumer is not None:
             self._consumer.close()
 
+    def healthy(self) -> bool:
+        """False while an event keeps failing, or if the thread died."""
+        dead = self._consumer is not None and not self._thread.is_alive()
+        return not self._failing.is_set() and not (dead and not self._stopping.is_set())
+
     def _run(self) -> None:
         assert self._consumer is not None
         while not self._stopping.is_set():
@@ -125,7 +144,28 @@ class CheckpointEvents:
                 self._stopping.wait(1.0)
                 continue
             for record in records:
+                if self._stopping.is_set():
+                    return
+                self._deliver(record)
+
+    def _deliver(self, record: Record) -> None:
+        """Hand one event over; on an unexpected failure be unhealthy, try again a few times,
+        then give up on it (logged) and be healthy again: the served model stays."""
+        where = f"{record.topic}@{record.offset}"
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
                 self._handle(record.message)
+            except Exception:
+                FOLLOWER_FAILURES.labels(self._topic).inc()
+                self._failing.set()
+                log.exception("handling %s failed (attempt %d of %d)", where, attempt, ATTEMPTS)
+                if self._stopping.wait(RETRY_SECONDS * attempt):
+                    return
+                continue
+            self._failing.clear()
+            return
+        log.error("giving up on %s after %d attempts; serving what was served", where, ATTEMPTS)
+        self._failing.clear()
 
 
 class CheckpointFollower(Generic[M]):
@@ -160,6 +200,9 @@ class CheckpointFollower(Generic[M]):
     def stop(self) -> None:
         self._events.stop()
 
+    def healthy(self) -> bool:
+        return self._events.healthy()
+
     def apply(self, event: events_pb2.CheckpointEvent) -> bool:
         """Load the announced version if it is newer; returns True when it is now served."""
         kind = self._slot.kind
@@ -190,8 +233,15 @@ def latest_or_base(
     build: Callable[[VerifiedCheckpoint], M],
     base: Callable[[], M],
 ) -> Served[M]:
-    """The newest verified checkpoint of `kind`, or version 0 built by `base` if there is none."""
-    version = store.latest_version(kind)
-    if version is None:
-        return Served(base(), 0, "", time.time())
-    return load_served(store, kind, version, build)
+    """The newest checkpoint of `kind` that verifies and builds, an older one if it does not
+    (a bad newest checkpoint must not be a crash loop), or version 0 built by `base` if none
+    does."""
+    for version in reversed(store.versions(kind)):
+        try:
+            return load_served(store, kind, version, build)
+        except (CheckpointError, ValueError, KeyError, OSError) as exc:
+            RELOADS.labels(kind, "refused").inc()
+            log.error(
+                "%s v%d is unusable at start-up (%s); trying an older one", kind, version, exc
+            )
+    return Served(base(), 0, "", time.time())

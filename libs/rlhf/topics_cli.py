@@ -107,6 +107,7 @@ def create_topics(
                 client_id="rlhf-topics",
                 bootstrap_timeout_ms=remaining_ms,
                 request_timeout_ms=remaining_ms,
+                **bus.client_options(),
             )
         except (KafkaError, OSError) as exc:
             if time.monotonic() >= deadline:
@@ -168,9 +169,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s topics %(levelname)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # our own lines say what failed
+    from rlhf.config import KafkaSettings, load_config
+
+    try:
+        bus.configure(load_config(KafkaSettings))  # the cluster's TLS and SASL settings
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
     bootstrap = args.bootstrap
     if bootstrap is None:
-        from rlhf.config import CommonConfig, load_config
+        from rlhf.config import CommonConfig
 
         bootstrap = load_config(CommonConfig).kafka_bootstrap
     try:

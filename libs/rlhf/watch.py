@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from rlhf.auth import ClientSecurity, dial
 from rlhf.scrape import samples, scrape_url, sum_by
 from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
@@ -154,11 +155,18 @@ class Watcher:
     """Takes snapshots of a running platform; keeps its channels open between them.
 
     `addresses` are gRPC host:port by service name (generation, trainer, reward-trainer),
-    `metrics_urls` the /metrics URLs (feedback, reward); a service left out is not asked."""
+    `metrics_urls` the /metrics URLs (feedback, reward); a service left out is not asked.
+    `security`: the key every call and scrape presents (a reader key) and TLS."""
 
-    def __init__(self, addresses: Mapping[str, str], metrics_urls: Mapping[str, str]) -> None:
-        self._channels = {name: grpc.insecure_channel(a) for name, a in addresses.items()}
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        metrics_urls: Mapping[str, str],
+        security: ClientSecurity = ClientSecurity(),
+    ) -> None:
+        self._channels = {name: dial(a, security) for name, a in addresses.items()}
         self._metrics_urls = dict(metrics_urls)
+        self._security = security
         self._accepted: deque[tuple[float, float]] = deque()
         self.trend = Trend()
 
@@ -176,7 +184,7 @@ class Watcher:
         if name not in self._metrics_urls:
             return None
         try:
-            return scrape_url(self._metrics_urls[name], timeout=CALL_TIMEOUT)
+            return scrape_url(self._metrics_urls[name], CALL_TIMEOUT, self._security)
         except OSError:
             missing.append(f"{name} metrics")
             return None

@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass
 
-from rlhf.auth import ApiKeys
+from rlhf.auth import APP, Credentials
 from rlhf.config import CommonConfig, ConfigError, GenerationIdSettings, setting
-from rlhf.limits import FeedbackLimits
+from rlhf.limits import FeedbackLimits, RateLimiter
 from rlhf.server import tls_from_config
 
 
@@ -15,7 +15,21 @@ class FeedbackConfig(CommonConfig, GenerationIdSettings, FeedbackLimits):
         "RLHF_GENERATION_ID_MAX_AGE_SECONDS", 7 * 24 * 3600.0, "feedback older than this is refused"
     )
     api_keys: tuple[str, ...] = setting(
-        "RLHF_FEEDBACK_API_KEYS", (), "comma separated tenant=key pairs (keys 16+ chars)", True
+        "RLHF_FEEDBACK_API_KEYS",
+        (),
+        "comma separated tenant=key pairs (keys 16+ chars; a tenant may have several: rotation)",
+        True,
+    )
+    rate_per_tenant: float = setting(
+        "RLHF_FEEDBACK_RATE_PER_TENANT",
+        500.0,
+        "submissions (stream items included) one tenant may make per second on one replica; "
+        "beyond, RESOURCE_EXHAUSTED (0 = no limit)",
+    )
+    burst_per_tenant: int = setting(
+        "RLHF_FEEDBACK_BURST_PER_TENANT",
+        10_000,
+        "submissions one tenant may make at once before its rate applies",
     )
     max_stream_items: int = setting(
         "RLHF_FEEDBACK_MAX_STREAM_ITEMS",
@@ -51,15 +65,28 @@ class FeedbackConfig(CommonConfig, GenerationIdSettings, FeedbackLimits):
     )
 
     def validate(self) -> None:
-        if len(self.generation_id_key.encode()) < 16:
-            raise ConfigError("RLHF_GENERATION_ID_KEY must be set to at least 16 bytes")
+        super().validate()
+        self.check_generation_id_keys()
         if not self.api_keys:
             raise ConfigError("RLHF_FEEDBACK_API_KEYS must name at least one tenant=key")
         try:
-            ApiKeys.parse(self.api_keys)
+            self.apps()
         except ValueError as exc:
             raise ConfigError(f"RLHF_FEEDBACK_API_KEYS: {exc}") from exc
+        if self.rate_per_tenant < 0 or self.burst_per_tenant < 1:
+            raise ConfigError(
+                "RLHF_FEEDBACK_RATE_PER_TENANT must be >= 0, RLHF_FEEDBACK_BURST_PER_TENANT >= 1"
+            )
         for name in ("max_stream_items", "stream_window", "recent_keys", "http_max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         tls_from_config(self)  # fails at start-up, not at the first request
+
+    def apps(self) -> Credentials:
+        """The tenants' keys (app role)."""
+        return Credentials.parse(APP, self.api_keys)
+
+    def rate_limiter(self) -> RateLimiter | None:
+        if self.rate_per_tenant == 0:
+            return None
+        return RateLimiter(self.rate_per_tenant, self.burst_per_tenant)

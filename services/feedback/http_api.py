@@ -1,7 +1,7 @@
 """A small HTTP JSON endpoint for browsers and webhooks, over the same FeedbackIngest as gRPC.
 
 `POST /v1/feedback` with `Authorization: Bearer <api key>`, `Content-Type: application/json` and
-a Feedback in proto3 JSON, e.g. `{"generationId": "g1...", "idempotencyKey": "click-123",
+a Feedback in proto3 JSON, e.g. `{"generationId": "g2...", "idempotencyKey": "click-123",
 "thumb": "THUMB_UP"}`. 200 answers `{"eventId", "partition", "offset", "duplicate"}` once the
 broker stored it; errors answer `{"error": {"code", "status", "reason", "message"}}` with the gRPC
 status mapped to HTTP as Google APIs do (400, 401, 403, 409, 429, 503; 413 for a body over the
@@ -50,6 +50,7 @@ HTTP_STATUS = {
 BODY_TOO_LARGE = "body_too_large"
 _FRAMING_STATUS = {
     BODY_TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    "read_timeout": HTTPStatus.REQUEST_TIMEOUT,
     "length_required": HTTPStatus.LENGTH_REQUIRED,
     "unsupported_media_type": HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
 }
@@ -180,6 +181,12 @@ class FeedbackHttpApi:
         return HttpReply(reply.status, reply.body, reply.headers + extra)
 
 
+def _timed_out() -> Rejected:
+    return Rejected(
+        grpc.StatusCode.DEADLINE_EXCEEDED, "read_timeout", "the body did not arrive in time"
+    )
+
+
 def _not_found(path: str) -> Rejected:
     return Rejected(grpc.StatusCode.NOT_FOUND, "not_found", f"no such endpoint: POST {path[:80]}")
 
@@ -198,10 +205,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         headers = self._headers()
         length, body = content_length(headers), None
-        if self.api.body_allowed(headers):
-            body = self.rfile.read(length or 0)
-        elif length is not None and length <= DRAIN_LIMIT:
-            self._discard(length)
+        try:
+            if self.api.body_allowed(headers):
+                body = self.rfile.read(length or 0)
+            elif length is not None and length <= DRAIN_LIMIT:
+                self._discard(length)
+        except TimeoutError:  # the body stopped short: say so, then close
+            self.close_connection = True
+            self._send(error_reply(_timed_out()))
+            return
         self._send(self.api.post(self.path, headers, body))
 
     def _discard(self, length: int) -> None:
@@ -247,11 +259,12 @@ class FeedbackHttpServer:
         port: int,
         tls: TlsIdentity | None = None,
         max_connections: int = 64,
+        read_timeout: float = _Handler.timeout,
     ) -> None:
-        handler = type("FeedbackHandler", (_Handler,), {"api": api})
+        handler = type("FeedbackHandler", (_Handler,), {"api": api, "timeout": read_timeout})
         context = tls.ssl_context() if tls is not None else None
         self._server = BoundedHttpServer(
-            (host, port), handler, context, max_connections, _Handler.timeout
+            (host, port), handler, context, max_connections, read_timeout
         )
         self.port = int(self._server.server_address[1])
         self.tls = tls is not None

@@ -4,10 +4,15 @@ Delivery: an item is reported stored only once the broker acknowledged it (acks=
 else is reported as not stored, with the reason.
 
 Duplicates are deduplicated downstream, by construction: the event id is a digest of (tenant,
-idempotency key), so every copy of a submission carries the same event id wherever and whenever it
-was published (retries, replicas, restarts), and consumers keep the first copy
-(`rlhf.joining.FeedbackJoin`). On top of that each process remembers recently stored keys and
-answers a resend from memory without publishing it again (best effort: bounded, per process).
+idempotency key), or of (tenant, generation, user key, kind of signal) when the app names its
+user, so every copy of a submission, and every further thumb of one user on one answer, carries
+the same event id wherever and whenever it was published (retries, replicas, restarts), and
+consumers keep the first copy (`rlhf.joining.FeedbackJoin`). On top of that each process
+remembers recently stored keys and answers a resend from memory without publishing it again
+(best effort: bounded, per process).
+
+Each tenant's submissions are rate limited per process (a token bucket: RESOURCE_EXHAUSTED
+beyond it), so one tenant cannot crowd out the others.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Histogram
 
 from rlhf import bus
-from rlhf.auth import ApiKeys, Unauthenticated
+from rlhf.auth import Credentials, Unauthenticated
 from rlhf.bus import BusUnavailable, Publisher
-from rlhf.ids import GenerationIdSigner, feedback_event_id
+from rlhf.ids import GenerationIdSigner, feedback_event_id, user_signal_event_id
+from rlhf.limits import RateLimiter
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
-from .validation import Limits, validate_feedback
+from .validation import MAX_IDEMPOTENCY_KEY, Limits, validate_feedback
 
 ACCEPTED = Counter(
     "rlhf_feedback_accepted_total",
@@ -143,12 +149,40 @@ def _unavailable(detail: str) -> Rejected:
     )
 
 
-def _conflict() -> Rejected:
+def _conflict(item: Item) -> Rejected:
+    if item.event_id.startswith("u"):  # named after (generation, user, kind of signal)
+        return Rejected(
+            grpc.StatusCode.ALREADY_EXISTS,
+            "already_rated",
+            "this user already gave this kind of feedback on this generation",
+        )
     return Rejected(
         grpc.StatusCode.ALREADY_EXISTS,
         "idempotency_conflict",
         "this idempotency_key was already used for different feedback",
     )
+
+
+def _rate_limited(tenant: str) -> Rejected:
+    return Rejected(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "rate_limited",
+        f"tenant {tenant!r} is over its feedback rate limit; resend later with the same key",
+    )
+
+
+def echoed_key(key: str) -> str:
+    """What a stream's result repeats of an item's idempotency key: a valid key whole, a
+    runaway one cut (results must stay small whatever was sent)."""
+    return key[:MAX_IDEMPOTENCY_KEY]
+
+
+def event_id_of(tenant: str, feedback: events_pb2.Feedback) -> str:
+    """The stored event's id (see the module docstring)."""
+    if feedback.user_key:
+        signal = feedback.WhichOneof("signal") or ""
+        return user_signal_event_id(tenant, feedback.generation_id, feedback.user_key, signal)
+    return feedback_event_id(tenant, feedback.idempotency_key)
 
 
 @dataclass(frozen=True)
@@ -162,15 +196,18 @@ class FeedbackIngest:
 
     def __init__(
         self,
-        api_keys: ApiKeys,
+        api_keys: Credentials,
         signer: GenerationIdSigner,
         limits: Limits,
         publisher: Publisher,
         publish_timeout: float,
         recent: RecentAcks,
         stream_limits: StreamLimits,
+        rate: RateLimiter | None = None,
     ) -> None:
+        """`rate`: the per-tenant rate limit (None: unlimited)."""
         self._api_keys = api_keys
+        self._rate = rate
         self._signer = signer
         self._limits = limits
         self.publisher = publisher
@@ -206,11 +243,13 @@ class FeedbackIngest:
 
     def admit(self, tenant: str, feedback: events_pb2.Feedback, index: int) -> Item:
         """Validate and identify a submission: an Item to publish, or one already stored."""
-        claims = validate_feedback(feedback, self._signer, self._limits)
+        if self._rate is not None and not self._rate.take(tenant):
+            raise _rate_limited(tenant)
+        claims = validate_feedback(feedback, self._signer, self._limits, tenant)
         item = Item(
             index=index,
             idempotency_key=feedback.idempotency_key,
-            event_id=feedback_event_id(tenant, feedback.idempotency_key),
+            event_id=event_id_of(tenant, feedback),
             # What partition_key would parse out of the id again, from its verified claims.
             key=claims.prompt_hash or feedback.generation_id,
             fingerprint=fingerprint_of(feedback),
@@ -222,7 +261,7 @@ class FeedbackIngest:
         if earlier is not None:
             earlier_fingerprint, stored = earlier
             if earlier_fingerprint != item.fingerprint:
-                raise _conflict()
+                raise _conflict(item)
             item.stored = replace(stored, duplicate=True)
             return item
         item.event = events_pb2.FeedbackEvent(
@@ -309,7 +348,7 @@ class StreamIngest:
         if index >= self._limits.max_items:
             limit = self._limits.max_items
             self._fail(
-                Item(index, feedback.idempotency_key),
+                Item(index, echoed_key(feedback.idempotency_key)),
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "stream_too_long",
                 f"a stream carries at most {limit} items; this and later items were not read",
@@ -318,7 +357,7 @@ class StreamIngest:
         try:
             item = self._ingest.admit(self._tenant, feedback, index)
         except Rejected as exc:
-            self.items.append(Item(index, feedback.idempotency_key, rejected=exc))
+            self.items.append(Item(index, echoed_key(feedback.idempotency_key), rejected=exc))
             return True
         self.items.append(item)
         if item.stored is None:
@@ -344,7 +383,7 @@ class StreamIngest:
         if first is not None:
             item.event = None
             if first.fingerprint != item.fingerprint:
-                item.rejected = _conflict()
+                item.rejected = _conflict(item)
             else:
                 item.same_as = first
             return

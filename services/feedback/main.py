@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from rlhf.auth import ApiKeys
+from rlhf.auth import OPEN, rules
 from rlhf.bus import Publisher
 from rlhf.ids import GenerationIdSigner
 from rlhf.server import run_main, tls_from_config
@@ -12,24 +12,28 @@ from rlhf.server import run_main, tls_from_config
 from .config import FeedbackConfig
 from .http_api import FeedbackHttpApi, FeedbackHttpServer
 from .ingest import FeedbackIngest, RecentAcks, StreamLimits
-from .servicer import FeedbackServicer
+from .servicer import SERVICE_NAME, FeedbackServicer
 from .validation import Limits
 
 
 def build_ingest(config: FeedbackConfig, publisher: Publisher) -> FeedbackIngest:
+    signing_key, verify_keys = config.generation_id_keys()
     return FeedbackIngest(
-        ApiKeys.parse(config.api_keys),
-        GenerationIdSigner(config.generation_id_key.encode(), config.generation_id_max_age_seconds),
+        config.apps(),
+        GenerationIdSigner(signing_key, config.generation_id_max_age_seconds, verify_keys),
         Limits(config.max_text_chars, config.max_ranking_size),
         publisher,
         config.publish_timeout_seconds,
         RecentAcks(config.recent_keys),
         StreamLimits(config.max_stream_items, config.stream_window),
+        config.rate_limiter(),
     )
 
 
 class FeedbackService:
     name = "feedback"
+    # Tenants are authenticated by the ingest (gRPC and HTTP alike), which counts refusals.
+    rules = rules(SERVICE_NAME, {"SubmitFeedback": OPEN, "StreamFeedback": OPEN})
 
     def __init__(self, config: FeedbackConfig, publisher: Publisher | None = None) -> None:
         self.config = config
@@ -58,6 +62,7 @@ class FeedbackService:
                 self.config.http_port,
                 tls_from_config(self.config),
                 self.config.http_max_connections,
+                self.config.read_timeout_seconds,
             ).start()
 
     def stop(self) -> None:

@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
-from rlhf.server import Rejected
+from rlhf.server import Rejected, Undecodable, tolerant_parser
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 
 from .ingest import FeedbackIngest, Item, StreamIngest
 
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-
-
-class Undecodable:
-    """Stands in for request bytes that are not the expected message, so the handler answers
-    INVALID_ARGUMENT (the client's fault) rather than the framework's INTERNAL."""
-
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
-
-
-def tolerant_parser(message_type: type[Message]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return Undecodable(str(exc))
-
-    return parse
 
 
 def _code_number(code: grpc.StatusCode) -> int:
@@ -68,12 +48,12 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         handlers = {
             "SubmitFeedback": grpc.unary_unary_rpc_method_handler(
                 self.SubmitFeedback,
-                request_deserializer=tolerant_parser(feedback_pb2.SubmitFeedbackRequest),
+                request_deserializer=tolerant_parser(feedback_pb2.SubmitFeedbackRequest.FromString),
                 response_serializer=feedback_pb2.SubmitFeedbackResponse.SerializeToString,
             ),
             "StreamFeedback": grpc.stream_unary_rpc_method_handler(
                 self.StreamFeedback,
-                request_deserializer=tolerant_parser(feedback_pb2.StreamFeedbackRequest),
+                request_deserializer=tolerant_parser(feedback_pb2.StreamFeedbackRequest.FromString),
                 response_serializer=feedback_pb2.StreamFeedbackResponse.SerializeToString,
             ),
         }

@@ -1,9 +1,13 @@
 """Edge validation of submitted feedback: pure functions, one status code per kind of fault.
 
-Ranking consistency: every id of a ranking must be genuine, unexpired and listed once, and the
-ranking must include the rated generation. Whether the ranked generations answer the same prompt
-can only be proved for ids that carry a prompt digest (`rlhf.ids.prompt_digest`); ids issued
-without one (the generation service does not bind prompts yet) are accepted unchecked.
+Ownership: a generation id names the tenant whose app asked for it; only that tenant may rate it
+(PERMISSION_DENIED otherwise). Ids issued while generation was open name no tenant and take
+feedback from any.
+
+Ranking consistency: every id of a ranking must be genuine, unexpired, the tenant's and listed
+once (ids are canonical, so a listing twice cannot hide behind another spelling), and the ranking
+must include the rated generation. Whether the ranked generations answer the same prompt is
+proved from the prompt digest every id carries (`rlhf.ids.prompt_digest`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
 MAX_IDEMPOTENCY_KEY = 128
+MAX_USER_KEY = 128
 MAX_TAGS = 16
 MAX_TAG_CHARS = 64
 THUMBS = (events_pb2.THUMB_UP, events_pb2.THUMB_DOWN)
@@ -39,15 +44,23 @@ def _invalid(reason: str, message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
 
 
-def verify_id(signer: GenerationIdSigner, generation_id: str) -> GenerationClaims:
+def verify_id(signer: GenerationIdSigner, generation_id: str, tenant: str) -> GenerationClaims:
+    """The claims of a genuine, unexpired id of `tenant`'s (or of no tenant's)."""
     try:
-        return signer.verify(generation_id)
+        claims = signer.verify(generation_id)
     except ForgedGenerationId as exc:
         raise Rejected(grpc.StatusCode.PERMISSION_DENIED, "forged_id", str(exc)) from exc
     except ExpiredGenerationId as exc:
         raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "expired_id", str(exc)) from exc
     except InvalidGenerationId as exc:
         raise _invalid("malformed_id", str(exc)) from exc
+    if claims.tenant and claims.tenant != tenant:
+        raise Rejected(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "other_tenant",
+            "this generation was asked for by another tenant; only it may rate it",
+        )
+    return claims
 
 
 def _check_ranking(
@@ -55,6 +68,7 @@ def _check_ranking(
     claims: GenerationClaims,
     signer: GenerationIdSigner,
     limits: Limits,
+    tenant: str,
 ) -> None:
     ids = list(feedback.ranking.generation_ids)
     if not 2 <= len(ids) <= limits.max_ranking_size:
@@ -63,7 +77,7 @@ def _check_ranking(
         raise _invalid("bad_ranking", "a ranking lists each generation once")
     if feedback.generation_id not in ids:
         raise _invalid("bad_ranking", "the ranking must include generation_id")
-    others = [verify_id(signer, other) for other in ids if other != feedback.generation_id]
+    others = [verify_id(signer, other, tenant) for other in ids if other != feedback.generation_id]
     prompts = {c.prompt_hash for c in [claims, *others] if c.prompt_hash}
     if len(prompts) > 1:
         raise _invalid("ranking_prompt_mismatch", "ranked generations answer different prompts")
@@ -82,6 +96,7 @@ def _check_signal(
     claims: GenerationClaims,
     signer: GenerationIdSigner,
     limits: Limits,
+    tenant: str,
 ) -> None:
     signal = feedback.WhichOneof("signal")
     if signal is None:
@@ -89,7 +104,7 @@ def _check_signal(
     if signal == "thumb" and feedback.thumb not in THUMBS:
         raise _invalid("bad_thumb", f"thumb must be THUMB_UP or THUMB_DOWN, got {feedback.thumb}")
     if signal == "ranking":
-        _check_ranking(feedback, claims, signer, limits)
+        _check_ranking(feedback, claims, signer, limits, tenant)
     if signal == "correction":
         _check_text(feedback, limits)
     if signal == "score":
@@ -108,6 +123,13 @@ def _check_idempotency_key(key: str) -> None:
         )
 
 
+def _check_user_key(key: str) -> None:
+    if len(key) > MAX_USER_KEY or (key and not key.isprintable()):
+        raise _invalid(
+            "bad_user_key", f"user_key must be up to {MAX_USER_KEY} printable characters"
+        )
+
+
 def _check_annotations(feedback: events_pb2.Feedback, limits: Limits) -> None:
     """The optional comment and tags."""
     if len(feedback.comment) > limits.max_text_chars:
@@ -122,13 +144,15 @@ def _check_annotations(feedback: events_pb2.Feedback, limits: Limits) -> None:
 
 
 def validate_feedback(
-    feedback: events_pb2.Feedback, signer: GenerationIdSigner, limits: Limits
+    feedback: events_pb2.Feedback, signer: GenerationIdSigner, limits: Limits, tenant: str
 ) -> GenerationClaims:
-    """Check everything about a submission; return the verified claims of its generation id."""
+    """Check everything about `tenant`'s submission; return the verified claims of its
+    generation id."""
     if not feedback.generation_id:
         raise _invalid("missing_id", "generation_id is required")
-    claims = verify_id(signer, feedback.generation_id)
-    _check_signal(feedback, claims, signer, limits)
+    claims = verify_id(signer, feedback.generation_id, tenant)
+    _check_signal(feedback, claims, signer, limits, tenant)
     _check_idempotency_key(feedback.idempotency_key)
+    _check_user_key(feedback.user_key)
     _check_annotations(feedback, limits)
     return claims

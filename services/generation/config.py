@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from rlhf.auth import ApiKeys
+from rlhf.auth import APP, Credentials
 from rlhf.config import (
     CommonConfig,
     ConfigError,
@@ -57,9 +57,18 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
     api_keys: tuple[str, ...] = setting(
         "RLHF_GENERATION_API_KEYS",
         (),
-        "tenant=key pairs (keys 16+ chars) the HTTP API (TGI and OpenAI routes) requires as "
-        "`Authorization: Bearer <key>`; empty = open",
+        "tenant=key pairs (keys 16+ chars) of the apps that may generate (gRPC and HTTP), "
+        "presented as `authorization: Bearer <key>`; a tenant's ids take feedback only from it",
         True,
+    )
+    open_access: bool = setting(
+        "RLHF_GENERATION_OPEN",
+        False,
+        "let anyone generate without a key (behind a gateway of your own); their ids belong to "
+        "no tenant. Rollouts still need a service key",
+    )
+    http_max_connections: int = setting(
+        "RLHF_HTTP_MAX_CONNECTIONS", 64, "HTTP API connections served at once (more get 503)"
     )
     backend: str = setting("RLHF_GENERATION_BACKEND", "local", "local (transformers) or tgi")
     tgi_url: str = setting("RLHF_TGI_URL", "", "TGI server base URL, with the tgi backend")
@@ -69,8 +78,8 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
     tgi_namespace: str = setting("RLHF_TGI_NAMESPACE", "default", "namespace of that Deployment")
 
     def validate(self) -> None:
-        if len(self.generation_id_key.encode()) < 16:
-            raise ConfigError("RLHF_GENERATION_ID_KEY must be set to at least 16 bytes")
+        super().validate()
+        self.check_generation_id_keys()
         if self.backend not in ("local", "tgi"):
             raise ConfigError(f"RLHF_GENERATION_BACKEND={self.backend!r}: use local or tgi")
         if self.kv_budget_tokens < self.max_prompt_tokens + self.max_new_tokens_limit:
@@ -83,10 +92,17 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
         try:
-            self.http_api_keys()
+            self.apps()
         except ValueError as exc:
             raise ConfigError(f"RLHF_GENERATION_API_KEYS: {exc}") from exc
+        if not (self.open_access or self.api_keys or self.auth.service_keys):
+            raise ConfigError(
+                "generation is closed by default: set RLHF_GENERATION_API_KEYS (apps), "
+                "RLHF_SERVICE_KEYS (the trainer's rollouts only) or RLHF_GENERATION_OPEN=true"
+            )
+        if self.http_max_connections < 1:
+            raise ConfigError("RLHF_HTTP_MAX_CONNECTIONS must be at least 1")
 
-    def http_api_keys(self) -> ApiKeys | None:
-        """The keys the HTTP API checks, None when it is open (no keys set)."""
-        return ApiKeys.parse(self.api_keys) if self.api_keys else None
+    def apps(self) -> Credentials:
+        """The apps' keys (app role; the tenant is the name)."""
+        return Credentials.parse(APP, self.api_keys)

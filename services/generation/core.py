@@ -58,6 +58,8 @@ class Prepared:
     params: common_pb2.SamplingParams
     # A trainer's PPO rollout: neither signed nor published (see generation.proto).
     rollout: bool = False
+    # The app that asked (its key's tenant), bound into the generation id; "" without one.
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class GenerationCore:
         params: common_pb2.SamplingParams,
         prompt_token_ids: Sequence[int] = (),
         rollout: bool = False,
+        tenant: str = "",
     ) -> Prepared:
         """Validate everything about a request; raises Rejected (INVALID_ARGUMENT, or
         FAILED_PRECONDITION for what this backend cannot do).
@@ -105,7 +108,8 @@ class GenerationCore:
         `prompt_token_ids` replace prompt and messages and are decoded exactly as given: a
         trainer's rollout must continue the very ids it will score, and decoding then
         re-tokenising text does not always give them back. `rollout` marks a trainer's PPO
-        rollout (see `run`)."""
+        rollout (see `run`); `tenant` is the app that asked, bound into the generation id so
+        that only it may rate the answer."""
         if (prompt_token_ids or rollout) and self.backend.name != "local":
             # TGI takes text and reports logprobs after its own logits processors: neither the
             # exact ids nor the sampling distribution's logprobs could be promised.
@@ -131,7 +135,7 @@ class GenerationCore:
         if len(prompt_ids) > limit:
             raise _invalid(f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
         return Prepared(
-            text, prompt_ids, sampling, list(params.stop), list(messages), params, rollout
+            text, prompt_ids, sampling, list(params.stop), list(messages), params, rollout, tenant
         )
 
     def _checked_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
@@ -219,7 +223,9 @@ class GenerationCore:
         generation_id = ""
         if not prepared.rollout:
             digest = prompt_digest(prepared.prompt)
-            generation_id = self._signer.issue(generated.policy_version, prompt_hash=digest)
+            generation_id = self._signer.issue(
+                generated.policy_version, prompt_hash=digest, tenant=prepared.tenant
+            )
         outcome = Outcome(
             generation_id=generation_id,
             text=text,

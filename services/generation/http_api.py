@@ -6,8 +6,15 @@ events), POST `/generate`, POST `/generate_stream`, GET `/info`, GET `/health`, 
 against TGI (including the official `text-generation` client) work unchanged. OpenAI routes:
 POST `/v1/chat/completions`, GET `/v1/models` (see `openai_api.py`). Replies also carry the
 signed `generation_id` and `policy_version` (extra fields clients ignore) and the
-`x-generation-id` header, to attach feedback. With RLHF_GENERATION_API_KEYS set, every route
-but `/health` needs `Authorization: Bearer <key>` (the feedback service's key format).
+`x-generation-id` header, to attach feedback. Every route but `/health` needs `Authorization:
+Bearer <key>`, an app's key (its tenant is bound into the ids) or a service key, unless
+generation is open (RLHF_GENERATION_OPEN).
+
+Served by the bounded HTTP server (`rlhf.http_server`): at most RLHF_HTTP_MAX_CONNECTIONS at once
+(more get 503), a read timeout on every connection, TLS with the service's identity. Framing is
+checked before anything else: no Content-Length (or chunked) is 411, a malformed one 400, a body
+over 1 MiB 413; a body that is not JSON (deeply nested, lone surrogates, invalid UTF-8) is a
+validation error, and anything unexpected a 500: a request always gets a status.
 """
 
 from __future__ import annotations
@@ -20,14 +27,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import grpc
 
 from rlhf import decoding
-from rlhf.auth import ApiKeys, Unauthenticated
-from rlhf.server import Rejected
+from rlhf.auth import APP, SERVICE, Credentials, Unauthenticated
+from rlhf.http_server import BoundedHttpServer, content_length
+from rlhf.server import Rejected, TlsIdentity
 from rlhf.v1 import common_pb2
 
 from . import openai_api
@@ -37,6 +45,8 @@ from .core import REJECTED, GenerationCore, Outcome, Prepared
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # refused bodies up to this size are read, so the client
+# sees the status rather than a reset connection
 FINISH_REASONS = {
     decoding.EOS: "eos_token",
     decoding.STOP: "stop_sequence",
@@ -46,6 +56,7 @@ FINISH_REASONS = {
 HTTP_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: (HTTPStatus.UNPROCESSABLE_ENTITY, "validation"),
     grpc.StatusCode.UNAUTHENTICATED: (HTTPStatus.UNAUTHORIZED, "authentication"),
+    grpc.StatusCode.PERMISSION_DENIED: (HTTPStatus.FORBIDDEN, "authentication"),
     grpc.StatusCode.NOT_FOUND: (HTTPStatus.NOT_FOUND, "not_found"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (HTTPStatus.TOO_MANY_REQUESTS, "overloaded"),
     grpc.StatusCode.UNAVAILABLE: (HTTPStatus.SERVICE_UNAVAILABLE, "generation"),
@@ -57,6 +68,30 @@ UNSUPPORTED = ("repetition_penalty", "frequency_penalty", "typical_p", "grammar"
 
 def _invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", message)
+
+
+class FramingRejected(Rejected):
+    """A request refused for its HTTP framing, with the HTTP status that says so."""
+
+    def __init__(self, http_status: int, reason: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
+        self.http_status = http_status
+
+
+def parse_json(raw: bytes, empty: Any) -> Any:
+    """A request body as JSON (`empty` for no body); INVALID_ARGUMENT for anything that is not
+    JSON a service can carry: malformed, invalid UTF-8, nested beyond the parser's recursion
+    limit, or holding lone surrogates (no protobuf string or UTF-8 reply can hold them)."""
+    try:
+        body = json.loads(raw) if raw else empty
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError as exc:
+        raise _invalid("body is not JSON: nested too deeply") from exc
+    except UnicodeError as exc:
+        raise _invalid(f"body is not JSON text: {exc.reason}") from exc
+    except ValueError as exc:
+        raise _invalid(f"body is not JSON: {exc}") from exc
+    return body
 
 
 def sampling_from_tgi(parameters: dict[str, Any]) -> common_pb2.SamplingParams:
@@ -86,8 +121,9 @@ def sampling_from_tgi(parameters: dict[str, Any]) -> common_pb2.SamplingParams:
 class GenerationHandler(BaseHTTPRequestHandler):
     core: GenerationCore  # set on the subclass made by GenerationHttpServer
     model_name: str
-    api_keys: ApiKeys | None
+    credentials: Credentials | None  # None: generation is open
     server_version = "rlhf-generation"
+    timeout = 10.0  # read timeout (RLHF_READ_TIMEOUT_SECONDS, set on the subclass)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s", format % args)
@@ -109,7 +145,9 @@ class GenerationHandler(BaseHTTPRequestHandler):
         status, error_type = HTTP_ERRORS.get(
             exc.code, (HTTPStatus.INTERNAL_SERVER_ERROR, "generation")
         )
-        self._send_json(status, {"error": str(exc), "error_type": error_type})
+        status = getattr(exc, "http_status", None) or status
+        headers = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else {}
+        self._send_json(status, {"error": str(exc), "error_type": error_type}, headers)
 
     def _send_openai_error(self, exc: Rejected) -> None:
         status, body = openai_api.error_body(exc)
@@ -127,36 +165,91 @@ class GenerationHandler(BaseHTTPRequestHandler):
             self._send_error(exc)
 
     def _read_raw(self) -> bytes:
+        """The body, bounded: 411 without a length (chunked bodies are not taken), 400 for a
+        length that is not a plain number, 413 above the limit (the body is read and dropped,
+        up to a bound, so the client sees the status)."""
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        length = content_length(headers)
+        if length is None:
+            if "content-length" not in headers or "transfer-encoding" in headers:
+                raise FramingRejected(
+                    HTTPStatus.LENGTH_REQUIRED, "length_required", "Content-Length is required"
+                )
+            raise FramingRejected(
+                HTTPStatus.BAD_REQUEST, "bad_content_length", "Content-Length is not a number"
+            )
+        if length > MAX_BODY_BYTES:
+            if length <= DRAIN_LIMIT:
+                self._discard(length)
+            raise FramingRejected(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "body_too_large",
+                f"request body exceeds {MAX_BODY_BYTES} bytes",
+            )
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError as exc:
-            raise _invalid("Content-Length is not a number") from exc
-        if not 0 <= length <= MAX_BODY_BYTES:
-            raise _invalid(f"request body exceeds {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length)
+            raw = self.rfile.read(length)
+        except TimeoutError as exc:
+            raise FramingRejected(
+                HTTPStatus.REQUEST_TIMEOUT, "read_timeout", "the body did not arrive in time"
+            ) from exc
+        if len(raw) != length:
+            raise FramingRejected(
+                HTTPStatus.BAD_REQUEST, "truncated_body", "the body is shorter than Content-Length"
+            )
+        return raw
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 64 * 1024))
+            if not chunk:
+                return
+            length -= len(chunk)
 
     def _read_body(self, raw: bytes) -> dict[str, Any]:
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise _invalid(f"body is not JSON: {exc}") from exc
+        body = parse_json(raw, {})
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), str):
             raise _invalid("body must be a JSON object with a string 'inputs'")
         if not isinstance(body.get("parameters") or {}, dict):
             raise _invalid("'parameters' must be an object")
         return body
 
-    def _authenticate(self) -> None:
-        """Raises Rejected(UNAUTHENTICATED) when keys are configured and none of them came."""
-        if self.api_keys is None:
-            return
+    def _authenticate(self) -> str:
+        """The tenant of the caller's app key ("" for a service key, or when generation is
+        open); raises Rejected UNAUTHENTICATED (no or an unknown key) or PERMISSION_DENIED (a
+        key of another role)."""
+        if self.credentials is None:
+            return ""
         try:
-            self.api_keys.tenant_for([("authorization", self.headers.get("Authorization"))])
+            principal = self.credentials.identify(
+                [("authorization", self.headers.get("Authorization"))]
+            )
         except Unauthenticated as exc:
             REJECTED.labels("unauthenticated").inc()
             raise Rejected(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", str(exc)) from exc
+        if principal.role not in (APP, SERVICE):
+            REJECTED.labels("permission_denied").inc()
+            raise Rejected(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "permission_denied",
+                f"a {principal.role} key may not generate",
+            )
+        return principal.name if principal.role == APP else ""
+
+    def _unexpected(self, openai: bool) -> None:
+        """A 500 for a failure that is ours, when the reply has not started (else the stream's
+        own error event was the last word)."""
+        log.exception("HTTP %s %s failed", self.command, self.path[:80])
+        if not self._started:
+            failure = Rejected(grpc.StatusCode.INTERNAL, "internal", "the server failed")
+            self._refuse(failure, openai)
 
     # -- routes -----------------------------------------------------------------------------
+
+    _started = False  # whether a reply's status line went out
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._started = True
+        super().send_response(code, message)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -176,27 +269,46 @@ class GenerationHandler(BaseHTTPRequestHandler):
                 raise openai_api.not_found("GET", path)
         except Rejected as exc:
             self._refuse(exc, openai)
+        except Exception:
+            self._unexpected(openai)
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         openai = path.startswith("/v1/")
         try:
             raw = self._read_raw()
-            self._authenticate()
+            tenant = self._authenticate()
             if path == openai_api.CHAT_PATH:
-                self._chat(raw)
+                self._chat(raw, tenant)
             elif path in ("/", "/generate", "/generate_stream"):
-                self._tgi(path, raw)
+                self._tgi(path, raw, tenant)
             else:
                 raise openai_api.not_found("POST", path)
         except Rejected as exc:
-            self._refuse(exc, openai)
+            if self._started:  # a stream already answered 200: its error event said why
+                log.info("HTTP %s refused mid-stream: %s", path[:80], exc)
+            else:
+                self._refuse(exc, openai)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            log.info("HTTP client of %s went away or stalled", path[:80])
+        except Exception:
+            self._unexpected(openai)
 
-    def _tgi(self, path: str, raw: bytes) -> None:
+    def _refuse_method(self) -> None:
+        failure = FramingRejected(
+            HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", "use GET or POST"
+        )
+        self._refuse(failure, self.path.startswith("/v1/"))
+
+    do_PUT = do_DELETE = do_PATCH = _refuse_method
+
+    def _tgi(self, path: str, raw: bytes, tenant: str) -> None:
         try:
             body = self._read_body(raw)
             parameters = body.get("parameters") or {}
-            prepared = self.core.prepare(body["inputs"], [], sampling_from_tgi(parameters))
+            prepared = self.core.prepare(
+                body["inputs"], [], sampling_from_tgi(parameters), tenant=tenant
+            )
         except Rejected as exc:
             REJECTED.labels(exc.reason).inc()
             raise
@@ -214,18 +326,20 @@ class GenerationHandler(BaseHTTPRequestHandler):
     def _model(self) -> tuple[str, int]:
         return self.model_name, int(self.core.backend.policy().loaded_at)
 
-    def _chat(self, raw: bytes) -> None:
+    def _chat(self, raw: bytes, tenant: str) -> None:
         config = self.core.config
         try:
             try:
-                body = json.loads(raw or b"null")
-            except ValueError as exc:
-                raise openai_api.ChatRejected(f"body is not JSON: {exc}", None) from exc
+                body = parse_json(raw, None)
+            except Rejected as exc:
+                raise openai_api.ChatRejected(str(exc), None) from exc
             choices = min(MAX_CHOICES, config.max_batch)
             request = openai_api.parse_chat(body, config.max_new_tokens_limit, choices)
             # One prepare per choice: each is its own generation (own seed, own id), validated
             # and routed exactly as a gRPC or TGI request is.
-            prepared = [self.core.prepare("", request.messages, p) for p in request.sampling]
+            prepared = [
+                self.core.prepare("", request.messages, p, tenant=tenant) for p in request.sampling
+            ]
         except Rejected as exc:
             REJECTED.labels(exc.reason).inc()
             raise
@@ -410,8 +524,8 @@ class GenerationHandler(BaseHTTPRequestHandler):
 
 
 class GenerationHttpServer:
-    """The HTTP API on its own thread; `port` is the bound port. With `api_keys`, every route
-    but `/health` needs `Authorization: Bearer <key>`."""
+    """The HTTP API on its own thread; `port` is the bound port. With `credentials`, every
+    route but `/health` needs `Authorization: Bearer <key>` of an app or a service."""
 
     def __init__(
         self,
@@ -419,19 +533,32 @@ class GenerationHttpServer:
         model_name: str,
         host: str,
         port: int,
-        api_keys: ApiKeys | None = None,
+        credentials: Credentials | None,
+        tls: TlsIdentity | None = None,
+        max_connections: int = 64,
+        read_timeout: float = 10.0,
     ) -> None:
-        attributes = {"core": core, "model_name": model_name, "api_keys": api_keys}
+        attributes = {
+            "core": core,
+            "model_name": model_name,
+            "credentials": credentials,
+            "timeout": read_timeout,
+        }
         handler = type("BoundGenerationHandler", (GenerationHandler,), attributes)
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_port
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="tgi-http")
+        context = tls.ssl_context() if tls is not None else None
+        self._httpd = BoundedHttpServer(
+            (host, port), handler, context, max_connections, read_timeout
+        )
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="generation-http", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop accepting, then wait for requests in flight."""
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=10)

@@ -8,6 +8,7 @@ import grpc
 from transformers import PreTrainedTokenizerBase
 
 from rlhf import bus
+from rlhf.auth import APP, OPEN, READER, SERVICE, Access, allow, rules
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
 from rlhf.batching import ContinuousBatcher, PolicyLoader, PolicyWeights
 from rlhf.bus import Publisher
@@ -15,7 +16,7 @@ from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
 from rlhf.models import load_base_policy, load_tokenizer, serving_dtype
-from rlhf.server import run_main
+from rlhf.server import run_main, tls_from_config
 from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
@@ -23,6 +24,18 @@ from .config import GenerationConfig
 from .core import GenerationCore
 from .http_api import GenerationHttpServer
 from .servicer import GenerationServicer
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def access_rules(config: GenerationConfig) -> dict[str, Access]:
+    """Apps and the platform's services generate (rollouts: services only, checked by the
+    servicer), or anyone when generation is open; readers may also ask what is served."""
+    generate = OPEN if config.open_access else allow(APP, SERVICE)
+    info = OPEN if config.open_access else allow(APP, SERVICE, READER)
+    return rules(
+        SERVICE_NAME, {"Generate": generate, "GenerateStream": generate, "GetPolicyInfo": info}
+    )
 
 
 def local_backend(
@@ -100,14 +113,17 @@ class GenerationService:
             else local_backend(config, store, tokenizer)
         )
         self.publisher = Publisher(config.kafka_bootstrap, client_id="generation")
+        signing_key, verify_keys = config.generation_id_keys()
         self.core = GenerationCore(
             config,
             backend,
             tokenizer,
             self.publisher,
-            GenerationIdSigner(config.generation_id_key.encode()),
+            GenerationIdSigner(signing_key, verify_keys=verify_keys),
         )
         self.servicer = GenerationServicer(self.core, config.policy_model)
+        self.rules = access_rules(config)
+        self.apps = config.apps()
         self.http: GenerationHttpServer | None = None
         if config.http_port >= 0:
             self.http = GenerationHttpServer(
@@ -115,12 +131,18 @@ class GenerationService:
                 config.policy_model,
                 config.grpc_host,
                 config.http_port,
-                config.http_api_keys(),
+                None if config.open_access else self.apps | config.auth.credentials(),
+                tls_from_config(config),
+                config.http_max_connections,
+                config.read_timeout_seconds,
             )
+
+    def healthy(self) -> bool:
+        return self.core.backend.healthy()
 
     def register(self, server: grpc.Server) -> list[str]:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
-        return [generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name]
+        return [SERVICE_NAME]
 
     def start(self) -> None:
         self.core.backend.start()

@@ -51,6 +51,11 @@ ERRORS = {
         "invalid_request_error",
         "invalid_api_key",
     ),
+    grpc.StatusCode.PERMISSION_DENIED: (
+        HTTPStatus.FORBIDDEN,
+        "invalid_request_error",
+        "permission_denied",
+    ),
     grpc.StatusCode.NOT_FOUND: (HTTPStatus.NOT_FOUND, "invalid_request_error", "not_found"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (
         HTTPStatus.TOO_MANY_REQUESTS,
@@ -233,6 +238,7 @@ def error_body(exc: Rejected) -> tuple[int, dict[str, Any]]:
     status, kind, code = ERRORS.get(
         exc.code, (HTTPStatus.INTERNAL_SERVER_ERROR, "server_error", None)
     )
+    status = getattr(exc, "http_status", None) or status  # framing: 411, 413
     param = exc.param if isinstance(exc, ChatRejected) else None
     error = {"message": str(exc), "type": kind, "param": param, "code": code or exc.reason}
     return int(status), {"error": error}

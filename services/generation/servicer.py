@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from rlhf.auth import APP, SERVICE, caller
 from rlhf.server import Rejected
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
@@ -34,6 +35,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _prepare(
         self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Prepared:
+        principal = caller()  # checked by the server bootstrap against the method's rule
+        if request.rollout and (principal is None or principal.role != SERVICE):
+            # Rollouts are unsigned and unpublished: only the platform's trainer may ask.
+            REJECTED.labels("rollout_forbidden").inc()
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "rollouts need a service key")
+        tenant = principal.name if principal is not None and principal.role == APP else ""
         try:
             return self._core.prepare(
                 request.prompt,
@@ -41,6 +48,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 request.sampling,
                 request.prompt_token_ids,
                 request.rollout,
+                tenant,
             )
         except Rejected as exc:
             REJECTED.labels(exc.reason).inc()

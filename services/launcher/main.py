@@ -5,7 +5,12 @@ On a terminal a live panel shows the served policy, the thumbs-up rate and live 
 policy version, KL, the feedback rate and the trainer's progress; otherwise a status line is
 logged now and then. Prometheus (Debian's `prometheus`, if installed) scrapes every service with
 the platform's alert rules. Ctrl-C (or SIGTERM) stops Prometheus, then the services in reverse
-order, each draining its in-flight work, then the broker.
+order, each draining its in-flight work, then the broker. However the launcher dies (SIGKILL, or its
+output piped to a pager that exits), Linux stops every process it started (`die_with_parent`).
+
+Every service is authenticated as in a cluster: the launcher makes fresh keys for each run (the
+app key of tenant `local`, a service key for the trainer's calls, an operator key and a reader
+key) and writes the ones people and apps use to `run/up.env` (mode 0600).
 """
 
 from __future__ import annotations
@@ -30,9 +35,17 @@ from rich.live import Live
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from rlhf import bus
+from rlhf.auth import ClientSecurity
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.config import parse_args
-from rlhf.local import FEEDBACK_HTTP_PORT, HTTP_PORT, PLAYGROUND_PORT, PORTS, address_variable
+from rlhf.local import (
+    FEEDBACK_HTTP_PORT,
+    HTTP_PORT,
+    PLAYGROUND_PORT,
+    PORTS,
+    address_variable,
+    die_with_parent,
+)
 from rlhf.watch import Watcher
 
 from . import prometheus
@@ -93,6 +106,33 @@ CPU_DEMO: dict[str, dict[str, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class Keys:
+    """The credentials of one `make up` run (fresh each run unless RLHF_UP_API_KEY is set)."""
+
+    api: str  # tenant "local": apps, the playground's person, simulated users, `rlhf`
+    service: str  # the trainer's calls to reward (Score)
+    operator: str  # `rlhf pause / rollback ...`
+    reader: str  # the view, the playground's panel, Prometheus
+
+    @classmethod
+    def new(cls, api_key: str = "") -> Keys:
+        return cls(
+            api_key or secrets.token_hex(16),
+            secrets.token_hex(24),
+            secrets.token_hex(24),
+            secrets.token_hex(24),
+        )
+
+    def accepted(self) -> dict[str, str]:
+        """The settings every service gets: the service, operator and reader keys it accepts."""
+        return {
+            "RLHF_SERVICE_KEYS": f"trainer={self.service}",
+            "RLHF_OPERATOR_KEYS": f"local={self.operator}",
+            "RLHF_READER_KEYS": f"watch={self.reader}",
+        }
+
+
 @dataclass
 class Process:
     name: str
@@ -116,6 +156,7 @@ class Process:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C goes to the launcher, which stops us in order
+            preexec_fn=die_with_parent(),  # and if the launcher dies, we go too
         )
 
     def alive(self) -> bool:
@@ -184,16 +225,20 @@ def _port(preferred: int) -> int:
     return free_port() if busy else preferred
 
 
-def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: str) -> list[Process]:
+def plan(bootstrap: str, model: str, reward_model: str, keys: Keys, id_key: str) -> list[Process]:
     """The processes in start order, each with its own ports and settings."""
-    common = {"RLHF_KAFKA_BOOTSTRAP": bootstrap, "RLHF_GRPC_HOST": "127.0.0.1"}
+    common = {
+        "RLHF_KAFKA_BOOTSTRAP": bootstrap,
+        "RLHF_GRPC_HOST": "127.0.0.1",
+        **keys.accepted(),
+    }
     ports = {
         name: (_port(grpc_port), _port(metrics)) for name, (grpc_port, metrics) in PORTS.items()
     }
     http_port = _port(HTTP_PORT)
     feedback_http_port = _port(FEEDBACK_HTTP_PORT)
     playground_port = _port(PLAYGROUND_PORT)
-    tenant_key = f"local={api_key}"
+    tenant_key = f"local={keys.api}"
 
     def service(name: str, extra: dict[str, str], module: str | None = None) -> Process:
         grpc_port, metrics_port = ports[name]
@@ -232,6 +277,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
             {
                 "RLHF_POLICY_MODEL": model,
                 "RLHF_REWARD_ADDRESS": f"127.0.0.1:{ports['reward'][0]}",
+                "RLHF_CLIENT_KEY": keys.service,
             },
         ),
         service(
@@ -249,6 +295,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
                 "RLHF_TRAINER_ADDRESS": f"127.0.0.1:{ports['trainer'][0]}",
                 "RLHF_REWARD_TRAINER_ADDRESS": f"127.0.0.1:{ports['reward-trainer'][0]}",
                 "RLHF_FEEDBACK_METRICS_URL": f"http://127.0.0.1:{ports['feedback'][1]}/metrics",
+                "RLHF_CLIENT_KEY": keys.reader,  # the panel reads status and thumbs
             },
         ),
         Process(
@@ -259,7 +306,7 @@ def plan(bootstrap: str, model: str, reward_model: str, api_key: str, id_key: st
             {
                 "RLHF_GENERATION_ADDRESS": f"127.0.0.1:{ports['generation'][0]}",
                 "RLHF_FEEDBACK_ADDRESS": f"127.0.0.1:{ports['feedback'][0]}",
-                "RLHF_SIM_API_KEY": api_key,
+                "RLHF_SIM_API_KEY": keys.api,
             },
         ),
     ]
@@ -270,10 +317,17 @@ def _playground_url(process: Process) -> str:
 
 
 def write_env(
-    run_dir: Path, bootstrap: str, processes: list[Process], api_key: str, extra: dict[str, str]
+    run_dir: Path, bootstrap: str, processes: list[Process], keys: Keys, extra: dict[str, str]
 ) -> Path:
-    """Addresses and the API key, for apps, scripts and the `rlhf` command line."""
-    lines = [f"RLHF_KAFKA_BOOTSTRAP={bootstrap}", f"RLHF_API_KEY={api_key}"]
+    """Addresses and keys, for apps, scripts and the `rlhf` command line: the app key
+    (generate, feedback), the operator key (pause, rollback) and the reader key (status,
+    /metrics). The service key stays with the services."""
+    lines = [
+        f"RLHF_KAFKA_BOOTSTRAP={bootstrap}",
+        f"RLHF_API_KEY={keys.api}",
+        f"RLHF_OPERATOR_KEY={keys.operator}",
+        f"RLHF_READER_KEY={keys.reader}",
+    ]
     for process in processes:
         if process.grpc_port is not None:
             lines.append(f"{address_variable(process.name)}=127.0.0.1:{process.grpc_port}")
@@ -289,7 +343,10 @@ def write_env(
             lines.append(f"RLHF_FEEDBACK_URL=http://127.0.0.1:{port}/v1/feedback")
     lines += [f"{name}={value}" for name, value in extra.items()]
     path = run_dir / "up.env"
-    path.write_text("\n".join(lines) + "\n")
+    # Created private, not made private after the keys are already in it.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write("\n".join(lines) + "\n")
     path.chmod(0o600)
     return path
 
@@ -304,12 +361,16 @@ class Launcher:
         self.live = config.view == "live" or (config.view == "auto" and console.is_terminal)
         self.log_dir = config.run_dir / "logs"
         self.processes: list[Process] = []
+        self.keys = Keys.new(config.api_key)
         self.prometheus: Process | None = None
         self.prometheus_url = ""
 
     def say(self, text: str) -> None:
         # No wrapping or markup: plain mode output is read by people and by scripts alike.
-        self.console.print(text, soft_wrap=True, markup=False, highlight=False)
+        try:
+            self.console.print(text, soft_wrap=True, markup=False, highlight=False)
+        except (BrokenPipeError, OSError):  # the reader (a pager, `tee`) left: stop, in order
+            self.stop.set()
 
     def _announce(self, process: Process) -> None:
         if process.grpc_port is None:
@@ -348,11 +409,11 @@ class Launcher:
 
             return wait_healthy(process, self.log_dir, self.stop, tick)
 
-    def start_services(self, bootstrap: str, api_key: str) -> bool:
+    def start_services(self, bootstrap: str, keys: Keys) -> bool:
         """Start every process in order; False if stopped before all were healthy."""
         id_key = self.config.generation_id_key or secrets.token_hex(32)
         config = self.config
-        self.processes = plan(bootstrap, config.policy_model, config.reward_model, api_key, id_key)
+        self.processes = plan(bootstrap, config.policy_model, config.reward_model, keys, id_key)
         for process in self.processes:
             process.start(self.log_dir)
             if process.grpc_port is not None and not self._wait(process):
@@ -368,7 +429,7 @@ class Launcher:
             return
         port = _port(self.config.prometheus_port)
         targets = {p.name: p.metrics_port for p in self.processes if p.metrics_port is not None}
-        command = prometheus.command(self.config.run_dir, port, targets)
+        command = prometheus.command(self.config.run_dir, port, targets, self.keys.reader)
         self.prometheus = Process("prometheus", command, None, port, {})
         self.prometheus.start(self.log_dir)
         if prometheus.ready(port, PROMETHEUS_READY_TIMEOUT):
@@ -390,6 +451,7 @@ class Launcher:
                 for p in self.processes
                 if p.metrics_port
             },
+            ClientSecurity(key=self.keys.reader),
         )
         try:
             if self.live:
@@ -427,13 +489,15 @@ class Launcher:
 
     def run(self, bootstrap: str) -> bool:
         """Start everything, then watch until Ctrl-C; False if a service stopped on its own."""
-        api_key = self.config.api_key or secrets.token_hex(16)
-        if not self.start_services(bootstrap, api_key):
+        if not self.start_services(bootstrap, self.keys):
             return True  # Ctrl-C during start-up
         self.start_prometheus()
         extra = {"RLHF_PROMETHEUS_URL": self.prometheus_url} if self.prometheus_url else {}
-        env_file = write_env(self.config.run_dir, bootstrap, self.processes, api_key, extra)
-        self.say(f"API key: tenant 'local', key {api_key} (all addresses in {env_file})")
+        env_file = write_env(self.config.run_dir, bootstrap, self.processes, self.keys, extra)
+        self.say(
+            f"API key: tenant 'local', key {self.keys.api} (operator and reader keys and all "
+            f"addresses in {env_file})"
+        )
         self.say(f"logs in {self.log_dir}/ ; Ctrl-C stops everything")
         self.watch()
         return not self._dead()
@@ -463,7 +527,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
     launcher = Launcher(config, Console(), stop)
-    broker = EmbeddedBroker(port=_port(config.broker_port), log_path=log_dir / "broker.log")
+    broker = EmbeddedBroker(
+        port=_port(config.broker_port), log_path=log_dir / "broker.log", die_with_parent=True
+    )
     broker.start()
     bus.ensure_topics(broker.bootstrap)
     launcher.say(

@@ -55,6 +55,7 @@ class PlaygroundConfig(CommonConfig, GenerationAddressSettings):
     )
 
     def validate(self) -> None:
+        super().validate()
         for name in ("generation_url", "feedback_url", "feedback_metrics_url"):
             if not getattr(self, name).startswith(("http://", "https://")):
                 raise ConfigError(f"{name} must be an http:// or https:// URL")

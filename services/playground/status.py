@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+from rlhf.auth import ClientSecurity
 from rlhf.v1 import trainer_pb2
 from rlhf.watch import Snapshot, Watcher
 
@@ -61,6 +62,7 @@ class StatusBoard:
         self._watcher = Watcher(
             {name: address for name, address in addresses.items() if address},
             {"feedback": config.feedback_metrics_url},
+            ClientSecurity.of(config),  # a reader key (RLHF_CLIENT_KEY)
         )
         self._every = config.status_every_seconds
         self._latest = status_json(Snapshot(missing=["not asked yet"]))

@@ -51,6 +51,7 @@ class RewardConfig(CommonConfig, RewardModelSettings, RewardTokenSettings, Consu
     )
 
     def validate(self) -> None:
+        super().validate()
         if (
             min(self.max_batch, self.batch_max_pairs, self.max_queued_pairs, self.reward_max_tokens)
             < 1

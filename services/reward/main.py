@@ -8,6 +8,7 @@ import grpc
 from transformers import PreTrainedModel
 
 from rlhf import bus
+from rlhf.auth import READER, SERVICE, allow, rules
 from rlhf.bus import EventConsumer
 from rlhf.checkpoints import REWARD, CheckpointStore, VerifiedCheckpoint
 from rlhf.drift import LiveRewardSampler
@@ -20,9 +21,14 @@ from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from .config import RewardConfig
 from .servicer import RewardServicer
 
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+# The reward model is no open oracle: only the platform's services may score.
+RULES = rules(SERVICE_NAME, {"Score": allow(SERVICE), "GetModelInfo": allow(SERVICE, READER)})
+
 
 class RewardService:
     name = "reward"
+    rules = RULES
 
     def __init__(self, config: RewardConfig) -> None:
         self.config = config
@@ -68,9 +74,12 @@ class RewardService:
         )
         return LiveRewardSampler(consumer, config.drift_sample, self.batcher.submit)
 
+    def healthy(self) -> bool:
+        return self.follower.healthy()
+
     def register(self, server: grpc.Server) -> list[str]:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.servicer, server)
-        return [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
+        return [SERVICE_NAME]
 
     def start(self) -> None:
         self.batcher.start()

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from rlhf.auth import ClientSecurity, dial
 from rlhf.config import parse_args
 from rlhf.server import configure_logging
 
@@ -20,8 +21,9 @@ log = logging.getLogger("simulated_users")
 
 
 def run(config: SimulatedUsersConfig, stop: threading.Event) -> Tally:
-    generation = grpc.insecure_channel(config.generation_address)
-    feedback = grpc.insecure_channel(config.feedback_address)
+    security = ClientSecurity.of(config, key="")  # TLS; the key goes with each call
+    generation = dial(config.generation_address, security)
+    feedback = dial(config.feedback_address, security)
     tally = Tally()
 
     def user_loop(index: int) -> None:

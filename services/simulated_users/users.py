@@ -183,6 +183,7 @@ class SimulatedUser:
                     max_new_tokens=self._max_new_tokens, temperature=0.8
                 ),
             ),
+            metadata=self._auth,  # the tenant's key: its ids take feedback only from it
             timeout=timeout,
         )
 

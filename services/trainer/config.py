@@ -55,6 +55,7 @@ class TrainerConfig(CommonConfig, PolicyModelSettings, ConsumerSettings):
         return self.checkpoint_dir / "logs" / f"{self.stage}.jsonl"
 
     def validate(self) -> None:
+        super().validate()
         if self.stage not in STAGES:
             raise ConfigError(f"RLHF_TRAINER_STAGE={self.stage!r}: expected one of {STAGES}")
         if self.keep_checkpoints < 1 or self.keep_states < 1:

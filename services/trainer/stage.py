@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from prometheus_client import Gauge
 
 from rlhf import bus
+from rlhf.auth import OPERATOR, READER, Access, allow, rules
 from rlhf.bus import BusUnavailable, EventConsumer, Publisher
 from rlhf.checkpoints import (
     POLICY,
@@ -65,6 +66,20 @@ ANNOUNCED = {
 }
 Offsets = dict[tuple[str, int], int]
 T = TypeVar("T")
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+# Readers see; only operators steer (five Checkpoint calls would prune every older policy, and
+# Rollback with pause forces a version into service).
+RULES: dict[str, Access] = rules(
+    SERVICE_NAME,
+    {
+        "GetStatus": allow(READER),
+        "ListCheckpoints": allow(READER),
+        "Pause": allow(OPERATOR),
+        "Resume": allow(OPERATOR),
+        "Checkpoint": allow(OPERATOR),
+        "Rollback": allow(OPERATOR),
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -229,8 +244,8 @@ class ConsumerThread:
             try:
                 records = self._consumer.poll(timeout=0.5)
                 with self.lock:
-                    for record in records:
-                        self.handle(record)
+                    # A record whose handling fails is dead-lettered; the rest are handled.
+                    self._consumer.dispatch(records, self.handle)
                     self.offsets.update(self._consumer.positions())
                 self.lag = self._consumer.lag()
                 self.after_poll()
@@ -506,6 +521,7 @@ class StageService:
     a stage's work thread, and the drain order on SIGTERM (stage, intake, clients, producer)."""
 
     name = "trainer"
+    rules = RULES
     config: TrainerConfig
     intake: ConsumerThread
     loop: Stage
@@ -543,7 +559,7 @@ class StageService:
 
     def register(self, server: grpc.Server) -> list[str]:
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
-        return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
+        return [SERVICE_NAME]
 
     def start(self) -> None:
         self.intake.start()

@@ -33,11 +33,25 @@ REQUIRED = {
 }
 ID_KEY = "test-generation-id-key-0123456789"
 API_KEY = "tenant-key-0123456789abcdef"
+SERVICE_KEY = "service-key-0123456789abcdef"
+OPERATOR_KEY = "operator-key-0123456789abcdef"
+METRICS_KEY = "metrics-key-0123456789abcdef"
+# What an operator's own Secret (secrets.existingSecret) holds, for the renders that use one.
+EXISTING_SECRET = {
+    "generation-id-key": ID_KEY,
+    "feedback-api-keys": f"app={API_KEY}",
+    "service-keys": f"trainer={SERVICE_KEY}",
+    "client-key": SERVICE_KEY,
+    "sim-api-key": API_KEY,
+}
 INLINE_SECRETS = {
     "secrets": {
         "existingSecret": "",
         "generationIdKey": ID_KEY,
         "feedbackApiKeys": [f"app={API_KEY}", "other=another-key-0123456789"],
+        "serviceKey": SERVICE_KEY,
+        "operatorKeys": [f"ops={OPERATOR_KEY}"],
+        "metricsKey": METRICS_KEY,
         "simulatedUsersApiKey": API_KEY,
     }
 }
@@ -215,6 +229,24 @@ class Rendered:
         for entry in container.get("env", []):
             env[entry["name"]] = entry.get("value", entry.get("valueFrom"))
         return env
+
+    def environ(self, template: dict[str, Any]) -> dict[str, str]:
+        """What the container's process would see: secrets resolved from the rendered Secret
+        (or EXISTING_SECRET, for secrets.existingSecret; optional keys it lacks are left unset,
+        as Kubernetes does), downward-API fields left out."""
+        secrets = {s["metadata"]["name"]: s["stringData"] for s in self.kind("Secret")}
+        environ = {}
+        for name, value in self.pod_env(template).items():
+            if isinstance(value, dict):
+                if "secretKeyRef" not in value:
+                    continue
+                ref = value["secretKeyRef"]
+                found = secrets.get(ref["name"], EXISTING_SECRET)
+                if ref.get("optional") and ref["key"] not in found:
+                    continue
+                value = found[ref["key"]]
+            environ[name] = value
+        return environ
 
 
 def pod_templates(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:

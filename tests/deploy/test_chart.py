@@ -30,10 +30,13 @@ from tests.deploy.chart_support import (
     ID_KEY,
     INLINE_SECRETS,
     KUBE_VERSIONS,
+    METRICS_KEY,
     NAMESPACE,
+    OPERATOR_KEY,
     REQUIRED,
     ROOT,
     RULES,
+    SERVICE_KEY,
     SFT_PHASE,
     component,
     exported_metrics,
@@ -270,7 +273,8 @@ def test_topic_job_runs_before_the_services(default):
         "--timeout=300",
     ]
     assert container["env"] == [
-        {"name": "RLHF_KAFKA_BOOTSTRAP", "value": REQUIRED["externalKafka"]["bootstrapServers"]}
+        {"name": "RLHF_KAFKA_BOOTSTRAP", "value": REQUIRED["externalKafka"]["bootstrapServers"]},
+        {"name": "RLHF_KAFKA_SECURITY_PROTOCOL", "value": "PLAINTEXT"},
     ]
     # The job's arguments are the CLI's own.
     from rlhf.topics_cli import _parser
@@ -322,16 +326,120 @@ def test_keys_come_from_the_secret(default, gpu):
         assert ID_KEY not in text and API_KEY not in text
 
 
+SERVERS = ("generation", "feedback", "reward", "trainer")
+
+
+def test_secure_by_default(default, everything):
+    """Every server binds the pod's interfaces and accepts the service, operator and reader
+    keys; generation needs an app key; /metrics needs a reader key, which the ServiceMonitor
+    presents; the trainer presents the service key; keys only ever come from the Secret."""
+    for rendered in (default, everything):
+        for deployment, _ in rendered.deployments():
+            env = rendered.env(deployment)
+            if component(deployment) not in SERVERS:
+                assert "RLHF_GRPC_HOST" not in env
+                continue
+            assert env["RLHF_GRPC_HOST"] == "0.0.0.0" and env["RLHF_METRICS_OPEN"] == "false"
+            for variable, key in (
+                ("RLHF_SERVICE_KEYS", "service-keys"),
+                ("RLHF_OPERATOR_KEYS", "operator-keys"),
+                ("RLHF_READER_KEYS", "reader-keys"),
+            ):
+                assert env[variable]["secretKeyRef"]["key"] == key
+            if component(deployment) == "generation":
+                assert env["RLHF_GENERATION_OPEN"] == "false"
+                assert env["RLHF_GENERATION_API_KEYS"]["secretKeyRef"]["key"] == (
+                    "feedback-api-keys"
+                )
+            if component(deployment) == "trainer":
+                assert env["RLHF_CLIENT_KEY"]["secretKeyRef"]["key"] == "client-key"
+    # A Secret of the operator's own may leave out the optional lists.
+    generation = default.env(default.get("Deployment", "rlhf-generation"))
+    assert generation["RLHF_OPERATOR_KEYS"]["secretKeyRef"]["optional"] is True
+    assert "optional" not in generation["RLHF_SERVICE_KEYS"]["secretKeyRef"]
+    stored = everything.get("Secret", "rlhf-keys")["stringData"]
+    assert stored["service-keys"] == f"trainer={SERVICE_KEY}" == f"trainer={stored['client-key']}"
+    assert stored["reader-keys"] == f"prometheus={METRICS_KEY}"
+    assert stored["operator-keys"] == f"ops={OPERATOR_KEY}"
+    (endpoint,) = everything.get("ServiceMonitor", "rlhf")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "rlhf-keys", "key": "metrics-key"}
+    assert stored["metrics-key"] == METRICS_KEY and "scheme" not in endpoint
+
+
+TLS = {"tls": {"enabled": True, "secretName": "rlhf-tls", "serverName": "rlhf.internal"}}
+KAFKA_SASL_SSL = {
+    "externalKafka": {
+        "securityProtocol": "SASL_SSL",
+        "sasl": {"username": "rlhf", "passwordSecret": {"name": "kafka-user", "key": "password"}},
+        "ssl": {"caSecret": {"name": "kafka-ca"}, "clientCertSecret": "kafka-client"},
+    }
+}
+
+
+def test_tls_turns_on_mutual_tls_everywhere_with_plaintext_health_probes(chart):
+    rendered = render(chart, merged(REQUIRED, INLINE_SECRETS, EVERYTHING, TLS))
+    for deployment, container in rendered.deployments():
+        env = rendered.env(deployment)
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert volumes["tls"]["secret"] == {"secretName": "rlhf-tls"}
+        assert mounts["tls"]["readOnly"] is True
+        assert env["RLHF_TLS_CA_FILE"] == mounts["tls"]["mountPath"] + "/ca.crt"
+        assert env["RLHF_TLS_CERT_FILE"].endswith("tls.crt")
+        assert env["RLHF_TLS_CLIENT_AUTH"] == "true"
+        assert env["RLHF_TLS_SERVER_NAME"] == "rlhf.internal"
+        if component(deployment) == "simulated-users":  # a client: certificate and CA only
+            assert "RLHF_HEALTH_PORT" not in env
+            load_config(SimulatedUsersConfig, rendered.environ(deployment["spec"]["template"]))
+            continue
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert int(env["RLHF_HEALTH_PORT"]) == ports["health"] == 8086
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": ports["health"]}
+    (endpoint,) = rendered.get("ServiceMonitor", "rlhf")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["cert"]["secret"] == {"name": "rlhf-tls", "key": "tls.crt"}
+    assert endpoint["tlsConfig"]["serverName"] == "rlhf.internal"
+    for kube_version in KUBE_VERSIONS:
+        assert invalid(rendered.docs, kube_version)[0] == []
+
+
+def test_kafka_sasl_and_tls_reach_every_kafka_client(chart):
+    rendered = render(chart, merged(REQUIRED, INLINE_SECRETS, KAFKA_SASL_SSL))
+    job = rendered.get("Job", "rlhf-topics")
+    templates = [job["spec"]["template"]] + [
+        d["spec"]["template"] for d, _ in rendered.deployments()
+    ]
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        env = rendered.pod_env(template)
+        assert env["RLHF_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert env["RLHF_KAFKA_SASL_USERNAME"] == "rlhf"
+        assert env["RLHF_KAFKA_SASL_PASSWORD"]["secretKeyRef"] == {
+            "name": "kafka-user",
+            "key": "password",
+        }
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert env["RLHF_KAFKA_SSL_CA_FILE"] == mounts["kafka-ca"] + "/ca.crt"
+        assert env["RLHF_KAFKA_SSL_CERT_FILE"] == mounts["kafka-client"] + "/tls.crt"
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["kafka-ca"]["secret"]["secretName"] == "kafka-ca"
+    # What the services make of it (the files exist only in a pod: checked up to them).
+    from rlhf.config import KafkaSettings
+
+    settings = KafkaSettings(
+        security_protocol="SASL_SSL", sasl_username="rlhf", sasl_password="secret"
+    )
+    settings.validate()
+    assert settings.client_options()["sasl_plain_username"] == "rlhf"
+    for kube_version in KUBE_VERSIONS:
+        assert invalid(rendered.docs, kube_version)[0] == []
+
+
 def _environ(rendered, deployment):
-    """What the container's process would see, secrets resolved from the rendered Secret."""
-    secrets = {s["metadata"]["name"]: s["stringData"] for s in rendered.kind("Secret")}
-    environ = {}
-    for name, value in rendered.env(deployment).items():
-        if isinstance(value, dict):
-            ref = value["secretKeyRef"]
-            value = secrets[ref["name"]][ref["key"]]
-        environ[name] = value
-    return environ
+    """What the container's process would see, secrets resolved."""
+    return rendered.environ(deployment["spec"]["template"])
 
 
 @pytest.mark.parametrize("values", ["gpu", "everything", "local"])
@@ -679,9 +787,32 @@ REFUSED_BY_TEMPLATES = {
         {"devBroker": {"enabled": True}},
         "devBroker.enabled and externalKafka.bootstrapServers are both set",
     ),
-    "tls without tls probes": (
+    "tls in plain values": (
         {"feedback": {"env": {"RLHF_TLS_CERT_FILE": "/tls/tls.crt"}}},
-        "do not speak TLS",
+        "feedback.env.RLHF_TLS_CERT_FILE is set by the chart from tls.*",
+    ),
+    "a key in plain values": (
+        {"reward": {"env": {"RLHF_OPERATOR_KEYS": "ops=" + "k" * 20}}},
+        "reward.env.RLHF_OPERATOR_KEYS is a secret",
+    ),
+    "no service key": (
+        merged(INLINE_SECRETS, {"secrets": {"serviceKey": ""}}),
+        "secrets.serviceKey is required",
+    ),
+    "scraped without a key": (
+        merged(
+            INLINE_SECRETS,
+            {
+                "secrets": {"metricsKey": ""},
+                "monitoring": {"serviceMonitor": {"enabled": True}},
+            },
+        ),
+        "monitoring.serviceMonitor needs secrets.metricsKey",
+    ),
+    "tls without a secret": ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
+    "sasl without a user": (
+        {"externalKafka": {"securityProtocol": "SASL_SSL"}},
+        "needs externalKafka.sasl.username and sasl.passwordSecret.name",
     ),
     "min isr above replication": (
         {"topics": {"replicationFactor": 1}},

@@ -246,7 +246,7 @@ def test_torchrun_runs_the_trainer_on_every_node(renders, values, monkeypatch):
     for pod in pods:
         config, _, module_args = torchrun(pod)
         # The trainer's own check at start: its batches split over the world (2 x 1 ranks).
-        trainer = load_config(TrainerConfig, rendered.pod_env(pod.template))
+        trainer = load_config(TrainerConfig, rendered.environ(pod.template))
         world = config.max_nodes * config.nproc_per_node
         assert trainer.ppo.batch_size % world == 0
         assert trainer.ppo.algorithm.minibatch_size % world == 0
@@ -358,7 +358,9 @@ def test_every_rank_runs_the_single_pod_trainers_pod(chart, mode, gpu):
         assert _pod_spec(pod.template) == expected, pod.name
         env = rendered.pod_env(pod.template)
         assert env["RLHF_TRAINER_STAGE"] == "ppo"
-        config = load_config(TrainerConfig, env)  # the trainer accepts what every rank gets
+        config = load_config(
+            TrainerConfig, rendered.environ(pod.template)
+        )  # the trainer accepts what every rank gets
         settings = {row[0] for row in describe(TrainerConfig)}
         assert {k for k in env if k.startswith("RLHF_")} <= settings
         mounts = {m["mountPath"]: m for m in pod.container["volumeMounts"]}

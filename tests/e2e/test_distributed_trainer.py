@@ -9,14 +9,12 @@ import subprocess
 import sys
 import uuid
 
-import grpc
-
 from rlhf import bus
 from rlhf.broker import free_port
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.models import load_tokenizer
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from tests.conftest import wait_until
+from tests.conftest import KEYS_ENV, READER_KEY, channel, wait_until
 from tests.e2e.test_trainer_resume import _events, _publish, reward  # noqa: F401 (fixture)
 from tests.processes import wait_healthy
 
@@ -59,8 +57,8 @@ def test_two_rank_trainer_trains_publishes_and_stops_cleanly(
         trainer = subprocess.Popen(command, env={**_base_env(), **env}, stdout=log, stderr=log)
     try:
         wait_healthy(port, trainer, timeout=120)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            control = trainer_pb2_grpc.TrainerServiceStub(channel)
+        with channel(port, READER_KEY) as opened:
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
 
             def trained_on_everything() -> bool:
                 status = control.GetStatus(trainer_pb2.GetStatusRequest(), timeout=5)
@@ -86,4 +84,4 @@ def test_two_rank_trainer_trains_publishes_and_stops_cleanly(
 def _base_env() -> dict[str, str]:
     import os
 
-    return dict(os.environ)
+    return {**os.environ, **KEYS_ENV}

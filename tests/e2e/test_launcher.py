@@ -22,7 +22,8 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
-from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2
+from rlhf.auth import ClientSecurity, dial
+from rlhf.v1 import generation_pb2, generation_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from rlhf.watch import Snapshot, version_rows
 from services.launcher import prometheus
 from services.launcher.view import line, panel
@@ -36,8 +37,8 @@ def _read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().split())
 
 
-def _served_version(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+def _served_version(address: str, key: str) -> int:
+    with dial(address, ClientSecurity(key=key)) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         return stub.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest(), timeout=5).version
 
@@ -122,10 +123,19 @@ def test_up_runs_the_loop_and_stops_cleanly_on_ctrl_c(folders):
             assert f"prometheus      {addresses['RLHF_PROMETHEUS_URL']}" in "".join(output)
             jobs = {"generation", "feedback", "reward", "trainer", "reward-trainer", "playground"}
             _prometheus_checks(addresses["RLHF_PROMETHEUS_URL"], jobs)
-        generation = addresses["RLHF_GENERATION_ADDRESS"]
-        assert wait_until(lambda: _served_version(generation) >= 2, timeout=240, interval=1), (
-            "the served policy version did not increase"
-        )
+        generation, reader = addresses["RLHF_GENERATION_ADDRESS"], addresses["RLHF_READER_KEY"]
+        assert wait_until(
+            lambda: _served_version(generation, reader) >= 2, timeout=240, interval=1
+        ), "the served policy version did not increase"
+        # The control plane is closed to callers without the operator key up.env holds.
+        trainer = addresses["RLHF_TRAINER_ADDRESS"]
+        with dial(trainer, ClientSecurity(key=addresses["RLHF_READER_KEY"])) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                trainer_pb2_grpc.TrainerServiceStub(channel).Pause(
+                    trainer_pb2.PauseRequest(), timeout=10
+                )
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (Path(folders["RLHF_UP_RUN_DIR"]) / "up.env").stat().st_mode & 0o077 == 0
     finally:
         launcher.send_signal(signal.SIGINT)
         started = time.monotonic()
@@ -210,6 +220,63 @@ def test_second_up_on_a_terminal_shows_the_live_view_and_stops_on_ctrl_c(folders
         terminal.close()
     assert code == 0, terminal.text[-3000:]
     assert "stopped cleanly" in terminal.text
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_killing_the_launcher_leaves_no_service_running(tmp_path):
+    """SIGKILL, as when `make up`'s output was piped to a pager that exited and the launcher
+    was killed: Linux stops every process it started (the broker, the services, the users)."""
+    env = {
+        **os.environ,
+        "RLHF_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "RLHF_UP_RUN_DIR": str(tmp_path / "run"),
+        "RLHF_POLICY_MODEL": "tiny-random",
+        "RLHF_REWARD_MODEL": "tiny-random",
+        "RLHF_UP_PROMETHEUS": "false",
+        "RLHF_UP_VIEW": "plain",
+    }
+    launcher = subprocess.Popen(
+        LAUNCHER, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = []
+    children: list[int] = []
+    try:
+        for text in launcher.stdout:
+            output.append(text)
+            if "Ctrl-C stops everything" in text:
+                break
+        assert launcher.poll() is None, "".join(output)
+        children = _children(launcher.pid)
+        # The broker, six services and the simulated users.
+        assert len(children) >= 8, (children, "".join(output))
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=30)
+    assert wait_until(lambda: not any(_running(pid) for pid in children), timeout=120), [
+        pid for pid in children if _running(pid)
+    ]
 
 
 def _exposition(lines):

@@ -34,6 +34,7 @@ from tests.conftest import (
     API_KEY,
     ID_KEY,
     TENANT,
+    channels_to,
     publish_reward_model,
     serve,
     trainer_config,
@@ -50,7 +51,13 @@ def platform(broker, cache_dir, tmp_path):
     servers["reward"] = serve(RewardService(RewardConfig(**common, reward_model=TINY)))
     servers["generation"] = serve(
         GenerationService(
-            GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY, http_port=0)
+            GenerationConfig(
+                **common,
+                policy_model=TINY,
+                generation_id_key=ID_KEY,
+                api_keys=(f"{TENANT}={API_KEY}",),
+                http_port=0,
+            )
         )
     )
     servers["feedback"] = serve(
@@ -75,7 +82,7 @@ def platform(broker, cache_dir, tmp_path):
             )
         )
     )
-    channels = {name: grpc.insecure_channel(f"127.0.0.1:{s.port}") for name, s in servers.items()}
+    channels = channels_to(servers)
     channels["bootstrap"], channels["store"] = broker.bootstrap, store
     yield channels, CheckpointStore(store)
     for name in ("trainer", "feedback", "generation", "reward"):

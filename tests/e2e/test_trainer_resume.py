@@ -12,7 +12,6 @@ import signal
 import uuid
 from collections import Counter
 
-import grpc
 import pytest
 
 from rlhf import bus
@@ -24,7 +23,7 @@ from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.synthetic import feedback_stream
-from tests.conftest import serve, wait_until
+from tests.conftest import OPERATOR_KEY, channel, serve, wait_until
 from tests.processes import start_service
 
 PROMPTS = ["Tell me about rain.", "Describe a Monday.", "How was the trip?", "Write a haiku."]
@@ -120,8 +119,8 @@ def test_a_killed_trainer_resumes_and_uses_every_feedback_event_exactly_once(
         _publish(publisher, first_feedback[:3], bus.FEEDBACK)
 
         trainer = start_service("services.trainer", env, port, log_path)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            control = trainer_pb2_grpc.TrainerServiceStub(channel)
+        with channel(port, OPERATOR_KEY) as opened:
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
 
             def all_used():
                 status = control.GetStatus(trainer_pb2.GetStatusRequest(), timeout=5)
@@ -222,8 +221,8 @@ def test_a_killed_reward_stage_restarts_with_every_rating_it_consumed(
     log_path = tmp_path / "reward-stage.log"
 
     def status():
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            control = trainer_pb2_grpc.TrainerServiceStub(channel)
+        with channel(port, OPERATOR_KEY) as opened:
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
             return control.GetStatus(trainer_pb2.GetStatusRequest(), timeout=5)
 
     _publish_ratings(publisher, first)

@@ -15,7 +15,6 @@ import random
 import uuid
 from dataclasses import dataclass
 
-import grpc
 import pytest
 
 from rlhf.checkpoints import POLICY, CheckpointStore
@@ -37,7 +36,15 @@ from services.reward.main import RewardService
 from services.simulated_users.synthetic import PROMPTS
 from services.simulated_users.users import SimulatedUser, Tally
 from services.trainer.main import build
-from tests.conftest import API_KEY, ID_KEY, TENANT, serve, trainer_config, wait_until
+from tests.conftest import (
+    API_KEY,
+    ID_KEY,
+    TENANT,
+    channels_to,
+    serve,
+    trainer_config,
+    wait_until,
+)
 
 THRESHOLD = 0.3
 CHEERFUL = ["I love it, what a wonderful and happy time!", "Great, it is lovely and fun!"]
@@ -175,7 +182,13 @@ def _loop(common, tmp_path, ppo_stage: dict, seed: int = 0) -> Outcome:
         )
         servers["generation"] = serve(
             GenerationService(
-                GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY, http_port=0)
+                GenerationConfig(
+                    **common,
+                    policy_model=TINY,
+                    generation_id_key=ID_KEY,
+                    api_keys=(f"{TENANT}={API_KEY}",),
+                    http_port=0,
+                )
             )
         )
         servers["feedback"] = serve(
@@ -203,7 +216,7 @@ def _loop(common, tmp_path, ppo_stage: dict, seed: int = 0) -> Outcome:
                 )
             )
         )
-        channels = {n: grpc.insecure_channel(f"127.0.0.1:{s.port}") for n, s in servers.items()}
+        channels = channels_to(servers)
         trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
         generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
         reward = reward_pb2_grpc.RewardServiceStub(channels["reward"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.auth import ClientSecurity
 from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
 from rlhf.models import TINY, load_base_policy, load_tokenizer
@@ -99,7 +100,10 @@ def make_learner(
     cache_dir = load_config(CommonConfig).cache_dir
     sampler = None
     if pool:
-        sampler = PoolSampler(GenerationClient(pool, timeout=60), lambda: 1, max_policy_lag=0)
+        # Rollouts need a service key: RLHF_CLIENT_KEY, as the trainer presents it.
+        security = ClientSecurity.of(load_config(CommonConfig))
+        client = GenerationClient(pool, timeout=60, security=security)
+        sampler = PoolSampler(client, lambda: 1, max_policy_lag=0)
     return PPOLearner(
         weights or load_base_policy(TINY, cache_dir, seed=0),
         load_base_policy(TINY, cache_dir, seed=0),

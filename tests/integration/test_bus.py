@@ -283,6 +283,68 @@ def test_record_is_not_skipped_when_dead_letter_publish_fails(
     nowhere.close(0)
 
 
+def test_poison_record_is_dead_lettered_and_the_next_one_handled(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    """A record that decodes but whose handler raises: dead-lettered with the reason, and the
+    records after it in the same poll are handled as usual."""
+    topic = make_topic(broker.bootstrap, partitions=1)
+    for name in ("first", "poison", "next", "last"):
+        publisher.publish(topic, name, generation(name))
+    handled: list[str] = []
+
+    def handle(record: bus.Record) -> None:
+        if record.message.generation_id == "poison":
+            raise RuntimeError("cannot handle this one")
+        handled.append(record.message.generation_id)
+
+    topics = {topic: events_pb2.GenerationEvent}
+    with bus.EventConsumer(broker.bootstrap, topics, None, dead_letters=publisher) as consumer:
+        records = poll_until(consumer, 4)
+        assert consumer.dispatch(records, handle) == 3
+        assert consumer.dead_lettered == 1
+        assert consumer.positions() == {(topic, 0): 4}
+    assert handled == ["first", "next", "last"]
+    letters = {bus.DEAD_LETTER: events_pb2.DeadLetter}
+    with bus.EventConsumer(broker.bootstrap, letters, None) as dlq:
+        deadline = time.monotonic() + 10
+        mine: list[events_pb2.DeadLetter] = []
+        while not mine and time.monotonic() < deadline:
+            mine = [r.message for r in dlq.poll(0.2) if r.message.source_topic == topic]
+    assert len(mine) == 1
+    letter = mine[0]
+    assert (letter.offset, letter.key) == (1, b"poison")
+    assert events_pb2.GenerationEvent.FromString(letter.value).generation_id == "poison"
+    assert "handler failed: RuntimeError: cannot handle this one" in letter.reason
+
+
+def test_poison_record_is_read_again_when_it_cannot_be_dead_lettered(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    topic = make_topic(broker.bootstrap, partitions=1)
+    for name in ("first", "poison", "next"):
+        publisher.publish(topic, name, generation(name))
+    nowhere = bus.Publisher(f"127.0.0.1:{free_port()}", client_id="test-nowhere", max_block_ms=300)
+    handled: list[str] = []
+
+    def handle(record: bus.Record) -> None:
+        if record.message.generation_id == "poison":
+            raise RuntimeError("poison")
+        handled.append(record.message.generation_id)
+
+    topics = {topic: events_pb2.GenerationEvent}
+    with bus.EventConsumer(broker.bootstrap, topics, None, dead_letters=nowhere) as consumer:
+        with pytest.raises(bus.BusUnavailable):
+            consumer.dispatch(poll_until(consumer, 3), handle)
+        assert handled == ["first"] and consumer.positions() == {(topic, 0): 1}
+        consumer.dead_letters = publisher
+        again = poll_until(consumer, 2)  # from the poison record on, not lost
+        assert [r.message.generation_id for r in again] == ["poison", "next"]
+        consumer.dispatch(again, handle)
+    assert handled == ["first", "next"]
+    nowhere.close(0)
+
+
 def test_publish_against_stopped_broker_fails_fast() -> None:
     embedded = EmbeddedBroker()
     embedded.start()

@@ -29,7 +29,10 @@ from services.trainer.main import build
 from tests.conftest import (
     API_KEY,
     ID_KEY,
+    OPERATOR_KEY,
+    READER_KEY,
     TENANT,
+    channel,
     consume_all,
     serve,
     trainer_config,
@@ -50,7 +53,13 @@ def platform(broker, cache_dir, tmp_path_factory):
     servers = {"reward": serve(RewardService(RewardConfig(**common, reward_model=TINY)))}
     servers["generation"] = serve(
         GenerationService(
-            GenerationConfig(**common, policy_model=TINY, generation_id_key=ID_KEY, http_port=0)
+            GenerationConfig(
+                **common,
+                policy_model=TINY,
+                generation_id_key=ID_KEY,
+                api_keys=(f"{TENANT}={API_KEY}",),
+                http_port=0,
+            )
         )
     )
     servers["feedback"] = serve(
@@ -90,7 +99,7 @@ def platform(broker, cache_dir, tmp_path_factory):
         )
     )
     env_file = root / "up.env"
-    lines = [f"RLHF_API_KEY={API_KEY}"] + [
+    lines = [f"RLHF_API_KEY={API_KEY}", f"RLHF_OPERATOR_KEY={OPERATOR_KEY}"] + [
         f"RLHF_{name.upper().replace('-', '_')}_ADDRESS=127.0.0.1:{server.port}"
         for name, server in servers.items()
     ]
@@ -222,8 +231,8 @@ def test_unreachable_service_is_one_line_and_exit_1(rlhf):
 
 def _checkpoint_now(servers, name="trainer"):
     """A new version to list and roll back to (the Checkpoint call; the CLI does not wrap it)."""
-    with grpc.insecure_channel(f"127.0.0.1:{servers[name].port}") as channel:
-        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+    with channel(servers[name], OPERATOR_KEY) as opened:
+        stub = trainer_pb2_grpc.TrainerServiceStub(opened)
         return stub.Checkpoint(trainer_pb2.CheckpointRequest(), timeout=60).version
 
 
@@ -318,7 +327,8 @@ def test_as_a_process_addresses_come_from_the_environment(platform):
         f"RLHF_{name.upper().replace('-', '_')}_ADDRESS": f"127.0.0.1:{server.port}"
         for name, server in servers.items()
     }
-    done = _subprocess(["status"], env_file, **addresses)
+    # Keys come from the environment too; a reader's is enough to watch.
+    done = _subprocess(["status"], env_file, **addresses, RLHF_READER_KEY=READER_KEY)
     assert done.returncode == 0, done.stderr
     assert "ppo trainer" in done.stdout and "reward trainer" in done.stdout
     down = _subprocess(["status"], env_file, RLHF_GENERATION_ADDRESS=f"127.0.0.1:{free_port()}")
@@ -326,3 +336,36 @@ def test_as_a_process_addresses_come_from_the_environment(platform):
     assert (
         down.stderr.startswith("rlhf: cannot reach generation") and "Traceback" not in down.stderr
     )
+
+
+def test_steering_the_trainer_needs_the_operator_key(platform, capsys, tmp_path):
+    """A reader key shows status but may not roll back; no key at all is refused, and each
+    refusal is one line naming the key to pass."""
+    _, servers = platform
+    addresses = [f"--{name}=127.0.0.1:{server.port}" for name, server in servers.items()]
+    empty = tmp_path / "none.env"
+
+    def run(*argv, **environ):
+        old = {name: os.environ.get(name) for name in environ}
+        os.environ.update(environ)
+        try:
+            status = main(["--env-file", str(empty), *addresses, *argv])
+        finally:
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    status, out, err = run("status", RLHF_READER_KEY=READER_KEY)
+    assert status == 0 and "ppo trainer" in out, err
+    status, _, err = run("rollback", "1", RLHF_READER_KEY=READER_KEY)
+    assert status == 1 and "refused: " in err and "needs the operator key" in err, err
+    status, _, err = run("pause")
+    assert status == 1 and "refused the operator key: pass --operator-key" in err, err
+    assert err.count("\n") == 1
+    status, out, err = run("pause", "--operator-key", OPERATOR_KEY)
+    assert status == 0 and "paused" in out, err
+    assert run("resume", "--operator-key", OPERATOR_KEY)[0] == 0

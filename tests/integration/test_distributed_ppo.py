@@ -6,6 +6,7 @@ GRPO's and RLOO's (groups of answers sampled per prompt on each rank, seeded by 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 # A generation server over loopback serving the tiny base weights as v1, shared with that module.
+from tests.conftest import KEYS_ENV
 from tests.integration.test_pool_rollouts import served_v1, server, store  # noqa: F401
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
@@ -34,7 +36,8 @@ def run_worker(
     command += [str(WORKER), "--out", str(out), "--lora-rank", str(lora_rank)]
     command += ["--strategy", strategy, "--pool", pool]
     command += ["--algorithm", algorithm, "--aggregation", aggregation]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, **KEYS_ENV}  # the pool takes the test service key
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     stats = json.loads((out / "stats.json").read_text())
     initial = load_file(str(out / "initial.safetensors"))

@@ -14,7 +14,16 @@ from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
 from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.main import GenerationService
-from tests.conftest import ID_KEY, consume_all, scrape, serve, tiny_generation_config, wait_until
+from tests.conftest import (
+    API_KEY,
+    ID_KEY,
+    channel,
+    consume_all,
+    scrape,
+    serve,
+    tiny_generation_config,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +48,8 @@ def server(broker, store, cache_dir):
 
 @pytest.fixture(scope="module")
 def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield generation_pb2_grpc.GenerationServiceStub(channel)
+    with channel(server, API_KEY) as opened:
+        yield generation_pb2_grpc.GenerationServiceStub(opened)
 
 
 def _request(prompt="Hello there", seed=7, max_new_tokens=8, **sampling):

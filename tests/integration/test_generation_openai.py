@@ -7,7 +7,6 @@ import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import openai
 import pytest
 import requests
@@ -24,12 +23,14 @@ from tests.conftest import (
     API_KEY,
     ID_KEY,
     TENANT,
+    channel,
     consume_all,
     scrape,
     serve,
     tiny_generation_config,
 )
 
+OTHER_KEY = "another-tenants-key-0123456789"
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name a colour."},
@@ -109,8 +110,8 @@ def test_seeded_answers_repeat_and_match_grpc(client, generation):
     assert first.choices[0].message.content != other.choices[0].message.content
     assert first.id != again.id  # each answer is its own generation
     # The same request over gRPC: one core, the same answer.
-    with grpc.insecure_channel(f"127.0.0.1:{generation.port}") as channel:
-        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+    with channel(generation, API_KEY) as opened:
+        reply = generation_pb2_grpc.GenerationServiceStub(opened).Generate(
             generation_pb2.GenerateRequest(
                 messages=[common_pb2.ChatMessage(**m) for m in MESSAGES],
                 sampling=common_pb2.SamplingParams(max_new_tokens=12, temperature=0.9, seed=11),
@@ -155,8 +156,8 @@ def test_logprobs_are_the_sampled_tokens(client, generation):
     content = answer.choices[0].logprobs.content
     assert len(content) == answer.usage.completion_tokens
     assert all(entry.logprob <= 0 and entry.top_logprobs == [] for entry in content)
-    with grpc.insecure_channel(f"127.0.0.1:{generation.port}") as channel:
-        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+    with channel(generation, API_KEY) as opened:
+        reply = generation_pb2_grpc.GenerationServiceStub(opened).Generate(
             generation_pb2.GenerateRequest(
                 messages=[common_pb2.ChatMessage(**m) for m in MESSAGES],
                 sampling=common_pb2.SamplingParams(max_new_tokens=12, temperature=1.0, seed=21),
@@ -257,7 +258,7 @@ def test_full_queue_is_the_clients_rate_limit_error(broker, store, cache_dir):
     url = f"http://127.0.0.1:{running.service.http.port}/v1"
 
     def call(seed):
-        with openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
+        with openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0) as client:
             try:
                 _chat(client, seed=seed, max_tokens=48)
                 return "ok"
@@ -277,7 +278,7 @@ def test_generation_ids_come_back_as_feedback_joined_to_their_generations(broker
         kafka_bootstrap=broker.bootstrap,
         grpc_host="127.0.0.1",
         generation_id_key=ID_KEY,
-        api_keys=(f"{TENANT}={API_KEY}",),
+        api_keys=(f"{TENANT}={API_KEY}", f"other={OTHER_KEY}"),
         http_port=0,
     )
     feedback = serve(FeedbackService(feedback_config))
@@ -285,6 +286,15 @@ def test_generation_ids_come_back_as_feedback_joined_to_their_generations(broker
         answer = _chat(client, n=2, seed=50)
         first, second = (c.model_extra["generation_id"] for c in answer.choices)
         url = f"http://127.0.0.1:{feedback.service.http.port}/v1/feedback"
+        # The ids are the asking tenant's: another tenant's thumb on them is refused.
+        stranger = requests.post(
+            url,
+            json={"generationId": first, "thumb": "THUMB_DOWN", "idempotencyKey": "x-tenant"},
+            headers={"Authorization": f"Bearer {OTHER_KEY}"},
+            timeout=30,
+        )
+        assert stranger.status_code == 403, stranger.text
+        assert stranger.json()["error"]["reason"] == "other_tenant"
         submissions = [
             {"generationId": answer.id, "thumb": "THUMB_UP"},
             {"generationId": second, "ranking": {"generationIds": [second, first]}},

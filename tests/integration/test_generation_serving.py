@@ -2,7 +2,10 @@
 TGI-compatible HTTP API driven by the real `text-generation` client (sync and async)."""
 
 import asyncio
+import json
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,7 +20,7 @@ from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.models import TINY, load_base_policy, policy_checkpoint_files
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.main import GenerationService
-from tests.conftest import scrape, serve, tiny_generation_config, wait_until
+from tests.conftest import API_KEY, channel, scrape, serve, tiny_generation_config, wait_until
 
 
 def _config(broker, store, cache_dir, **overrides):
@@ -40,13 +43,16 @@ def service(broker, store, cache_dir):
 
 @pytest.fixture(scope="module")
 def stub(service):
-    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-        yield generation_pb2_grpc.GenerationServiceStub(channel)
+    with channel(service, API_KEY) as opened:
+        yield generation_pb2_grpc.GenerationServiceStub(opened)
 
 
 @pytest.fixture(scope="module")
 def base_url(service):
     return f"http://127.0.0.1:{service.service.http.port}"
+
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _request(prompt="Tell me a story", seed=1, max_new_tokens=12, **extra):
@@ -117,8 +123,8 @@ def test_full_queue_is_resource_exhausted(broker, store, cache_dir):
     config = _config(broker, store, cache_dir, max_concurrent_requests=1, max_batch=1)
     running = serve(GenerationService(config))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with channel(running, API_KEY) as opened:
+            stub = generation_pb2_grpc.GenerationServiceStub(opened)
 
             def call(seed):
                 try:
@@ -187,7 +193,7 @@ def test_swaps_under_concurrent_load_fail_no_request(stub, broker, store, cache_
 
 
 def test_tgi_client_generate_with_details(base_url):
-    client = Client(base_url)
+    client = Client(base_url, headers=HEADERS)
     reply = client.generate("Once upon a time", max_new_tokens=6, do_sample=True, seed=3)
     assert reply.details.generated_tokens == 6 == len(reply.details.tokens)
     assert reply.details.finish_reason.value == "length"
@@ -197,7 +203,11 @@ def test_tgi_client_generate_with_details(base_url):
 
 
 def test_tgi_client_stream(base_url):
-    chunks = list(Client(base_url).generate_stream("Hello", max_new_tokens=5, seed=2, top_k=50))
+    chunks = list(
+        Client(base_url, headers=HEADERS).generate_stream(
+            "Hello", max_new_tokens=5, seed=2, top_k=50
+        )
+    )
     assert len(chunks) == 5
     assert all(c.details is None for c in chunks[:-1])
     assert chunks[-1].details.generated_tokens == 5
@@ -206,7 +216,7 @@ def test_tgi_client_stream(base_url):
 
 def test_tgi_async_client_and_errors(base_url):
     async def scenario():
-        client = AsyncClient(base_url)
+        client = AsyncClient(base_url, headers=HEADERS)
         reply = await client.generate("Hi", max_new_tokens=4, do_sample=True, seed=9)
         streamed = [c async for c in client.generate_stream("Hi", max_new_tokens=4, seed=9)]
         with pytest.raises(ValidationError, match="max_new_tokens"):
@@ -216,41 +226,138 @@ def test_tgi_async_client_and_errors(base_url):
     reply, streamed = asyncio.run(scenario())
     assert reply.details.generated_tokens == 4 == len(streamed)
     with pytest.raises(ValidationError, match="empty"):
-        Client(base_url).generate("   ")
+        Client(base_url, headers=HEADERS).generate("   ")
     with pytest.raises(ValidationError, match="repetition_penalty"):
-        Client(base_url).generate("Hi", repetition_penalty=1.3)
+        Client(base_url, headers=HEADERS).generate("Hi", repetition_penalty=1.3)
 
 
 def test_tgi_routes_info_health_and_generation_id(base_url):
     assert requests.get(f"{base_url}/health", timeout=5).status_code == 200
-    info = requests.get(f"{base_url}/info", timeout=5).json()
+    assert requests.get(f"{base_url}/info", timeout=5).status_code == 401
+    info = requests.get(f"{base_url}/info", headers=HEADERS, timeout=5).json()
     assert info["max_input_tokens"] > 0 and info["backend"] == "local"
     reply = requests.post(
         f"{base_url}/generate",
         json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}},
+        headers=HEADERS,
         timeout=30,
     )
     assert reply.status_code == 200
     assert reply.json()["generation_id"] == reply.headers["x-generation-id"]
-    bad = requests.post(f"{base_url}/generate", data=b"not json", timeout=5)
+    bad = requests.post(f"{base_url}/generate", data=b"not json", headers=HEADERS, timeout=5)
     assert bad.status_code == 422 and bad.json()["error_type"] == "validation"
 
 
 def test_tgi_backend_serves_grpc_through_a_tgi_server(broker, store, cache_dir, base_url):
-    """The `tgi` backend, pointed at this service's own TGI-compatible API (TGI cannot run
-    here): gRPC in, the text-generation client out, same answer as the local backend."""
-    config = _config(broker, store, cache_dir, backend="tgi", tgi_url=base_url)
+    """The `tgi` backend, pointed at another generation service's TGI-compatible API (TGI
+    cannot run here; that one open to callers without a key, as a TGI server is): gRPC in, the
+    text-generation client out, same answer as the local backend."""
+    stand_in = serve(GenerationService(_config(broker, store, cache_dir, open_access=True)))
+    tgi_url = f"http://127.0.0.1:{stand_in.service.http.port}"
+    config = _config(broker, store, cache_dir, backend="tgi", tgi_url=tgi_url)
     running = serve(GenerationService(config))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with channel(running, API_KEY) as opened:
+            stub = generation_pb2_grpc.GenerationServiceStub(opened)
             via_tgi = stub.Generate(_request(seed=8, max_new_tokens=6))
             streamed = list(stub.GenerateStream(_request(seed=8, max_new_tokens=6)))
             info = stub.GetPolicyInfo(generation_pb2.GetPolicyInfoRequest())
     finally:
         running.stop()
+        stand_in.stop()
     assert info.backend == "tgi"
     assert via_tgi.completion_tokens == 6 and len(via_tgi.logprobs) == 6
     assert streamed[-1].final.text == via_tgi.text
-    direct = Client(base_url).generate("Tell me a story", max_new_tokens=6, seed=8, temperature=1.0)
+    direct = Client(base_url, headers=HEADERS).generate(
+        "Tell me a story", max_new_tokens=6, seed=8, temperature=1.0
+    )
     assert via_tgi.text == direct.generated_text
+
+
+# -- the HTTP API cannot be frozen, and always answers with a status ---------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_http(broker, store, cache_dir):
+    """A generation service with a short read timeout and two HTTP connections at most."""
+    config = _config(broker, store, cache_dir, read_timeout_seconds=1.0, http_max_connections=2)
+    running = serve(GenerationService(config))
+    yield running.service.http.port
+    running.stop()
+
+
+def _raw(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw bytes, read the whole reply; (status, body). Status 0: closed without one."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(request)
+        reply = connection.makefile("rb").read()
+    if not reply.startswith(b"HTTP/1."):
+        return 0, reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _post(path: str, body: bytes, headers: str = "", length: str | None = None) -> bytes:
+    declared = str(len(body)) if length is None else length
+    length_line = f"Content-Length: {declared}\r\n" if declared != "-" else ""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\n{length_line}{headers}\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (_post("/generate", b'{"inputs": "Hi"}', length="-5"), 400),
+        (_post("/generate", b'{"inputs": "Hi"}', length="12abc"), 400),
+        (_post("/generate", b'{"inputs": "Hi"}', length="-"), 411),
+        (
+            _post("/generate", b"5\r\nhello\r\n0\r\n\r\n", "Transfer-Encoding: chunked\r\n", "-"),
+            411,
+        ),
+        (_post("/generate", b"x" * ((1 << 20) + 1)), 413),
+        (_post("/v1/chat/completions", b"x" * ((1 << 20) + 1)), 413),
+        (_post("/generate", b"[" * 100_000 + b"]" * 100_000), 422),
+        (_post("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000), 400),
+        (_post("/generate", b'{"inputs": "\\ud800 lone"}'), 422),
+        (
+            _post(
+                "/v1/chat/completions",
+                b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+            ),
+            400,
+        ),
+        (_post("/generate", b'{"inputs": "Hi"}', length="5"), 422),  # cut short: not JSON
+        (b"PUT /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    ],
+)
+def test_bad_framing_and_hostile_json_get_a_status(strict_http, request_bytes, status):
+    code, body = _raw(strict_http, request_bytes)
+    assert code == status, body[:300]
+    assert b"error" in body
+
+
+def test_half_sent_requests_and_idle_connections_cannot_hold_the_http_api(strict_http):
+    """Two connections that send part of a request and go silent hold both slots: a third gets
+    503 at once. Their read times out (1 s here): the half-sent body is answered 408, and the
+    API serves again."""
+    partial = _post("/generate", b'{"inputs": "Hi", "param')[:-3]
+    held = [socket.create_connection(("127.0.0.1", strict_http), timeout=10) for _ in range(2)]
+    try:
+        held[0].sendall(partial)  # headers and part of the body
+        held[1].sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # part of the headers
+        time.sleep(0.3)
+        code, _ = _raw(strict_http, _post("/generate", b'{"inputs": "Hi"}'))
+        assert code == 503
+        started = time.monotonic()
+        first = held[0].makefile("rb").read()
+        assert first.startswith(b"HTTP/1.0 408") or first.startswith(b"HTTP/1.1 408"), first
+        assert held[1].recv(100) == b""  # headers never finished: closed
+        assert time.monotonic() - started < 5
+    finally:
+        for connection in held:
+            connection.close()
+    body = json.dumps({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).encode()
+    code, reply = _raw(strict_http, _post("/generate", body))
+    assert code == 200, reply[:300]

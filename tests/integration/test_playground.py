@@ -19,13 +19,22 @@ from selenium.webdriver.support.ui import WebDriverWait
 from rlhf import bus
 from rlhf.broker import free_port
 from rlhf.checkpoints import CheckpointStore
+from rlhf.config import AuthSettings
 from rlhf.v1 import events_pb2
 from services.feedback.config import FeedbackConfig
 from services.feedback.main import FeedbackService
 from services.generation.main import GenerationService
 from services.playground.config import PlaygroundConfig
 from services.playground.main import PlaygroundService
-from tests.conftest import API_KEY, ID_KEY, TENANT, consume_all, serve, tiny_generation_config
+from tests.conftest import (
+    API_KEY,
+    ID_KEY,
+    READER_KEY,
+    TENANT,
+    consume_all,
+    serve,
+    tiny_generation_config,
+)
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -83,6 +92,7 @@ def platform(broker, tmp_path_factory, cache_dir):
                 feedback_metrics_url=f"http://127.0.0.1:{feedback.metrics_port}/metrics",
                 max_new_tokens=16,
                 status_every_seconds=0.5,
+                auth=AuthSettings(client_key=READER_KEY),  # the panel reads as a reader
             )
         )
     )

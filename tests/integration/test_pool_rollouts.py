@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from rlhf import bus, decoding
 from rlhf.algorithms.ppo import truncated_importance_weights
+from rlhf.auth import ClientSecurity
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import GenerationClient, RewardUnavailable
 from rlhf.models import (
@@ -27,7 +28,14 @@ from rlhf.training.ppo import build_rollout, forward_policy
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.v1 import common_pb2, events_pb2, generation_pb2, generation_pb2_grpc
 from services.generation.main import GenerationService
-from tests.conftest import consume_all, serve, tiny_generation_config, wait_until
+from tests.conftest import (
+    SERVICE_KEY,
+    channel,
+    consume_all,
+    serve,
+    tiny_generation_config,
+    wait_until,
+)
 
 TEMPERATURE = 0.7
 NEW_TOKENS = 6
@@ -63,13 +71,15 @@ def server(broker, store, cache_dir, served_v1):
 
 @pytest.fixture(scope="module")
 def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield generation_pb2_grpc.GenerationServiceStub(channel)
+    with channel(server, SERVICE_KEY) as opened:
+        yield generation_pb2_grpc.GenerationServiceStub(opened)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    generation = GenerationClient(f"127.0.0.1:{server.port}", timeout=60)
+    generation = GenerationClient(
+        f"127.0.0.1:{server.port}", timeout=60, security=ClientSecurity(key=SERVICE_KEY)
+    )
     yield generation
     generation.close()
 

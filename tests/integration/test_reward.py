@@ -24,7 +24,7 @@ from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.simulated_users.synthetic import generation_event
-from tests.conftest import scrape, serve, wait_until
+from tests.conftest import SERVICE_KEY, channel, scrape, serve, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def stub(broker, store):
         drift_sample=0.0,
     )
     running = serve(RewardService(config))
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel)
+    with channel(running, SERVICE_KEY) as opened:
+        yield reward_pb2_grpc.RewardServiceStub(opened)
     running.stop()
 
 
@@ -150,8 +150,8 @@ def coalescing(broker, tmp_path):
         drift_sample=0.0,
     )
     running = serve(RewardService(config))
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel)
+    with channel(running, SERVICE_KEY) as opened:
+        yield reward_pb2_grpc.RewardServiceStub(opened)
     running.stop()
 
 

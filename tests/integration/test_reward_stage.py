@@ -6,7 +6,6 @@ import statistics
 import time
 import uuid
 
-import grpc
 import pytest
 import torch
 from prometheus_client import REGISTRY
@@ -21,7 +20,7 @@ from services.reward.main import RewardService
 from services.simulated_users.synthetic import feedback_stream
 from services.trainer.main import build
 from services.trainer.reward.service import RewardTrainerService
-from tests.conftest import serve, trainer_config, wait_until
+from tests.conftest import READER_KEY, SERVICE_KEY, channel, serve, trainer_config, wait_until
 
 HELDOUT = 0.25
 PROBE = reward_pb2.ScoreRequest(
@@ -61,8 +60,8 @@ def reward_service(broker, tmp_path):
         drift_sample=0.0,
     )
     running = serve(RewardService(config))
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel)
+    with channel(running, SERVICE_KEY) as opened:
+        yield reward_pb2_grpc.RewardServiceStub(opened)
     running.stop()
 
 
@@ -97,8 +96,8 @@ def test_trained_reward_model_is_published_and_served(broker, tmp_path, reward_s
         after = reward_service.Score(PROBE)
         assert list(after.scores) != pytest.approx(list(before.scores), abs=1e-3)
 
-        with grpc.insecure_channel(f"127.0.0.1:{trainer.port}") as channel:
-            status = trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
+        with channel(trainer, READER_KEY) as opened:
+            status = trainer_pb2_grpc.TrainerServiceStub(opened).GetStatus(
                 trainer_pb2.GetStatusRequest()
             )
         assert status.stage == "reward" and status.step >= 1

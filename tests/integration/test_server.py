@@ -1,5 +1,5 @@
-"""The shared server bootstrap: SIGTERM-style stop drains in-flight calls; every entry point
-documents its settings in --help."""
+"""The shared server bootstrap: SIGTERM-style stop drains in-flight calls; calls are bounded
+and a silent client cannot freeze a server; every entry point documents its settings in --help."""
 
 import subprocess
 import sys
@@ -10,7 +10,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rlhf.server import RunningServer
+from rlhf.auth import OPEN, SERVICE, Credentials, allow
+from rlhf.server import CallLimits, RunningServer
+from tests.conftest import SERVICE_AUTH, SERVICE_KEY, wait_until
 
 SLOW = "/test.Slow/Call"
 
@@ -19,6 +21,7 @@ class SlowService:
     """A raw gRPC method that takes a while, to have work in flight during shutdown."""
 
     name = "slow"
+    rules = {SLOW: OPEN}
 
     def __init__(self) -> None:
         self.stopped = threading.Event()
@@ -101,3 +104,103 @@ def test_missing_secret_is_a_clear_start_up_error():
     )
     assert done.returncode != 0
     assert "RLHF_GENERATION_ID_KEY must be set" in done.stderr
+
+
+class Silent:
+    """Calls that send their headers and then never their request message."""
+
+    def __init__(self) -> None:
+        self._release = threading.Event()
+
+    def requests(self):
+        self._release.wait()
+        return
+        yield  # a generator that yields nothing until released
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def test_silent_callers_cannot_freeze_a_server():
+    """N calls withholding their request (each on its own connection) fill the call slots: one
+    more call is RESOURCE_EXHAUSTED at once, health checks still answer SERVING from their own
+    threads, and once the read deadline passes the silent calls are cancelled and the server
+    serves again."""
+    service = SlowService()
+    service.rules = {SLOW: allow(SERVICE)}
+    server = RunningServer(
+        service,
+        port=0,
+        metrics_port=None,
+        grace_seconds=1,
+        credentials=Credentials.parse(SERVICE, [f"tests={SERVICE_KEY}"]),
+        limits=CallLimits(max_calls=4, read_timeout=2.0),
+    ).start()
+    address = f"127.0.0.1:{server.port}"
+    silent = Silent()
+    connections = [grpc.insecure_channel(address) for _ in range(8)]
+    try:
+        held = [
+            c.stream_unary(SLOW).future(silent.requests(), metadata=SERVICE_AUTH, timeout=30)
+            for c in connections
+        ]
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            call = channel.unary_unary(SLOW)
+
+            def full() -> bool:
+                try:
+                    call(b"x", metadata=SERVICE_AUTH, timeout=5)
+                except grpc.RpcError as exc:
+                    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return False
+
+            assert wait_until(full, timeout=5)
+            started = time.monotonic()
+            for _ in range(5):
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - started < 2
+            # The silent calls are cancelled at the read deadline; refused ones were told so.
+            codes = sorted(f.exception(timeout=10).code().name for f in held)
+            assert codes == ["CANCELLED"] * 4 + ["RESOURCE_EXHAUSTED"] * 4, codes
+            assert call(b"y", metadata=SERVICE_AUTH, timeout=5) == b"done:y"
+    finally:
+        silent.release()
+        for connection in connections:
+            connection.close()
+        server.stop()
+
+
+def test_credentials_are_checked_before_the_request_is_read():
+    service = SlowService()
+    service.rules = {SLOW: allow(SERVICE)}
+    server = RunningServer(
+        service,
+        port=0,
+        metrics_port=None,
+        grace_seconds=1,
+        credentials=Credentials.parse(SERVICE, [f"tests={SERVICE_KEY}"]),
+    ).start()
+    silent = Silent()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for metadata, code in (
+                ((), grpc.StatusCode.UNAUTHENTICATED),
+                (
+                    (("authorization", "Bearer not-a-key-at-all-0000"),),
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ),
+            ):
+                # Refused at once although the request never comes: no slot, no wait.
+                future = channel.stream_unary(SLOW).future(
+                    silent.requests(), metadata=metadata, timeout=5
+                )
+                assert future.exception(timeout=2).code() == code
+            unlisted = channel.unary_unary("/test.Slow/Other")
+            with pytest.raises(grpc.RpcError) as caught:
+                unlisted(b"x", metadata=SERVICE_AUTH, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        silent.release()
+        server.stop()

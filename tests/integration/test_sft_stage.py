@@ -12,7 +12,7 @@ from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.models import TINY, load_tokenizer
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.trainer.main import build
-from tests.conftest import consume_all, serve, trainer_config, wait_until
+from tests.conftest import OPERATOR_KEY, channel, consume_all, serve, trainer_config, wait_until
 
 
 def test_file_then_corrections_become_policy_checkpoints(own_broker, cache_dir, tmp_path):
@@ -72,8 +72,8 @@ def test_file_then_corrections_become_policy_checkpoints(own_broker, cache_dir, 
         shas = {r.message.manifest_sha256 for r in announced}
         assert {store.read_manifest(POLICY, v)[1] for v in (1, 2)} <= shas
 
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            control = trainer_pb2_grpc.TrainerServiceStub(channel)
+        with channel(server, OPERATOR_KEY) as opened:
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
             status = control.GetStatus(trainer_pb2.GetStatusRequest())
             assert status.stage == "sft" and status.policy_version == 2
             try:

@@ -7,7 +7,7 @@ from collections import namedtuple
 
 from kafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 
-from rlhf.auth import ApiKeys
+from rlhf.auth import APP, Credentials
 from rlhf.bus import BusUnavailable
 from rlhf.ids import GenerationIdSigner
 from services.feedback.ingest import FeedbackIngest, RecentAcks, StreamLimits
@@ -79,7 +79,7 @@ class FakePublisher:
 
 
 def make_ingest(publisher=None, max_items=100, window=1000, recent=1000, timeout=0.2):
-    keys = ApiKeys({"tenant-a": API_KEY, "tenant-b": OTHER_KEY})
+    keys = Credentials([(APP, "tenant-a", API_KEY), (APP, "tenant-b", OTHER_KEY)])
     return FeedbackIngest(
         keys,
         SIGNER,

@@ -105,7 +105,7 @@ TARGET = Target("trainer", "127.0.0.1:50054")
             "trainer (127.0.0.1:50054) is unavailable: broker did not acknowledge",
         ),
         (grpc.StatusCode.DEADLINE_EXCEEDED, "", "did not answer within 7 s"),
-        (grpc.StatusCode.UNAUTHENTICATED, "bad key", "refused the API key"),
+        (grpc.StatusCode.UNAUTHENTICATED, "bad key", "refused the operator key"),
         (grpc.StatusCode.UNIMPLEMENTED, "", "does not implement this call"),
         (grpc.StatusCode.NOT_FOUND, "no version 9", "not found: no version 9"),
         (grpc.StatusCode.INTERNAL, "boom", "failed with INTERNAL: boom"),

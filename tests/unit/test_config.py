@@ -80,13 +80,89 @@ def test_services_refuse_to_start_without_keys():
 
 
 def test_serving_budgets_and_dtypes_are_checked_at_start():
-    base = {"RLHF_GENERATION_ID_KEY": "k" * 32}
+    base = {"RLHF_GENERATION_ID_KEY": "k" * 32, "RLHF_GENERATION_OPEN": "1"}
     with pytest.raises(ConfigError, match="RLHF_GENERATION_KV_BUDGET_TOKENS"):
         load_config(GenerationConfig, {**base, "RLHF_GENERATION_KV_BUDGET_TOKENS": "1000"})
     with pytest.raises(ConfigError, match="RLHF_GENERATION_DTYPE"):
         load_config(GenerationConfig, {**base, "RLHF_GENERATION_DTYPE": "float16"})
     with pytest.raises(ConfigError, match="RLHF_REWARD_DTYPE"):
         load_config(RewardConfig, {"RLHF_REWARD_DTYPE": "int8"})
+
+
+def test_generation_is_closed_unless_opened_and_keys_are_checked():
+    key = {"RLHF_GENERATION_ID_KEY": "k" * 32}
+    with pytest.raises(ConfigError, match="closed by default"):
+        load_config(GenerationConfig, key)
+    assert load_config(GenerationConfig, {**key, "RLHF_GENERATION_OPEN": "true"}).open_access
+    apps = load_config(GenerationConfig, {**key, "RLHF_GENERATION_API_KEYS": "acme=" + "a" * 20})
+    assert apps.apps().names("app") == {"acme"}
+    with pytest.raises(ConfigError, match="one key is both service 't' and reader 'r'"):
+        load_config(
+            GenerationConfig,
+            {**key, "RLHF_SERVICE_KEYS": "t=" + "s" * 20, "RLHF_READER_KEYS": "r=" + "s" * 20},
+        )
+    with pytest.raises(ConfigError, match="VERIFY_KEYS"):
+        load_config(FeedbackConfig, {**key, "RLHF_GENERATION_ID_VERIFY_KEYS": "short"})
+    with pytest.raises(ConfigError, match="RLHF_TLS_CLIENT_AUTH needs RLHF_TLS_CA_FILE"):
+        load_config(
+            GenerationConfig, {**key, "RLHF_GENERATION_OPEN": "1", "RLHF_TLS_CLIENT_AUTH": "1"}
+        )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RLHF_KAFKA_SECURITY_PROTOCOL": "TLS"}, "must be one of"),
+        ({"RLHF_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "SASL needs"),
+        ({"RLHF_KAFKA_SSL_CA_FILE": "/nonexistent/ca.pem"}, "not a readable file"),
+        ({"RLHF_KAFKA_SSL_CERT_FILE": __file__}, "set both"),
+    ],
+)
+def test_kafka_security_settings_are_checked(env, message):
+    from rlhf.config import KafkaSettings
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(KafkaSettings, env)
+
+
+def test_kafka_security_reaches_every_client():
+    """What kafka-python is given: it accepts every option (an unknown one is a ValueError
+    before any connection is tried)."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaTimeoutError
+
+    from rlhf import bus
+    from rlhf.broker import free_port
+    from rlhf.config import KafkaSettings
+
+    settings = load_config(
+        KafkaSettings,
+        {
+            "RLHF_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "RLHF_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+            "RLHF_KAFKA_SASL_USERNAME": "rlhf",
+            "RLHF_KAFKA_SASL_PASSWORD": "secret",
+            "RLHF_KAFKA_SSL_CA_FILE": __file__,
+        },
+    )
+    try:
+        bus.configure(settings)
+        options = bus.client_options()
+        assert options == {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-256",
+            "sasl_plain_username": "rlhf",
+            "sasl_plain_password": "secret",
+            "ssl_check_hostname": True,
+            "ssl_cafile": __file__,
+        }
+        with pytest.raises(KafkaTimeoutError):  # no broker there; every option was taken
+            KafkaProducer(
+                bootstrap_servers=f"127.0.0.1:{free_port()}", bootstrap_timeout_ms=200, **options
+            )
+    finally:
+        bus.configure(KafkaSettings())
+    assert bus.client_options() == {"security_protocol": "PLAINTEXT"}
 
 
 def _config_classes() -> set[type]:

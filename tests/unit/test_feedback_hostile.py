@@ -45,15 +45,26 @@ versions = st.integers(min_value=0, max_value=2**40)
 
 def _looks_like_a_token(text):
     parts = text.split(".")
-    return len(parts) == 3 and parts[0] == "g1"
+    return len(parts) == 4 and parts[0] == "g2"
 
 
-_b64 = st.binary(max_size=60).map(lambda b: base64.urlsafe_b64encode(b).decode().rstrip("="))
+def _b64_of(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+_b64 = st.binary(max_size=60).map(_b64_of)
+_ascii_b64 = st.text(alphabet="abcxyz0123456789:", max_size=60).map(lambda t: _b64_of(t.encode()))
+_kids = st.one_of(st.just(SIGNER.key_id), st.binary(min_size=1, max_size=6).map(_b64_of))
 generation_ids = st.one_of(
     st.tuples(st.just("valid"), versions.map(lambda v: SIGNER.issue(v))),
     st.tuples(st.just("forged"), versions.map(lambda v: FORGER.issue(v))),
-    # well formed, signed with nothing: a forgery too
-    st.tuples(st.just("forged"), st.tuples(_b64, _b64).map(lambda p: f"g1.{p[0]}.{p[1]}")),
+    # well formed, signed with nothing (or naming a key we do not hold): a forgery too
+    st.tuples(
+        st.just("forged"),
+        st.tuples(_kids, _ascii_b64, _b64)
+        .filter(lambda p: p[1] and p[2])
+        .map(lambda p: f"g2.{p[0]}.{p[1]}.{p[2]}"),
+    ),
     st.tuples(st.just("expired"), versions.map(lambda v: SIGNER.issue(v, now=1000))),
     st.tuples(
         st.just("garbage"), st.text(max_size=300).filter(lambda t: not _looks_like_a_token(t))

@@ -18,7 +18,7 @@ from tests.unit.feedback_fakes import API_KEY, SIGNER, FakePublisher, make_inges
 def http_server():
     publisher = FakePublisher()
     api = FeedbackHttpApi(make_ingest(publisher), max_body_bytes=1024, cors_origins=("https://a",))
-    server = FeedbackHttpServer(api, "127.0.0.1", 0, max_connections=2).start()
+    server = FeedbackHttpServer(api, "127.0.0.1", 0, max_connections=2, read_timeout=1.0).start()
     yield server, publisher
     server.stop()
 
@@ -51,12 +51,26 @@ def test_idle_connections_cannot_take_every_thread(http_server):
     time.sleep(0.2)
     extra = socket.create_connection(("127.0.0.1", server.port))
     extra.settimeout(5)
-    assert extra.recv(100) == b""  # closed at once, not queued behind the idle ones
+    # Answered 503 and closed at once, not queued behind the idle ones.
+    reply = extra.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in reply
     extra.close()
     for sock in idle:
         sock.close()
     time.sleep(0.2)
     assert _post(server.port, _thumb_json("after-idle"))[0] == 200
+
+
+def test_a_body_that_stops_short_is_answered_408(http_server):
+    server, publisher = http_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 50\r\n\r\n{"
+        )
+        reply = connection.makefile("rb").read()
+    assert reply.split(b" ", 2)[1] == b"408", reply
+    assert b"read_timeout" in reply and publisher.records == []
 
 
 def test_oversize_body_is_refused_unread(http_server):

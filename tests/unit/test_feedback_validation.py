@@ -16,9 +16,12 @@ def Feedback(**fields):
     return events_pb2.Feedback(**fields)
 
 
-def _rejection(feedback):
+TENANT = "acme"
+
+
+def _rejection(feedback, tenant=TENANT):
     with pytest.raises(Rejected) as caught:
-        validate_feedback(feedback, SIGNER, LIMITS)
+        validate_feedback(feedback, SIGNER, LIMITS, tenant)
     return caught.value
 
 
@@ -29,7 +32,7 @@ def _code(feedback):
 def test_valid_thumb_returns_claims():
     gid = SIGNER.issue(policy_version=3)
     claims = validate_feedback(
-        Feedback(generation_id=gid, thumb=events_pb2.THUMB_UP), SIGNER, LIMITS
+        Feedback(generation_id=gid, thumb=events_pb2.THUMB_UP), SIGNER, LIMITS, TENANT
     )
     assert claims.policy_version == 3
 
@@ -81,7 +84,7 @@ def _ranking(rated, ids):
 
 def test_rankings_are_checked():
     a, b = SIGNER.issue(1), SIGNER.issue(1)
-    validate_feedback(_ranking(a, [b, a]), SIGNER, LIMITS)
+    validate_feedback(_ranking(a, [b, a]), SIGNER, LIMITS, TENANT)
     for ids in ([a], [a, a], [b, SIGNER.issue(1)], [a, b, *(SIGNER.issue(1) for _ in range(3))]):
         assert _code(_ranking(a, ids)) == grpc.StatusCode.INVALID_ARGUMENT
     forged = GenerationIdSigner(b"z" * 32).issue(1)
@@ -94,7 +97,7 @@ def test_ranking_of_answers_to_different_prompts_is_refused_when_ids_prove_it():
     """Ids bound to their prompt prove "same prompt"; ids without a digest cannot be checked."""
     hello, bye = prompt_digest("Hello?"), prompt_digest("Bye?")
     a, b = SIGNER.issue(1, prompt_hash=hello), SIGNER.issue(2, prompt_hash=hello)
-    validate_feedback(_ranking(a, [a, b]), SIGNER, LIMITS)
+    validate_feedback(_ranking(a, [a, b]), SIGNER, LIMITS, TENANT)
     other = SIGNER.issue(1, prompt_hash=bye)
     rejected = _rejection(_ranking(a, [other, b, a]))
     assert (rejected.code, rejected.reason) == (
@@ -102,7 +105,7 @@ def test_ranking_of_answers_to_different_prompts_is_refused_when_ids_prove_it():
         "ranking_prompt_mismatch",
     )
     unbound = SIGNER.issue(1)  # issued without a digest: accepted, unchecked
-    validate_feedback(_ranking(a, [unbound, a]), SIGNER, LIMITS)
+    validate_feedback(_ranking(a, [unbound, a]), SIGNER, LIMITS, TENANT)
 
 
 def test_sizes_are_bounded():
@@ -111,6 +114,7 @@ def test_sizes_are_bounded():
         Feedback(generation_id=gid, thumb=up, comment="c" * 100, tags=["t" * 64] * 16),
         SIGNER,
         LIMITS,
+        TENANT,
     )
     assert _code(Feedback(generation_id=gid, thumb=up, comment="c" * 101)) == (
         grpc.StatusCode.INVALID_ARGUMENT
@@ -119,3 +123,28 @@ def test_sizes_are_bounded():
         assert _code(Feedback(generation_id=gid, thumb=up, tags=tags)) == (
             grpc.StatusCode.INVALID_ARGUMENT
         )
+
+
+def test_only_the_tenant_that_asked_may_rate_a_generation():
+    up = events_pb2.THUMB_UP
+    mine = SIGNER.issue(1, prompt_hash=prompt_digest("q"), tenant=TENANT)
+    theirs = SIGNER.issue(1, prompt_hash=prompt_digest("q"), tenant="globex")
+    assert validate_feedback(Feedback(generation_id=mine, thumb=up), SIGNER, LIMITS, TENANT)
+    rejected = _rejection(Feedback(generation_id=theirs, thumb=up))
+    assert (rejected.code, rejected.reason) == (grpc.StatusCode.PERMISSION_DENIED, "other_tenant")
+    # Nor may another tenant's answer be smuggled into a ranking.
+    rejected = _rejection(_ranking(mine, [mine, theirs]))
+    assert (rejected.code, rejected.reason) == (grpc.StatusCode.PERMISSION_DENIED, "other_tenant")
+    # Ids from an open generation service belong to no tenant: anyone's.
+    open_id = SIGNER.issue(1, prompt_hash=prompt_digest("q"))
+    validate_feedback(Feedback(generation_id=open_id, thumb=up), SIGNER, LIMITS, "globex")
+
+
+def test_user_key_is_bounded():
+    gid, up = SIGNER.issue(1), events_pb2.THUMB_UP
+    validate_feedback(
+        Feedback(generation_id=gid, thumb=up, user_key="u" * 128), SIGNER, LIMITS, TENANT
+    )
+    for key in ("u" * 129, "a\nb"):
+        rejected = _rejection(Feedback(generation_id=gid, thumb=up, user_key=key))
+        assert rejected.reason == "bad_user_key"

@@ -371,3 +371,14 @@ def test_preferences_are_plain_data():
     preference = Preference((("user", "Hi"),), "Hello!", "Go away.")
     events = preference_events(preference, "manual", PROMPTS, LIMITS)
     assert [e.message.response for e in events[:2]] == ["Go away.", "Hello!"]
+
+
+def test_imported_ids_are_not_generation_ids_and_key_by_themselves():
+    """Imported generations carry no signed id: the feedback service refuses them, and their
+    events are keyed as `partition_key` keys them (by the id itself)."""
+    from rlhf.ids import GenerationIdSigner, InvalidGenerationId, partition_key
+
+    imported = "import:hh:0123abcd:chosen"
+    assert partition_key(imported) == imported
+    with pytest.raises(InvalidGenerationId):
+        GenerationIdSigner(b"k" * 32).verify(imported)

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\xcd\x02\n\x0fGenerationEvent\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12\x1a\n\x12response_token_ids\x18\x06 \x03(\r\x12\x19\n\x11response_logprobs\x18\x07 \x03(\x02\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\x12)\n\x08sampling\x18\t \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x07Ranking\x12\x16\n\x0egeneration_ids\x18\x01 \x03(\t\"\x1a\n\nCorrection\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1c\n\x0bScalarScore\x12\r\n\x05value\x18\x01 \x01(\x02\"\xfb\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x1f\n\x05thumb\x18\x03 \x01(\x0e\x32\x0e.rlhf.v1.ThumbH\x00\x12#\n\x07ranking\x18\x04 \x01(\x0b\x32\x10.rlhf.v1.RankingH\x00\x12)\n\ncorrection\x18\x05 \x01(\x0b\x32\x13.rlhf.v1.CorrectionH\x00\x12%\n\x05score\x18\x06 \x01(\x0b\x32\x14.rlhf.v1.ScalarScoreH\x00\x12\x0f\n\x07\x63omment\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\tB\x08\n\x06signal\"\x9f\x01\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12#\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.Feedback\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x02\n\x0f\x43heckpointEvent\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.rlhf.v1.CheckpointKind\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.rlhf.v1.CheckpointEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb8\x01\n\nDeadLetter\x12\x14\n\x0csource_topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x07 \x01(\t\x12-\n\tfailed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02*i\n\x0e\x43heckpointKind\x12\x1f\n\x1b\x43HECKPOINT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HECKPOINT_KIND_POLICY\x10\x01\x12\x1a\n\x16\x43HECKPOINT_KIND_REWARD\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\xcd\x02\n\x0fGenerationEvent\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12\x1a\n\x12response_token_ids\x18\x06 \x03(\r\x12\x19\n\x11response_logprobs\x18\x07 \x03(\x02\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x04\x12)\n\x08sampling\x18\t \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x07Ranking\x12\x16\n\x0egeneration_ids\x18\x01 \x03(\t\"\x1a\n\nCorrection\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1c\n\x0bScalarScore\x12\r\n\x05value\x18\x01 \x01(\x02\"\x8d\x02\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x1f\n\x05thumb\x18\x03 \x01(\x0e\x32\x0e.rlhf.v1.ThumbH\x00\x12#\n\x07ranking\x18\x04 \x01(\x0b\x32\x10.rlhf.v1.RankingH\x00\x12)\n\ncorrection\x18\x05 \x01(\x0b\x32\x13.rlhf.v1.CorrectionH\x00\x12%\n\x05score\x18\x06 \x01(\x0b\x32\x14.rlhf.v1.ScalarScoreH\x00\x12\x0f\n\x07\x63omment\x18\x07 \x01(\t\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x10\n\x08user_key\x18\t \x01(\tB\x08\n\x06signal\"\x9f\x01\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12#\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.Feedback\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x02\n\x0f\x43heckpointEvent\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.rlhf.v1.CheckpointKind\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.rlhf.v1.CheckpointEvent.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb8\x01\n\nDeadLetter\x12\x14\n\x0csource_topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x07 \x01(\t\x12-\n\tfailed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02*i\n\x0e\x43heckpointKind\x12\x1f\n\x1b\x43HECKPOINT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HECKPOINT_KIND_POLICY\x10\x01\x12\x1a\n\x16\x43HECKPOINT_KIND_REWARD\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHECKPOINTEVENT_METRICSENTRY']._loaded_options = None
   _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_THUMB']._serialized_start=1411
-  _globals['_THUMB']._serialized_end=1471
-  _globals['_CHECKPOINTKIND']._serialized_start=1473
-  _globals['_CHECKPOINTKIND']._serialized_end=1578
+  _globals['_THUMB']._serialized_start=1429
+  _globals['_THUMB']._serialized_end=1489
+  _globals['_CHECKPOINTKIND']._serialized_start=1491
+  _globals['_CHECKPOINTKIND']._serialized_end=1596
   _globals['_GENERATIONEVENT']._serialized_start=89
   _globals['_GENERATIONEVENT']._serialized_end=422
   _globals['_RANKING']._serialized_start=424
@@ -48,13 +48,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCALARSCORE']._serialized_start=487
   _globals['_SCALARSCORE']._serialized_end=515
   _globals['_FEEDBACK']._serialized_start=518
-  _globals['_FEEDBACK']._serialized_end=769
-  _globals['_FEEDBACKEVENT']._serialized_start=772
-  _globals['_FEEDBACKEVENT']._serialized_end=931
-  _globals['_CHECKPOINTEVENT']._serialized_start=934
-  _globals['_CHECKPOINTEVENT']._serialized_end=1222
-  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_start=1176
-  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_end=1222
-  _globals['_DEADLETTER']._serialized_start=1225
-  _globals['_DEADLETTER']._serialized_end=1409
+  _globals['_FEEDBACK']._serialized_end=787
+  _globals['_FEEDBACKEVENT']._serialized_start=790
+  _globals['_FEEDBACKEVENT']._serialized_end=949
+  _globals['_CHECKPOINTEVENT']._serialized_start=952
+  _globals['_CHECKPOINTEVENT']._serialized_end=1240
+  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_start=1194
+  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_end=1240
+  _globals['_DEADLETTER']._serialized_start=1243
+  _globals['_DEADLETTER']._serialized_end=1427
 # @@protoc_insertion_point(module_scope)

@@ -74,7 +74,7 @@ class ScalarScore(_message.Message):
     def __init__(self, value: _Optional[float] = ...) -> None: ...
 
 class Feedback(_message.Message):
-    __slots__ = ("generation_id", "idempotency_key", "thumb", "ranking", "correction", "score", "comment", "tags")
+    __slots__ = ("generation_id", "idempotency_key", "thumb", "ranking", "correction", "score", "comment", "tags", "user_key")
     GENERATION_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     THUMB_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Feedback(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     COMMENT_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    USER_KEY_FIELD_NUMBER: _ClassVar[int]
     generation_id: str
     idempotency_key: str
     thumb: Thumb
@@ -91,7 +92,8 @@ class Feedback(_message.Message):
     score: ScalarScore
     comment: str
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, generation_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., thumb: _Optional[_Union[Thumb, str]] = ..., ranking: _Optional[_Union[Ranking, _Mapping]] = ..., correction: _Optional[_Union[Correction, _Mapping]] = ..., score: _Optional[_Union[ScalarScore, _Mapping]] = ..., comment: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    user_key: str
+    def __init__(self, generation_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., thumb: _Optional[_Union[Thumb, str]] = ..., ranking: _Optional[_Union[Ranking, _Mapping]] = ..., correction: _Optional[_Union[Correction, _Mapping]] = ..., score: _Optional[_Union[ScalarScore, _Mapping]] = ..., comment: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., user_key: _Optional[str] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
     __slots__ = ("event_id", "tenant", "feedback", "policy_version", "received_at")

@@ -29,8 +29,11 @@ class FeedbackServiceStub:
     """The front door for user feedback. Authenticated with "authorization: Bearer <api key>".
 
     Every Feedback needs an idempotency_key, unique per tenant. The stored event's event_id is
-    derived from (tenant, idempotency_key), so resending after UNAVAILABLE or a lost reply is safe:
-    a copy the broker already holds carries the same event_id and consumers keep the first one.
+    derived from (tenant, idempotency_key), or from (tenant, generation, user_key, kind of signal)
+    when the app names its user, so resending after UNAVAILABLE or a lost reply is safe: a copy
+    the broker already holds carries the same event_id and consumers keep the first one. A tenant
+    may only rate generations it asked for (PERMISSION_DENIED otherwise), and each tenant's
+    submissions are rate limited (RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, channel):
@@ -55,8 +58,11 @@ class FeedbackServiceServicer:
     """The front door for user feedback. Authenticated with "authorization: Bearer <api key>".
 
     Every Feedback needs an idempotency_key, unique per tenant. The stored event's event_id is
-    derived from (tenant, idempotency_key), so resending after UNAVAILABLE or a lost reply is safe:
-    a copy the broker already holds carries the same event_id and consumers keep the first one.
+    derived from (tenant, idempotency_key), or from (tenant, generation, user_key, kind of signal)
+    when the app names its user, so resending after UNAVAILABLE or a lost reply is safe: a copy
+    the broker already holds carries the same event_id and consumers keep the first one. A tenant
+    may only rate generations it asked for (PERMISSION_DENIED otherwise), and each tenant's
+    submissions are rate limited (RESOURCE_EXHAUSTED).
     """
 
     def SubmitFeedback(self, request, context):
@@ -103,8 +109,11 @@ class FeedbackService:
     """The front door for user feedback. Authenticated with "authorization: Bearer <api key>".
 
     Every Feedback needs an idempotency_key, unique per tenant. The stored event's event_id is
-    derived from (tenant, idempotency_key), so resending after UNAVAILABLE or a lost reply is safe:
-    a copy the broker already holds carries the same event_id and consumers keep the first one.
+    derived from (tenant, idempotency_key), or from (tenant, generation, user_key, kind of signal)
+    when the app names its user, so resending after UNAVAILABLE or a lost reply is safe: a copy
+    the broker already holds carries the same event_id and consumers keep the first one. A tenant
+    may only rate generations it asked for (PERMISSION_DENIED otherwise), and each tenant's
+    submissions are rate limited (RESOURCE_EXHAUSTED).
     """
 
     @staticmethod

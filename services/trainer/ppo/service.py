@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.auth import ClientSecurity
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import GenerationClient, RewardClient
 from rlhf.config import ConfigError
@@ -35,7 +36,9 @@ def load_reference(config: TrainerConfig, store: CheckpointStore) -> torch.nn.Mo
 
 def pool_client(config: TrainerConfig) -> GenerationClient | None:
     """The generation pool's client when rollouts are sampled there (RLHF_PPO_ROLLOUTS=pool)."""
-    return GenerationClient(config.ppo.pool_address) if config.ppo.rollouts == "pool" else None
+    if config.ppo.rollouts != "pool":
+        return None
+    return GenerationClient(config.ppo.pool_address, security=ClientSecurity.of(config))
 
 
 def pool_sampler(
@@ -91,7 +94,11 @@ def resume_learner(
 def reward_client(config: TrainerConfig) -> RewardClient:
     """The reward service's client; it scores a batch again while the served reward model is
     older than RLHF_PPO_MIN_REWARD_VERSION, and gives up after a while (the batch is retried)."""
-    return RewardClient(config.ppo.reward_address, min_model_version=config.ppo.min_reward_version)
+    return RewardClient(
+        config.ppo.reward_address,
+        min_model_version=config.ppo.min_reward_version,
+        security=ClientSecurity.of(config),
+    )
 
 
 def join_world(config: TrainerConfig) -> World:

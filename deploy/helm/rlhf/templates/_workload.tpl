@@ -7,7 +7,7 @@ One workload of the platform: its env ConfigMap, Deployment, Service, HPA and PD
   values      the workload's values
   args        container args (the image's entrypoint selects the service by the first one)
   env         settings the chart owns (values.env may not set them)
-  secretEnv   [{name, key}]: variables read from the keys Secret
+  secretEnv   [{name, key, optional, secret}]: variables read from the keys Secret (or `secret`)
   ports       [{name, port}]: container and Service ports
   grpcPort    port of the gRPC health service for the probes (0: no probes)
   checkpoints "ro", "rw" or "" (no checkpoint volume)
@@ -38,13 +38,16 @@ and "rlhf.workload.service" reads serviceSelector: labels narrowing the selector
 {{- if hasKey $.env $key -}}
 {{- fail (printf "%s.env.%s is set by the chart from its own values (ports, addresses, models, stage, sft demonstrations); set those values instead" $where $key) -}}
 {{- end -}}
-{{- if hasPrefix "RLHF_TLS_" $key -}}
-{{- fail (printf "%s.env.%s: the chart's probes are Kubernetes gRPC probes, which do not speak TLS; terminate TLS at your ingress or mesh" $where $key) -}}
-{{- end -}}
 {{- range $.secretEnv -}}
 {{- if eq .name $key -}}
 {{- fail (printf "%s.env.%s is a secret: put it in the keys Secret (secrets.*), not in plain values" $where $key) -}}
 {{- end -}}
+{{- end -}}
+{{- if or (hasPrefix "RLHF_TLS_" $key) (hasPrefix "RLHF_KAFKA_SECURITY" $key) (hasPrefix "RLHF_KAFKA_SASL" $key) (hasPrefix "RLHF_KAFKA_SSL" $key) -}}
+{{- fail (printf "%s.env.%s is set by the chart from tls.* and externalKafka.* (with TLS on, the probes use a plaintext health port)" $where $key) -}}
+{{- end -}}
+{{- if or (hasSuffix "_KEYS" $key) (hasSuffix "_KEY" $key) -}}
+{{- fail (printf "%s.env.%s is a secret: put it in the keys Secret (secrets.*), not in plain values" $where $key) -}}
 {{- end -}}
 {{- end -}}
 {{- $all := dict -}}
@@ -83,6 +86,13 @@ data:
 {{- $limits := $resources.limits | default dict -}}
 {{- $_ := set $limits $gpu.resource (int $gpu.count) -}}
 {{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- /* With TLS, Kubernetes' gRPC probes ask the plaintext health port. */ -}}
+{{- $probePort := .grpcPort -}}
+{{- $extraPorts := .extraPorts | default list -}}
+{{- if and .grpcPort $root.Values.tls.enabled -}}
+{{- $probePort = $root.Values.tls.healthPort -}}
+{{- $extraPorts = append $extraPorts (dict "name" "health" "port" $probePort) -}}
 {{- end -}}
 {{- if .grpcPort -}}
 {{- $preStop := int ($v.preStopSleepSeconds | default 0) -}}
@@ -147,7 +157,7 @@ spec:
       {{- end }}
       args:
         {{- toYaml .args | nindent 8 }}
-      {{- with concat (.ports | default list) (.extraPorts | default list) }}
+      {{- with concat (.ports | default list) $extraPorts }}
       ports:
         {{- range . }}
         - name: {{ .name }}
@@ -170,8 +180,11 @@ spec:
         - name: {{ .name }}
           valueFrom:
             secretKeyRef:
-              name: {{ include "rlhf.secretName" $root }}
+              name: {{ .secret | default (include "rlhf.secretName" $root) }}
               key: {{ .key }}
+              {{- if .optional }}
+              optional: true
+              {{- end }}
         {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -181,15 +194,15 @@ spec:
       {{- $probes := $v.probes }}
       startupProbe:
         grpc:
-          port: {{ .grpcPort }}
+          port: {{ $probePort }}
         {{- toYaml $probes.startup | nindent 8 }}
       readinessProbe:
         grpc:
-          port: {{ .grpcPort }}
+          port: {{ $probePort }}
         {{- toYaml $probes.readiness | nindent 8 }}
       livenessProbe:
         grpc:
-          port: {{ .grpcPort }}
+          port: {{ $probePort }}
         {{- toYaml $probes.liveness | nindent 8 }}
       {{- end }}
       {{- if $v.preStopSleepSeconds }}
