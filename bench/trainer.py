@@ -39,8 +39,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bench.report import ServiceProcess, median, table
+from bench.report import BENCH_KEY, ServiceProcess, median, table
 from rlhf import bus, decoding
+from rlhf.auth import ClientSecurity
 from rlhf.broker import EmbeddedBroker
 from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
@@ -144,7 +145,9 @@ def ours(
         algorithm=algorithm,
         group_size=GROUP,
     )
-    client = GenerationClient(pool_address) if pool_address else None
+    # Rollouts are the platform's own calls: they present the bench's service key.
+    security = ClientSecurity(key=BENCH_KEY)
+    client = GenerationClient(pool_address, security=security) if pool_address else None
     learner = online.PPOLearner(
         load_base_policy(model, cache),
         load_base_policy(model, cache),
