@@ -12,6 +12,7 @@ Not collected by `make test` (the file name is not test_*.py): `make deploy-smok
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,13 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import helm_python as helm
 import pytest
 import yaml
 from kafka import KafkaAdminClient
 
 from rlhf import bus
+from rlhf.auth import ClientSecurity, dial
 from rlhf.scrape import scrape
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.deploy.chart_support import CHART, Install, merged, readme_local_install, render
@@ -63,7 +64,8 @@ class Cluster:
     plan: Plan
     install: Install
     values: dict
-    api_key: str
+    api_key: str  # the app's (generate, feedback)
+    operator_key: str  # the trainer's control plane, status, /metrics
     workdir: Path
     containers: dict[str, str] = field(default_factory=dict)  # Deployment -> container name
     probe_seconds: dict[str, dict] = field(default_factory=dict)  # kind -> container -> s
@@ -86,12 +88,15 @@ class Cluster:
             "--reward-trainer": self.address("trainer-reward", "grpc"),
         }
         flags = [part for pair in addresses.items() for part in pair]
+        # The README's keys, as a person would export them.
+        env = {**os.environ, "RLHF_API_KEY": self.api_key, "RLHF_OPERATOR_KEY": self.operator_key}
         return subprocess.run(
             [sys.executable, "-m", "rlhf.cli", *flags, "--timeout", "120", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd=self.workdir,
+            env=env,
         )
 
 
@@ -116,6 +121,7 @@ def cluster() -> Iterator[Cluster]:
     install = readme_local_install()
     values = smoke_values(install)
     api_key = values["secrets"]["feedbackApiKeys"][0].split("=", 1)[1]
+    operator_key = values["secrets"]["operatorKeys"][0].split("=", 1)[1]
     with helm.Chart.load(CHART) as chart:
         docs = render(chart, values, install.release, install.namespace).docs
     with podman.network() as (network, *addresses):
@@ -126,7 +132,7 @@ def cluster() -> Iterator[Cluster]:
         claims = [d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"]
         for name, data in run_plan.secrets.items():
             podman.run("secret", "create", name, "-", input=_secret(data))
-        cluster = Cluster(podman, run_plan, install, values, api_key, folder)
+        cluster = Cluster(podman, run_plan, install, values, api_key, operator_key, folder)
         try:
             ips = [f"--ip={ip}" for ip in run_plan.pods.values()]
             podman.run("kube", "play", f"--network={network}", *ips, str(manifests), timeout=600)
@@ -205,7 +211,11 @@ def test_every_service_port_answers(cluster):
         if endpoint.name == "grpc":
             assert grpc_serving(f"{endpoint.ip}:{endpoint.port}"), where
         elif endpoint.name == "metrics":
-            assert "rlhf_" in scrape(endpoint.port, host=endpoint.ip), where
+            with pytest.raises(urllib.error.HTTPError) as closed:  # closed by default
+                scrape(endpoint.port, host=endpoint.ip)
+            assert closed.value.code == 401, where
+            reader = ClientSecurity(key=cluster.operator_key)
+            assert "rlhf_" in scrape(endpoint.port, host=endpoint.ip, security=reader), where
         elif endpoint.name == "kafka":
             admin = KafkaAdminClient(
                 bootstrap_servers=f"{endpoint.ip}:{endpoint.port}", request_timeout_ms=10000
@@ -250,7 +260,8 @@ def _generate(cluster: Cluster, prompt: str) -> dict:
 
 
 def _status(cluster: Cluster, stage: str) -> trainer_pb2.TrainerStatus:
-    with grpc.insecure_channel(cluster.address(f"trainer-{stage}", "grpc")) as channel:
+    address = cluster.address(f"trainer-{stage}", "grpc")
+    with dial(address, ClientSecurity(key=cluster.operator_key)) as channel:
         return trainer_pb2_grpc.TrainerServiceStub(channel).GetStatus(
             trainer_pb2.GetStatusRequest(), timeout=30
         )
