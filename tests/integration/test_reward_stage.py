@@ -58,6 +58,7 @@ def reward_service(broker, tmp_path):
         checkpoint_dir=tmp_path / "checkpoints",
         reward_model=TINY,
         drift_sample=0.0,
+        dtype="float32",  # scores compared with the stage's own float32 evaluation
     )
     running = serve(RewardService(config))
     with channel(running, SERVICE_KEY) as opened:
