@@ -62,6 +62,7 @@ SAMPLES_PER_PROMPT = 2
 NEW_TOKENS = 32  # as the simulated users ask
 TEMPERATURE = 0.8  # as the simulated users sample
 THRESHOLD = 0.3  # the simulated users' thumbs-up threshold (RLHF_SIM_POSITIVE_THRESHOLD)
+CALLS_AT_ONCE = 16  # the evaluator's concurrent rollouts: the users' calls need slots too
 
 
 @dataclass
@@ -104,7 +105,10 @@ class Evaluator:
         ]
 
     def measure(self) -> tuple[dict[str, float], str]:
-        completions = self.client.rollouts(self.prompt_ids, self.params)
+        completions = []
+        for start in range(0, len(self.prompt_ids), CALLS_AT_ONCE):  # within RLHF_MAX_CALLS
+            end = start + CALLS_AT_ONCE
+            completions += self.client.rollouts(self.prompt_ids[start:end], self.params[start:end])
         texts = self.tokenizer.batch_decode(
             [c.token_ids for c in completions], skip_special_tokens=True
         )
@@ -277,7 +281,16 @@ def run(quick: bool) -> str:
     png = RESULTS / f"loop-{algorithm}.png"
     plot(points, events, png)
     (RESULTS / f"loop-{algorithm}.json").write_text(
-        json.dumps({"points": [asdict(p) for p in points], "events": events}, indent=1)
+        json.dumps(
+            {
+                "algorithm": algorithm,
+                "commit": _commit(),
+                "minutes": minutes,
+                "points": [asdict(p) for p in points],
+                "events": events,
+            },
+            indent=1,
+        )
     )
     rows = [
         [
@@ -333,5 +346,57 @@ def run(quick: bool) -> str:
             f"A held-out answer at the end: _{last.example.strip()}_",
             "",
             f"![the live loop](bench/results/{png.name})",
+            "",
+            *compare_algorithms(),
         ]
     )
+
+
+def compare_algorithms() -> list[str]:
+    """Every algorithm's latest run (bench/results/loop-<algorithm>.json), side by side: the
+    same held-out users, prompts and seeds, each from an empty store."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("loop-*.json"))]
+    rows = []
+    for saved in runs:
+        points, events = saved["points"], saved["events"]
+        first, last = points[0], points[-1]
+        rows.append(
+            [
+                f"`{saved.get('algorithm', '?')}`",
+                saved.get("commit", "?"),
+                f"{last['minutes']:.0f}",
+                _at(events, "first reward model"),
+                _at(events, "first PPO update"),
+                last["ppo_step"],
+                f"{100 * first['thumbs_up']:.0f}%",
+                f"{100 * last['thumbs_up']:.0f}% "
+                f"({100 * last['low']:.0f}-{100 * last['high']:.0f})",
+                f"{last['kl']:.1f}",
+                f"{first['distinct2']:.3f} -> {last['distinct2']:.3f}",
+            ]
+        )
+    if len(rows) < 2:
+        return []
+    return [
+        "### The algorithms side by side (each one's latest run of this benchmark)",
+        "",
+        table(
+            [
+                "algorithm (RLHF_PPO_ALGORITHM)",
+                "commit",
+                "minutes",
+                "first reward model (min)",
+                "first update (min)",
+                "updates",
+                "held-out thumbs-up at start",
+                "at the end (90%)",
+                "KL (nats)",
+                "distinct bigrams",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _at(events: dict[str, float], name: str) -> str:
+    return f"{events[name]:.1f}" if name in events else "never"
