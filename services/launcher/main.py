@@ -62,10 +62,10 @@ TRAINER_STOP_TIMEOUT = 150.0
 # low scheduling priority (RLHF_NICE) and every process has a thread budget (OMP_NUM_THREADS),
 # so answers stay fast while PPO trains in what generation leaves. The users rate fast enough
 # for a trend to show. Of what serving leaves, PPO gets the larger share (nice 15 against the
-# reward stage's 19), and the reward stage retrains on everything so far at geometrically spaced
-# sizes (64, 128, 192, 288, 432... ratings): measured with fixed rounds of 64 ratings it trained
-# a round every minute, and PPO, at the same priority, took 4 minutes an update. Any of these can
-# be overridden from the environment.
+# reward stage's 19), and once its first model is out the reward stage retrains on everything
+# so far at geometrically spaced sizes (64, 128, 192, 288, 432... ratings): measured with fixed
+# rounds of 64 it trained a round every minute, and PPO, at the same priority, took 4 minutes an
+# update. Any of these can be overridden from the environment.
 CPU_DEMO: dict[str, dict[str, str]] = {
     "generation": {"OMP_NUM_THREADS": "2"},
     # Score every live answer (a few ms each at demo traffic), so the view's live reward per

@@ -105,16 +105,18 @@ def test_a_batch_is_put_back_unused_when_the_reward_service_is_down(tmp_path):
 
 
 def test_reward_rounds_come_at_geometric_sizes_with_round_growth():
-    """RLHF_REWARD_ROUND_GROWTH: a round waits for the larger of RLHF_REWARD_ROUND_EXAMPLES new
-    examples and that fraction of what earlier rounds had; 0 keeps fixed-size rounds."""
+    """RLHF_REWARD_ROUND_GROWTH: once a reward model is served, a round waits for the larger of
+    RLHF_REWARD_ROUND_EXAMPLES new examples and that fraction of what earlier rounds had; 0
+    keeps fixed-size rounds, and so does a stage that has published nothing yet (PPO waits for
+    its first model: every round is a chance)."""
     from rlhf.training.reward import FeedbackDataset, Labelled, Rated
     from services.trainer.reward.loop import RewardIntake, RewardRounds
 
-    def rounds_at(growth, total=600):
+    def rounds_at(growth, total=600, published=1):
         dataset = FeedbackDataset()
         intake = RewardIntake(mock.Mock(), mock.Mock(), dataset, mock.Mock())
         stage = RewardRounds(
-            StageParts(intake, mock.Mock(), mock.Mock()), mock.Mock(), 64, 0, growth
+            StageParts(intake, mock.Mock(), mock.Mock()), mock.Mock(), 64, published, growth
         )
         sizes = []
         for n in range(1, total + 1):
@@ -126,3 +128,4 @@ def test_reward_rounds_come_at_geometric_sizes_with_round_growth():
 
     assert rounds_at(0.0) == [64 * k for k in range(1, 10)]
     assert rounds_at(0.5) == [64, 128, 192, 288, 432]
+    assert rounds_at(0.5, published=0) == rounds_at(0.0)

@@ -22,9 +22,10 @@ class RewardStageConfig(RewardModelSettings, RewardTokenSettings):
     round_growth: float = setting(
         "RLHF_REWARD_ROUND_GROWTH",
         0.0,
-        "reward stage: a round also waits for this fraction of the examples earlier rounds had "
-        "(0.5: rounds at 64, 128, 192, 288, 432... examples), so retraining on everything costs "
-        "CPU in proportion to the data, not its square; 0 = every RLHF_REWARD_ROUND_EXAMPLES",
+        "reward stage, once a reward model is published: a round also waits for this fraction "
+        "of the examples earlier rounds had (0.5: rounds at 64, 128, 192, 288, 432... "
+        "examples), so retraining on everything costs CPU in proportion to the data, not its "
+        "square; 0 = every RLHF_REWARD_ROUND_EXAMPLES",
     )
     training: RewardTrainingConfig = group(RewardTrainingConfig, "reward training")
 

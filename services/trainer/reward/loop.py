@@ -126,6 +126,12 @@ class RewardRounds(RoundsStage):
     def collected(self) -> int:
         return sum(self.intake.dataset.sizes().values())
 
+    def round_size(self) -> int:
+        # Until a first reward model is published PPO waits for it: every round is a chance.
+        if self._status.reward_version == 0:
+            return self.round_examples
+        return super().round_size()
+
     def take(self) -> DataSnapshot:
         return self.intake.dataset.snapshot()
 
