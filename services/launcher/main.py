@@ -103,11 +103,11 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         "RLHF_REWARD_MAX_TOKENS": "128",
     },
     "simulated-users": {
-        # About 40 ratings a minute: a first reward model within minutes and 2-minute windows of
-        # ~80 ratings in the view. At a 3 s pause (75 a minute) generation took a core to itself
-        # and PPO, in what was left, took 90 s an update.
+        # About 75 ratings a minute (measured): the first reward model passed its gate 2-6
+        # minutes in. At a 6 s pause (40 a minute) it took 14 minutes (the gate needs held-out
+        # ratings), and PPO was hardly faster (1.2-2.3 min an update against 1.5-2).
         "RLHF_SIM_USERS": "6",
-        "RLHF_SIM_PAUSE_SECONDS": "6",
+        "RLHF_SIM_PAUSE_SECONDS": "3",
         "RLHF_SIM_MAX_NEW_TOKENS": "32",
     },
 }
