@@ -275,23 +275,36 @@ def _commit() -> str:
 def run(quick: bool) -> str:
     minutes, every = (8.0, 2.0) if quick else (MINUTES, EVAL_EVERY_MINUTES)
     algorithm = os.environ.get("RLHF_PPO_ALGORITHM", "ppo")
+    commit = _commit()  # before the run: the code that ran
+    stages = ("trainer", "reward-trainer", "simulated-users")
+    settings = {
+        f"{n}:{k}" if k == "RLHF_NICE" else k: v  # each process has its own priority
+        for n in stages
+        for k, v in CPU_DEMO[n].items()
+        if k.startswith("RLHF_")
+    }
     result = run_loop(minutes, every)
-    points, events = result["points"], result["events"]
+    saved = {
+        "algorithm": algorithm,
+        "commit": commit,
+        "minutes": minutes,
+        "every": every,
+        "points": [asdict(p) for p in result["points"]],
+        "events": result["events"],
+        "settings": settings,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"loop-{algorithm}.json").write_text(json.dumps(saved, indent=1))
+    return report(saved)
+
+
+def report(saved: dict) -> str:
+    """The section for one run (as saved in bench/results/loop-<algorithm>.json), its plot,
+    and the algorithms side by side."""
+    algorithm, minutes, every = saved["algorithm"], saved["minutes"], saved["every"]
+    points, events = [Point(**p) for p in saved["points"]], saved["events"]
     png = RESULTS / f"loop-{algorithm}.png"
     plot(points, events, png)
-    (RESULTS / f"loop-{algorithm}.json").write_text(
-        json.dumps(
-            {
-                "algorithm": algorithm,
-                "commit": _commit(),
-                "minutes": minutes,
-                "points": [asdict(p) for p in points],
-                "events": events,
-            },
-            indent=1,
-        )
-    )
     rows = [
         [
             f"{p.minutes:.1f}",
@@ -308,12 +321,11 @@ def run(quick: bool) -> str:
         for p in points
     ]
     first, last = points[0], points[-1]
-    settings = {**CPU_DEMO["trainer"], **CPU_DEMO["reward-trainer"], **CPU_DEMO["simulated-users"]}
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()) if k.startswith("RLHF_"))
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(saved["settings"].items()))
     milestones = ", ".join(f"{name} at {at:.1f} min" for name, at in events.items()) or "none"
     return "\n".join(
         [
-            f"Machine: {machine()}. Commit {_commit()}, algorithm `{algorithm}`.",
+            f"Machine: {machine()}. Commit {saved['commit']}, algorithm `{algorithm}`.",
             "",
             f"The platform as `make up` runs it, from an empty store, for {minutes:.0f} minutes; "
             f"every {every:.0f} minutes {len(HELDOUT_PROMPTS)} held-out prompts (topics no "
@@ -343,6 +355,7 @@ def run(quick: bool) -> str:
             f"minutes, KL {last.kl:.1f} nats, distinct bigrams {first.distinct2:.3f} -> "
             f"{last.distinct2:.3f}.**",
             "",
+            *([saved["note"], ""] if saved.get("note") else []),
             f"A held-out answer at the end: _{last.example.strip()}_",
             "",
             f"![the live loop](bench/results/{png.name})",
