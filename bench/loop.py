@@ -16,7 +16,8 @@ the base model on those answers (k1, summed over the answer at the sampling temp
 length and the distinct word bigrams (reward hacking shows as babble: repetition, length), with
 the platform's state (served policy and reward model, PPO step).
 
-`RLHF_PPO_ALGORITHM` in the environment is passed to the trainer like any setting (ppo by default),
+`RLHF_PPO_ALGORITHM` in the environment is passed to the trainer like any setting (ppo by default;
+grpo and rloo sample a group per prompt, so they get 16 / group prompts, as many sequences as PPO),
 so runs with each algorithm can be compared on the same held-out users.
 """
 
@@ -283,6 +284,13 @@ def run(quick: bool) -> str:
         for k, v in CPU_DEMO[n].items()
         if k.startswith("RLHF_")
     }
+    if algorithm != "ppo" and "RLHF_PPO_BATCH_SIZE" not in os.environ:
+        # The same sequences per update as PPO: batch/group prompts, group answers each.
+        group = int(os.environ.get("RLHF_PPO_GROUP_SIZE", "4"))
+        batch = int(CPU_DEMO["trainer"]["RLHF_PPO_BATCH_SIZE"]) // group
+        os.environ["RLHF_PPO_BATCH_SIZE"] = str(max(1, batch))
+    # what the environment changed is part of the run's settings (the trainer reads it too)
+    settings.update({k: v for k, v in os.environ.items() if k.startswith("RLHF_PPO_")})
     result = run_loop(minutes, every)
     saved = {
         "algorithm": algorithm,

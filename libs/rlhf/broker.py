@@ -18,16 +18,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO
 
 from kafka import KafkaAdminClient
 
 from rlhf.bus import BusUnavailable, ensure_topics
-from rlhf.local import die_with_parent
+from rlhf.local import die_with_parent, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: run the broker with the platform topics until SIGINT/SIGTERM."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    stop_requested = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop_requested.set()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    stop_requested = stop_on_signals()
     broker = EmbeddedBroker(port=args.port, host=args.host, log_path=args.log_file)
     try:
         broker.start()

@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,3 +73,35 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
             os.kill(os.getpid(), sig)
 
     return arm
+
+
+def stop_on_signals(
+    notify: Callable[[signal.Signals], None] | None = None,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> threading.Event:
+    """An event set when the process receives one of `signals` (call from the main thread).
+
+    The Python-level handler does nothing: setting an Event (or logging) inside a signal handler
+    deadlocks when the signal lands while the main thread holds that Event's own lock, in
+    `wait()` or in a previous signal's `set()` (a stop request arriving as SIGTERM from the
+    launcher and again from a dying parent froze services that way). The C handler writes the
+    signal's number to a pipe instead (`signal.set_wakeup_fd`), and a watcher thread reads it,
+    calls `notify` and sets the event."""
+    stop = threading.Event()
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    wanted = {int(s) for s in signals}
+    for sig in signals:
+        signal.signal(sig, lambda _signum, _frame: None)
+
+    def watch() -> None:
+        while True:
+            for number in os.read(read_fd, 64):
+                if number in wanted:
+                    if notify is not None:
+                        notify(signal.Signals(number))
+                    stop.set()
+
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+    return stop

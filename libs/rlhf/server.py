@@ -29,7 +29,6 @@ import heapq
 import itertools
 import logging
 import os
-import signal
 import ssl
 import threading
 import time
@@ -58,6 +57,7 @@ from rlhf.auth import (
 )
 from rlhf.config import CommonConfig, ConfigError, parse_args
 from rlhf.http_server import MetricsHttpServer
+from rlhf.local import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -615,14 +615,8 @@ class RunningServer:
 
 def serve_until_signalled(server: RunningServer) -> None:
     """Run a started server until SIGTERM or SIGINT, then drain and return."""
-    received = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("%s received %s, draining", server.service.name, signal.Signals(signum).name)
-        received.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    name = server.service.name
+    received = stop_on_signals(lambda sig: log.info("%s received %s, draining", name, sig.name))
     received.wait()
     server.stop()
 

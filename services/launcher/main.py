@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,6 +45,7 @@ from rlhf.local import (
     PORTS,
     address_variable,
     die_with_parent,
+    stop_on_signals,
 )
 from rlhf.watch import Watcher
 
@@ -284,6 +285,8 @@ def plan(bootstrap: str, model: str, reward_model: str, keys: Keys, id_key: str)
             {
                 "RLHF_POLICY_MODEL": model,
                 "RLHF_REWARD_ADDRESS": f"127.0.0.1:{ports['reward'][0]}",
+                # used with RLHF_PPO_ROLLOUTS=pool: rollouts decode in the users' batches
+                "RLHF_PPO_POOL_ADDRESS": f"127.0.0.1:{ports['generation'][0]}",
                 "RLHF_CLIENT_KEY": keys.service,
             },
         ),
@@ -525,13 +528,7 @@ def main() -> None:
     config = parse_args(LauncherConfig, __doc__)
     log_dir = config.run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals()
 
     launcher = Launcher(config, Console(), stop)
     broker = EmbeddedBroker(

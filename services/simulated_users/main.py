@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
-from typing import Any
 
 import grpc
 
 from rlhf.auth import ClientSecurity, dial
 from rlhf.config import parse_args
+from rlhf.local import stop_on_signals
 from rlhf.server import configure_logging
 
 from .config import SimulatedUsersConfig
@@ -65,14 +64,7 @@ def main() -> None:
         SimulatedUsersConfig, "Simulated users: generate, rate with VADER sentiment, send thumbs."
     )
     configure_logging("simulated-users")
-    stop = threading.Event()
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    run(config, stop)
+    run(config, stop_on_signals())
 
 
 if __name__ == "__main__":
