@@ -22,6 +22,7 @@ CHILD = textwrap.dedent(
     while not stop.wait(0.0001):  # the main thread spends its time inside the event's lock
         pass
     print("stopped", flush=True)
+    time.sleep(0.5)  # signals still in flight land here, not in the interpreter's shutdown
     """
 )
 
@@ -44,7 +45,7 @@ def test_a_burst_of_signals_stops_the_process_every_time():
             child.send_signal(signal.SIGINT)
         out, _ = child.communicate(timeout=20)
         assert child.returncode == 0
-        assert out.splitlines()[-1] == "stopped"
+        assert "stopped" in out.splitlines()
         assert "got SIGTERM" in out
 
 
