@@ -174,7 +174,7 @@ def run_loop(minutes: float, every: float) -> dict:
     os.environ["RLHF_CHECKPOINT_DIR"] = str(root / "checkpoints")  # a fresh store
     logs = root / "logs"
     logs.mkdir()
-    broker = EmbeddedBroker(port=free_port(), log_path=logs / "broker.log")
+    broker = EmbeddedBroker(port=free_port(), log_path=logs / "broker.log", die_with_parent=True)
     broker.start()
     bus.ensure_topics(broker.bootstrap)
     keys, id_key = Keys.new(), secrets.token_hex(32)
