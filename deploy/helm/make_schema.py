@@ -380,6 +380,7 @@ def build() -> Schema:
                 **http,
                 "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
                 "open": BOOLEAN,
+                "releases": BOOLEAN,
                 "backend": {"enum": ["local", "tgi"]},
                 "tgi": obj({"url": STRING, "deployment": STRING, "namespace": STRING}),
             }

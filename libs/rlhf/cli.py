@@ -254,6 +254,11 @@ def policy_table(info: generation_pb2.PolicyInfo) -> Table:
             ("model", f"{info.model} ({info.backend} backend)"),
             ("loaded", _when(info.loaded_at)),
             ("manifest", info.manifest_sha256[:16] or "base model"),
+            *(
+                [("canary", f"v{info.candidate_version} answers {info.candidate_share:.0%}")]
+                if info.candidate_version
+                else []
+            ),
         ],
     )
 
@@ -500,6 +505,33 @@ def cmd_rollback(args: argparse.Namespace, session: Session, console: Console) -
     return 0
 
 
+def cmd_release(args: argparse.Namespace, session: Session, console: Console) -> int:
+    """Publishes a release event to the broker (generation replicas with
+    RLHF_GENERATION_RELEASES follow it); the versions' manifests are read from the store."""
+    from rlhf import bus
+    from rlhf.canary import release_event
+    from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
+    from rlhf.config import CommonConfig
+
+    try:
+        config = load_config(CommonConfig)
+        bus.configure(config.kafka)
+        store = CheckpointStore(args.checkpoint_dir or config.checkpoint_dir)
+        event = release_event(
+            store, POLICY, args.incumbent, args.candidate, args.share, args.reason
+        )
+    except (ValueError, CheckpointError) as exc:
+        raise UsageError(str(exc)) from exc
+    with bus.Publisher(args.kafka or config.kafka_bootstrap, client_id="rlhf-release") as out:
+        try:
+            out.publish(bus.RELEASES, POLICY, event)
+        except bus.BusUnavailable as exc:
+            raise CommandError(f"the release was not confirmed by the broker: {exc}") from exc
+    canary = f", candidate v{args.candidate} for {args.share:.0%}" if args.candidate else ""
+    console.print(f"released: v{args.incumbent}{canary}")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace, session: Session, console: Console) -> int:
     """Talks to the broker, not to the services: the session is unused."""
     return importer.run(args)
@@ -624,6 +656,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="wait until the generation service serves it"
     )
     rollback.set_defaults(run=cmd_rollback)
+
+    release = command(
+        "release",
+        help="choose the served policy: an incumbent, and a canary candidate for a share of users",
+        description="Publish a release event: generation replicas running with "
+        "RLHF_GENERATION_RELEASES serve the incumbent, and the candidate to --share of user "
+        "requests (sticky per user key). Talks to the broker and reads the checkpoint store.",
+    )
+    release.add_argument("incumbent", type=int, help="policy version answering by default")
+    release.add_argument("--candidate", type=int, default=0, help="policy version on trial")
+    release.add_argument(
+        "--share", type=float, default=0.1, help="candidate's share of user requests (0.1)"
+    )
+    release.add_argument("--reason", default="operator", help="recorded in the event")
+    release.add_argument("--kafka", metavar="HOST:PORT", help="default: $RLHF_KAFKA_BOOTSTRAP")
+    release.add_argument(
+        "--checkpoint-dir", type=Path, help="the store; default: $RLHF_CHECKPOINT_DIR"
+    )
+    release.set_defaults(run=cmd_release)
 
     offline = subparsers.add_parser(
         "import",

@@ -348,6 +348,7 @@ def test_secure_by_default(default, everything):
                 assert env[variable]["secretKeyRef"]["key"] == key
             if component(deployment) == "generation":
                 assert env["RLHF_GENERATION_OPEN"] == "false"
+                assert env["RLHF_GENERATION_RELEASES"] == "false"
                 assert env["RLHF_GENERATION_API_KEYS"]["secretKeyRef"]["key"] == (
                     "feedback-api-keys"
                 )
@@ -819,6 +820,10 @@ REFUSED_BY_TEMPLATES = {
         "topics.minInsyncReplicas (2) is above topics.replicationFactor (1)",
     ),
     "ppo without reward": ({"reward": {"enabled": False}}, "enable reward too"),
+    "releases on tgi": (
+        {"generation": {"releases": True, "backend": "tgi", "tgi": {"url": "http://tgi"}}},
+        "generation.releases serves an incumbent and a candidate",
+    ),
     "sft beside ppo": (
         {"trainer": {"stages": {"sft": {"enabled": True}}}},
         "trainer.stages.sft and trainer.stages.ppo both publish policy versions",
