@@ -194,15 +194,17 @@ def release_event(
     reason: str = "",
 ) -> events_pb2.ReleaseEvent:
     """A release event for versions in `store`, carrying their manifests' hashes so every
-    replica loads exactly those bytes; raises CheckpointError for a version not in the store,
-    ValueError for a share outside [0, 1] or a candidate equal to the incumbent."""
+    replica loads exactly those bytes (incumbent 0: the base model); raises CheckpointError for
+    a version not in the store, ValueError for a share outside [0, 1] or a candidate equal to
+    the incumbent."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"candidate share must be in [0, 1], got {share}")
     if candidate and candidate == incumbent:
         raise ValueError(f"v{incumbent} cannot be its own candidate")
     event = events_pb2.ReleaseEvent(
         incumbent_version=incumbent,
-        incumbent_manifest_sha256=store.read_manifest(kind, incumbent)[1],
+        # v0 is the base model, not in the store: replicas that started on it keep it.
+        incumbent_manifest_sha256=store.read_manifest(kind, incumbent)[1] if incumbent else "",
         candidate_version=candidate,
         candidate_share=share if candidate else 0.0,
         reason=reason,
