@@ -4,7 +4,7 @@ import offline datasets.
 Addresses come from flags, then environment variables (RLHF_GENERATION_ADDRESS, ...), then the
 `run/up.env` that `make up` writes, then the local `make up` ports. Keys come the same way: the
 app's (RLHF_API_KEY: generate, feedback) and the operator's (RLHF_OPERATOR_KEY: pause, resume,
-rollback, checkpoints and status; a reader key, RLHF_READER_KEY, is enough for status and
+rollback, promote, checkpoints and status; a reader key, RLHF_READER_KEY, is enough for status and
 checkpoints). With RLHF_TLS_CA_FILE set, calls use TLS verified against it (and present
 RLHF_TLS_CERT_FILE where the services require client certificates). Every failure is one line on
 stderr and a non-zero exit status, never a traceback.
@@ -47,8 +47,12 @@ from rlhf.v1 import (
 EXIT_FAILED = 1  # the server refused, or could not be reached
 EXIT_USAGE = 2  # argparse's status for a bad command line
 EXIT_INTERRUPTED = 130
-SERVICES = ("generation", "feedback", "trainer", "reward-trainer")
-STAGE_SERVICE = {"ppo": "trainer", "reward": "reward-trainer"}
+SERVICES = ("generation", "feedback", "trainer", "reward-trainer", "release-trainer")
+STAGE_SERVICE = {"ppo": "trainer", "reward": "reward-trainer", "release": "release-trainer"}
+VERDICTS = {
+    "promote": trainer_pb2.RELEASE_VERDICT_PROMOTE,
+    "rollback": trainer_pb2.RELEASE_VERDICT_ROLLBACK,
+}
 THUMBS = {"up": events_pb2.THUMB_UP, "down": events_pb2.THUMB_DOWN}
 
 
@@ -202,6 +206,7 @@ def resolve_keys(
         "feedback": app,
         "trainer": control,
         "reward-trainer": control,
+        "release-trainer": control,
     }
 
 
@@ -445,7 +450,44 @@ def cmd_status(args: argparse.Namespace, session: Session, console: Console) -> 
     console.print(reward_table(reward))
     if args.verbose and reward.metrics:
         console.print(_metrics_table("reward model", reward.metrics))
+    try:
+        with session.calling("release-trainer"):
+            release = session.trainer("release-trainer").GetStatus(
+                trainer_pb2.GetStatusRequest(), timeout=session.timeout
+            )
+    except CommandError as exc:  # optional: without it every new policy serves at once
+        console.print(f"release stage: {exc}", style="dim")
+        return 0
+    console.print(release_table(release))
     return 0
+
+
+def release_table(status: trainer_pb2.TrainerStatus) -> Table:
+    release = status.release
+    rows = [("incumbent", f"v{release.incumbent_version}")]
+    if release.candidate_version:
+        rows += [
+            (
+                "canary",
+                f"v{release.candidate_version} answers {release.candidate_share:.0%} "
+                f"for {release.elapsed_seconds / 60:.0f} min",
+            ),
+            (
+                "thumbs up",
+                f"candidate {release.candidate_thumbs_up}/{release.candidate_thumbs}, "
+                f"incumbent {release.incumbent_thumbs_up}/{release.incumbent_thumbs}",
+            ),
+            (
+                "verdict",
+                f"{release.verdict}: difference {release.difference:+.3f} "
+                f"[{release.lower:+.3f}, {release.upper:+.3f}]",
+            ),
+        ]
+    else:
+        rows.append(("canary", "none running"))
+    if release.last_decision:
+        rows.append(("last decision", release.last_decision))
+    return _facts("release (canary)", [*rows, *_phase(status)])
 
 
 def _served_version(session: Session) -> int | None:
@@ -483,7 +525,27 @@ def _wait_served(session: Session, version: int) -> bool:
     return False
 
 
+def cmd_decide(args: argparse.Namespace, session: Session, console: Console) -> int:
+    """End the running canary (release stage): promote its candidate or roll it back."""
+    verdict = "promote" if args.command == "promote" else "rollback"
+    with session.calling("release-trainer"):
+        status = session.trainer("release-trainer").Decide(
+            trainer_pb2.DecideRequest(verdict=VERDICTS[verdict]), timeout=session.timeout
+        )
+    release = status.release
+    if verdict == "promote":
+        console.print(f"promoted v{release.candidate_version}: it answers every user")
+    else:
+        console.print(
+            f"rolled back v{release.candidate_version}: v{release.incumbent_version} answers "
+            "every user"
+        )
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace, session: Session, console: Console) -> int:
+    if args.version is None:  # the canary, not a version: the release stage's
+        return cmd_decide(args, session, console)
     # The served policy only: the ppo stage owns it (the reward stage refuses rollbacks).
     with session.calling("trainer"):
         info = session.trainer().Rollback(
@@ -648,14 +710,21 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.set_defaults(run=cmd_checkpoints)
 
     rollback = command(
-        "rollback", help="serve an earlier policy again (republished as a new version)"
+        "rollback",
+        help="serve an earlier policy again (republished as a new version); without a version, "
+        "roll back the running canary (release stage)",
     )
-    rollback.add_argument("version", type=int)
+    rollback.add_argument("version", type=int, nargs="?")
     rollback.add_argument("--pin", action="store_true", help="pause training: keep serving it")
     rollback.add_argument(
         "--wait", action="store_true", help="wait until the generation service serves it"
     )
     rollback.set_defaults(run=cmd_rollback)
+
+    promote = command(
+        "promote", help="promote the running canary's candidate to every user (release stage)"
+    )
+    promote.set_defaults(run=cmd_decide)
 
     release = command(
         "release",

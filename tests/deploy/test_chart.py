@@ -62,6 +62,14 @@ VALUE_SETS = {
     "gpu": lambda: merged(gpu_values(), REQUIRED, INLINE_SECRETS),
     "everything": lambda: merged(REQUIRED, INLINE_SECRETS, EVERYTHING),
     "local": lambda: merged(local_values(), INLINE_SECRETS),
+    # Canaries: generation serves releases, the release stage decides them.
+    "canary": lambda: merged(
+        REQUIRED,
+        {
+            "generation": {"releases": True},
+            "trainer": {"stages": {"release": {"enabled": True, "canary": {"share": 0.25}}}},
+        },
+    ),
 }
 
 
@@ -89,6 +97,11 @@ def everything(renders):
 @pytest.fixture(scope="module")
 def local(renders):
     return renders["local"]
+
+
+@pytest.fixture(scope="module")
+def canary(renders):
+    return renders["canary"]
 
 
 def test_render_is_fast(chart):
@@ -136,7 +149,7 @@ def test_kubernetes_validate_cli_strict(gpu, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_one_deployment_per_service_and_stage(default, everything):
+def test_one_deployment_per_service_and_stage(default, everything, canary):
     assert default.names("Deployment") == {
         "rlhf-generation",
         "rlhf-feedback",
@@ -149,7 +162,7 @@ def test_one_deployment_per_service_and_stage(default, everything):
     added = {"rlhf-trainer-sft", "rlhf-simulated-users"}
     assert everything.names("Deployment") == without_ppo | added
     # A Deployment for every stage the trainer has.
-    stages = {stage(d) for r in (default, everything) for d in r.kind("Deployment")}
+    stages = {stage(d) for r in (default, everything, canary) for d in r.kind("Deployment")}
     assert stages - {None} == set(STAGES)
     images = set()
     for deployment, container in everything.deployments():
@@ -443,7 +456,16 @@ def _environ(rendered, deployment):
     return rendered.environ(deployment["spec"]["template"])
 
 
-@pytest.mark.parametrize("values", ["gpu", "everything", "local"])
+def test_the_release_stage_decides_what_generation_serves(canary):
+    release = canary.env(canary.get("Deployment", "rlhf-trainer-release"))
+    assert release["RLHF_TRAINER_STAGE"] == "release"
+    assert float(release["RLHF_CANARY_SHARE"]) == 0.25
+    assert int(release["RLHF_RELEASE_MIN_THUMBS"]) == 100
+    generation = canary.env(canary.get("Deployment", "rlhf-generation"))
+    assert generation["RLHF_GENERATION_RELEASES"] == "true"
+
+
+@pytest.mark.parametrize("values", ["gpu", "everything", "local", "canary"])
 def test_services_accept_the_environment_the_chart_gives_them(renders, values):
     """Every RLHF_* variable is a real setting of that service, secret settings come from the
     Secret, and the service's own config validation accepts the values."""
@@ -820,6 +842,10 @@ REFUSED_BY_TEMPLATES = {
         "topics.minInsyncReplicas (2) is above topics.replicationFactor (1)",
     ),
     "ppo without reward": ({"reward": {"enabled": False}}, "enable reward too"),
+    "release stage without releases": (
+        {"trainer": {"stages": {"release": {"enabled": True}}}},
+        "trainer.stages.release decides what generation serves through release events",
+    ),
     "releases on tgi": (
         {"generation": {"releases": True, "backend": "tgi", "tgi": {"url": "http://tgi"}}},
         "generation.releases serves an incumbent and a candidate",

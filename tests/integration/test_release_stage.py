@@ -11,7 +11,7 @@ import pytest
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rlhf import bus
+from rlhf import bus, cli
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.trainer.main import build
@@ -91,7 +91,7 @@ def _status(control):
     return control.GetStatus(trainer_pb2.GetStatusRequest()).release
 
 
-def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started):
+def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started, capsys):
     broker, store, start = started
     _policy(store, 1)
     rng = random.Random(7)
@@ -152,7 +152,14 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
                     trainer_pb2.DecideRequest(verdict=trainer_pb2.RELEASE_VERDICT_ROLLBACK)
                 )
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            control.Decide(trainer_pb2.DecideRequest(verdict=trainer_pb2.RELEASE_VERDICT_ROLLBACK))
+            # `rlhf rollback` without a version is the canary's (operator key).
+            where = ["--release-trainer", f"127.0.0.1:{server.port}", "--env-file", "/nonexistent"]
+            assert cli.main(["rollback", *where, "--operator-key", READER_KEY]) == cli.EXIT_FAILED
+            assert "operator key" in capsys.readouterr().err
+            code = cli.main(["rollback", *where, "--operator-key", OPERATOR_KEY])
+            printed = capsys.readouterr()
+            assert code == 0, printed.err
+            assert "rolled back v4" in printed.out
             assert wait_until(lambda: _status(control).candidate_version == 0)
             assert _releases(broker)[-1] == (3, 0, "rollback (operator)")
 

@@ -57,6 +57,9 @@ VERDICTS = Counter(
     "canaries ended, by decision (promote, rollback, expired) and by whom (test, operator)",
     ["decision", "by"],
 )
+for _decision in ("promote", "rollback", "expired"):  # series exist at 0, so increase() sees 1
+    for _by in ("test", "operator"):
+        VERDICTS.labels(_decision, _by)
 CANARY_THUMBS = Gauge(
     "rlhf_release_canary_thumbs",
     "thumbs on each version of the running canary since it started",
