@@ -532,14 +532,7 @@ def cmd_decide(args: argparse.Namespace, session: Session, console: Console) -> 
         status = session.trainer("release-trainer").Decide(
             trainer_pb2.DecideRequest(verdict=VERDICTS[verdict]), timeout=session.timeout
         )
-    release = status.release
-    if verdict == "promote":
-        console.print(f"promoted v{release.candidate_version}: it answers every user")
-    else:
-        console.print(
-            f"rolled back v{release.candidate_version}: v{release.incumbent_version} answers "
-            "every user"
-        )
+    console.print(status.release.last_decision)  # what was decided, in a sentence
     return 0
 
 

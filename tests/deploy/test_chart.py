@@ -724,6 +724,7 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
         "Thumbs-up rate by policy version",
         "KL to the reference policy",
         "Reload events",
+        "Canary: candidate minus incumbent thumbs-up rate",
     ):
         assert wanted in titles
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -738,6 +739,7 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
     for metric in (
         "rlhf_reward_live_sum",
         "rlhf_feedback_thumbs_total",
+        "rlhf_release_canary_difference",
         "rlhf_trainer_stat",
         "rlhf_generation_tokens_total",
         "rlhf_grpc_request_seconds_bucket",

@@ -159,7 +159,7 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
             code = cli.main(["rollback", *where, "--operator-key", OPERATOR_KEY])
             printed = capsys.readouterr()
             assert code == 0, printed.err
-            assert "rolled back v4" in printed.out
+            assert "v4 rolled back, v3 kept (rollback, operator" in printed.out
             assert wait_until(lambda: _status(control).candidate_version == 0)
             assert _releases(broker)[-1] == (3, 0, "rollback (operator)")
 
