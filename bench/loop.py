@@ -62,6 +62,7 @@ SAMPLES_PER_PROMPT = 2
 NEW_TOKENS = 32  # as the simulated users ask
 TEMPERATURE = 0.8  # as the simulated users sample
 THRESHOLD = 0.3  # the simulated users' thumbs-up threshold (RLHF_SIM_POSITIVE_THRESHOLD)
+CALLS_AT_ONCE = 16  # the evaluator's concurrent rollouts: the users' calls need slots too
 
 
 @dataclass
@@ -104,7 +105,10 @@ class Evaluator:
         ]
 
     def measure(self) -> tuple[dict[str, float], str]:
-        completions = self.client.rollouts(self.prompt_ids, self.params)
+        completions = []
+        for start in range(0, len(self.prompt_ids), CALLS_AT_ONCE):  # within RLHF_MAX_CALLS
+            end = start + CALLS_AT_ONCE
+            completions += self.client.rollouts(self.prompt_ids[start:end], self.params[start:end])
         texts = self.tokenizer.batch_decode(
             [c.token_ids for c in completions], skip_special_tokens=True
         )
@@ -271,14 +275,36 @@ def _commit() -> str:
 def run(quick: bool) -> str:
     minutes, every = (8.0, 2.0) if quick else (MINUTES, EVAL_EVERY_MINUTES)
     algorithm = os.environ.get("RLHF_PPO_ALGORITHM", "ppo")
+    commit = _commit()  # before the run: the code that ran
+    stages = ("trainer", "reward-trainer", "simulated-users")
+    settings = {
+        f"{n}:{k}" if k == "RLHF_NICE" else k: v  # each process has its own priority
+        for n in stages
+        for k, v in CPU_DEMO[n].items()
+        if k.startswith("RLHF_")
+    }
     result = run_loop(minutes, every)
-    points, events = result["points"], result["events"]
+    saved = {
+        "algorithm": algorithm,
+        "commit": commit,
+        "minutes": minutes,
+        "every": every,
+        "points": [asdict(p) for p in result["points"]],
+        "events": result["events"],
+        "settings": settings,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"loop-{algorithm}.json").write_text(json.dumps(saved, indent=1))
+    return report(saved)
+
+
+def report(saved: dict) -> str:
+    """The section for one run (as saved in bench/results/loop-<algorithm>.json), its plot,
+    and the algorithms side by side."""
+    algorithm, minutes, every = saved["algorithm"], saved["minutes"], saved["every"]
+    points, events = [Point(**p) for p in saved["points"]], saved["events"]
     png = RESULTS / f"loop-{algorithm}.png"
     plot(points, events, png)
-    (RESULTS / f"loop-{algorithm}.json").write_text(
-        json.dumps({"points": [asdict(p) for p in points], "events": events}, indent=1)
-    )
     rows = [
         [
             f"{p.minutes:.1f}",
@@ -295,12 +321,11 @@ def run(quick: bool) -> str:
         for p in points
     ]
     first, last = points[0], points[-1]
-    settings = {**CPU_DEMO["trainer"], **CPU_DEMO["reward-trainer"], **CPU_DEMO["simulated-users"]}
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()) if k.startswith("RLHF_"))
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(saved["settings"].items()))
     milestones = ", ".join(f"{name} at {at:.1f} min" for name, at in events.items()) or "none"
     return "\n".join(
         [
-            f"Machine: {machine()}. Commit {_commit()}, algorithm `{algorithm}`.",
+            f"Machine: {machine()}. Commit {saved['commit']}, algorithm `{algorithm}`.",
             "",
             f"The platform as `make up` runs it, from an empty store, for {minutes:.0f} minutes; "
             f"every {every:.0f} minutes {len(HELDOUT_PROMPTS)} held-out prompts (topics no "
@@ -330,8 +355,61 @@ def run(quick: bool) -> str:
             f"minutes, KL {last.kl:.1f} nats, distinct bigrams {first.distinct2:.3f} -> "
             f"{last.distinct2:.3f}.**",
             "",
+            *([saved["note"], ""] if saved.get("note") else []),
             f"A held-out answer at the end: _{last.example.strip()}_",
             "",
             f"![the live loop](bench/results/{png.name})",
+            "",
+            *compare_algorithms(),
         ]
     )
+
+
+def compare_algorithms() -> list[str]:
+    """Every algorithm's latest run (bench/results/loop-<algorithm>.json), side by side: the
+    same held-out users, prompts and seeds, each from an empty store."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("loop-*.json"))]
+    rows = []
+    for saved in runs:
+        points, events = saved["points"], saved["events"]
+        first, last = points[0], points[-1]
+        rows.append(
+            [
+                f"`{saved.get('algorithm', '?')}`",
+                saved.get("commit", "?"),
+                f"{last['minutes']:.0f}",
+                _at(events, "first reward model"),
+                _at(events, "first PPO update"),
+                last["ppo_step"],
+                f"{100 * first['thumbs_up']:.0f}%",
+                f"{100 * last['thumbs_up']:.0f}% "
+                f"({100 * last['low']:.0f}-{100 * last['high']:.0f})",
+                f"{last['kl']:.1f}",
+                f"{first['distinct2']:.3f} -> {last['distinct2']:.3f}",
+            ]
+        )
+    if len(rows) < 2:
+        return []
+    return [
+        "### The algorithms side by side (each one's latest run of this benchmark)",
+        "",
+        table(
+            [
+                "algorithm (RLHF_PPO_ALGORITHM)",
+                "commit",
+                "minutes",
+                "first reward model (min)",
+                "first update (min)",
+                "updates",
+                "held-out thumbs-up at start",
+                "at the end (90%)",
+                "KL (nats)",
+                "distinct bigrams",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _at(events: dict[str, float], name: str) -> str:
+    return f"{events[name]:.1f}" if name in events else "never"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-AREAS = ("feedback", "generation", "reward", "trainer", "loop", "alignment")
+AREAS = ("feedback", "generation", "reward", "trainer", "loop")
 
 
 def median(values: Sequence[float]) -> float:

@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf import bus
 from rlhf.auth import OPERATOR, READER, SERVICE, ClientSecurity, Credentials, dial
@@ -233,3 +235,18 @@ def pki(tmp_path_factory) -> Pki:
     cert, key = _leaf(folder, "service", authority)
     stranger = _leaf(folder, "stranger", _authority(folder, "other-ca"))
     return Pki(authority[0], cert, key, *stranger)
+
+
+def tiny_llama(seed: int = 0, **config) -> LlamaForCausalLM:
+    """A random two-layer Llama over a 64-token vocabulary, in eval mode (`config` overrides)."""
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()

@@ -248,7 +248,7 @@ def _facts(title: str, rows: Sequence[tuple[str, str]]) -> Table:
 
 
 def _state(status: trainer_pb2.TrainerStatus) -> str:
-    return "paused" if status.paused else "training"
+    return "paused" if status.paused else "running"  # the phase row says doing what
 
 
 def policy_table(info: generation_pb2.PolicyInfo) -> Table:

@@ -35,6 +35,7 @@ import grpc
 from rlhf import decoding
 from rlhf.auth import APP, SERVICE, Credentials, Unauthenticated
 from rlhf.http_server import BoundedHttpServer, content_length
+from rlhf.models import serving_dtype
 from rlhf.server import Rejected, TlsIdentity
 from rlhf.v1 import common_pb2
 
@@ -447,7 +448,7 @@ class GenerationHandler(BaseHTTPRequestHandler):
         state = self.core.backend.policy()
         return {
             "model_id": self.model_name,
-            "model_dtype": "float32",
+            "model_dtype": str(serving_dtype(config.decode_dtype)).removeprefix("torch."),
             "model_device_type": "cpu",
             "max_input_tokens": config.max_prompt_tokens,
             "max_input_length": config.max_prompt_tokens,

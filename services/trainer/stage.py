@@ -18,6 +18,7 @@ A stage is a process with two threads and a control plane:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -459,21 +460,38 @@ class RoundsStage(Stage):
     """A stage that trains in rounds (reward, sft): once enough new examples are in (`due`),
     it takes them and the intake's state together, under the intake's lock, so the round
     trains on exactly what the offsets it then commits cover; `train_round` trains, writes the
-    checkpoint and ends with `checkpoint_written`."""
+    checkpoint and ends with `checkpoint_written`.
+
+    A round waits for `round_examples` new examples, or for `round_growth` times what earlier
+    rounds had, whichever is more: rounds that train on everything so far then come at
+    geometrically spaced sizes, so their total cost grows with the data rather than with its
+    square, and a shared machine keeps CPU for the other stages as the data grows."""
 
     unit = "examples"
 
-    def __init__(self, parts: StageParts, round_examples: int, **status: Any) -> None:
+    def __init__(
+        self, parts: StageParts, round_examples: int, round_growth: float = 0.0, **status: Any
+    ) -> None:
         super().__init__(parts, **status)
         self.round_examples = round_examples
+        self.round_growth = round_growth
         self.verdict = ""  # what the last round came to, shown while collecting the next
 
     def pending(self) -> int:
         """New examples waiting for a round."""
         raise NotImplementedError
 
+    def collected(self) -> int:
+        """Every example kept so far, the pending ones included (0: not counted)."""
+        return 0
+
+    def round_size(self) -> int:
+        """New examples the next round waits for."""
+        earlier = max(0, self.collected() - self.pending())
+        return max(self.round_examples, math.ceil(self.round_growth * earlier))
+
     def due(self) -> bool:
-        return self.pending() >= self.round_examples
+        return self.pending() >= self.round_size()
 
     def take(self) -> Any:
         """The round's data (called under the intake's lock)."""
@@ -490,7 +508,7 @@ class RoundsStage(Stage):
         if not self.due():
             last = f"; {self.verdict}" if self.verdict else ""
             self.set_phase(
-                COLLECTING, f"{pending} of {self.round_examples} new {self.unit} for a round{last}"
+                COLLECTING, f"{pending} of {self.round_size()} new {self.unit} for a round{last}"
             )
             return False
         self.set_phase(TRAINING, f"training a round on {pending} new {self.unit}")

@@ -243,9 +243,7 @@ def _loop(common, tmp_path, ppo_stage: dict, seed: int = 0) -> Outcome:
         def reward_served():
             # Published, then loaded by the reward service: PPO's first batches would otherwise
             # be scored by the untrained head.
-            pair = reward_pb2.ScoredPair(prompt="How was it?", response="Great, it is fun!")
-            reply = reward.Score(reward_pb2.ScoreRequest(pairs=[pair]))
-            return reply.model_version >= 1
+            return reward.GetModelInfo(reward_pb2.GetModelInfoRequest()).version >= 1
 
         assert wait_until(reward_served, timeout=240)
         trainer.Resume(trainer_pb2.ResumeRequest())

@@ -246,7 +246,8 @@ def test_pause_and_resume(rlhf):
     assert status == 0 and out.startswith("ppo trainer paused at step 0, last published v")
     assert "│ state                    │ paused" in rlhf("status")[1]
     status, out, _ = rlhf("resume")
-    assert status == 0 and out.startswith("ppo trainer training at step 0")
+    assert status == 0 and out.startswith("ppo trainer running at step 0")
+    assert "│ state                    │ running" in rlhf("status")[1]
     status, out, _ = rlhf("pause", "--stage", "reward")
     assert status == 0 and out.startswith("reward trainer paused at step 0")
     assert rlhf("resume", "--stage", "reward")[0] == 0

@@ -40,6 +40,7 @@ def stub(broker, store):
         reward_model=TINY,
         max_batch=4,
         drift_sample=0.0,
+        dtype="float32",  # exact scores (bfloat16 scoring: tests/unit/test_score_batcher.py)
     )
     running = serve(RewardService(config))
     with channel(running, SERVICE_KEY) as opened:
@@ -140,7 +141,7 @@ def test_a_checkpoint_with_a_broken_normalisation_is_refused(stub, broker, store
 
 @pytest.fixture
 def coalescing(broker, tmp_path):
-    """A service that holds a lone call for up to a second to collect companions."""
+    """A service whose batches wait up to a second for calls already on their way."""
     config = RewardConfig(
         kafka_bootstrap=broker.bootstrap,
         checkpoint_dir=tmp_path,
@@ -148,6 +149,7 @@ def coalescing(broker, tmp_path):
         batch_max_pairs=4,
         batch_wait_ms=1000.0,
         drift_sample=0.0,
+        dtype="float32",
     )
     running = serve(RewardService(config))
     with channel(running, SERVICE_KEY) as opened:
@@ -160,13 +162,14 @@ def _batches():
 
 
 def test_concurrent_calls_are_coalesced_into_one_forward_pass(coalescing):
-    texts = ["great", "awful", "fine", "so-so"]
+    texts = ["great", "awful", "fine", "so-so"] * 2
     before = _batches()
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=len(texts)) as pool:
         replies = list(pool.map(lambda t: coalescing.Score(_pairs(t), timeout=30), texts))
-    # Four one-pair calls fill the four-pair batch: one forward pass, no one waits the second.
-    assert _batches() == before + 1
-    assert REGISTRY.get_sample_value("rlhf_reward_batch_requests_bucket", {"le": "4.0"}) >= 1
+    # A lone call is scored at once (no one else on the way); the calls that arrive meanwhile
+    # share forward passes of up to four pairs: eight concurrent calls, fewer passes.
+    passes = _batches() - before
+    assert 2 <= passes < len(texts)
     # Batched together or alone, a pair gets the same score.
     together = [reply.scores[0] for reply in replies]
     alone = coalescing.Score(_pairs(*texts), timeout=30).scores

@@ -58,6 +58,7 @@ def reward_service(broker, tmp_path):
         checkpoint_dir=tmp_path / "checkpoints",
         reward_model=TINY,
         drift_sample=0.0,
+        dtype="float32",  # scores compared with the stage's own float32 evaluation
     )
     running = serve(RewardService(config))
     with channel(running, SERVICE_KEY) as opened:
@@ -199,11 +200,16 @@ def test_a_regressed_reward_model_is_not_published(broker, tmp_path, reward_serv
         served = list(reward_service.Score(PROBE).scores)
 
         regressed = _rounds("regressed")
-        _publish_and_wait(broker, service, list(_poisoned(feedback_stream(300, seed=22), HELDOUT)))
+        # Twice the clean data, flipped: with 300 a round sometimes learnt too little of the
+        # flip to be clearly worse than the served model, and was published.
+        poisoned = list(_poisoned(feedback_stream(600, seed=22), HELDOUT))
+        _publish_and_wait(broker, service, poisoned)
         second = service.loop.run_round()
         assert not second.promoted
         # Refused for doing worse than the served model, not for lack of held-out data.
-        assert second.reasons and all(" vs served " in reason for reason in second.reasons)
+        # (Trained mostly on flipped labels it may well lose to the base rate too.)
+        assert any(" vs served " in reason for reason in second.reasons), second.reasons
+        assert not any(reason.startswith("only ") for reason in second.reasons)
         assert _rounds("regressed") == regressed + 1
         # The served model judged the fresh feedback, most of it flipped: it disagrees.
         assert second.agreement["thumbs_auc"] < 0.5

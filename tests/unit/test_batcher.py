@@ -6,29 +6,19 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyLoader, PolicyWeights
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.decoding import Sampling, generate
 from rlhf.models import policy_checkpoint_files, policy_from_checkpoint, serving_dtype
 from rlhf.serving import HotSwap, Served
+from tests.conftest import tiny_llama
 
 PAD = 0
 
 
 def _model(seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="module")
@@ -218,18 +208,7 @@ def test_bf16_decode_logprobs_stay_close_to_float32_and_rollouts_stay_exact(mode
 
 
 def _tied_policy(seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, tie_word_embeddings=True)
 
 
 def test_hot_reload_reuses_a_retired_versions_memory_once_nothing_decodes_on_it(tmp_path):

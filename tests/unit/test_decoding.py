@@ -5,23 +5,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlhf import decoding
 from rlhf.decoding import Sampling, filter_logits, generate
 from rlhf.training.ppo import build_rollout, forward_policy
+from tests.conftest import tiny_llama
 
 PAD, EOS = 0, 2
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(0)
 
 
 def test_seeded_row_is_reproducible_whatever_the_batch(model):

@@ -102,3 +102,30 @@ def test_a_batch_is_put_back_unused_when_the_reward_service_is_down(tmp_path):
     loop = _loop(tmp_path, learner, intake)
     assert loop.step(*intake.take(2)) is None
     assert len(intake) == 2 and intake.used.count == 0
+
+
+def test_reward_rounds_come_at_geometric_sizes_with_round_growth():
+    """RLHF_REWARD_ROUND_GROWTH: once a reward model is served, a round waits for the larger of
+    RLHF_REWARD_ROUND_EXAMPLES new examples and that fraction of what earlier rounds had; 0
+    keeps fixed-size rounds, and so does a stage that has published nothing yet (PPO waits for
+    its first model: every round is a chance)."""
+    from rlhf.training.reward import FeedbackDataset, Labelled, Rated
+    from services.trainer.reward.loop import RewardIntake, RewardRounds
+
+    def rounds_at(growth, total=600, published=1):
+        dataset = FeedbackDataset()
+        intake = RewardIntake(mock.Mock(), mock.Mock(), dataset, mock.Mock())
+        stage = RewardRounds(
+            StageParts(intake, mock.Mock(), mock.Mock()), mock.Mock(), 64, published, growth
+        )
+        sizes = []
+        for n in range(1, total + 1):
+            dataset.add([Labelled(f"g{n}", Rated("q", "a", 1.0))])
+            if stage.due():
+                sizes.append(n)
+                dataset.snapshot()  # what a round takes: the fresh examples are no longer new
+        return sizes
+
+    assert rounds_at(0.0) == [64 * k for k in range(1, 10)]
+    assert rounds_at(0.5) == [64, 128, 192, 288, 432]
+    assert rounds_at(0.5, published=0) == rounds_at(0.0)

@@ -383,8 +383,10 @@ class PPOLearner:
             for name, value in tensors[OPTIMIZER_FILE].items()
         }
         load_optimizer_state(self.optimizer, moments, learner["optimizer"])
-        self.shuffle.set_state(tensors[RNG_FILE]["shuffle"])
-        torch.set_rng_state(tensors[RNG_FILE]["torch"])
+        # Copies: loaded tensors are views into the verified file's bytes, and a generator's
+        # set_state reads a view from its storage's start, not the view's (torch 2.13).
+        self.shuffle.set_state(tensors[RNG_FILE]["shuffle"].clone())
+        torch.set_rng_state(tensors[RNG_FILE]["torch"].clone())
         self.kl_controller.load_state_dict(learner["kl_controller"])
         self.updates = int(learner["updates"])
         self._rollout_calls = int(learner["rollout_calls"])

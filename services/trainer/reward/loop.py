@@ -109,14 +109,28 @@ class RewardRounds(RoundsStage):
     product_kind, state_kind = REWARD, REWARD_STATE
 
     def __init__(
-        self, parts: StageParts, trainer: RewardTrainer, round_examples: int, start_version: int
+        self,
+        parts: StageParts,
+        trainer: RewardTrainer,
+        round_examples: int,
+        start_version: int,
+        round_growth: float = 0.0,
     ) -> None:
-        super().__init__(parts, round_examples, reward_version=start_version)
+        super().__init__(parts, round_examples, round_growth, reward_version=start_version)
         self.trainer = trainer
         self.intake: RewardIntake = parts.intake  # type: ignore[assignment]
 
     def pending(self) -> int:
         return self.intake.dataset.fresh
+
+    def collected(self) -> int:
+        return sum(self.intake.dataset.sizes().values())
+
+    def round_size(self) -> int:
+        # Until a first reward model is published PPO waits for it: every round is a chance.
+        if self._status.reward_version == 0:
+            return self.round_examples
+        return super().round_size()
 
     def take(self) -> DataSnapshot:
         return self.intake.dataset.snapshot()

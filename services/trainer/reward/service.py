@@ -47,4 +47,9 @@ class RewardTrainerService(StageService):
             ),
             REWARD_STATE,
         )
-        self.serve(RewardRounds(parts, trainer, settings.round_examples, current.version), store)
+        self.serve(
+            RewardRounds(
+                parts, trainer, settings.round_examples, current.version, settings.round_growth
+            ),
+            store,
+        )
