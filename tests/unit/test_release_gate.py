@@ -79,3 +79,89 @@ def test_tolerances_must_not_be_negative():
         GateTolerance(reward=-0.1)
     with pytest.raises(ValueError, match="max_kl"):
         GateTolerance(max_kl=float("nan"))
+
+
+# The measurements (rlhf.training.release_gate) on the tiny random policy -----------------------
+
+
+def test_the_shipped_prompts_are_none_the_simulated_users_ask():
+    from rlhf.training.release_gate import GATE_PROMPTS, GATE_TOPICS
+    from services.simulated_users import synthetic, users
+
+    asked = set(users.PROMPTS) | set(users.HELDOUT_PROMPTS) | set(synthetic.PROMPTS)
+    assert GATE_PROMPTS and not set(GATE_PROMPTS) & asked
+    topics = set(users.TRAIN_TOPICS) | set(users.HELDOUT_TOPICS)
+    assert not any(topic in prompt for prompt in GATE_PROMPTS for topic in topics)
+    assert len(set(GATE_TOPICS)) == len(GATE_TOPICS)
+
+
+def test_a_prompt_file_replaces_the_shipped_set(tmp_path):
+    from rlhf.training.release_gate import GATE_PROMPTS, MAX_PROMPTS, load_prompts
+
+    assert load_prompts("") == GATE_PROMPTS
+    path = tmp_path / "prompts.txt"
+    path.write_text("Tell me a joke.\n\n  What is rain?  \n")
+    assert load_prompts(str(path)) == ("Tell me a joke.", "What is rain?")
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(str(path))
+    path.write_text("x\n" * (MAX_PROMPTS + 1))
+    with pytest.raises(ValueError, match="at most"):
+        load_prompts(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    from rlhf.models import TINY, load_base_policy, load_tokenizer
+
+    return load_tokenizer(cache_dir), load_base_policy(TINY, cache_dir)
+
+
+def test_a_policy_measured_against_itself_has_no_kl_and_the_same_answers(tiny):
+    from rlhf.training.release_gate import GateSampler
+
+    tokenizer, reference = tiny
+    sampler = GateSampler(tokenizer, reference, ["Say hello.", "Count to three."], 2, 8)
+    first, again = sampler.answers(reference), sampler.answers(reference)
+    assert first == again  # seeded per answer: the same policy answers the same
+    assert len(first.texts) == 4 and first.prompts[:2] == ["Say hello.", "Say hello."]
+    assert 0 < first.length <= 8 and 0.0 <= first.repetition < 1.0
+    assert first.kl == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_sharper_policy_diverges_from_the_reference(tiny):
+    import copy
+
+    import torch
+
+    from rlhf.training.release_gate import GateSampler
+
+    tokenizer, reference = tiny
+    sharper = copy.deepcopy(reference)  # the random model's near-uniform logits, scaled up
+    with torch.no_grad():
+        sharper.lm_head.weight.mul_(30.0)
+    sampler = GateSampler(tokenizer, reference, ["Say hello.", "Count to three."], 2, 8)
+    assert sampler.answers(sharper).kl > 1.0  # nats per answer of up to 8 tokens
+
+
+def test_both_policies_are_scored_in_one_call_by_one_reward_model():
+    from rlhf.clients import Scores
+    from rlhf.training.release_gate import Answers, gate_measures
+
+    candidate = Answers(["p", "q"], ["good", "good"], 10.0, 0.1, 2.0)
+    incumbent = Answers(["p", "q"], ["bad", "bad"], 12.0, 0.0, 1.0)
+    calls = []
+
+    def score(prompts, texts, version=3):
+        calls.append((prompts, texts))
+        return Scores([1.0 if t == "good" else -1.0 for t in texts], version)
+
+    cand, inc, version = gate_measures(candidate, incumbent, score)
+    assert calls == [(["p", "q", "p", "q"], ["good", "good", "bad", "bad"])]
+    assert (cand, inc, version) == (
+        GateMeasures(1.0, 10.0, 0.1, 2.0),
+        GateMeasures(-1.0, 12.0, 0.0, 1.0),
+        3,
+    )
+    untrained = gate_measures(candidate, incumbent, lambda p, t: score(p, t, version=0))
+    assert untrained[0].reward is None and untrained[1].reward is None
