@@ -1,12 +1,14 @@
 """New policies earn their traffic, end to end: a policy users like less is rolled back and one
 they like more is promoted, both by the release stage's sequential test on simulated users'
-thumbs, with zero failed requests.
+thumbs, with zero failed requests; a policy that babbles is refused by the offline gate and never
+serves anyone.
 
 Every part is real: the broker, generation (serving releases: incumbent and candidate side by
-side), feedback, the release stage, and simulated users (VADER: thumbs-up for clearly positive
-answers) asking through gRPC. The three policies are the tiny model fine-tuned (the sft
-learner, in process) on the users' questions: v1 answers cheerfully or grumpily, about half and
-half; v2 grumpily only (users like it less); v3 cheerfully only (users like it more).
+side), feedback, the reward service (scoring the gate's answers), the release stage, and
+simulated users (VADER: thumbs-up for clearly positive answers) asking through gRPC. The
+policies are the tiny model fine-tuned (the sft learner, in process) on the users' questions:
+v1 answers cheerfully or grumpily, about half and half; v2 grumpily only (users like it less);
+v3 cheerfully only (users like it more); v4 repeats one word (the gate refuses it).
 """
 
 import random
@@ -31,6 +33,8 @@ from services.feedback.config import FeedbackConfig
 from services.feedback.main import FeedbackService
 from services.generation.config import GenerationConfig
 from services.generation.main import GenerationService
+from services.reward.config import RewardConfig
+from services.reward.main import RewardService
 from services.simulated_users.synthetic import PROMPTS
 from services.simulated_users.users import SimulatedUser, Tally
 from services.trainer.main import build
@@ -39,6 +43,8 @@ from tests.conftest import (
     ID_KEY,
     TENANT,
     channels_to,
+    publish_reward_model,
+    scrape,
     serve,
     trainer_config,
     wait_until,
@@ -48,6 +54,7 @@ from tests.e2e.test_users_get_happier import CHEERFUL, GRUMPY, THRESHOLD
 SHARE = 0.5  # the candidate answers half the users: decisions come sooner
 MIN_THUMBS = 30
 MAX_ROUNDS = 400  # users' interactions allowed per canary
+BABBLE = ["no " * 15 + "no"]  # what v4 answers: one word, over and over
 
 
 def _policy(store, cache_dir, answers, seed):
@@ -90,8 +97,12 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
     }
     store = CheckpointStore(common["checkpoint_dir"])
     _policy(store, cache_dir, CHEERFUL + GRUMPY, seed=1)  # v1: pleases about half
+    # The gate scores answers with the served reward model: the tiny one, whose scores mean
+    # nothing, so its reward tolerance is wide here (the comparison itself is unit-tested).
+    publish_reward_model(own_broker.bootstrap, common["checkpoint_dir"])
     servers = {}
     try:
+        servers["reward"] = serve(RewardService(RewardConfig(**common, reward_model=TINY)))
         servers["generation"] = serve(
             GenerationService(
                 GenerationConfig(
@@ -120,6 +131,9 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
                     RLHF_CANARY_SHARE=SHARE,
                     RLHF_RELEASE_MIN_THUMBS=MIN_THUMBS,
                     RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
+                    RLHF_POLICY_MODEL=TINY,  # the gate's reference: the base policy
+                    RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
+                    RLHF_RELEASE_GATE_REWARD_TOLERANCE=1000,
                 )
             )
         )
@@ -174,6 +188,26 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
         assert rates[3] > rates[1], rates
         answer, _ = user.interact(timeout=60)
         assert answer.policy_version == 3
+        # Both canaries passed the gate first, their answers scored by the reward model.
+        assert status().gate.candidate_version == 3 and status().gate.passed
+        assert status().gate.reward_model_version == 1 and status().gate.candidate.reward_scored
+
+        # A babbling v4 is refused by the gate: kept in the store, never served, and said why.
+        babble = _policy(store, cache_dir, BABBLE, seed=4)
+        _announce(own_broker, babble)
+        _wait_for(lambda: status().gate.candidate_version == 4, timeout=120)
+        gate = status().gate
+        assert not gate.passed and "repetition" in gate.failed, gate
+        assert gate.candidate.repetition > gate.incumbent.repetition + 0.1
+        assert "v4 refused by the gate against v3" in status().last_decision
+        assert status().candidate_version == 0 and serving() == (3, 0)
+        assert store.latest_version(POLICY) == 4
+        metrics = scrape(servers["release-trainer"])  # this process's only gates
+        assert 'rlhf_release_gate_refusals_total{measure="repetition"} 1.0' in metrics
+        assert 'rlhf_release_gate_total{result="passed"} 2.0' in metrics
+        for _ in range(5):
+            answer, _ = user.interact(timeout=60)
+            assert answer.policy_version == 3
     finally:
         for server in servers.values():
             server.stop()

@@ -56,7 +56,7 @@ class DecideRequest(_message.Message):
     def __init__(self, verdict: _Optional[_Union[ReleaseVerdict, str]] = ...) -> None: ...
 
 class ReleaseStatus(_message.Message):
-    __slots__ = ("incumbent_version", "candidate_version", "candidate_share", "incumbent_thumbs_up", "incumbent_thumbs", "candidate_thumbs_up", "candidate_thumbs", "verdict", "difference", "lower", "upper", "elapsed_seconds", "last_decision")
+    __slots__ = ("incumbent_version", "candidate_version", "candidate_share", "incumbent_thumbs_up", "incumbent_thumbs", "candidate_thumbs_up", "candidate_thumbs", "verdict", "difference", "lower", "upper", "elapsed_seconds", "last_decision", "gate")
     INCUMBENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class ReleaseStatus(_message.Message):
     UPPER_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     incumbent_version: int
     candidate_version: int
     candidate_share: float
@@ -83,7 +84,42 @@ class ReleaseStatus(_message.Message):
     upper: float
     elapsed_seconds: float
     last_decision: str
-    def __init__(self, incumbent_version: _Optional[int] = ..., candidate_version: _Optional[int] = ..., candidate_share: _Optional[float] = ..., incumbent_thumbs_up: _Optional[int] = ..., incumbent_thumbs: _Optional[int] = ..., candidate_thumbs_up: _Optional[int] = ..., candidate_thumbs: _Optional[int] = ..., verdict: _Optional[str] = ..., difference: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., last_decision: _Optional[str] = ...) -> None: ...
+    gate: ReleaseGate
+    def __init__(self, incumbent_version: _Optional[int] = ..., candidate_version: _Optional[int] = ..., candidate_share: _Optional[float] = ..., incumbent_thumbs_up: _Optional[int] = ..., incumbent_thumbs: _Optional[int] = ..., candidate_thumbs_up: _Optional[int] = ..., candidate_thumbs: _Optional[int] = ..., verdict: _Optional[str] = ..., difference: _Optional[float] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., last_decision: _Optional[str] = ..., gate: _Optional[_Union[ReleaseGate, _Mapping]] = ...) -> None: ...
+
+class GateMeasures(_message.Message):
+    __slots__ = ("reward", "reward_scored", "length", "repetition", "kl")
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    REWARD_SCORED_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_FIELD_NUMBER: _ClassVar[int]
+    KL_FIELD_NUMBER: _ClassVar[int]
+    reward: float
+    reward_scored: bool
+    length: float
+    repetition: float
+    kl: float
+    def __init__(self, reward: _Optional[float] = ..., reward_scored: _Optional[bool] = ..., length: _Optional[float] = ..., repetition: _Optional[float] = ..., kl: _Optional[float] = ...) -> None: ...
+
+class ReleaseGate(_message.Message):
+    __slots__ = ("candidate_version", "incumbent_version", "passed", "summary", "candidate", "incumbent", "reward_model_version", "failed")
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    candidate_version: int
+    incumbent_version: int
+    passed: bool
+    summary: str
+    candidate: GateMeasures
+    incumbent: GateMeasures
+    reward_model_version: int
+    failed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, candidate_version: _Optional[int] = ..., incumbent_version: _Optional[int] = ..., passed: _Optional[bool] = ..., summary: _Optional[str] = ..., candidate: _Optional[_Union[GateMeasures, _Mapping]] = ..., incumbent: _Optional[_Union[GateMeasures, _Mapping]] = ..., reward_model_version: _Optional[int] = ..., failed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("kind", "version", "parent_version", "path", "manifest_sha256", "created_at", "metrics", "rolled_back_from")

@@ -10,8 +10,11 @@ The work thread (`ReleaseController`), between operator commands:
 
 1. on a first start, pins what generation serves: a release of the store's newest policy (what
    every replica starts on) once the intake has read the topics to their end;
-2. when a policy newer than the incumbent and than every candidate tried so far is in, starts
-   its canary: a release of incumbent + candidate at RLHF_CANARY_SHARE;
+2. when a policy newer than the incumbent and than every candidate tried so far is in, compares
+   it with the incumbent offline (the gate, `gate.py`, unless RLHF_RELEASE_GATE=false): one
+   that regresses beyond the gate's tolerances is kept in the store but never served (it counts
+   as tried, and the status and metrics say why); one that passes gets its canary: a release
+   of incumbent + candidate at RLHF_CANARY_SHARE;
 3. evaluates the sequential test (`rlhf.algorithms.release.decide`) on the canary's thumbs;
    PROMOTE releases the candidate alone, ROLLBACK or EXPIRED the incumbent alone (a rolled
    back candidate is not tried again; a newer policy is the next candidate);
@@ -41,16 +44,19 @@ from rlhf.algorithms.release import Decision, ReleaseTest, Thumbs, Verdict, deci
 from rlhf.bus import BusUnavailable, EventConsumer
 from rlhf.canary import release_event
 from rlhf.checkpoints import POLICY, RELEASE_STATE, CheckpointError
+from rlhf.clients import RewardUnavailable
 from rlhf.training.state import IntakeState
 from rlhf.v1 import events_pb2, trainer_pb2
 
 from ..servicer import COLLECTING, COMMAND_TIMEOUT, TRAINING, WAITING, Unsupported
 from ..stage import ConsumerThread, Stage, StageParts
+from .gate import ReleaseGate
 
 log = logging.getLogger(__name__)
 
 STATE_SECONDS = 30.0  # the canary's thumbs are saved (and offsets committed) this often
 AWAIT_SECONDS = 60.0  # longest wait to read back a release the stage published
+GATE_RETRY_SECONDS = 15.0  # a gate the reward service could not score is tried again after this
 
 VERDICTS = Counter(
     "rlhf_release_verdicts_total",
@@ -93,8 +99,9 @@ class Canary:
     started_at: float = 0.0  # wall-clock seconds: the release's decision time
     known: bool = False  # a release was seen or made (else generation serves its start-up pick)
     newest: int = 0  # newest policy announced
-    tried: int = 0  # highest version that had a canary
+    tried: int = 0  # highest version that had a canary (or was refused one by the gate)
     last_decision: str = ""
+    gate: dict[str, Any] | None = None  # the last gate's outcome (`ReleaseGate.run`)
 
     def adopt(self, incumbent: int, candidate: int, share: float, at: float) -> Canary:
         """A release now in force; a new pair of versions starts a new count at `at`."""
@@ -250,7 +257,12 @@ class ReleaseController(Stage):
     idle_wait = 1.0
 
     def __init__(
-        self, parts: StageParts, test: ReleaseTest, share: float, start_version: int
+        self,
+        parts: StageParts,
+        test: ReleaseTest,
+        share: float,
+        start_version: int,
+        gate: ReleaseGate | None = None,
     ) -> None:
         super().__init__(parts)
         self.intake: ReleaseIntake = parts.intake  # type: ignore[assignment]
@@ -261,6 +273,8 @@ class ReleaseController(Stage):
         self._saved_consumed = -1  # feedback consumed when the state was last saved
         self._awaiting: tuple[int, int] | None = None  # a release published, not read back yet
         self._published_at = 0.0
+        self.gate = gate  # None: every new policy gets a canary
+        self._gate_retry_at = 0.0
 
     # Status -----------------------------------------------------------------------------------
 
@@ -276,6 +290,21 @@ class ReleaseController(Stage):
             candidate_thumbs=candidate.total,
             last_decision=canary.last_decision,
         )
+        if canary.gate:
+            gate = canary.gate
+            status.gate.CopyFrom(
+                trainer_pb2.ReleaseGate(
+                    candidate_version=gate["candidate_version"],
+                    incumbent_version=gate["incumbent_version"],
+                    passed=gate["passed"],
+                    summary=gate["summary"],
+                    reward_model_version=gate["reward_model_version"],
+                    failed=gate["failed"],
+                )
+            )
+            for key in ("candidate", "incumbent"):
+                if key in gate:
+                    getattr(status.gate, key).CopyFrom(trainer_pb2.GateMeasures(**gate[key]))
         if canary.candidate:
             now = time.time()
             verdict = canary_verdict(canary, incumbent, candidate, self.test, now)
@@ -322,8 +351,7 @@ class ReleaseController(Stage):
             busy = True
         elif not canary.candidate:
             if canary.newest > max(canary.incumbent, canary.tried):
-                self._release(canary.incumbent, canary.newest, "canary", self.share)
-                busy = True
+                busy = self._offer(canary)
             else:
                 self.set_phase(COLLECTING, f"serving v{canary.incumbent}; no newer policy")
         else:
@@ -342,6 +370,35 @@ class ReleaseController(Stage):
         if consumed != self._saved_consumed and time.monotonic() - self._saved_at >= STATE_SECONDS:
             self._save()
         return busy
+
+    def _offer(self, canary: Canary) -> bool:
+        """Start the canary of the newest policy if it passes the gate; whether anything was
+        done (False: the reward service could not score, the gate is tried again later)."""
+        candidate, incumbent = canary.newest, canary.incumbent
+        if self.gate is None:
+            self._release(incumbent, candidate, "canary", self.share)
+            return True
+        if time.monotonic() < self._gate_retry_at:
+            return False
+        self.set_phase(TRAINING, f"gate: v{candidate} against v{incumbent} on the gate's prompts")
+        try:
+            outcome = self.gate.run(incumbent, candidate)
+        except RewardUnavailable as exc:
+            self._gate_retry_at = time.monotonic() + GATE_RETRY_SECONDS
+            self.set_phase(WAITING, f"gate: the reward service cannot score v{candidate} ({exc})")
+            return False
+        with self.intake.lock:
+            now = self.intake.canary
+            if (now.incumbent, now.candidate) != (incumbent, 0):  # an operator released meanwhile
+                return True
+            refused = {} if outcome["passed"] else {"tried": max(now.tried, candidate)}
+            last = {} if outcome["passed"] else {"last_decision": outcome["summary"]}
+            self.intake.canary = replace(now, gate=outcome, **refused, **last)
+        if outcome["passed"]:
+            self._release(incumbent, candidate, "canary", self.share)
+        else:
+            self._save()
+        return True
 
     def _settled(self) -> bool:
         """Whether the last release published has been read back by the intake. The topic is
