@@ -487,7 +487,20 @@ def release_table(status: trainer_pb2.TrainerStatus) -> Table:
         rows.append(("canary", "none running"))
     if release.last_decision:
         rows.append(("last decision", release.last_decision))
+    gate = release.gate
+    if gate.candidate_version:
+        rows.append(("last gate", gate.summary))
+        for name, measures in (("candidate", gate.candidate), ("incumbent", gate.incumbent)):
+            if gate.HasField(name):
+                rows.append(("", f"{name}: {_gate_measures(measures)}"))
     return _facts("release (canary)", [*rows, *_phase(status)])
+
+
+def _gate_measures(m: trainer_pb2.GateMeasures) -> str:
+    reward = f"reward {m.reward:+.3f}" if m.reward_scored else "reward not scored"
+    return (
+        f"{reward}, {m.length:.1f} tokens, {m.repetition:.1%} repeated bigrams, KL {m.kl:.2f} nats"
+    )
 
 
 def _served_version(session: Session) -> int | None:

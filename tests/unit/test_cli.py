@@ -179,6 +179,22 @@ def test_status_shows_the_canary_its_thumbs_and_the_verdict():
         assert expected in text
     idle = trainer_pb2.TrainerStatus(release=trainer_pb2.ReleaseStatus(incumbent_version=3))
     assert "none running" in _rendered(release_table(idle))
+    assert "last gate" not in _rendered(release_table(idle))
+    refused = trainer_pb2.ReleaseGate(
+        candidate_version=6,
+        incumbent_version=3,
+        summary="v6 refused by the gate against v3: repetition: 62.0% repeated bigrams",
+        failed=["repetition"],
+        candidate=trainer_pb2.GateMeasures(
+            reward=0.1, reward_scored=True, length=31.0, repetition=0.62, kl=4.2
+        ),
+        incumbent=trainer_pb2.GateMeasures(length=12.5, repetition=0.02, kl=1.5),
+    )
+    idle.release.gate.CopyFrom(refused)
+    text = _rendered(release_table(idle))
+    assert "v6 refused by the gate against v3: repetition" in text
+    assert "candidate: reward +0.100, 31.0 tokens, 62.0% repeated bigrams, KL 4.20 nats" in text
+    assert "incumbent: reward not scored, 12.5 tokens, 2.0% repeated bigrams" in text
     info = generation_pb2.PolicyInfo(version=3, candidate_version=5, candidate_share=0.1)
     assert "v5 answers 10%" in _rendered(policy_table(info))
     assert "canary" not in _rendered(policy_table(generation_pb2.PolicyInfo(version=3)))
