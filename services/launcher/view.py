@@ -106,8 +106,7 @@ def canary_text(release: trainer_pb2.ReleaseStatus) -> str:
         f"{_thumbs(release.candidate_thumbs_up, release.candidate_thumbs)}, incumbent "
         f"{_thumbs(release.incumbent_thumbs_up, release.incumbent_thumbs)} · {release.verdict}"
         + (
-            f" (difference {release.difference:+.2f}, [{release.lower:+.2f}, "
-            f"{release.upper:+.2f}])"
+            f" (difference {release.difference:+.2f}, [{release.lower:+.2f}, {release.upper:+.2f}])"
             if release.candidate_thumbs and release.incumbent_thumbs
             else ""
         )
