@@ -235,8 +235,27 @@ def build() -> Schema:
                 },
                 required=["share", "promoteError", "rollbackError", "margin", "minThumbs"],
             ),
+            "gate": obj(
+                {
+                    "enabled": {
+                        "description": "compare each new policy with the incumbent first",
+                        "type": "boolean",
+                    },
+                    "rewardTolerance": {"type": "number", "minimum": 0},
+                    "lengthTolerance": {"type": "number", "minimum": 0},
+                    "repetitionTolerance": {"type": "number", "minimum": 0},
+                    "maxKl": {"description": "nats; 0 = no cap", "type": "number", "minimum": 0},
+                },
+                required=[
+                    "enabled",
+                    "rewardTolerance",
+                    "lengthTolerance",
+                    "repetitionTolerance",
+                    "maxKl",
+                ],
+            ),
         },
-        required=[*stage_required, "canary"],
+        required=[*stage_required, "canary", "gate"],
     )
     sft_stage = obj(
         {

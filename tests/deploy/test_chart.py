@@ -461,6 +461,11 @@ def test_the_release_stage_decides_what_generation_serves(canary):
     assert release["RLHF_TRAINER_STAGE"] == "release"
     assert float(release["RLHF_CANARY_SHARE"]) == 0.25
     assert int(release["RLHF_RELEASE_MIN_THUMBS"]) == 100
+    # The gate scores on the reward service with the service key, against the ppo reference.
+    assert release["RLHF_RELEASE_GATE"] == "true"
+    assert float(release["RLHF_RELEASE_GATE_REPETITION_TOLERANCE"]) == 0.1
+    assert float(release["RLHF_RELEASE_GATE_MAX_KL"]) == 0.0
+    assert release["RLHF_REWARD_ADDRESS"].endswith(":50053") and release["RLHF_CLIENT_KEY"]
     generation = canary.env(canary.get("Deployment", "rlhf-generation"))
     assert generation["RLHF_GENERATION_RELEASES"] == "true"
 
