@@ -113,7 +113,14 @@ class GateSampler:
                     policy.eval(), prompts, self.params[start : start + CHUNK], eos, pad
                 )
                 completions += chunk
-                kls += self._kl(prompts, chunk)
+                kls += answer_kls(
+                    self.reference,
+                    self.tokenizer,
+                    prompts,
+                    [c.token_ids for c in chunk],
+                    [c.logprobs for c in chunk],
+                    TEMPERATURE,
+                )
         responses = [c.token_ids for c in completions]
         return Answers(
             prompts=list(self.prompts),
@@ -123,35 +130,43 @@ class GateSampler:
             kl=statistics.fmean(kls),
         )
 
-    def _kl(
-        self, prompts: Sequence[Sequence[int]], completions: Sequence[decoding.Completion]
-    ) -> list[float]:
-        """Per answer: the sum over its tokens of log pi(token) - log ref(token), both at the
-        sampling temperature (the policy's logprobs are those it sampled with)."""
-        rows = [i for i, c in enumerate(completions) if c.token_ids]
-        out = [0.0] * len(completions)  # an empty answer diverges by nothing
-        if not rows:
-            return out
-        rollout = build_rollout(
-            [prompts[i] for i in rows],
-            [completions[i].token_ids for i in rows],
-            [0.0] * len(rows),
-            self.tokenizer.pad_token_id,
-            self.tokenizer.eos_token_id,
-        )
-        reference, _, _ = forward_policy(
-            self.reference,
+
+def answer_kls(
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float]],
+    temperature: float,
+) -> list[float]:
+    """Per answer, its k1 KL to `reference`: the sum over its tokens of the logprob it was
+    sampled with (`logprobs`, at `temperature`) minus the reference's at the same temperature,
+    from one forward pass of the reference (0 for an empty answer: nothing diverged)."""
+    rows = [i for i, r in enumerate(responses) if r]
+    out = [0.0] * len(responses)
+    if not rows:
+        return out
+    rollout = build_rollout(
+        [prompts[i] for i in rows],
+        [responses[i] for i in rows],
+        [0.0] * len(rows),
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+    )
+    with torch.inference_mode():
+        theirs, _, _ = forward_policy(
+            reference,
             None,
             rollout.input_ids,
             rollout.attention_mask,
             rollout.prompt_width,
-            TEMPERATURE,
+            temperature,
             with_entropy=False,
         )
-        for row, i in enumerate(rows):
-            n = len(completions[i].token_ids)
-            out[i] = sum(completions[i].logprobs) - reference[row, :n].sum().item()
-        return out
+    for row, i in enumerate(rows):
+        n = len(responses[i])
+        out[i] = sum(logprobs[i][:n]) - theirs[row, :n].sum().item()
+    return out
 
 
 def gate_measures(

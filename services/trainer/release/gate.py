@@ -82,6 +82,7 @@ class ReleaseGate:
         dict). Raises `RewardUnavailable` when the reward service cannot score (try later).
         A candidate that cannot be loaded is refused; an incumbent that cannot (pruned from the
         store) leaves nothing to compare with: the candidate passes, and the summary says so."""
+        self._start()  # a reference that fails to load is no fault of the candidate's
         try:
             theirs = self._answers_of(candidate)
         except (CheckpointError, KeyError, ValueError) as exc:  # missing, corrupt, not a policy
@@ -145,10 +146,7 @@ class ReleaseGate:
         log.info("release gate: %s", outcome["summary"])
         return outcome
 
-    def _answers_of(self, version: int) -> Answers:
-        if version in self._answers:
-            self._answers.move_to_end(version)
-            return self._answers[version]
+    def _start(self) -> GateSampler:
         if self._sampler is None:
             self._sampler = GateSampler(
                 self._tokenizer(),
@@ -157,11 +155,18 @@ class ReleaseGate:
                 self._samples,
                 self._max_new_tokens,
             )
+        return self._sampler
+
+    def _answers_of(self, version: int) -> Answers:
+        if version in self._answers:
+            self._answers.move_to_end(version)
+            return self._answers[version]
+        sampler = self._start()
         if version == 0:
             policy = self._base_policy()
         else:
             policy = policy_from_checkpoint(self._store.load(POLICY, version))
-        answers = self._sampler.answers(policy)
+        answers = sampler.answers(policy)
         del policy
         self._answers[version] = answers
         while len(self._answers) > KEEP_ANSWERS:
