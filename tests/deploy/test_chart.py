@@ -730,6 +730,7 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
         "KL to the reference policy",
         "Reload events",
         "Canary: candidate minus incumbent thumbs-up rate",
+        "Release gate: candidates compared before their canary",
     ):
         assert wanted in titles
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -745,6 +746,7 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
         "rlhf_reward_live_sum",
         "rlhf_feedback_thumbs_total",
         "rlhf_release_canary_difference",
+        "rlhf_release_gate_refusals_total",
         "rlhf_trainer_stat",
         "rlhf_generation_tokens_total",
         "rlhf_grpc_request_seconds_bucket",
