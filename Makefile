@@ -43,8 +43,9 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
+# RELEASES=1: new policies pass the release gate and a canary first (docs/operations.md).
 up: setup
-	$(BIN)/rlhf-up
+	$(if $(filter 1 true yes,$(RELEASES)),RLHF_UP_RELEASES=true )$(BIN)/rlhf-up
 
 # Baselines for the benchmarks (TRL), kept out of the runtime and test environment's needs.
 $(VENV)/.bench-setup-done: $(STAMP) requirements-bench.txt

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
 from bench.report import RESULTS, machine, table
 from rlhf import bus, decoding
@@ -45,7 +44,7 @@ from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
 from rlhf.models import MINILM, SMOLLM2, chat_text, load_base_policy, load_tokenizer
-from rlhf.training.ppo import build_rollout, forward_policy
+from rlhf.training.release_gate import answer_kls
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from rlhf.watch import wilson
 from services.launcher.main import CPU_DEMO, Keys, Process, plan, wait_healthy
@@ -130,29 +129,16 @@ class Evaluator:
     def _kl(self, completions: list) -> float:
         """k1 KL of the served policy to the base model on its own answers, per answer."""
         totals = []
-        with torch.inference_mode():
-            for start in range(0, len(completions), 16):
-                chunk = completions[start : start + 16]
-                rollout = build_rollout(
-                    self.prompt_ids[start : start + 16],
-                    [c.token_ids for c in chunk],
-                    [0.0] * len(chunk),
-                    self.tokenizer.pad_token_id,
-                    self.tokenizer.eos_token_id,
-                )
-                reference, _, _ = forward_policy(
-                    self.reference,
-                    None,
-                    rollout.input_ids,
-                    rollout.attention_mask,
-                    rollout.prompt_width,
-                    TEMPERATURE,
-                    with_entropy=False,
-                )
-                for row, completion in enumerate(chunk):
-                    n = len(completion.token_ids)
-                    served = sum(completion.logprobs[:n])
-                    totals.append(served - reference[row, :n].sum().item())
+        for start in range(0, len(completions), 16):
+            chunk = completions[start : start + 16]
+            totals += answer_kls(
+                self.reference,
+                self.tokenizer,
+                self.prompt_ids[start : start + 16],
+                [c.token_ids for c in chunk],
+                [c.logprobs for c in chunk],
+                TEMPERATURE,
+            )
         return statistics.fmean(totals)
 
     def close(self) -> None:

@@ -151,6 +151,7 @@ KEY_FOR = {
     "reward": READER_KEY,
     "trainer": OPERATOR_KEY,
     "reward-trainer": OPERATOR_KEY,
+    "release-trainer": OPERATOR_KEY,
     "sft": OPERATOR_KEY,
 }
 

@@ -212,6 +212,51 @@ def build() -> Schema:
         {**server_keys(["grpc", "metrics"]), "distributed": distributed()},
         required=stage_required,
     )
+
+    def share(description: str, exclusive_minimum: float, maximum: float) -> Schema:
+        return {
+            "type": "number",
+            "exclusiveMinimum": exclusive_minimum,
+            "maximum": maximum,
+            "description": description,
+        }
+
+    release_stage = obj(
+        {
+            **server_keys(["grpc", "metrics"]),
+            "canary": obj(
+                {
+                    "share": share("user requests a candidate answers (RLHF_CANARY_SHARE)", 0, 1),
+                    "promoteError": share("chance of a false promotion, at most", 0, 0.49),
+                    "rollbackError": share("chance of a false rollback, at most", 0, 0.49),
+                    "margin": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                    "minThumbs": integer(2, description="thumbs on each version first"),
+                    "maxSeconds": integer(1, description="undecided after this long: expired"),
+                },
+                required=["share", "promoteError", "rollbackError", "margin", "minThumbs"],
+            ),
+            "gate": obj(
+                {
+                    "enabled": {
+                        "description": "compare each new policy with the incumbent first",
+                        "type": "boolean",
+                    },
+                    "rewardTolerance": {"type": "number", "minimum": 0},
+                    "lengthTolerance": {"type": "number", "minimum": 0},
+                    "repetitionTolerance": {"type": "number", "minimum": 0},
+                    "maxKl": {"description": "nats; 0 = no cap", "type": "number", "minimum": 0},
+                },
+                required=[
+                    "enabled",
+                    "rewardTolerance",
+                    "lengthTolerance",
+                    "repetitionTolerance",
+                    "maxKl",
+                ],
+            ),
+        },
+        required=[*stage_required, "canary", "gate"],
+    )
     sft_stage = obj(
         {
             **server_keys(["grpc", "metrics"]),
@@ -380,6 +425,7 @@ def build() -> Schema:
                 **http,
                 "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
                 "open": BOOLEAN,
+                "releases": BOOLEAN,
                 "backend": {"enum": ["local", "tgi"]},
                 "tgi": obj({"url": STRING, "deployment": STRING, "namespace": STRING}),
             }
@@ -396,8 +442,13 @@ def build() -> Schema:
                 "policyModel": {"enum": ["smollm2-135m", "tiny-random"]},
                 "rewardModel": {"enum": ["minilm-l6", "tiny-random"]},
                 "stages": obj(
-                    {"ppo": ppo_stage, "reward": stage, "sft": sft_stage},
-                    required=["ppo", "reward", "sft"],
+                    {
+                        "ppo": ppo_stage,
+                        "reward": stage,
+                        "sft": sft_stage,
+                        "release": release_stage,
+                    },
+                    required=["ppo", "reward", "sft", "release"],
                 ),
             }
         ),

@@ -25,6 +25,7 @@ from text_generation.errors import OverloadedError, ValidationError
 from rlhf import decoding
 from rlhf.batching import ContinuousBatcher, Job, JobResult, Overloaded
 from rlhf.bus import POLICY_CHECKPOINTS
+from rlhf.canary import ReleaseFollower, ReleaseSlot
 from rlhf.checkpoints import CheckpointStore
 from rlhf.kube import Rollout
 from rlhf.serving import CheckpointFollower, HotSwap, Served
@@ -48,6 +49,8 @@ class PolicyState:
     version: int
     manifest_sha256: str
     loaded_at: float
+    candidate_version: int = 0  # a canary's candidate, served beside `version`
+    candidate_share: float = 0.0
 
 
 class Backend(Protocol):
@@ -62,8 +65,10 @@ class Backend(Protocol):
         stops: list[str],
         on_token: TokenCallback | None,
         exact: bool = False,
+        route_key: str | None = None,
     ) -> Future:
-        """`exact`: a trainer's rollout, decoded on the checkpoint's own float32 weights."""
+        """`exact`: a trainer's rollout, decoded on the checkpoint's own float32 weights;
+        `route_key`: who asks, for a canary's sticky routing (None: routed on its own)."""
         ...
 
     def policy(self) -> PolicyState: ...
@@ -87,7 +92,10 @@ class LocalBackend:
     name = "local"
 
     def __init__(
-        self, slot: HotSwap, batcher: ContinuousBatcher, follower: CheckpointFollower | None
+        self,
+        slot: HotSwap | ReleaseSlot,
+        batcher: ContinuousBatcher,
+        follower: CheckpointFollower | ReleaseFollower | None,
     ) -> None:
         self._slot = slot
         self._batcher = batcher
@@ -102,9 +110,10 @@ class LocalBackend:
         stops: list[str],
         on_token: TokenCallback | None,
         exact: bool = False,
+        route_key: str | None = None,
     ) -> Future:
         outer: Future = Future()
-        job = Job(prompt_ids, sampling, stop_check, on_token, exact=exact)
+        job = Job(prompt_ids, sampling, stop_check, on_token, exact=exact, route_key=route_key)
         inner = self._batcher.submit(job)
         # A caller that gives up cancels its future: the request leaves the batch.
         outer.add_done_callback(lambda future: job.abandon() if future.cancelled() else None)
@@ -133,6 +142,16 @@ class LocalBackend:
         return self._batcher.arriving()
 
     def policy(self) -> PolicyState:
+        if isinstance(self._slot, ReleaseSlot):
+            release = self._slot.release()
+            served, candidate = release.incumbent, release.candidate
+            return PolicyState(
+                served.version,
+                served.manifest_sha256,
+                served.loaded_at,
+                candidate.version if candidate is not None else 0,
+                release.share if candidate is not None else 0.0,
+            )
         served = self._slot.current()
         return PolicyState(served.version, served.manifest_sha256, served.loaded_at)
 
@@ -182,6 +201,7 @@ class TgiBackend:
         stops: list[str],
         on_token: TokenCallback | None,
         exact: bool = False,
+        route_key: str | None = None,
     ) -> Future:
         if not self._slots.acquire(blocking=False):
             raise Overloaded("too many requests in flight to the TGI server")

@@ -9,7 +9,9 @@ new request never waits for a whole batch, only for the next step.
 
 Hot swap: a request decodes on the policy version that was served when it was admitted. Running
 requests are grouped into cohorts by version; a swap opens a new cohort for newcomers while the
-old one drains (a step then runs one forward pass per cohort, briefly).
+old one drains (a step then runs one forward pass per cohort, briefly). During a canary
+(`rlhf.canary`) each request is routed to the incumbent or the candidate as it is admitted, and
+both versions' cohorts run side by side for as long as the release stands.
 
 Precision: a version is served as `PolicyWeights`, the checkpoint's float32 weights and the
 weights user requests decode with (`models.serving_dtype`: bfloat16 where the hardware multiplies it
@@ -45,7 +47,7 @@ from transformers import PreTrainedModel
 from rlhf import decoding
 from rlhf.checkpoints import VerifiedCheckpoint
 from rlhf.models import CONFIG_FILE, policy_from_checkpoint, policy_in_dtype
-from rlhf.serving import HotSwap, Served
+from rlhf.serving import Routes, Served
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,8 @@ class Job:
     first_token_at: float | None = None
     abandoned: bool = False
     exact: bool = False  # decode on the float32 weights (a trainer's rollout)
+    # who asks (tenant and user key), for a canary's sticky routing; None: routed on its own
+    route_key: str | None = None
 
     @property
     def reservation(self) -> int:
@@ -225,7 +229,7 @@ class _Cohort:
 class ContinuousBatcher:
     def __init__(
         self,
-        policy: HotSwap,
+        policy: Routes,
         eos_ids: set[int],
         pad_id: int,
         max_batch: int = 16,
@@ -242,8 +246,8 @@ class ContinuousBatcher:
         self.kv_budget_tokens = kv_budget_tokens
         self._queue: deque[Job] = deque()
         self._cohorts: list[_Cohort] = []
-        self._prefixes_for: Served | None = None  # the version whose prefixes are kept
-        self._prefixes: dict[bool, decoding.PrefixCache] = {}
+        # learnt prompt prefixes per served version (id -> the version, per precision)
+        self._prefixes: dict[int, tuple[Served, dict[bool, decoding.PrefixCache]]] = {}
         self._condition = threading.Condition()
         self._arriving = 0  # requests being validated and tokenised, about to be submitted
         self._stopping = False
@@ -331,56 +335,65 @@ class ContinuousBatcher:
                 return
 
     def _admit(self) -> None:
-        """Move queued requests (oldest first) into the current version's cohorts while they
-        fit; each request joins the cohort of its precision. The version is read and its
-        cohorts registered under the condition, so `serving` never misses one."""
-        joining: dict[bool, list[Job]] = {False: [], True: []}
+        """Move queued requests (oldest first) into running cohorts while they fit; each joins
+        the cohort of the version it is routed to (`Routes.served_for`: the served version, or
+        during a canary the incumbent or the candidate) and of its precision. Versions are read
+        and cohorts registered under the condition, so `serving` never misses one."""
+        joining: dict[_Cohort, list[Job]] = {}
         with self._condition:
             if not self._queue:
                 return
-            served = self._policy.current()
-            cohorts = {
-                exact: next(
-                    (c for c in self._cohorts if c.served is served and c.exact == exact), None
-                )
-                or self._cohort(served, exact)
-                for exact in (False, True)
-            }
             rows = sum(len(c.batch) for c in self._cohorts)
             while self._queue and rows < self.max_batch:
                 job = self._queue[0]
                 if job.abandoned:
                     self._queue.popleft()
                     continue
-                joining[job.exact].append(job)
-                if self._reserved(cohorts, joining) > self.kv_budget_tokens:
-                    joining[job.exact].pop()
+                served = self._policy.served_for(job.route_key, job.exact)
+                cohort = next(
+                    (
+                        c
+                        for c in (*joining, *self._cohorts)
+                        if c.served is served and c.exact == job.exact
+                    ),
+                    None,
+                ) or self._cohort(served, job.exact)
+                joining.setdefault(cohort, []).append(job)
+                if self._reserved(joining) > self.kv_budget_tokens:
+                    joining[cohort].pop()
+                    if not joining[cohort]:
+                        del joining[cohort]
                     break  # oldest first: the head waits for room rather than being overtaken
                 self._queue.popleft()
                 rows += 1
             QUEUE_DEPTH.set(len(self._queue))
-            for exact, jobs in joining.items():
-                if jobs and cohorts[exact] not in self._cohorts:
-                    self._cohorts.append(cohorts[exact])
-        for exact, jobs in joining.items():
-            if jobs:
-                self._join(cohorts[exact], jobs)
+            for cohort in joining:
+                if cohort not in self._cohorts:
+                    self._cohorts.append(cohort)
+        for cohort, jobs in joining.items():
+            self._join(cohort, jobs)
 
     def _cohort(self, served: Served, exact: bool) -> _Cohort:
-        """A new cohort for the served version; it shares the version's learnt prompt prefix
-        (see `decoding.PrefixCache`) with the version's earlier cohorts."""
-        if self._prefixes_for is not served:
-            self._prefixes_for, self._prefixes = served, {}
-        prefixes = self._prefixes.setdefault(exact, decoding.PrefixCache())
+        """A new cohort for a served version; it shares the version's learnt prompt prefix
+        (see `decoding.PrefixCache`) with the version's earlier cohorts. The prefixes of the
+        two versions used last are kept (a canary's incumbent and candidate)."""
+        key = id(served)
+        kept = self._prefixes.pop(key, None)
+        if kept is None or kept[0] is not served:
+            kept = (served, {})
+        self._prefixes[key] = kept  # the most recently used last
+        while len(self._prefixes) > 2:
+            del self._prefixes[next(iter(self._prefixes))]
+        prefixes = kept[1].setdefault(exact, decoding.PrefixCache())
         model = served.model.model(exact)
         batch = decoding.DecodeBatch(model, self._eos_ids, self._pad_id, prefixes)
         return _Cohort(served, exact, batch)
 
-    def _reserved(self, cohorts: dict[bool, _Cohort], joining: dict[bool, list[Job]]) -> int:
+    def _reserved(self, joining: dict[_Cohort, list[Job]]) -> int:
         """KV columns held by every cohort once `joining` has joined."""
         total = 0
-        for cohort in set(self._cohorts) | set(cohorts.values()):
-            jobs = joining[cohort.exact] if cohorts[cohort.exact] is cohort else []
+        for cohort in set(self._cohorts) | set(joining):
+            jobs = joining.get(cohort, [])
             largest = max([0] + [job.reservation for job in jobs])
             total += cohort.reserved(len(jobs), largest)
         return total

@@ -51,18 +51,21 @@ FEEDBACK = "rlhf.feedback.v1"
 POLICY_CHECKPOINTS = "rlhf.checkpoints.policy.v1"
 REWARD_CHECKPOINTS = "rlhf.checkpoints.reward.v1"
 DEAD_LETTER = "rlhf.deadletter.v1"
+RELEASES = "rlhf.releases.v1"  # which policy versions answer users (events_pb2.ReleaseEvent)
 ALL_TOPICS: tuple[str, ...] = (
     GENERATIONS,
     FEEDBACK,
     POLICY_CHECKPOINTS,
     REWARD_CHECKPOINTS,
     DEAD_LETTER,
+    RELEASES,
 )
 # Checkpoint events must be totally ordered (version N+1 after N), hence one partition; they are
 # tiny and rare, so keep them forever: a new serving pod can always find the latest checkpoint.
 _SINGLE_PARTITION_TOPICS: dict[str, dict[str, str]] = {
     POLICY_CHECKPOINTS: {"retention.ms": "-1"},
     REWARD_CHECKPOINTS: {"retention.ms": "-1"},
+    RELEASES: {"retention.ms": "-1"},  # one partition: every replica applies them in one order
 }
 # Topics a consumer joins by key: they must have one partition count (see check_copartitioned).
 JOINED_TOPICS: tuple[str, ...] = (GENERATIONS, FEEDBACK)

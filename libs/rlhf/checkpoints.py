@@ -41,7 +41,8 @@ PPO_STATE = "ppo-state"
 # each its own sequence of versions, written after every round. Serving pods never read them.
 REWARD_STATE = "reward-state"
 SFT_STATE = "sft-state"
-KINDS = (POLICY, REWARD, PPO_STATE, REWARD_STATE, SFT_STATE)
+RELEASE_STATE = "release-state"  # the release stage's canary, thumbs and offsets
+KINDS = (POLICY, REWARD, PPO_STATE, REWARD_STATE, SFT_STATE, RELEASE_STATE)
 
 
 class CheckpointError(Exception):

@@ -4,7 +4,7 @@ import offline datasets.
 Addresses come from flags, then environment variables (RLHF_GENERATION_ADDRESS, ...), then the
 `run/up.env` that `make up` writes, then the local `make up` ports. Keys come the same way: the
 app's (RLHF_API_KEY: generate, feedback) and the operator's (RLHF_OPERATOR_KEY: pause, resume,
-rollback, checkpoints and status; a reader key, RLHF_READER_KEY, is enough for status and
+rollback, promote, checkpoints and status; a reader key, RLHF_READER_KEY, is enough for status and
 checkpoints). With RLHF_TLS_CA_FILE set, calls use TLS verified against it (and present
 RLHF_TLS_CERT_FILE where the services require client certificates). Every failure is one line on
 stderr and a non-zero exit status, never a traceback.
@@ -47,8 +47,12 @@ from rlhf.v1 import (
 EXIT_FAILED = 1  # the server refused, or could not be reached
 EXIT_USAGE = 2  # argparse's status for a bad command line
 EXIT_INTERRUPTED = 130
-SERVICES = ("generation", "feedback", "trainer", "reward-trainer")
-STAGE_SERVICE = {"ppo": "trainer", "reward": "reward-trainer"}
+SERVICES = ("generation", "feedback", "trainer", "reward-trainer", "release-trainer")
+STAGE_SERVICE = {"ppo": "trainer", "reward": "reward-trainer", "release": "release-trainer"}
+VERDICTS = {
+    "promote": trainer_pb2.RELEASE_VERDICT_PROMOTE,
+    "rollback": trainer_pb2.RELEASE_VERDICT_ROLLBACK,
+}
 THUMBS = {"up": events_pb2.THUMB_UP, "down": events_pb2.THUMB_DOWN}
 
 
@@ -202,6 +206,7 @@ def resolve_keys(
         "feedback": app,
         "trainer": control,
         "reward-trainer": control,
+        "release-trainer": control,
     }
 
 
@@ -254,6 +259,11 @@ def policy_table(info: generation_pb2.PolicyInfo) -> Table:
             ("model", f"{info.model} ({info.backend} backend)"),
             ("loaded", _when(info.loaded_at)),
             ("manifest", info.manifest_sha256[:16] or "base model"),
+            *(
+                [("canary", f"v{info.candidate_version} answers {info.candidate_share:.0%}")]
+                if info.candidate_version
+                else []
+            ),
         ],
     )
 
@@ -440,7 +450,57 @@ def cmd_status(args: argparse.Namespace, session: Session, console: Console) -> 
     console.print(reward_table(reward))
     if args.verbose and reward.metrics:
         console.print(_metrics_table("reward model", reward.metrics))
+    try:
+        with session.calling("release-trainer"):
+            release = session.trainer("release-trainer").GetStatus(
+                trainer_pb2.GetStatusRequest(), timeout=session.timeout
+            )
+    except CommandError as exc:  # optional: without it every new policy serves at once
+        console.print(f"release stage: {exc}", style="dim")
+        return 0
+    console.print(release_table(release))
     return 0
+
+
+def release_table(status: trainer_pb2.TrainerStatus) -> Table:
+    release = status.release
+    rows = [("incumbent", f"v{release.incumbent_version}")]
+    if release.candidate_version:
+        rows += [
+            (
+                "canary",
+                f"v{release.candidate_version} answers {release.candidate_share:.0%} "
+                f"for {release.elapsed_seconds / 60:.0f} min",
+            ),
+            (
+                "thumbs up",
+                f"candidate {release.candidate_thumbs_up}/{release.candidate_thumbs}, "
+                f"incumbent {release.incumbent_thumbs_up}/{release.incumbent_thumbs}",
+            ),
+            (
+                "verdict",
+                f"{release.verdict}: difference {release.difference:+.3f} "
+                f"[{release.lower:+.3f}, {release.upper:+.3f}]",
+            ),
+        ]
+    else:
+        rows.append(("canary", "none running"))
+    if release.last_decision:
+        rows.append(("last decision", release.last_decision))
+    gate = release.gate
+    if gate.candidate_version:
+        rows.append(("last gate", gate.summary))
+        for name, measures in (("candidate", gate.candidate), ("incumbent", gate.incumbent)):
+            if gate.HasField(name):
+                rows.append(("", f"{name}: {_gate_measures(measures)}"))
+    return _facts("release (canary)", [*rows, *_phase(status)])
+
+
+def _gate_measures(m: trainer_pb2.GateMeasures) -> str:
+    reward = f"reward {m.reward:+.3f}" if m.reward_scored else "reward not scored"
+    return (
+        f"{reward}, {m.length:.1f} tokens, {m.repetition:.1%} repeated bigrams, KL {m.kl:.2f} nats"
+    )
 
 
 def _served_version(session: Session) -> int | None:
@@ -478,7 +538,20 @@ def _wait_served(session: Session, version: int) -> bool:
     return False
 
 
+def cmd_decide(args: argparse.Namespace, session: Session, console: Console) -> int:
+    """End the running canary (release stage): promote its candidate or roll it back."""
+    verdict = "promote" if args.command == "promote" else "rollback"
+    with session.calling("release-trainer"):
+        status = session.trainer("release-trainer").Decide(
+            trainer_pb2.DecideRequest(verdict=VERDICTS[verdict]), timeout=session.timeout
+        )
+    console.print(status.release.last_decision)  # what was decided, in a sentence
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace, session: Session, console: Console) -> int:
+    if args.version is None:  # the canary, not a version: the release stage's
+        return cmd_decide(args, session, console)
     # The served policy only: the ppo stage owns it (the reward stage refuses rollbacks).
     with session.calling("trainer"):
         info = session.trainer().Rollback(
@@ -497,6 +570,33 @@ def cmd_rollback(args: argparse.Namespace, session: Session, console: Console) -
                 "(see `rlhf status`)"
             )
         console.print(f"generation serves v{info.version}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace, session: Session, console: Console) -> int:
+    """Publishes a release event to the broker (generation replicas with
+    RLHF_GENERATION_RELEASES follow it); the versions' manifests are read from the store."""
+    from rlhf import bus
+    from rlhf.canary import release_event
+    from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
+    from rlhf.config import CommonConfig
+
+    try:
+        config = load_config(CommonConfig)
+        bus.configure(config.kafka)
+        store = CheckpointStore(args.checkpoint_dir or config.checkpoint_dir)
+        event = release_event(
+            store, POLICY, args.incumbent, args.candidate, args.share, args.reason
+        )
+    except (ValueError, CheckpointError) as exc:
+        raise UsageError(str(exc)) from exc
+    with bus.Publisher(args.kafka or config.kafka_bootstrap, client_id="rlhf-release") as out:
+        try:
+            out.publish(bus.RELEASES, POLICY, event)
+        except bus.BusUnavailable as exc:
+            raise CommandError(f"the release was not confirmed by the broker: {exc}") from exc
+    canary = f", candidate v{args.candidate} for {args.share:.0%}" if args.candidate else ""
+    console.print(f"released: v{args.incumbent}{canary}")
     return 0
 
 
@@ -616,14 +716,40 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.set_defaults(run=cmd_checkpoints)
 
     rollback = command(
-        "rollback", help="serve an earlier policy again (republished as a new version)"
+        "rollback",
+        help="serve an earlier policy again (republished as a new version); without a version, "
+        "roll back the running canary (release stage)",
     )
-    rollback.add_argument("version", type=int)
+    rollback.add_argument("version", type=int, nargs="?")
     rollback.add_argument("--pin", action="store_true", help="pause training: keep serving it")
     rollback.add_argument(
         "--wait", action="store_true", help="wait until the generation service serves it"
     )
     rollback.set_defaults(run=cmd_rollback)
+
+    promote = command(
+        "promote", help="promote the running canary's candidate to every user (release stage)"
+    )
+    promote.set_defaults(run=cmd_decide)
+
+    release = command(
+        "release",
+        help="choose the served policy: an incumbent, and a canary candidate for a share of users",
+        description="Publish a release event: generation replicas running with "
+        "RLHF_GENERATION_RELEASES serve the incumbent, and the candidate to --share of user "
+        "requests (sticky per user key). Talks to the broker and reads the checkpoint store.",
+    )
+    release.add_argument("incumbent", type=int, help="policy version answering by default")
+    release.add_argument("--candidate", type=int, default=0, help="policy version on trial")
+    release.add_argument(
+        "--share", type=float, default=0.1, help="candidate's share of user requests (0.1)"
+    )
+    release.add_argument("--reason", default="operator", help="recorded in the event")
+    release.add_argument("--kafka", metavar="HOST:PORT", help="default: $RLHF_KAFKA_BOOTSTRAP")
+    release.add_argument(
+        "--checkpoint-dir", type=Path, help="the store; default: $RLHF_CHECKPOINT_DIR"
+    )
+    release.set_defaults(run=cmd_release)
 
     offline = subparsers.add_parser(
         "import",

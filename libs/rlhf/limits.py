@@ -14,6 +14,9 @@ from rlhf.config import setting
 MAX_MESSAGES = 64
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+# A user key (who rated, who asks): feedback counts one thumb per user and answer, generation
+# routes a canary by it.
+MAX_USER_KEY = 128
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ PORTS = {
     "trainer": (50054, 9104),
     "reward-trainer": (50055, 9105),
     "playground": (50056, 9106),
+    "release-trainer": (50057, 9107),
 }
 BROKER_PORT = 9092
 HTTP_PORT = 8080  # the generation service's HTTP API (TGI and OpenAI chat completions)

@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
+from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge, Histogram
 
 from rlhf.bus import EventConsumer, Record
@@ -76,6 +77,26 @@ class HotSwap(Generic[M]):
             self._served = new
         SERVED_VERSION.labels(self.kind).set(new.version)
 
+    def served_for(self, key: str | None, exact: bool) -> Served[M]:
+        """Which version answers a request: the one served (see `Routes`)."""
+        return self._served
+
+
+class Routes(Protocol):
+    """What a batcher asks of the served models: which version answers a request as it is
+    admitted. One version (`HotSwap`), or an incumbent and a candidate (`rlhf.canary`)."""
+
+    kind: str
+
+    def current(self) -> Served[Any]:
+        """The version that answers by default (and that status reports)."""
+        ...
+
+    def served_for(self, key: str | None, exact: bool) -> Served[Any]:
+        """The version for a request with routing key `key` (None: none given); `exact`
+        marks a trainer's rollout."""
+        ...
+
 
 def load_served(
     store: CheckpointStore,
@@ -93,16 +114,19 @@ def load_served(
 
 
 class CheckpointEvents:
-    """A background thread handing every checkpoint event on `topic` to `handle`."""
+    """A background thread handing every event on `topic` to `handle`, in order: checkpoint
+    events (`message_type`), or release events (`rlhf.canary`)."""
 
     def __init__(
         self,
         bootstrap: str,
         topic: str,
         client_id: str,
-        handle: Callable[[events_pb2.CheckpointEvent], object],
+        handle: Callable[[Any], object],
+        message_type: type[Message] = events_pb2.CheckpointEvent,
     ) -> None:
         self._handle = handle
+        self._message_type = message_type
         self._bootstrap, self._topic, self._client_id = bootstrap, topic, client_id
         self._consumer: EventConsumer | None = None
         self._stopping = threading.Event()
@@ -115,7 +139,7 @@ class CheckpointEvents:
         # latest version at start-up and subscribing.
         self._consumer = EventConsumer(
             self._bootstrap,
-            {self._topic: events_pb2.CheckpointEvent},
+            {self._topic: self._message_type},
             group_id=None,
             client_id=self._client_id,
             from_beginning=True,
@@ -168,7 +192,22 @@ class CheckpointEvents:
         self._failing.clear()
 
 
-class CheckpointFollower(Generic[M]):
+class Following:
+    """A follower's life cycle and health: those of its event thread (`_events`)."""
+
+    _events: CheckpointEvents
+
+    def start(self) -> None:
+        self._events.start()
+
+    def stop(self) -> None:
+        self._events.stop()
+
+    def healthy(self) -> bool:
+        return self._events.healthy()
+
+
+class CheckpointFollower(Following, Generic[M]):
     """Loads each newer checkpoint announced on `topic` and swaps it into `slot`.
 
     The one verify-or-refuse path: `build` turns a verified checkpoint into what is served (a
@@ -193,15 +232,6 @@ class CheckpointFollower(Generic[M]):
         self._activate = activate
         self._reuse = reuse
         self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
-
-    def start(self) -> None:
-        self._events.start()
-
-    def stop(self) -> None:
-        self._events.stop()
-
-    def healthy(self) -> bool:
-        return self._events.healthy()
 
     def apply(self, event: events_pb2.CheckpointEvent) -> bool:
         """Load the announced version if it is newer; returns True when it is now served."""

@@ -1,5 +1,6 @@
 """One snapshot of the running loop, from the services' own answers: the served policy
-(generation, gRPC), the trainers' status (gRPC), thumbs per policy version and the feedback rate
+(generation, gRPC), the trainers' status (gRPC; the release stage's canary and gate when it
+runs), thumbs per policy version and the feedback rate
 (the feedback service's /metrics), live reward per policy version (the reward service's drift
 sample), and the thumbs-up rate by wall-clock window with its confidence interval (a `Trend` of
 the feedback counters between snapshots). The `make up` view and the playground both show it.
@@ -122,6 +123,7 @@ class Snapshot:
     policy: generation_pb2.PolicyInfo | None = None
     ppo: trainer_pb2.TrainerStatus | None = None
     reward: trainer_pb2.TrainerStatus | None = None
+    release: trainer_pb2.TrainerStatus | None = None  # when a release stage is watched
     versions: list[VersionRow] = field(default_factory=list)
     feedback_total: int | None = None
     feedback_per_minute: float | None = None
@@ -154,7 +156,8 @@ def version_rows(feedback_metrics: str | None, reward_metrics: str | None) -> li
 class Watcher:
     """Takes snapshots of a running platform; keeps its channels open between them.
 
-    `addresses` are gRPC host:port by service name (generation, trainer, reward-trainer),
+    `addresses` are gRPC host:port by service name (generation, trainer, reward-trainer,
+    release-trainer),
     `metrics_urls` the /metrics URLs (feedback, reward); a service left out is not asked.
     `security`: the key every call and scrape presents (a reader key) and TLS."""
 
@@ -211,6 +214,7 @@ class Watcher:
             shot.missing.append("generation")
         shot.ppo = self._status("trainer", shot.missing)
         shot.reward = self._status("reward-trainer", shot.missing)
+        shot.release = self._status("release-trainer", shot.missing)
         feedback = self._metrics("feedback", shot.missing)
         shot.versions = version_rows(feedback, self._metrics("reward", shot.missing))
         if feedback is not None:

@@ -24,11 +24,11 @@ from rlhf.ids import (
     GenerationIdSigner,
     InvalidGenerationId,
 )
+from rlhf.limits import MAX_USER_KEY
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
 
 MAX_IDEMPOTENCY_KEY = 128
-MAX_USER_KEY = 128
 MAX_TAGS = 16
 MAX_TAG_CHARS = 64
 THUMBS = (events_pb2.THUMB_UP, events_pb2.THUMB_DOWN)

@@ -76,6 +76,13 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
         "RLHF_TGI_DEPLOYMENT", "", "Deployment to roll on new policies (tgi backend; empty = never)"
     )
     tgi_namespace: str = setting("RLHF_TGI_NAMESPACE", "default", "namespace of that Deployment")
+    releases: bool = setting(
+        "RLHF_GENERATION_RELEASES",
+        False,
+        "serve what release events name (topic rlhf.releases.v1: an incumbent policy and a "
+        "canary candidate for a share of users) instead of every new policy checkpoint; local "
+        "backend only",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -89,6 +96,8 @@ class GenerationConfig(CommonConfig, PolicyModelSettings, GenerationIdSettings, 
             )
         if self.decode_dtype not in DTYPES:
             raise ConfigError(f"RLHF_GENERATION_DTYPE={self.decode_dtype!r}: use one of {DTYPES}")
+        if self.backend == "tgi" and self.releases:
+            raise ConfigError("RLHF_GENERATION_RELEASES needs RLHF_GENERATION_BACKEND=local")
         if self.backend == "tgi" and not self.tgi_url:
             raise ConfigError("RLHF_TGI_URL is required with RLHF_GENERATION_BACKEND=tgi")
         try:

@@ -21,7 +21,7 @@ from rlhf.backends import Backend, Generated
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.bus import BusUnavailable, Publisher
 from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
-from rlhf.limits import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from rlhf.limits import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_USER_KEY
 from rlhf.models import CHAT_ROLES, chat_text, encode_text
 from rlhf.server import Rejected
 from rlhf.v1 import common_pb2, events_pb2
@@ -60,6 +60,13 @@ class Prepared:
     rollout: bool = False
     # The app that asked (its key's tenant), bound into the generation id; "" without one.
     tenant: str = ""
+    # Who asks, within the tenant (GenerateRequest.user_key): a canary routes by it.
+    user_key: str = ""
+
+    @property
+    def route_key(self) -> str | None:
+        """The key a canary routes by: the tenant's user, or None (routed on its own)."""
+        return f"{self.tenant}\x00{self.user_key}" if self.user_key else None
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class GenerationCore:
         prompt_token_ids: Sequence[int] = (),
         rollout: bool = False,
         tenant: str = "",
+        user_key: str = "",
     ) -> Prepared:
         """Validate everything about a request; raises Rejected (INVALID_ARGUMENT, or
         FAILED_PRECONDITION for what this backend cannot do).
@@ -109,7 +117,10 @@ class GenerationCore:
         trainer's rollout must continue the very ids it will score, and decoding then
         re-tokenising text does not always give them back. `rollout` marks a trainer's PPO
         rollout (see `run`); `tenant` is the app that asked, bound into the generation id so
-        that only it may rate the answer."""
+        that only it may rate the answer; `user_key` who asks, within the tenant (a canary
+        answers one user with one policy version)."""
+        if len(user_key) > MAX_USER_KEY or (user_key and not user_key.isprintable()):
+            raise _invalid(f"user_key must be up to {MAX_USER_KEY} printable characters")
         if (prompt_token_ids or rollout) and self.backend.name != "local":
             # TGI takes text and reports logprobs after its own logits processors: neither the
             # exact ids nor the sampling distribution's logprobs could be promised.
@@ -135,7 +146,15 @@ class GenerationCore:
         if len(prompt_ids) > limit:
             raise _invalid(f"prompt has {len(prompt_ids)} tokens; the limit is {limit}")
         return Prepared(
-            text, prompt_ids, sampling, list(params.stop), list(messages), params, rollout, tenant
+            text,
+            prompt_ids,
+            sampling,
+            list(params.stop),
+            list(messages),
+            params,
+            rollout,
+            tenant,
+            user_key,
         )
 
     def _checked_ids(self, prompt_token_ids: Sequence[int]) -> list[int]:
@@ -277,6 +296,7 @@ class GenerationCore:
                 prepared.stops,
                 on_token,
                 exact=prepared.rollout,
+                route_key=prepared.route_key,
             )
             try:
                 return future.result(timeout=self.config.request_timeout_seconds)

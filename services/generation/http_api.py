@@ -339,7 +339,8 @@ class GenerationHandler(BaseHTTPRequestHandler):
             # One prepare per choice: each is its own generation (own seed, own id), validated
             # and routed exactly as a gRPC or TGI request is.
             prepared = [
-                self.core.prepare("", request.messages, p, tenant=tenant) for p in request.sampling
+                self.core.prepare("", request.messages, p, tenant=tenant, user_key=request.user)
+                for p in request.sampling
             ]
         except Rejected as exc:
             REJECTED.labels(exc.reason).inc()

@@ -12,12 +12,13 @@ from rlhf.auth import APP, OPEN, READER, SERVICE, Access, allow, rules
 from rlhf.backends import Backend, LocalBackend, TgiBackend, tgi_rollout_follower
 from rlhf.batching import ContinuousBatcher, PolicyLoader, PolicyWeights
 from rlhf.bus import Publisher
-from rlhf.checkpoints import POLICY, CheckpointStore
+from rlhf.canary import ReleaseFollower, ReleaseSlot
+from rlhf.checkpoints import POLICY, CheckpointStore, VerifiedCheckpoint
 from rlhf.ids import GenerationIdSigner
 from rlhf.kube import Rollout
-from rlhf.models import load_base_policy, load_tokenizer, serving_dtype
+from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint, serving_dtype
 from rlhf.server import run_main, tls_from_config
-from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
+from rlhf.serving import CheckpointFollower, HotSwap, Routes, Served, latest_or_base
 from rlhf.v1 import generation_pb2, generation_pb2_grpc
 
 from .config import GenerationConfig
@@ -38,9 +39,25 @@ def access_rules(config: GenerationConfig) -> dict[str, Access]:
     )
 
 
+def batcher_for(
+    config: GenerationConfig, slot: Routes, tokenizer: PreTrainedTokenizerBase
+) -> ContinuousBatcher:
+    return ContinuousBatcher(
+        slot,
+        eos_ids={tokenizer.eos_token_id},
+        pad_id=tokenizer.pad_token_id,
+        max_batch=config.max_batch,
+        max_wait_s=config.batch_wait_ms / 1000,
+        max_queue=config.max_concurrent_requests,
+        kv_budget_tokens=config.kv_budget_tokens,
+    )
+
+
 def local_backend(
     config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
 ) -> LocalBackend:
+    if config.releases:
+        return released_backend(config, store, tokenizer)
     batcher: ContinuousBatcher | None = None
     loader = PolicyLoader(
         serving_dtype(config.decode_dtype), lambda w: batcher is not None and batcher.serving(w)
@@ -56,15 +73,7 @@ def local_backend(
     )
     loader.initial(initial.model)
     slot = HotSwap(POLICY, initial)
-    batcher = ContinuousBatcher(
-        slot,
-        eos_ids={tokenizer.eos_token_id},
-        pad_id=tokenizer.pad_token_id,
-        max_batch=config.max_batch,
-        max_wait_s=config.batch_wait_ms / 1000,
-        max_queue=config.max_concurrent_requests,
-        kv_budget_tokens=config.kv_budget_tokens,
-    )
+    batcher = batcher_for(config, slot, tokenizer)
     follower = CheckpointFollower(
         slot,
         store,
@@ -73,6 +82,31 @@ def local_backend(
         bus.POLICY_CHECKPOINTS,
         client_id="generation-follower",
         reuse=loader.reuse,
+    )
+    return LocalBackend(slot, batcher, follower)
+
+
+def released_backend(
+    config: GenerationConfig, store: CheckpointStore, tokenizer: PreTrainedTokenizerBase
+) -> LocalBackend:
+    """In-process decoding of what release events name (`rlhf.canary`): the store's newest
+    policy until the first one is read. Each version is built in memory of its own (the
+    hot-reload buffer reuse assumes one served version and one retired, not two served)."""
+    dtype = serving_dtype(config.decode_dtype)
+
+    def build(checkpoint: VerifiedCheckpoint) -> PolicyWeights:
+        return PolicyWeights.of(policy_from_checkpoint(checkpoint), dtype, checkpoint.buffers)
+
+    initial = latest_or_base(
+        store,
+        POLICY,
+        build,
+        lambda: PolicyWeights.of(load_base_policy(config.policy_model, config.cache_dir), dtype),
+    )
+    slot = ReleaseSlot(POLICY, initial)
+    batcher = batcher_for(config, slot, tokenizer)
+    follower = ReleaseFollower(
+        slot, store, build, config.kafka_bootstrap, client_id="generation-releases"
     )
     return LocalBackend(slot, batcher, follower)
 

@@ -98,6 +98,7 @@ class ChatRequest:
     logprobs: bool = False
     requested_model: str = ""
     stops: list[str] = field(default_factory=list)
+    user: str = ""  # the app's user, for a canary's sticky routing
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
@@ -208,6 +209,9 @@ def parse_chat(body: Any, max_new_tokens_limit: int, max_choices: int) -> ChatRe
     if not isinstance(options, dict):
         raise ChatRejected("stream_options must be an object", "stream_options")
     stops = _stops(body.get("stop"))
+    user = body.get("user") or ""
+    if not isinstance(user, str):
+        raise ChatRejected("user must be a string", "user")
     sampling = []
     for choice in range(n):
         params = common_pb2.SamplingParams(
@@ -227,6 +231,7 @@ def parse_chat(body: Any, max_new_tokens_limit: int, max_choices: int) -> ChatRe
         logprobs=logprobs,
         requested_model=model,
         stops=stops,
+        user=user,
     )
 
 

@@ -49,6 +49,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 request.prompt_token_ids,
                 request.rollout,
                 tenant,
+                request.user_key,
             )
         except Rejected as exc:
             REJECTED.labels(exc.reason).inc()
@@ -91,4 +92,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             loaded_at=loaded_at,
             model=self._model_name,
             backend=self._core.backend.name,
+            candidate_version=state.candidate_version,
+            candidate_share=state.candidate_share,
         )

@@ -35,6 +35,14 @@ class LauncherConfig(PolicyModelSettings, RewardModelSettings, GenerationIdSetti
     prometheus_port: int = setting(
         "RLHF_UP_PROMETHEUS_PORT", PROMETHEUS_PORT, "Prometheus web port (a busy one: any free)"
     )
+    releases: bool = setting(
+        "RLHF_UP_RELEASES",
+        False,
+        "run the release stage and serve releases (`make up RELEASES=1`): each new policy "
+        "passes the offline gate, then serves a canary share until users' thumbs promote or "
+        "roll it back (off: every new policy serves every user at once, as the loop learns "
+        "fastest; docs/operations.md, 'Runbook: canary releases')",
+    )
     view: str = setting(
         "RLHF_UP_VIEW", "auto", "live (refreshing panel), plain (log lines), auto: live on a TTY"
     )

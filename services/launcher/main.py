@@ -103,6 +103,14 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         "RLHF_REWARD_LEARNING_RATE": "1e-4",
         "RLHF_REWARD_MAX_TOKENS": "128",
     },
+    # With RLHF_UP_RELEASES: half the answers come from the candidate, so a canary gathers
+    # thumbs at half make up's rating rate (about 37 a minute each; at the 10% default the
+    # candidate would get 7 a minute). The gate samples both policies at the lowest priority.
+    "release-trainer": {
+        "RLHF_NICE": "19",
+        "OMP_NUM_THREADS": "2",
+        "RLHF_CANARY_SHARE": "0.5",
+    },
     "simulated-users": {
         # About 75 ratings a minute (measured): the first reward model passed its gate 2-6
         # minutes in. At a 6 s pause (40 a minute) it took 14 minutes (the gate needs held-out
@@ -233,8 +241,16 @@ def _port(preferred: int) -> int:
     return free_port() if busy else preferred
 
 
-def plan(bootstrap: str, model: str, reward_model: str, keys: Keys, id_key: str) -> list[Process]:
-    """The processes in start order, each with its own ports and settings."""
+def plan(
+    bootstrap: str,
+    model: str,
+    reward_model: str,
+    keys: Keys,
+    id_key: str,
+    releases: bool = False,
+) -> list[Process]:
+    """The processes in start order, each with its own ports and settings; with `releases`,
+    the release stage too, and generation serving what it releases."""
     common = {
         "RLHF_KAFKA_BOOTSTRAP": bootstrap,
         "RLHF_GRPC_HOST": "127.0.0.1",
@@ -260,6 +276,18 @@ def plan(bootstrap: str, model: str, reward_model: str, keys: Keys, id_key: str)
         stop_timeout = TRAINER_STOP_TIMEOUT if "trainer" in name else STOP_TIMEOUT
         return Process(name, command, grpc_port, metrics_port, env, stop_timeout)
 
+    release_stage = [
+        service(
+            "release-trainer",
+            {
+                "RLHF_TRAINER_STAGE": "release",
+                "RLHF_POLICY_MODEL": model,  # the gate's reference
+                "RLHF_REWARD_ADDRESS": f"127.0.0.1:{ports['reward'][0]}",  # scores the gate
+                "RLHF_CLIENT_KEY": keys.service,
+            },
+            module="services.trainer",
+        )
+    ]
     return [
         service("reward", {"RLHF_REWARD_MODEL": reward_model}),
         service(
@@ -270,6 +298,7 @@ def plan(bootstrap: str, model: str, reward_model: str, keys: Keys, id_key: str)
                 "RLHF_HTTP_PORT": str(http_port),
                 # Apps on the HTTP API (OpenAI, TGI) present the tenant's key, as for feedback.
                 "RLHF_GENERATION_API_KEYS": tenant_key,
+                **({"RLHF_GENERATION_RELEASES": "true"} if releases else {}),
             },
         ),
         service(
@@ -295,6 +324,7 @@ def plan(bootstrap: str, model: str, reward_model: str, keys: Keys, id_key: str)
             {"RLHF_TRAINER_STAGE": "reward", "RLHF_REWARD_MODEL": reward_model},
             module="services.trainer",
         ),
+        *(release_stage if releases else []),
         service(
             "playground",
             {
@@ -423,7 +453,9 @@ class Launcher:
         """Start every process in order; False if stopped before all were healthy."""
         id_key = self.config.generation_id_key or secrets.token_hex(32)
         config = self.config
-        self.processes = plan(bootstrap, config.policy_model, config.reward_model, keys, id_key)
+        self.processes = plan(
+            bootstrap, config.policy_model, config.reward_model, keys, id_key, config.releases
+        )
         for process in self.processes:
             process.start(self.log_dir)
             if process.grpc_port is not None and not self._wait(process):

@@ -8,7 +8,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from rlhf.v1 import trainer_pb2
+from rlhf.v1 import generation_pb2, trainer_pb2
 from rlhf.watch import TREND_WINDOW, Snapshot, VersionRow, Window
 
 VERSIONS_SHOWN = 8  # newest policy versions in the table
@@ -23,7 +23,18 @@ def _bar(rate: float, width: int = 10) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
-def _versions_table(rows: list[VersionRow], served: int | None) -> Table:
+def _role(version: int, policy: generation_pb2.PolicyInfo | None) -> str:
+    """' (served)', ' (canary 10%)' or nothing: what generation does with `version` now."""
+    if policy is None:
+        return ""
+    if version == policy.version:
+        return " (served)"
+    if policy.candidate_version and version == policy.candidate_version:
+        return f" (canary {policy.candidate_share:.0%})"
+    return ""
+
+
+def _versions_table(rows: list[VersionRow], policy: generation_pb2.PolicyInfo | None) -> Table:
     table = Table(expand=False, box=None, padding=(0, 2), header_style="bold")
     for column, justify in (("policy", "left"), ("rated", "right"), ("thumbs-up", "left")):
         table.add_column(column, justify=justify)
@@ -31,7 +42,7 @@ def _versions_table(rows: list[VersionRow], served: int | None) -> Table:
     for row in rows[-VERSIONS_SHOWN:]:
         rate = row.up_rate
         table.add_row(
-            f"v{row.version}" + (" (served)" if row.version == served else ""),
+            f"v{row.version}{_role(row.version, policy)}",
             str(row.thumbs),
             f"{_bar(rate)} {rate:4.0%}" if rate is not None else "-",
             f"{row.live_reward:+.2f}" if row.live_reward is not None else "-",
@@ -67,6 +78,8 @@ def _facts(shot: Snapshot) -> Table:
         reward = shot.reward
         rows.append(("reward stage", _stage(reward)))
         rows.append(("", f"reward model v{reward.reward_version} · {reward.step} training rounds"))
+    if shot.release is not None:
+        rows += release_rows(shot.release)
     if shot.feedback_total is not None:
         rate = shot.feedback_per_minute
         per_minute = f"{rate:.1f} / min · " if rate is not None else ""
@@ -77,6 +90,39 @@ def _facts(shot: Snapshot) -> Table:
     for name, value in rows:
         grid.add_row(name, Text(value))  # Text: no markup in values
     return grid
+
+
+def _thumbs(up: int, total: int) -> str:
+    return f"{up}/{total} up ({up / total:.0%})" if total else "0 thumbs"
+
+
+def canary_text(release: trainer_pb2.ReleaseStatus) -> str:
+    """The running canary in a line: candidate, share, each version's thumbs, the verdict."""
+    if not release.candidate_version:
+        return f"none: v{release.incumbent_version} answers everyone"
+    return (
+        f"v{release.candidate_version} answers {release.candidate_share:.0%} against "
+        f"v{release.incumbent_version} · candidate "
+        f"{_thumbs(release.candidate_thumbs_up, release.candidate_thumbs)}, incumbent "
+        f"{_thumbs(release.incumbent_thumbs_up, release.incumbent_thumbs)} · {release.verdict}"
+        + (
+            f" (difference {release.difference:+.2f}, [{release.lower:+.2f}, {release.upper:+.2f}])"
+            if release.candidate_thumbs and release.incumbent_thumbs
+            else ""
+        )
+    )
+
+
+def release_rows(status: trainer_pb2.TrainerStatus) -> list[tuple[str, str]]:
+    """The release stage's rows of the view: its phase, the canary, the last gate, the last
+    decision."""
+    release = status.release
+    rows = [("release stage", _stage(status)), ("canary", canary_text(release))]
+    if release.gate.candidate_version:
+        rows.append(("gate", release.gate.summary))
+    if release.last_decision and release.last_decision != release.gate.summary:
+        rows.append(("last decision", release.last_decision))
+    return rows
 
 
 def recipe(shot: Snapshot) -> list[tuple[str, bool]]:
@@ -134,11 +180,10 @@ def _trend_table(windows: list[Window]) -> Table:
 def panel(shot: Snapshot, footer: str, uptime: float) -> Panel:
     """The live view: the loop's state, then thumbs-up and live reward per policy version."""
     parts: list[RenderableType] = [_recipe_line(shot), Text(), _facts(shot)]
-    served = shot.policy.version if shot.policy is not None else None
     if shot.versions:
         if shot.trend:
             parts += [Text(), _trend_table(shot.trend)]
-        parts += [Text(), _versions_table(shot.versions, served)]
+        parts += [Text(), _versions_table(shot.versions, shot.policy)]
     else:
         parts += [Text(), Text("waiting for the first feedback ...", style="dim")]
     if shot.missing:
@@ -170,6 +215,10 @@ def line(shot: Snapshot) -> str:
     if shot.reward is not None:
         reward = shot.reward
         parts.append(f"reward model v{reward.reward_version} ({reward.phase or 'running'})")
+    if shot.release is not None:
+        parts.append(f"canary {canary_text(shot.release.release)}")
+        if shot.release.release.last_decision:
+            parts.append(f"last release decision: {shot.release.release.last_decision}")
     if shot.trend and shot.trend[-1].total:
         last = shot.trend[-1]
         low, high = last.interval

@@ -14,10 +14,11 @@ from rlhf.config import (
 )
 
 from .ppo.config import PPOStageConfig
+from .release.config import ReleaseStageConfig
 from .reward.config import RewardStageConfig
 from .sft.config import SFTStageConfig
 
-STAGES = ("ppo", "reward", "sft")
+STAGES = ("ppo", "reward", "sft", "release")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class TrainerConfig(CommonConfig, PolicyModelSettings, ConsumerSettings):
     stage: str = setting(
         "RLHF_TRAINER_STAGE",
         "ppo",
-        "training stage: ppo, reward (reward-model training) or sft (demonstrations)",
+        "training stage: ppo, reward (reward-model training), sft (demonstrations) or release "
+        "(canaries for new policies, promoted or rolled back on users' thumbs)",
     )
     keep_checkpoints: int = setting(
         "RLHF_KEEP_CHECKPOINTS",
@@ -46,6 +48,9 @@ class TrainerConfig(CommonConfig, PolicyModelSettings, ConsumerSettings):
     ppo: PPOStageConfig = group(PPOStageConfig, "ppo stage (RLHF_TRAINER_STAGE=ppo)")
     reward: RewardStageConfig = group(RewardStageConfig, "reward stage (RLHF_TRAINER_STAGE=reward)")
     sft: SFTStageConfig = group(SFTStageConfig, "sft stage (RLHF_TRAINER_STAGE=sft)")
+    release: ReleaseStageConfig = group(
+        ReleaseStageConfig, "release stage (RLHF_TRAINER_STAGE=release)"
+    )
 
     def metrics_log_path(self) -> Path | None:
         if self.metrics_log == "off":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -15,6 +15,7 @@ from rlhf.checkpoints import CheckpointError, CheckpointStore, Manifest
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
 COMMAND_TIMEOUT = 600.0
+T = TypeVar("T")
 # Phases of a stage, as `GetStatus` reports them.
 COLLECTING, WAITING, TRAINING, PAUSED_PHASE = "collecting", "waiting", "training", "paused"
 
@@ -41,6 +42,7 @@ class Status:
     phase: str = COLLECTING
     phase_detail: str = ""
     algorithm: str = ""  # ppo stage: ppo, grpo or rloo
+    release: trainer_pb2.ReleaseStatus | None = None  # release stage: the canary
 
 
 def manifest_fields(manifest: Manifest) -> dict[str, Any]:
@@ -72,6 +74,8 @@ class StageLoop(Protocol):
     def checkpoint_now(self, timeout: float = ...) -> Manifest: ...
 
     def rollback(self, version: int, pause: bool, timeout: float = ...) -> Manifest: ...
+
+    def decide(self, verdict: int, timeout: float = ...) -> None: ...
 
 
 def checkpoint_info(manifest: Manifest, manifest_sha256: str) -> trainer_pb2.CheckpointInfo:
@@ -112,6 +116,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             phase=status.phase,
             phase_detail=status.phase_detail,
             algorithm=status.algorithm,
+            release=status.release,
         )
 
     def Pause(
@@ -129,7 +134,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def Checkpoint(
         self, request: trainer_pb2.CheckpointRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.CheckpointInfo:
-        return self._command(context, lambda timeout: self._loop.checkpoint_now(timeout))
+        return self._info(
+            self._command(context, lambda timeout: self._loop.checkpoint_now(timeout))
+        )
 
     def Rollback(
         self, request: trainer_pb2.RollbackRequest, context: grpc.ServicerContext
@@ -140,9 +147,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no {self._kind} version {request.version} in the store (have {versions})",
             )
-        return self._command(
-            context, lambda timeout: self._loop.rollback(request.version, request.pause, timeout)
+        return self._info(
+            self._command(
+                context,
+                lambda timeout: self._loop.rollback(request.version, request.pause, timeout),
+            )
         )
+
+    def Decide(
+        self, request: trainer_pb2.DecideRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.TrainerStatus:
+        if request.verdict not in (
+            trainer_pb2.RELEASE_VERDICT_PROMOTE,
+            trainer_pb2.RELEASE_VERDICT_ROLLBACK,
+        ):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "verdict must be promote or rollback")
+        self._command(context, lambda timeout: self._loop.decide(request.verdict, timeout))
+        return self.GetStatus(trainer_pb2.GetStatusRequest(), context)
 
     def ListCheckpoints(
         self, request: trainer_pb2.ListCheckpointsRequest, context: grpc.ServicerContext
@@ -158,14 +179,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 continue
         return trainer_pb2.ListCheckpointsReply(checkpoints=infos)
 
-    def _command(
-        self, context: grpc.ServicerContext, run: Callable[[float], Manifest]
-    ) -> trainer_pb2.CheckpointInfo:
+    def _command(self, context: grpc.ServicerContext, run: Callable[[float], T]) -> T:
         """Run a command on the training thread within the call's deadline; map failures."""
         remaining = context.time_remaining()
-        timeout = COMMAND_TIMEOUT if remaining is None else max(0.0, remaining - 0.5)
+        # No deadline reads as a huge remaining time (or None): wait COMMAND_TIMEOUT at most.
+        timeout = min(COMMAND_TIMEOUT, max(0.0, (remaining or COMMAND_TIMEOUT) - 0.5))
         try:
-            manifest = run(timeout)
+            return run(timeout)
         except Unsupported as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except CheckpointError as exc:
@@ -176,4 +196,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             )
         except RuntimeError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable: abort raises")
+
+    def _info(self, manifest: Manifest) -> trainer_pb2.CheckpointInfo:
         return checkpoint_info(*self._store.read_manifest(self._kind, manifest.version))

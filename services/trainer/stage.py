@@ -79,6 +79,7 @@ RULES: dict[str, Access] = rules(
         "Resume": allow(OPERATOR),
         "Checkpoint": allow(OPERATOR),
         "Rollback": allow(OPERATOR),
+        "Decide": allow(OPERATOR),
     },
 )
 
@@ -371,7 +372,10 @@ class Stage:
     def rollback(self, version: int, pause: bool, timeout: float = COMMAND_TIMEOUT) -> Manifest:
         raise Unsupported("rollback is offered by the ppo stage (the served policy)")
 
-    def run_command(self, command: Callable[[], Manifest], timeout: float) -> Manifest:
+    def decide(self, verdict: int, timeout: float = COMMAND_TIMEOUT) -> None:
+        raise Unsupported("promote and rollback of a canary are the release stage's")
+
+    def run_command(self, command: Callable[[], T], timeout: float) -> T:
         """Run `command` on the work thread, between units of work; its result or exception."""
         if not self._thread.is_alive():
             raise RuntimeError(f"the {self.name} stage is not running")
@@ -559,17 +563,26 @@ class StageService:
         make: Callable[[EventConsumer], ConsumerThread],
         state_kind: str = "",
         keep_checkpoints: bool = True,
+        consumer: Callable[[Publisher], EventConsumer] | None = None,
     ) -> StageParts:
         """A stage's parts: its producer (`self.publisher`: announcements and dead letters),
         its consumer of generations and feedback in `group`, its intake built by `make`
         (`self.intake`), restored from the newest state of `state_kind` when there is one, and
-        the retention the config says (checkpoints are not pruned without `keep_checkpoints`)."""
+        the retention the config says (checkpoints are not pruned without `keep_checkpoints`).
+        `consumer` builds a consumer of other topics than generations and feedback."""
         config = self.config
         self.publisher = Publisher(config.kafka_bootstrap, client_id=client_id)
-        consumer = intake_consumer(
-            config.kafka_bootstrap, group, self.publisher, client_id, config.max_poll_interval_ms
-        )
-        self.intake = make(consumer)
+        if consumer is not None:
+            events = consumer(self.publisher)
+        else:
+            events = intake_consumer(
+                config.kafka_bootstrap,
+                group,
+                self.publisher,
+                client_id,
+                config.max_poll_interval_ms,
+            )
+        self.intake = make(events)
         if state_kind:
             restore_intake(store, state_kind, self.intake)
         keep = Keep(config.keep_checkpoints if keep_checkpoints else None, config.keep_states)

@@ -62,6 +62,14 @@ VALUE_SETS = {
     "gpu": lambda: merged(gpu_values(), REQUIRED, INLINE_SECRETS),
     "everything": lambda: merged(REQUIRED, INLINE_SECRETS, EVERYTHING),
     "local": lambda: merged(local_values(), INLINE_SECRETS),
+    # Canaries: generation serves releases, the release stage decides them.
+    "canary": lambda: merged(
+        REQUIRED,
+        {
+            "generation": {"releases": True},
+            "trainer": {"stages": {"release": {"enabled": True, "canary": {"share": 0.25}}}},
+        },
+    ),
 }
 
 
@@ -89,6 +97,11 @@ def everything(renders):
 @pytest.fixture(scope="module")
 def local(renders):
     return renders["local"]
+
+
+@pytest.fixture(scope="module")
+def canary(renders):
+    return renders["canary"]
 
 
 def test_render_is_fast(chart):
@@ -136,7 +149,7 @@ def test_kubernetes_validate_cli_strict(gpu, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_one_deployment_per_service_and_stage(default, everything):
+def test_one_deployment_per_service_and_stage(default, everything, canary):
     assert default.names("Deployment") == {
         "rlhf-generation",
         "rlhf-feedback",
@@ -149,7 +162,7 @@ def test_one_deployment_per_service_and_stage(default, everything):
     added = {"rlhf-trainer-sft", "rlhf-simulated-users"}
     assert everything.names("Deployment") == without_ppo | added
     # A Deployment for every stage the trainer has.
-    stages = {stage(d) for r in (default, everything) for d in r.kind("Deployment")}
+    stages = {stage(d) for r in (default, everything, canary) for d in r.kind("Deployment")}
     assert stages - {None} == set(STAGES)
     images = set()
     for deployment, container in everything.deployments():
@@ -348,6 +361,7 @@ def test_secure_by_default(default, everything):
                 assert env[variable]["secretKeyRef"]["key"] == key
             if component(deployment) == "generation":
                 assert env["RLHF_GENERATION_OPEN"] == "false"
+                assert env["RLHF_GENERATION_RELEASES"] == "false"
                 assert env["RLHF_GENERATION_API_KEYS"]["secretKeyRef"]["key"] == (
                     "feedback-api-keys"
                 )
@@ -442,7 +456,21 @@ def _environ(rendered, deployment):
     return rendered.environ(deployment["spec"]["template"])
 
 
-@pytest.mark.parametrize("values", ["gpu", "everything", "local"])
+def test_the_release_stage_decides_what_generation_serves(canary):
+    release = canary.env(canary.get("Deployment", "rlhf-trainer-release"))
+    assert release["RLHF_TRAINER_STAGE"] == "release"
+    assert float(release["RLHF_CANARY_SHARE"]) == 0.25
+    assert int(release["RLHF_RELEASE_MIN_THUMBS"]) == 100
+    # The gate scores on the reward service with the service key, against the ppo reference.
+    assert release["RLHF_RELEASE_GATE"] == "true"
+    assert float(release["RLHF_RELEASE_GATE_REPETITION_TOLERANCE"]) == 0.1
+    assert float(release["RLHF_RELEASE_GATE_MAX_KL"]) == 0.0
+    assert release["RLHF_REWARD_ADDRESS"].endswith(":50053") and release["RLHF_CLIENT_KEY"]
+    generation = canary.env(canary.get("Deployment", "rlhf-generation"))
+    assert generation["RLHF_GENERATION_RELEASES"] == "true"
+
+
+@pytest.mark.parametrize("values", ["gpu", "everything", "local", "canary"])
 def test_services_accept_the_environment_the_chart_gives_them(renders, values):
     """Every RLHF_* variable is a real setting of that service, secret settings come from the
     Secret, and the service's own config validation accepts the values."""
@@ -701,6 +729,8 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
         "Thumbs-up rate by policy version",
         "KL to the reference policy",
         "Reload events",
+        "Canary: candidate minus incumbent thumbs-up rate",
+        "Release gate: candidates compared before their canary",
     ):
         assert wanted in titles
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -715,6 +745,8 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
     for metric in (
         "rlhf_reward_live_sum",
         "rlhf_feedback_thumbs_total",
+        "rlhf_release_canary_difference",
+        "rlhf_release_gate_refusals_total",
         "rlhf_trainer_stat",
         "rlhf_generation_tokens_total",
         "rlhf_grpc_request_seconds_bucket",
@@ -819,6 +851,14 @@ REFUSED_BY_TEMPLATES = {
         "topics.minInsyncReplicas (2) is above topics.replicationFactor (1)",
     ),
     "ppo without reward": ({"reward": {"enabled": False}}, "enable reward too"),
+    "release stage without releases": (
+        {"trainer": {"stages": {"release": {"enabled": True}}}},
+        "trainer.stages.release decides what generation serves through release events",
+    ),
+    "releases on tgi": (
+        {"generation": {"releases": True, "backend": "tgi", "tgi": {"url": "http://tgi"}}},
+        "generation.releases serves an incumbent and a candidate",
+    ),
     "sft beside ppo": (
         {"trainer": {"stages": {"sft": {"enabled": True}}}},
         "trainer.stages.sft and trainer.stages.ppo both publish policy versions",

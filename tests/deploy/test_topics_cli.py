@@ -107,6 +107,7 @@ def test_creates_the_topics_on_a_real_broker_and_is_idempotent(broker):
         bus.DEAD_LETTER: 4,
         bus.POLICY_CHECKPOINTS: 1,
         bus.REWARD_CHECKPOINTS: 1,
+        bus.RELEASES: 1,
     }
     # Upgrades run it again, possibly with other values: nothing changes, it says so.
     again = _run("--partitions", "6", "--replication-factor", "1", bootstrap=broker.bootstrap)

@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 import rlhf.drift  # noqa: F401  (registers the live reward metrics)
 import services.feedback.servicer  # noqa: F401  (registers rlhf_feedback_thumbs_total)
+import services.trainer.release.loop  # noqa: F401  (registers the release stage metrics)
 import services.trainer.reward.loop  # noqa: F401  (registers the reward stage metrics)
 
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
@@ -32,7 +33,7 @@ def promtool(*args, cwd=PROMETHEUS):
 def test_rules_are_valid():
     result = promtool("check", "rules", RULES)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 13 rules found" in result.stdout
 
 
 def test_rules_pass_their_unit_tests():
@@ -59,7 +60,11 @@ def test_every_metric_the_rules_read_is_exported():
     """Names in the rules must match what the services register, or the alerts never fire."""
     rules = "\n".join(line.split("#")[0] for line in RULES.read_text().splitlines())
     read = set(re.findall(r"\brlhf_[a-z0-9_]+", rules))
-    assert {"rlhf_reward_live_sum", "rlhf_feedback_thumbs_total"} <= read
+    assert {
+        "rlhf_reward_live_sum",
+        "rlhf_feedback_thumbs_total",
+        "rlhf_release_verdicts_total",
+    } <= read
     # Every sample name (including _total, _sum, _count, _bucket) of registered collectors.
     exported = set(REGISTRY._names_to_collectors)
     assert read <= exported, f"not exported by any service: {sorted(read - exported)}"

@@ -44,6 +44,7 @@ def test_addresses_flag_beats_environment_beats_up_env_beats_default(tmp_path):
         "feedback": "10.0.0.2:2",
         "trainer": "10.0.0.1:3",
         "reward-trainer": "127.0.0.1:50055",
+        "release-trainer": "127.0.0.1:50057",
     }
     assert resolve_addresses({}, {}, tmp_path / "missing.env")["trainer"] == "127.0.0.1:50054"
     assert set(addresses) == set(SERVICES)
@@ -135,3 +136,72 @@ def test_import_is_a_command_with_the_importers_arguments(tmp_path):
     )
     assert (args.kind, args.name, args.dry_run) == ("preferences", "hh", True)
     assert args.run.__name__ == "cmd_import"
+
+
+def _rendered(table):
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_status_shows_the_canary_its_thumbs_and_the_verdict():
+    from rlhf.cli import policy_table, release_table
+    from rlhf.v1 import generation_pb2, trainer_pb2
+
+    status = trainer_pb2.TrainerStatus(
+        stage="release",
+        phase="training",
+        release=trainer_pb2.ReleaseStatus(
+            incumbent_version=3,
+            candidate_version=5,
+            candidate_share=0.1,
+            candidate_thumbs_up=30,
+            candidate_thumbs=60,
+            incumbent_thumbs_up=400,
+            incumbent_thumbs=540,
+            verdict="collecting",
+            difference=-0.24,
+            lower=-0.4,
+            upper=-0.08,
+            elapsed_seconds=1800,
+            last_decision="v4 rolled back, v3 kept",
+        ),
+    )
+    text = _rendered(release_table(status))
+    for expected in (
+        "v5 answers 10% for 30 min",
+        "candidate 30/60, incumbent 400/540",
+        "collecting: difference -0.240 [-0.400, -0.080]",
+        "v4 rolled back, v3 kept",
+    ):
+        assert expected in text
+    idle = trainer_pb2.TrainerStatus(release=trainer_pb2.ReleaseStatus(incumbent_version=3))
+    assert "none running" in _rendered(release_table(idle))
+    assert "last gate" not in _rendered(release_table(idle))
+    refused = trainer_pb2.ReleaseGate(
+        candidate_version=6,
+        incumbent_version=3,
+        summary="v6 refused by the gate against v3: repetition: 62.0% repeated bigrams",
+        failed=["repetition"],
+        candidate=trainer_pb2.GateMeasures(
+            reward=0.1, reward_scored=True, length=31.0, repetition=0.62, kl=4.2
+        ),
+        incumbent=trainer_pb2.GateMeasures(length=12.5, repetition=0.02, kl=1.5),
+    )
+    idle.release.gate.CopyFrom(refused)
+    text = _rendered(release_table(idle))
+    assert "v6 refused by the gate against v3: repetition" in text
+    assert "candidate: reward +0.100, 31.0 tokens, 62.0% repeated bigrams, KL 4.20 nats" in text
+    assert "incumbent: reward not scored, 12.5 tokens, 2.0% repeated bigrams" in text
+    info = generation_pb2.PolicyInfo(version=3, candidate_version=5, candidate_share=0.1)
+    assert "v5 answers 10%" in _rendered(policy_table(info))
+    assert "canary" not in _rendered(policy_table(generation_pb2.PolicyInfo(version=3)))
+
+
+def test_rollback_without_a_version_is_the_canarys():
+    parser = build_parser()
+    assert parser.parse_args(["rollback"]).version is None
+    assert parser.parse_args(["rollback", "4"]).version == 4
+    assert parser.parse_args(["promote"]).command == "promote"

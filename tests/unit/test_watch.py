@@ -87,3 +87,46 @@ def test_the_panel_and_the_line_show_phases_and_the_trend():
     assert "✓ reward model v1" in text and "✓ PPO (step 4)" in text
     plain = line(shot)
     assert "thumbs-up last 2 min 70% of 10" in plain and "training)" in plain
+
+
+def test_with_releases_the_view_shows_the_canary_its_thumbs_verdict_gate_and_decision():
+    release = trainer_pb2.ReleaseStatus(
+        incumbent_version=3,
+        candidate_version=5,
+        candidate_share=0.5,
+        incumbent_thumbs_up=40,
+        incumbent_thumbs=100,
+        candidate_thumbs_up=60,
+        candidate_thumbs=100,
+        verdict="collecting",
+        difference=0.2,
+        lower=-0.05,
+        upper=0.45,
+        last_decision="v4 refused by the gate against v3: repetition: 60.0% repeated bigrams",
+        gate=trainer_pb2.ReleaseGate(
+            candidate_version=5, incumbent_version=3, passed=True, summary="v5 passed the gate"
+        ),
+    )
+    shot = Snapshot(
+        policy=generation_pb2.PolicyInfo(
+            version=3, model="tiny-random", candidate_version=5, candidate_share=0.5
+        ),
+        release=_status(
+            stage="release", phase="training", phase_detail="canary v5", release=release
+        ),
+        versions=[VersionRow(3, thumbs=100, up=40), VersionRow(5, thumbs=100, up=60)],
+    )
+    console = Console(record=True, width=200)
+    console.print(panel(shot, "footer", uptime=60))
+    text = console.export_text()
+    assert "v5 answers 50% against v3" in text
+    assert "candidate 60/100 up (60%), incumbent 40/100 up (40%)" in text
+    assert "collecting (difference +0.20, [-0.05, +0.45])" in text
+    assert "v5 passed the gate" in text
+    assert "v4 refused by the gate against v3" in text
+    assert "v3 (served)" in text and "v5 (canary 50%)" in text
+    plain = line(shot)
+    assert "canary v5 answers 50% against v3" in plain and "v4 refused" in plain
+    idle = Snapshot(release=_status(release=trainer_pb2.ReleaseStatus(incumbent_version=3)))
+    assert "none: v3 answers everyone" in line(idle)
+    assert "canary" not in line(Snapshot())  # no release stage watched: nothing about it

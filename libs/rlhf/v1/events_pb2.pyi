@@ -134,6 +134,24 @@ class CheckpointEvent(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, kind: _Optional[_Union[CheckpointKind, str]] = ..., version: _Optional[int] = ..., parent_version: _Optional[int] = ..., path: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class ReleaseEvent(_message.Message):
+    __slots__ = ("incumbent_version", "incumbent_manifest_sha256", "candidate_version", "candidate_manifest_sha256", "candidate_share", "reason", "decided_at")
+    INCUMBENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    incumbent_version: int
+    incumbent_manifest_sha256: str
+    candidate_version: int
+    candidate_manifest_sha256: str
+    candidate_share: float
+    reason: str
+    decided_at: _timestamp_pb2.Timestamp
+    def __init__(self, incumbent_version: _Optional[int] = ..., incumbent_manifest_sha256: _Optional[str] = ..., candidate_version: _Optional[int] = ..., candidate_manifest_sha256: _Optional[str] = ..., candidate_share: _Optional[float] = ..., reason: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class DeadLetter(_message.Message):
     __slots__ = ("source_topic", "partition", "offset", "key", "value", "reason", "consumer_group", "failed_at")
     SOURCE_TOPIC_FIELD_NUMBER: _ClassVar[int]

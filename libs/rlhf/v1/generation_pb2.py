@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/generation.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\xb8\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12\x0f\n\x07rollout\x18\x06 \x01(\x08\"\xbd\x01\n\x10GenerateResponse\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\x12\x11\n\ttoken_ids\x18\x08 \x03(\r\"7\n\nTokenChunk\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"r\n\x16GenerateStreamResponse\x12$\n\x05token\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.rlhf.v1.GenerateResponseH\x00\x42\x06\n\x04item\"\x16\n\x14GetPolicyInfoRequest\"\x85\x01\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t2\xe8\x01\n\x11GenerationService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12\x43\n\rGetPolicyInfo\x12\x1d.rlhf.v1.GetPolicyInfoRequest\x1a\x13.rlhf.v1.PolicyInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/generation.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\xca\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x04 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12\x0f\n\x07rollout\x18\x06 \x01(\x08\x12\x10\n\x08user_key\x18\x07 \x01(\t\"\xbd\x01\n\x10GenerateResponse\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x04\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x10\n\x08logprobs\x18\x07 \x03(\x02\x12\x11\n\ttoken_ids\x18\x08 \x03(\r\"7\n\nTokenChunk\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"r\n\x16GenerateStreamResponse\x12$\n\x05token\x18\x01 \x01(\x0b\x32\x13.rlhf.v1.TokenChunkH\x00\x12*\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x19.rlhf.v1.GenerateResponseH\x00\x42\x06\n\x04item\"\x16\n\x14GetPolicyInfoRequest\"\xb9\x01\n\nPolicyInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61ndidate_version\x18\x06 \x01(\x04\x12\x17\n\x0f\x63\x61ndidate_share\x18\x07 \x01(\x01\x32\xe8\x01\n\x11GenerationService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12\x43\n\rGetPolicyInfo\x12\x1d.rlhf.v1.GetPolicyInfoRequest\x1a\x13.rlhf.v1.PolicyInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.generation_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=93
-  _globals['_GENERATEREQUEST']._serialized_end=277
-  _globals['_GENERATERESPONSE']._serialized_start=280
-  _globals['_GENERATERESPONSE']._serialized_end=469
-  _globals['_TOKENCHUNK']._serialized_start=471
-  _globals['_TOKENCHUNK']._serialized_end=526
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=528
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=642
-  _globals['_GETPOLICYINFOREQUEST']._serialized_start=644
-  _globals['_GETPOLICYINFOREQUEST']._serialized_end=666
-  _globals['_POLICYINFO']._serialized_start=669
-  _globals['_POLICYINFO']._serialized_end=802
-  _globals['_GENERATIONSERVICE']._serialized_start=805
-  _globals['_GENERATIONSERVICE']._serialized_end=1037
+  _globals['_GENERATEREQUEST']._serialized_end=295
+  _globals['_GENERATERESPONSE']._serialized_start=298
+  _globals['_GENERATERESPONSE']._serialized_end=487
+  _globals['_TOKENCHUNK']._serialized_start=489
+  _globals['_TOKENCHUNK']._serialized_end=544
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=546
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=660
+  _globals['_GETPOLICYINFOREQUEST']._serialized_start=662
+  _globals['_GETPOLICYINFOREQUEST']._serialized_end=684
+  _globals['_POLICYINFO']._serialized_start=687
+  _globals['_POLICYINFO']._serialized_end=872
+  _globals['_GENERATIONSERVICE']._serialized_start=875
+  _globals['_GENERATIONSERVICE']._serialized_end=1107
 # @@protoc_insertion_point(module_scope)

@@ -11,20 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "sampling", "return_logprobs", "prompt_token_ids", "rollout")
+    __slots__ = ("prompt", "messages", "sampling", "return_logprobs", "prompt_token_ids", "rollout", "user_key")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    USER_KEY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     return_logprobs: bool
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     rollout: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., rollout: _Optional[bool] = ...) -> None: ...
+    user_key: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., rollout: _Optional[bool] = ..., user_key: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("generation_id", "text", "prompt_tokens", "completion_tokens", "policy_version", "finish_reason", "logprobs", "token_ids")
@@ -69,15 +71,19 @@ class GetPolicyInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("version", "manifest_sha256", "loaded_at", "model", "backend")
+    __slots__ = ("version", "manifest_sha256", "loaded_at", "model", "backend", "candidate_version", "candidate_share")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_SHARE_FIELD_NUMBER: _ClassVar[int]
     version: int
     manifest_sha256: str
     loaded_at: _timestamp_pb2.Timestamp
     model: str
     backend: str
-    def __init__(self, version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    candidate_version: int
+    candidate_share: float
+    def __init__(self, version: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., candidate_version: _Optional[int] = ..., candidate_share: _Optional[float] = ...) -> None: ...

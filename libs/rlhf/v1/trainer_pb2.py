@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x13\n\x11\x43heckpointRequest\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"1\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05pause\x18\x02 \x01(\x08\"\x9f\x02\n\x0e\x43heckpointInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07metrics\x18\x07 \x03(\x0b\x32$.rlhf.v1.CheckpointInfo.MetricsEntry\x12\x18\n\x10rolled_back_from\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListCheckpointsReply\x12,\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x17.rlhf.v1.CheckpointInfo\"\xac\x03\n\rTrainerStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\x17\n\x0fpending_prompts\x18\x06 \x01(\x04\x12\x19\n\x11\x66\x65\x65\x64\x62\x61\x63k_consumed\x18\x07 \x01(\x04\x12\x16\n\x0ereward_version\x18\x08 \x01(\x04\x12\x34\n\x07metrics\x18\t \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x12\x0e\n\x06paused\x18\n \x01(\x08\x12\x15\n\rfeedback_used\x18\x0b \x01(\x04\x12\x1e\n\x16\x64\x61ta_staleness_seconds\x18\x0c \x01(\x01\x12\x14\n\x0c\x63onsumer_lag\x18\r \x01(\x04\x12\r\n\x05phase\x18\x0e \x01(\t\x12\x14\n\x0cphase_detail\x18\x0f \x01(\t\x12\x11\n\talgorithm\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x97\x03\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x41\n\nCheckpoint\x12\x1a.rlhf.v1.CheckpointRequest\x1a\x17.rlhf.v1.CheckpointInfo\x12Q\n\x0fListCheckpoints\x12\x1f.rlhf.v1.ListCheckpointsRequest\x1a\x1d.rlhf.v1.ListCheckpointsReply\x12=\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x17.rlhf.v1.CheckpointInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x13\n\x11\x43heckpointRequest\"\'\n\x16ListCheckpointsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"1\n\x0fRollbackRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05pause\x18\x02 \x01(\x08\"9\n\rDecideRequest\x12(\n\x07verdict\x18\x01 \x01(\x0e\x32\x17.rlhf.v1.ReleaseVerdict\"\xe3\x02\n\rReleaseStatus\x12\x19\n\x11incumbent_version\x18\x01 \x01(\x04\x12\x19\n\x11\x63\x61ndidate_version\x18\x02 \x01(\x04\x12\x17\n\x0f\x63\x61ndidate_share\x18\x03 \x01(\x01\x12\x1b\n\x13incumbent_thumbs_up\x18\x04 \x01(\x04\x12\x18\n\x10incumbent_thumbs\x18\x05 \x01(\x04\x12\x1b\n\x13\x63\x61ndidate_thumbs_up\x18\x06 \x01(\x04\x12\x18\n\x10\x63\x61ndidate_thumbs\x18\x07 \x01(\x04\x12\x0f\n\x07verdict\x18\x08 \x01(\t\x12\x12\n\ndifference\x18\t \x01(\x01\x12\r\n\x05lower\x18\n \x01(\x01\x12\r\n\x05upper\x18\x0b \x01(\x01\x12\x17\n\x0f\x65lapsed_seconds\x18\x0c \x01(\x01\x12\x15\n\rlast_decision\x18\r \x01(\t\x12\"\n\x04gate\x18\x0e \x01(\x0b\x32\x14.rlhf.v1.ReleaseGate\"e\n\x0cGateMeasures\x12\x0e\n\x06reward\x18\x01 \x01(\x01\x12\x15\n\rreward_scored\x18\x02 \x01(\x08\x12\x0e\n\x06length\x18\x03 \x01(\x01\x12\x12\n\nrepetition\x18\x04 \x01(\x01\x12\n\n\x02kl\x18\x05 \x01(\x01\"\xe6\x01\n\x0bReleaseGate\x12\x19\n\x11\x63\x61ndidate_version\x18\x01 \x01(\x04\x12\x19\n\x11incumbent_version\x18\x02 \x01(\x04\x12\x0e\n\x06passed\x18\x03 \x01(\x08\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12(\n\tcandidate\x18\x05 \x01(\x0b\x32\x15.rlhf.v1.GateMeasures\x12(\n\tincumbent\x18\x06 \x01(\x0b\x32\x15.rlhf.v1.GateMeasures\x12\x1c\n\x14reward_model_version\x18\x07 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x08 \x03(\t\"\x9f\x02\n\x0e\x43heckpointInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x16\n\x0eparent_version\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07metrics\x18\x07 \x03(\x0b\x32$.rlhf.v1.CheckpointInfo.MetricsEntry\x12\x18\n\x10rolled_back_from\x18\x08 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListCheckpointsReply\x12,\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x17.rlhf.v1.CheckpointInfo\"\xd5\x03\n\rTrainerStatus\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\x17\n\x0fpending_prompts\x18\x06 \x01(\x04\x12\x19\n\x11\x66\x65\x65\x64\x62\x61\x63k_consumed\x18\x07 \x01(\x04\x12\x16\n\x0ereward_version\x18\x08 \x01(\x04\x12\x34\n\x07metrics\x18\t \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x12\x0e\n\x06paused\x18\n \x01(\x08\x12\x15\n\rfeedback_used\x18\x0b \x01(\x04\x12\x1e\n\x16\x64\x61ta_staleness_seconds\x18\x0c \x01(\x01\x12\x14\n\x0c\x63onsumer_lag\x18\r \x01(\x04\x12\r\n\x05phase\x18\x0e \x01(\t\x12\x14\n\x0cphase_detail\x18\x0f \x01(\t\x12\x11\n\talgorithm\x18\x10 \x01(\t\x12\'\n\x07release\x18\x11 \x01(\x0b\x32\x16.rlhf.v1.ReleaseStatus\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*l\n\x0eReleaseVerdict\x12\x1f\n\x1bRELEASE_VERDICT_UNSPECIFIED\x10\x00\x12\x1b\n\x17RELEASE_VERDICT_PROMOTE\x10\x01\x12\x1c\n\x18RELEASE_VERDICT_ROLLBACK\x10\x02\x32\xd1\x03\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x41\n\nCheckpoint\x12\x1a.rlhf.v1.CheckpointRequest\x1a\x17.rlhf.v1.CheckpointInfo\x12Q\n\x0fListCheckpoints\x12\x1f.rlhf.v1.ListCheckpointsRequest\x1a\x1d.rlhf.v1.ListCheckpointsReply\x12=\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x17.rlhf.v1.CheckpointInfo\x12\x38\n\x06\x44\x65\x63ide\x12\x16.rlhf.v1.DecideRequest\x1a\x16.rlhf.v1.TrainerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINERSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_RELEASEVERDICT']._serialized_start=1818
+  _globals['_RELEASEVERDICT']._serialized_end=1926
   _globals['_GETSTATUSREQUEST']._serialized_start=67
   _globals['_GETSTATUSREQUEST']._serialized_end=85
   _globals['_PAUSEREQUEST']._serialized_start=87
@@ -48,16 +50,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=180
   _globals['_ROLLBACKREQUEST']._serialized_start=182
   _globals['_ROLLBACKREQUEST']._serialized_end=231
-  _globals['_CHECKPOINTINFO']._serialized_start=234
-  _globals['_CHECKPOINTINFO']._serialized_end=521
-  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_start=475
-  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_end=521
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=523
-  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=591
-  _globals['_TRAINERSTATUS']._serialized_start=594
-  _globals['_TRAINERSTATUS']._serialized_end=1022
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=475
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=521
-  _globals['_TRAINERSERVICE']._serialized_start=1025
-  _globals['_TRAINERSERVICE']._serialized_end=1432
+  _globals['_DECIDEREQUEST']._serialized_start=233
+  _globals['_DECIDEREQUEST']._serialized_end=290
+  _globals['_RELEASESTATUS']._serialized_start=293
+  _globals['_RELEASESTATUS']._serialized_end=648
+  _globals['_GATEMEASURES']._serialized_start=650
+  _globals['_GATEMEASURES']._serialized_end=751
+  _globals['_RELEASEGATE']._serialized_start=754
+  _globals['_RELEASEGATE']._serialized_end=984
+  _globals['_CHECKPOINTINFO']._serialized_start=987
+  _globals['_CHECKPOINTINFO']._serialized_end=1274
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_start=1228
+  _globals['_CHECKPOINTINFO_METRICSENTRY']._serialized_end=1274
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_start=1276
+  _globals['_LISTCHECKPOINTSREPLY']._serialized_end=1344
+  _globals['_TRAINERSTATUS']._serialized_start=1347
+  _globals['_TRAINERSTATUS']._serialized_end=1816
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=1228
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=1274
+  _globals['_TRAINERSERVICE']._serialized_start=1929
+  _globals['_TRAINERSERVICE']._serialized_end=2394
 # @@protoc_insertion_point(module_scope)

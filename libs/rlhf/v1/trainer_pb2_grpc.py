@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """The trainer's control plane. Every stage (sft, reward, ppo) serves it.
+    """The trainer's control plane. Every stage (sft, reward, ppo, release) serves it.
     """
 
     def __init__(self, channel):
@@ -65,10 +65,15 @@ class TrainerServiceStub:
                 request_serializer=rlhf_dot_v1_dot_trainer__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.FromString,
                 _registered_method=True)
+        self.Decide = channel.unary_unary(
+                '/rlhf.v1.TrainerService/Decide',
+                request_serializer=rlhf_dot_v1_dot_trainer__pb2.DecideRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
-    """The trainer's control plane. Every stage (sft, reward, ppo) serves it.
+    """The trainer's control plane. Every stage (sft, reward, ppo, release) serves it.
     """
 
     def GetStatus(self, request, context):
@@ -113,6 +118,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decide(self, request, context):
+        """Release stage: end the running canary now with this verdict, whatever the sequential test
+        says (an operator's override). FAILED_PRECONDITION without a canary, or on another stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     request_deserializer=rlhf_dot_v1_dot_trainer__pb2.RollbackRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.SerializeToString,
             ),
+            'Decide': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decide,
+                    request_deserializer=rlhf_dot_v1_dot_trainer__pb2.DecideRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rlhf.v1.TrainerService', rpc_method_handlers)
@@ -155,7 +173,7 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """The trainer's control plane. Every stage (sft, reward, ppo) serves it.
+    """The trainer's control plane. Every stage (sft, reward, ppo, release) serves it.
     """
 
     @staticmethod
@@ -310,6 +328,33 @@ class TrainerService:
             '/rlhf.v1.TrainerService/Rollback',
             rlhf_dot_v1_dot_trainer__pb2.RollbackRequest.SerializeToString,
             rlhf_dot_v1_dot_trainer__pb2.CheckpointInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decide(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.TrainerService/Decide',
+            rlhf_dot_v1_dot_trainer__pb2.DecideRequest.SerializeToString,
+            rlhf_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
             options,
             channel_credentials,
             insecure,
