@@ -29,3 +29,12 @@ def test_with_releases_the_release_stage_runs_and_generation_follows_it():
     assert release.env["RLHF_CLIENT_KEY"] == keys.service  # Score needs the service key
     assert processes["generation"].env["RLHF_GENERATION_RELEASES"] == "true"
     assert CPU_DEMO["release-trainer"]["RLHF_CANARY_SHARE"] == "0.5"
+
+
+def test_the_trainer_can_sample_its_rollouts_on_the_generation_pool():
+    keys, processes = _plan(False)
+    trainer = processes["trainer"]
+    assert trainer.env["RLHF_PPO_POOL_ADDRESS"] == (
+        f"127.0.0.1:{processes['generation'].grpc_port}"
+    )
+    assert trainer.env["RLHF_CLIENT_KEY"] == keys.service  # rollouts need the service key
