@@ -29,7 +29,7 @@ from kafka import KafkaProducer
 from bench.report import median, percentile, repeat, table
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
-from rlhf.ids import GenerationIdSigner
+from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 ID_KEY = "bench-generation-id-key-0123456789"
@@ -55,7 +55,8 @@ class Plan:
 def _feedback(count: int) -> list[events_pb2.Feedback]:
     """Fresh submissions (new keys each run, so the service's resend memory never answers)."""
     run = uuid.uuid4().hex[:8]
-    ids = [SIGNER.issue(policy_version=1) for _ in range(64)]
+    # As the generation service issues them: bound to their prompt, whose digest is the key.
+    ids = [SIGNER.issue(1, prompt_hash=prompt_digest(f"prompt {n % 16}")) for n in range(64)]
     return [
         events_pb2.Feedback(
             generation_id=ids[n % len(ids)],
@@ -67,14 +68,15 @@ def _feedback(count: int) -> list[events_pb2.Feedback]:
 
 
 def _events(feedback: list[events_pb2.Feedback]) -> list[tuple[bytes, bytes]]:
-    """The (key, value) records the service would publish for `feedback`."""
+    """The (key, value) records the service would publish for `feedback` (keyed, as the
+    service keys them, by the prompt digest bound into the generation id)."""
     records = []
     for item in feedback:
         event = events_pb2.FeedbackEvent(
             event_id=uuid.uuid4().hex, tenant="bench", feedback=item, policy_version=1
         )
         event.received_at.GetCurrentTime()
-        records.append((item.generation_id.encode(), event.SerializeToString()))
+        records.append((partition_key(item.generation_id).encode(), event.SerializeToString()))
     return records
 
 

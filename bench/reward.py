@@ -37,8 +37,8 @@ from rlhf.training.reward import (
 )
 from rlhf.training.reward_config import RewardTrainingConfig
 from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
-from services.simulated_users.synthetic import answer, feedback_stream
-from services.simulated_users.users import PROMPTS, sentiment
+from services.simulated_users.synthetic import PROMPTS, answer, feedback_stream
+from services.simulated_users.users import sentiment
 
 BATCHES = (1, 8, 32)
 MAX_TOKENS = 256  # the service default

@@ -93,7 +93,9 @@ def version_dir(version: int) -> str:
 
 
 FILE_DIGEST = "blake3"  # what new checkpoints hash their files with
-_READ_CHUNK = 16 << 20
+# Large: each chunk costs the loading thread a few trips through the GIL, which a busy decode
+# loop holds most of the time.
+_READ_CHUNK = 64 << 20
 # safetensors dtype names -> torch dtypes (those a checkpoint here can hold)
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -115,7 +117,8 @@ def _sha256(data: bytes) -> str:
 
 def _hasher(digest: str) -> Any:
     if digest == "blake3":
-        return blake3.blake3()
+        # On every core: a 540 MB checkpoint hashes in 0.05 s instead of 0.10 (2 cores, idle).
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
     if digest == "sha256":
         return hashlib.sha256()
     raise CheckpointError(f"unknown file digest {digest!r}")

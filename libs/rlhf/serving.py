@@ -49,6 +49,9 @@ FOLLOWER_FAILURES = Counter(
     ["topic"],
 )
 ATTEMPTS = 3  # tries at one checkpoint event that fails unexpectedly
+# How long the broker may hold a checkpoint follower's empty fetch: an event arriving meanwhile
+# can wait for it (part of every hot reload), and an idle follower asks about this often.
+FOLLOW_FETCH_WAIT_MS = 50
 RETRY_SECONDS = 2.0  # wait before the next try, times the attempt number
 
 
@@ -143,6 +146,7 @@ class CheckpointEvents:
             group_id=None,
             client_id=self._client_id,
             from_beginning=True,
+            fetch_max_wait_ms=FOLLOW_FETCH_WAIT_MS,
         )
         self._thread.start()
 

@@ -22,20 +22,30 @@ def _code_number(code: grpc.StatusCode) -> int:
 def stream_response(items: list[Item]) -> feedback_pb2.StreamFeedbackResponse:
     """One result per item read, in order: stored ones with their position, others with why."""
     response = feedback_pb2.StreamFeedbackResponse()
+    add = response.results.add  # one call per result: a stream carries thousands
+    stored = 0
     for item in items:
-        result = response.results.add(index=item.index, idempotency_key=item.idempotency_key)
-        if item.stored is not None:
-            result.event_id = item.stored.event_id
-            result.partition = item.stored.partition
-            result.offset = item.stored.offset
-            result.duplicate = item.stored.duplicate
-            response.stored += 1
+        where = item.stored
+        if where is not None:
+            add(
+                index=item.index,
+                idempotency_key=item.idempotency_key,
+                event_id=where.event_id,
+                partition=where.partition,
+                offset=where.offset,
+                duplicate=where.duplicate,
+            )
+            stored += 1
         else:
             assert item.rejected is not None
-            result.code = _code_number(item.rejected.code)
-            result.reason = item.rejected.reason
-            result.message = str(item.rejected)
-            response.failed += 1
+            add(
+                index=item.index,
+                idempotency_key=item.idempotency_key,
+                code=_code_number(item.rejected.code),
+                reason=item.rejected.reason,
+                message=str(item.rejected),
+            )
+    response.stored, response.failed = stored, len(items) - stored
     return response
 
 

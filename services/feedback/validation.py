@@ -135,8 +135,9 @@ def _check_annotations(feedback: events_pb2.Feedback, limits: Limits) -> None:
     if len(feedback.comment) > limits.max_text_chars:
         raise _invalid("too_long", f"comment exceeds {limits.max_text_chars} characters")
     tags = feedback.tags
-    if len(tags) > MAX_TAGS or any(
-        not t.strip() or len(t) > MAX_TAG_CHARS or not t.isprintable() for t in tags
+    if tags and (
+        len(tags) > MAX_TAGS
+        or any(not t.strip() or len(t) > MAX_TAG_CHARS or not t.isprintable() for t in tags)
     ):
         raise _invalid(
             "bad_tags", f"at most {MAX_TAGS} non-blank printable tags of {MAX_TAG_CHARS} characters"
