@@ -16,9 +16,10 @@ the base model on those answers (k1, summed over the answer at the sampling temp
 length and the distinct word bigrams (reward hacking shows as babble: repetition, length), with
 the platform's state (served policy and reward model, PPO step).
 
-`RLHF_PPO_ALGORITHM` in the environment is passed to the trainer like any setting (ppo by default;
-grpo and rloo sample a group per prompt, so they get 16 / group prompts, as many sequences as PPO),
-so runs with each algorithm can be compared on the same held-out users.
+`RLHF_PPO_ALGORITHM` in the environment is passed to the trainer like any setting (make up's by
+default); every algorithm trains on as many sequences per update (PPO one answer per prompt, grpo
+and rloo a group per prompt: fewer prompts), so runs with each algorithm can be compared on the
+same held-out users.
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ def _commit() -> str:
 
 def run(quick: bool) -> str:
     minutes, every = (8.0, 2.0) if quick else (MINUTES, EVAL_EVERY_MINUTES)
-    algorithm = os.environ.get("RLHF_PPO_ALGORITHM", "ppo")
+    demo = CPU_DEMO["trainer"]
+    algorithm = os.environ.setdefault("RLHF_PPO_ALGORITHM", demo["RLHF_PPO_ALGORITHM"])
     commit = _commit()  # before the run: the code that ran
     stages = ("trainer", "reward-trainer", "simulated-users")
     settings = {
@@ -270,10 +272,14 @@ def run(quick: bool) -> str:
         for k, v in CPU_DEMO[n].items()
         if k.startswith("RLHF_")
     }
-    if algorithm != "ppo" and "RLHF_PPO_BATCH_SIZE" not in os.environ:
-        # The same sequences per update as PPO: batch/group prompts, group answers each.
+    if "RLHF_PPO_BATCH_SIZE" not in os.environ:
+        # Every algorithm trains on make up's sequences per update: PPO one answer per prompt,
+        # GRPO and RLOO a group of answers to each of fewer prompts.
         group = int(os.environ.get("RLHF_PPO_GROUP_SIZE", "4"))
-        batch = int(CPU_DEMO["trainer"]["RLHF_PPO_BATCH_SIZE"]) // group
+        sequences = int(demo["RLHF_PPO_BATCH_SIZE"]) * (
+            1 if demo["RLHF_PPO_ALGORITHM"] == "ppo" else group
+        )
+        batch = sequences if algorithm == "ppo" else sequences // group
         os.environ["RLHF_PPO_BATCH_SIZE"] = str(max(1, batch))
     # what the environment changed is part of the run's settings (the trainer reads it too)
     settings.update({k: v for k, v in os.environ.items() if k.startswith("RLHF_PPO_")})
