@@ -152,8 +152,9 @@ def test_a_bf16_learner_decodes_on_bf16_weights_and_keeps_float32_weights_and_st
     cache_dir, monkeypatch, lora_rank
 ):
     """The trainer's own loop in bfloat16, with and without LoRA: rollouts decode on a
-    bfloat16 copy, the update moves the float32 weights (only the adapter with LoRA), and the
-    checkpoint files (policy, optimizer moments) are float32 as before."""
+    bfloat16 copy and are importance-weighted for it, the update moves the float32 weights
+    (only the adapter with LoRA), and the checkpoint files (policy, optimizer moments) are
+    float32 as before."""
     tokenizer = load_tokenizer(cache_dir)
     learner = PPOLearner(
         load_base_policy(TINY, cache_dir),
@@ -177,6 +178,9 @@ def test_a_bf16_learner_decodes_on_bf16_weights_and_keeps_float32_weights_and_st
 
     assert decoded_in == [torch.bfloat16]
     assert stats["response/length"] > 0
+    # Sampled on bfloat16 weights, weighted by pi_old / pi_decoded: close to 1, not exactly.
+    assert stats["policy/is_weight_mean"] == pytest.approx(1.0, abs=LOGPROB_TOL)
+    assert stats["policy/is_weight_mean"] != 1.0
     moved = {k for k, v in learner.policy.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(("lora_" in k) == bool(lora_rank) for k in moved), sorted(moved)
     weights, _ = policy_checkpoint_files(learner.export_policy())
@@ -185,3 +189,26 @@ def test_a_bf16_learner_decodes_on_bf16_weights_and_keeps_float32_weights_and_st
     assert {t.dtype for t in tensors[OPTIMIZER_FILE].values() if t.is_floating_point()} == {
         torch.float32
     }
+
+
+def test_a_float32_learner_decodes_on_its_own_weights_and_does_not_weight_its_rollouts(
+    cache_dir, monkeypatch
+):
+    learner = PPOLearner(
+        load_base_policy(TINY, cache_dir),
+        load_base_policy(TINY, cache_dir),
+        load_tokenizer(cache_dir),
+        PPOConfig(dtype="float32", minibatch_size=2, ppo_epochs=1, learning_rate=1e-3),
+        RolloutSettings(max_new_tokens=8, seed=3),
+    )
+    decoded_on: list[torch.nn.Module] = []
+    generate = decoding.generate
+
+    def spy(model, *args, **kwargs):
+        decoded_on.append(model)
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    stats = learner.iterate([[1, 2, 3], [4, 5]], lambda p, r: [len(x) / 10 for x in r])
+    assert decoded_on == [learner.policy]
+    assert stats["policy/is_weight_mean"] == 1.0 and stats["policy/is_capped_frac"] == 0.0

@@ -65,11 +65,12 @@ class Rollout:
     response finished by itself (EOS, or a stop string if the caller counts that as finished);
     it cannot be recovered from the ids without the EOS id, and `build_rollout` fills it in.
 
-    Rollouts sampled by another process (the generation pool) also carry `behaviour_logprobs`
+    Rollouts sampled by another process (the generation pool), or in this one on other weights
+    than the update's (bfloat16 decoding, `PPOLearner`), also carry `behaviour_logprobs`
     [B, R], the logprobs each token was sampled with (0 on padding), `policy_versions` [B] long,
     the version that sampled each row, and `latest_version`, the trainer's latest published
     version when they were asked for; `ppo_step` then corrects for the difference between
-    that behaviour policy and its own. In-process rollouts leave them None.
+    that behaviour policy and its own. Exact in-process rollouts leave them None.
     """
 
     input_ids: torch.Tensor

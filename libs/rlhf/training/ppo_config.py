@@ -128,8 +128,9 @@ class PPOConfig(SeedSettings):
     importance_cap: float = setting(
         "RLHF_PPO_IS_CAP",
         2.0,
-        "pool rollouts: cap of each token's importance weight pi_trainer / pi_pool (>= 1); "
-        "in-process rollouts are on-policy and never weighted",
+        "pool rollouts, and in-process rollouts decoded in bfloat16 (RLHF_PPO_DTYPE): cap of "
+        "each token's importance weight pi_trainer / pi_sampler (>= 1); in-process float32 "
+        "rollouts are on-policy and never weighted",
     )
 
     @property
