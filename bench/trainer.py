@@ -6,10 +6,15 @@ minibatches). Scoring is a cheap programmatic function on both sides (well under
 so the figures measure PPO, not a reward model.
 
 The baseline is TRL's PPOTrainer (trl.experimental.ppo, the last TRL release that has it) on the
-same weights, batch, minibatch, epochs, response length and temperature, in fp32 without gradient
-checkpointing like ours (TRL defaults to bf16 and checkpointing, both slower on this CPU). TRL
-trains a separate value model (a second copy of the backbone), its documented setup; ours puts a
-linear value head on the policy. Each side runs in this process, one after the other.
+same weights, batch, minibatch, epochs, response length and temperature, without gradient
+checkpointing like ours. TRL trains a separate value model (a second copy of the backbone), its
+documented setup; ours puts a linear value head on the policy. Each side runs in this process,
+one after the other.
+
+Precision: rows are float32 unless marked bf16. Ours in bf16 is `RLHF_PPO_DTYPE=bfloat16` (the
+passes under autocast over float32 weights, rollouts decoded on a bfloat16 copy); TRL in bf16 is
+its `bf16=True` (accelerate's autocast, which on the CPU covers its forward passes and its
+generation). Each row is compared with the TRL row of the same precision (and LoRA or not).
 
 "ours, GRPO" and "ours, RLOO" are the same iteration with the critic-free estimators
 (`RLHF_PPO_ALGORITHM`): the same BATCH rollouts of the same length, as GROUP answers to each of
@@ -75,6 +80,7 @@ CRITIC_FREE = {
     "grpo": f"ours, GRPO ({BATCH // GROUP} x {GROUP})",
     "rloo": f"ours, RLOO ({BATCH // GROUP} x {GROUP})",
 }
+BF16 = "{}, bf16"  # a row's label in bfloat16 (RLHF_PPO_DTYPE=bfloat16, TRL's bf16=True)
 PHASES = ("rollout", "scoring", "old/ref forward", "training epochs", "rest of the loop")
 
 
@@ -130,6 +136,7 @@ def ours(
     pool_address: str = "",
     model: str = SMOLLM2,
     algorithm: str = "ppo",
+    dtype: str = "float32",
 ) -> Run:
     """`PPOLearner.iterate`, the trainer's own loop, timed per iteration and per phase; with
     `pool_address`, rollouts on that generation service (`PoolSampler`); `algorithm` grpo or
@@ -144,6 +151,7 @@ def ours(
         temperature=TEMPERATURE,
         algorithm=algorithm,
         group_size=GROUP,
+        dtype=dtype,
     )
     # Rollouts are the platform's own calls: they present the bench's service key.
     security = ClientSecurity(key=BENCH_KEY)
@@ -204,8 +212,9 @@ class _ProgrammaticReward(nn.Module):
         return (hidden.remainder(5) == 0).float()  # read at each sequence's last token
 
 
-def trl(repeats: int, lora_rank: int = 0) -> Run:
-    """TRL's PPOTrainer.train() for warm-up + `repeats` iterations, timed between steps."""
+def trl(repeats: int, lora_rank: int = 0, bf16: bool = False) -> Run:
+    """TRL's PPOTrainer.train() for warm-up + `repeats` iterations, timed between steps;
+    `bf16`: its mixed precision (`bf16=True`)."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import LlamaForSequenceClassification, TrainerCallback
@@ -278,7 +287,7 @@ def trl(repeats: int, lora_rank: int = 0) -> Run:
             logging_steps=1,
             disable_tqdm=True,
             use_cpu=True,
-            bf16=False,
+            bf16=bf16,
             gradient_checkpointing=False,
             seed=0,
         )
@@ -333,6 +342,21 @@ def pool(repeats: int, model: str = SMOLLM2) -> Run:
             service.stop()
 
 
+def _speedup(run: Run, baseline: Run) -> float:
+    """Iterations per second of `run` over `baseline`'s (medians)."""
+    return median(baseline.seconds) / median(run.seconds)
+
+
+def _baseline(label: str, results: dict[str, Run]) -> str:
+    """The TRL row `label` is compared with: same precision and LoRA or not, falling back to
+    fp32 TRL when that row was not measured."""
+    lora = f", LoRA r={LORA_RANK}" if "LoRA" in label else ""
+    same = f"TRL{lora}"
+    if label.endswith(BF16.format("")) and BF16.format(same) in results:
+        return BF16.format(same)
+    return same if same in results else "TRL"
+
+
 def _phase_rows(label: str, run: Run) -> list[list[str]]:
     total = sum(run.seconds) / len(run.seconds)  # phases are means too
     rows = []
@@ -347,23 +371,31 @@ def run(quick: bool) -> str:
     repeats = 2 if quick else 5
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
+    lora = f"LoRA r={LORA_RANK}"
     results = {
         "ours": ours(repeats),
-        f"ours, LoRA r={LORA_RANK}": ours(repeats, lora_rank=LORA_RANK),
+        BF16.format("ours"): ours(repeats, dtype="bfloat16"),
+        f"ours, {lora}": ours(repeats, lora_rank=LORA_RANK),
+        BF16.format(f"ours, {lora}"): ours(repeats, lora_rank=LORA_RANK, dtype="bfloat16"),
         **{label: ours(repeats, algorithm=name) for name, label in CRITIC_FREE.items()},
+        **{
+            BF16.format(label): ours(repeats, algorithm=name, dtype="bfloat16")
+            for name, label in CRITIC_FREE.items()
+        },
         POOL: pool(repeats),
         "TRL": trl(repeats),
-        f"TRL, LoRA r={LORA_RANK}": trl(repeats, lora_rank=LORA_RANK),
+        BF16.format("TRL"): trl(repeats, bf16=True),
+        f"TRL, {lora}": trl(repeats, lora_rank=LORA_RANK),
+        BF16.format(f"TRL, {lora}"): trl(repeats, lora_rank=LORA_RANK, bf16=True),
     }
     loads = (load_before, os.getloadavg()[0])
     return report(results, repeats, loads)
 
 
 def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) -> str:
-    base = results["TRL"]
     rows = []
     for label, measured in results.items():
-        reference = results[f"TRL, LoRA r={LORA_RANK}"] if "LoRA" in label else base
+        reference = results[_baseline(label, results)]
         rows.append(
             [
                 label,
@@ -377,6 +409,12 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         )
     phases = [r for label, m in results.items() for r in _phase_rows(label, m)]
     local, pooled = results["ours"], results[POOL]
+    precision_note = "".join(
+        f" {label} in bf16: {_speedup(results[BF16.format(label)], results[label]):.2f}x"
+        " its fp32 iterations per second."
+        for label in results
+        if BF16.format(label) in results
+    )
     critic_free_note = "".join(
         f" {label}: {median(local.seconds) / median(results[label].seconds):.2f}x PPO's"
         " iterations per second."
@@ -390,16 +428,20 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         f"service on the same {os.cpu_count()} cores as the trainer."
     )
     return (
-        f"### PPO, GRPO and RLOO iteration throughput (batch {BATCH}, minibatch {MINIBATCH}, "
-        f"{NEW_TOKENS} new tokens, {EPOCHS} epochs, T={TEMPERATURE}, median of {repeats} after a "
-        "warm-up)\n\n"
+        f"### PPO, GRPO and RLOO iteration throughput, fp32 and bf16 (batch {BATCH}, minibatch "
+        f"{MINIBATCH}, {NEW_TOKENS} new tokens, {EPOCHS} epochs, T={TEMPERATURE}, median of "
+        f"{repeats} after a warm-up)\n\n"
         + table(
             ["trainer", "s / iteration", "fastest", "samples/s", "tokens/s", "vs TRL", "runs (s)"],
             rows,
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
-        " of the batch. LoRA rows compare with TRL using the same LoRA rank and target modules."
-        f" GRPO and RLOO rows (RLHF_PPO_ALGORITHM=grpo / rloo): {GROUP} answers to each of"
+        " of the batch. Rows are float32 unless marked bf16 (ours: RLHF_PPO_DTYPE=bfloat16,"
+        " autocast passes over float32 weights and rollouts decoded on a bfloat16 copy; TRL:"
+        ' bf16=True). Each row\'s "vs TRL" is against the TRL row of the same precision, LoRA'
+        " rows against TRL with the same LoRA rank and target modules."
+        + precision_note
+        + f" GRPO and RLOO rows (RLHF_PPO_ALGORITHM=grpo / rloo): {GROUP} answers to each of"
         f" {BATCH // GROUP} of the same prompts, so the same {BATCH} rollouts of up to"
         f" {NEW_TOKENS} tokens, scored, penalised and clipped alike, without a value head."
         + critic_free_note

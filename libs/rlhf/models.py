@@ -120,7 +120,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 
 def serving_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype a serving process runs a model in (RLHF_GENERATION_DTYPE, RLHF_REWARD_DTYPE).
+    """The dtype a serving process runs a model in (RLHF_GENERATION_DTYPE, RLHF_REWARD_DTYPE),
+    and the PPO trainer its passes (RLHF_PPO_DTYPE).
     `auto`: bfloat16 where the hardware multiplies it natively (a CPU with AMX, a CUDA GPU with
     bfloat16), float32 elsewhere."""
     if choice not in DTYPES:

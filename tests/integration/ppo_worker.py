@@ -118,6 +118,9 @@ def make_learner(
             algorithm=algorithm,
             group_size=GROUP,
             loss_aggregation=aggregation,
+            # float32: bfloat16 matmuls round differently with the batch's shape, so a rank's
+            # shard would not compute bit-for-bit what one process computes on the whole batch.
+            dtype="float32",
         ),
         RolloutSettings(max_new_tokens=8, seed=0),
         LoraSettings(rank=lora_rank),

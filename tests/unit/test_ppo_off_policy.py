@@ -80,9 +80,17 @@ def _step(
 
 
 def _policy_logprobs(rollout: Rollout, temperature: float = 0.7) -> torch.Tensor:
+    """The step's own old logprobs: in the precision `_step` runs in (RLHF_PPO_DTYPE's
+    default), so that a behaviour policy equal to the trained one weighs exactly 1."""
     with torch.no_grad():
         logprobs, _, _ = forward_policy(
-            tiny_llama(), None, rollout.input_ids, rollout.attention_mask, 3, temperature
+            tiny_llama(),
+            None,
+            rollout.input_ids,
+            rollout.attention_mask,
+            3,
+            temperature,
+            dtype=PPOConfig().compute_dtype(),
         )
     return logprobs
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf.config import ConfigError, load_config
+from rlhf.models import DTYPES
 from rlhf.training.online import LoraSettings, RolloutSettings
 from rlhf.training.ppo_config import ALGORITHMS, KL_ESTIMATORS, LOSS_AGGREGATIONS, PPOConfig
 from services.trainer.config import TrainerConfig
@@ -130,6 +131,7 @@ def test_unusable_strategies_are_refused_by_name(env, needle):
         # A baseline from the other answers needs other answers.
         ({"RLHF_PPO_ALGORITHM": "rloo", "RLHF_PPO_GROUP_SIZE": "1"}, "at least 2 answers"),
         ({"RLHF_PPO_LOSS_AGGREGATION": "batch"}, "RLHF_PPO_LOSS_AGGREGATION"),
+        ({"RLHF_PPO_DTYPE": "float16"}, "RLHF_PPO_DTYPE='float16'"),
     ],
 )
 def test_unusable_algorithm_settings_are_refused_by_name(env, needle):
@@ -157,6 +159,7 @@ def _other_value(field: dataclasses.Field, hint: type) -> object:
         "kl_estimator": KL_ESTIMATORS,
         "algorithm": ALGORITHMS,
         "loss_aggregation": LOSS_AGGREGATIONS,
+        "dtype": DTYPES,
     }
     if field.name in choices:
         return next(e for e in choices[field.name] if e != default)

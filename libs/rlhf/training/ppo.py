@@ -11,6 +11,12 @@ The critic-free algorithms (`config.algorithm` grpo or rloo) are the same step w
 head: the rollout holds groups of answers to the same prompts, and `score_rollout` takes the
 advantages from each group (`rlhf.algorithms.group`) instead of GAE; there is no value loss.
 
+Precision (`config.dtype`, RLHF_PPO_DTYPE): in bfloat16 the policy's and reference's forward
+passes, and the backward through them, run under `torch.autocast` (`compute_precision`) over the
+weights as they are (float32 masters for the policy); the logits come out in bfloat16 and are
+cast to float32 before the log-softmax, so logprobs, ratios, KL, advantages, values and losses
+are float32, and so are the gradients the optimizer sees.
+
 Data parallel (a `World` of several ranks), each rank holds its shard of the batch; the few
 places that must see the whole batch (advantage whitening, the losses' token normalisation, the
 statistics) take a `world.all_sum`, and are marked so.
@@ -19,7 +25,7 @@ statistics) take a `world.all_sum`, and are marked so.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +65,12 @@ class Rollout:
     response finished by itself (EOS, or a stop string if the caller counts that as finished);
     it cannot be recovered from the ids without the EOS id, and `build_rollout` fills it in.
 
-    Rollouts sampled by another process (the generation pool) also carry `behaviour_logprobs`
+    Rollouts sampled by another process (the generation pool), or in this one on other weights
+    than the update's (bfloat16 decoding, `PPOLearner`), also carry `behaviour_logprobs`
     [B, R], the logprobs each token was sampled with (0 on padding), `policy_versions` [B] long,
     the version that sampled each row, and `latest_version`, the trainer's latest published
     version when they were asked for; `ppo_step` then corrects for the difference between
-    that behaviour policy and its own. In-process rollouts leave them None.
+    that behaviour policy and its own. Exact in-process rollouts leave them None.
     """
 
     input_ids: torch.Tensor
@@ -150,6 +157,15 @@ def build_rollout(
     )
 
 
+def compute_precision(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
+    """Where a model's passes run in `dtype`: autocast to it (matmuls in `dtype`, weights kept
+    as they are; the backward follows the forward's casts), or nothing for float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    # CUDA: untested here (no GPU on this machine).
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def forward_policy(
     model: nn.Module,
     value_head: ValueHead | None,
@@ -158,9 +174,14 @@ def forward_policy(
     prompt_width: int,
     temperature: float,
     with_entropy: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One forward pass: per response token (logprobs [B, R], values [B, R] | None, entropy
-    [B, R] | None if not `with_entropy`).
+    [B, R] | None if not `with_entropy`), all float32.
+
+    The model runs in `dtype` (`compute_precision`); everything after it does not: the logits
+    are cast to float32 before the log-softmax, and the value head reads the last hidden state
+    cast to its own (float32) weights' dtype.
 
     Position ids count only attended tokens (cumsum(mask) - 1, clamped at 0 on the pads): with
     left padding, the default 0..T-1 would shift every real token by the pad count and change
@@ -170,17 +191,18 @@ def forward_policy(
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     width = input_ids.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        output_hidden_states=value_head is not None,
-        use_cache=False,
-        # Only the last R+1 columns go through the LM head (a vocab x hidden matmul per column):
-        # the prompt's other columns predict nothing we score, and the head is ~20% of the
-        # model's FLOPs on SmolLM2. The last column is dropped below.
-        logits_to_keep=width - prompt_width + 1,
-    )
+    with compute_precision(dtype, input_ids.device):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=value_head is not None,
+            use_cache=False,
+            # Only the last R+1 columns go through the LM head (a vocab x hidden matmul per
+            # column): the prompt's other columns predict nothing we score, and the head is ~20%
+            # of the model's FLOPs on SmolLM2. The last column is dropped below.
+            logits_to_keep=width - prompt_width + 1,
+        )
     logits = out.logits[:, :-1]
     states = slice(prompt_width - 1, width - 1)
     response_ids = input_ids[:, prompt_width:]
@@ -344,8 +366,9 @@ def score_rollout(
     compute again, one forward pass of a minibatch per step.
     """
     mask = rollout.response_mask.bool()
+    dtype = config.compute_dtype(rollout.input_ids.device)
     old_logprobs, old_values, entropy, tracked = _old_policy_pass(
-        policy, value_head, rollout, config.temperature, tracked_rows
+        policy, value_head, rollout, config.temperature, tracked_rows, dtype
     )
     with torch.no_grad():
         ref_logprobs, _, _ = forward_policy(
@@ -356,6 +379,7 @@ def score_rollout(
             rollout.prompt_width,
             config.temperature,
             with_entropy=False,
+            dtype=dtype,
         )
         # The scores are what the step optimises, so statistics report them after the penalty.
         scores = algo.apply_no_eos_penalty(
@@ -467,6 +491,7 @@ def _minibatch_loss(
             rollout.prompt_width,
             config.temperature,
             with_entropy=False,  # reported from the scoring pass; here it would only cost time
+            dtype=config.compute_dtype(rollout.input_ids.device),
         )
     else:
         logprobs, values = forward
@@ -506,11 +531,12 @@ def _old_policy_pass(
     rollout: Rollout,
     temperature: float,
     tracked_rows: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, TrackedForward | None]:
     """(old logprobs, old values (None without a value head), entropy) for every row,
     detached, and the tracked forward of `tracked_rows` (None if not asked for): one pass over
-    those rows with autograd on, one without over the others."""
-    args = (rollout.prompt_width, temperature)
+    those rows with autograd on, one without over the others; the model runs in `dtype`."""
+    args = (rollout.prompt_width, temperature, True, dtype)
     ids, attention = rollout.input_ids, rollout.attention_mask
     if tracked_rows is None:
         with torch.no_grad():

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rlhf.algorithms import ppo as algo
 from rlhf.config import ConfigError, SeedSettings, setting
+from rlhf.models import DTYPES, serving_dtype
 
 KL_ESTIMATORS = ("k1", "k3")
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -111,11 +114,23 @@ class PPOConfig(SeedSettings):
         "added to the reward model's score of a response that never ends (no EOS within the "
         "token budget), so rambling until cut off does not pay; 0 disables it",
     )
+    dtype: str = setting(
+        "RLHF_PPO_DTYPE",
+        "auto",
+        "precision of the policy's and reference's passes (old-policy and reference scoring, "
+        "the update's forward and backward) and of in-process rollout decoding: auto "
+        "(bfloat16 where the hardware multiplies it natively: a CPU with AMX, a CUDA GPU with "
+        "bfloat16; float32 elsewhere), float32 or bfloat16. bfloat16 runs the passes under "
+        "autocast over the float32 weights and decodes rollouts on a bfloat16 copy; master "
+        "weights, optimizer moments, checkpoints, logprobs, ratios, KL, advantages and losses "
+        "stay float32",
+    )
     importance_cap: float = setting(
         "RLHF_PPO_IS_CAP",
         2.0,
-        "pool rollouts: cap of each token's importance weight pi_trainer / pi_pool (>= 1); "
-        "in-process rollouts are on-policy and never weighted",
+        "pool rollouts, and in-process rollouts decoded in bfloat16 (RLHF_PPO_DTYPE): cap of "
+        "each token's importance weight pi_trainer / pi_sampler (>= 1); in-process float32 "
+        "rollouts are on-policy and never weighted",
     )
 
     @property
@@ -163,8 +178,15 @@ class PPOConfig(SeedSettings):
                 "RLHF_PPO_INIT_KL_COEF must be >= 0, RLHF_PPO_TARGET_KL > 0 and "
                 "RLHF_PPO_KL_HORIZON >= 1"
             )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"RLHF_PPO_DTYPE={self.dtype!r}: use one of {DTYPES}")
         if not self.importance_cap >= 1:
             raise ConfigError("RLHF_PPO_IS_CAP must be >= 1")
+
+    def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
+        """The dtype the policy's and reference's matmuls run in on `device` (RLHF_PPO_DTYPE,
+        `auto` resolved as for serving)."""
+        return serving_dtype(self.dtype, device)
 
     def make_kl_controller(self) -> algo.KLController:
         if self.adaptive_kl:
