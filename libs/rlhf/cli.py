@@ -122,8 +122,11 @@ class Session:
         timeout: float,
         keys: Mapping[str, str] | None = None,
         security: ClientSecurity = ClientSecurity(),
+        configured: frozenset[str] = frozenset(SERVICES),
     ) -> None:
         self.addresses = dict(addresses)
+        # services given an address (flag, environment, up.env): the others are only defaults
+        self.configured = configured
         self.timeout = timeout
         self.keys = dict(keys or {})
         self.security = security
@@ -175,6 +178,20 @@ def resolve_addresses(
             or default_address(service)
         )
     return addresses
+
+
+def configured_services(
+    flags: Mapping[str, str | None], environ: Mapping[str, str], env_file: Path
+) -> frozenset[str]:
+    """The services whose address was given (flag, environment or up.env), not defaulted."""
+    from_file = read_env_file(env_file)
+    return frozenset(
+        service
+        for service in SERVICES
+        if flags.get(service)
+        or environ.get(address_variable(service))
+        or from_file.get(address_variable(service))
+    )
 
 
 def api_key(flag: str | None, environ: Mapping[str, str], env_file: Path) -> str:
@@ -450,6 +467,13 @@ def cmd_status(args: argparse.Namespace, session: Session, console: Console) -> 
     console.print(reward_table(reward))
     if args.verbose and reward.metrics:
         console.print(_metrics_table("reward model", reward.metrics))
+    if "release-trainer" not in session.configured:  # make up runs one only with RELEASES=1
+        console.print(
+            "release stage: none (every new policy serves everyone at once; canaries: "
+            "`make up RELEASES=1`, or --release-trainer ADDRESS)",
+            style="dim",
+        )
+        return 0
     try:
         with session.calling("release-trainer"):
             release = session.trainer("release-trainer").GetStatus(
@@ -788,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.timeout,
         keys,
         ClientSecurity.of(tls, key=""),
+        configured_services(flags, os.environ, args.env_file),
     )
     # No markup: server messages may contain brackets ("score must be in [0, 1]"). Soft wrap:
     # message lines stay whole for scripts and copy and paste; tables still fit the width.

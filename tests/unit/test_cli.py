@@ -12,6 +12,7 @@ from rlhf.cli import (
     Target,
     UsageError,
     build_parser,
+    configured_services,
     explain,
     resolve_addresses,
     set_signal,
@@ -48,6 +49,11 @@ def test_addresses_flag_beats_environment_beats_up_env_beats_default(tmp_path):
     }
     assert resolve_addresses({}, {}, tmp_path / "missing.env")["trainer"] == "127.0.0.1:50054"
     assert set(addresses) == set(SERVICES)
+    # only the defaulted ones are not "configured": rlhf status skips a release stage nobody runs
+    assert configured_services(flags, environ, env_file) == {"generation", "feedback", "trainer"}
+    assert configured_services({"release-trainer": "h:1"}, {}, tmp_path / "x") == {
+        "release-trainer"
+    }
 
 
 def test_options_work_before_and_after_the_command():
