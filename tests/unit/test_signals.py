@@ -45,7 +45,7 @@ def test_a_burst_of_signals_stops_the_process_every_time():
             child.send_signal(signal.SIGINT)
         out, _ = child.communicate(timeout=20)
         assert child.returncode == 0
-        assert "stopped" in out.splitlines()
+        assert out.count("stopped") == 1  # (its line may interleave with the watcher's prints)
         assert "got SIGTERM" in out
 
 
