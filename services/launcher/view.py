@@ -127,9 +127,12 @@ def release_rows(status: trainer_pb2.TrainerStatus) -> list[tuple[str, str]]:
 
 def recipe(shot: Snapshot) -> list[tuple[str, bool]]:
     """The steps of the recipe and whether each is reached: ratings of the base policy, the first
-    reward model, PPO against it, the reward model refreshed on the new policy's answers."""
+    reward model, PPO (or GRPO, RLOO) against it, the reward model refreshed on the new policy's
+    answers."""
     reward_version = shot.reward.reward_version if shot.reward is not None else 0
     step = shot.ppo.step if shot.ppo is not None else 0
+    # The policy optimisation the ppo stage runs (RLHF_PPO_ALGORITHM): PPO, GRPO or RLOO.
+    algorithm = (shot.ppo.algorithm if shot.ppo is not None else "") or "ppo"
     rated = sum(row.thumbs for row in shot.versions)
     return [
         (f"users rate the base policy ({rated} ratings)" if rated else "users rate", rated > 0),
@@ -137,7 +140,7 @@ def recipe(shot: Snapshot) -> list[tuple[str, bool]]:
             f"reward model v{reward_version}" if reward_version else "first reward model",
             reward_version >= 1,
         ),
-        (f"PPO (step {step})" if step else "PPO", step > 0),
+        (f"{algorithm.upper()} (step {step})" if step else algorithm.upper(), step > 0),
         ("reward model refreshed on the new policy's answers", reward_version >= 2 and step > 0),
     ]
 

@@ -54,6 +54,9 @@ def test_the_recipe_follows_the_platform_through_its_phases():
     shot.ppo = _status(stage="ppo", step=12, phase="training")
     shot.reward = _status(stage="reward", reward_version=2)
     assert [done for _, done in recipe(shot)] == [True, True, True, True]
+    assert recipe(shot)[2][0] == "PPO (step 12)"  # a status without an algorithm: PPO
+    shot.ppo = _status(stage="ppo", step=3, phase="training", algorithm="grpo")
+    assert recipe(shot)[2] == ("GRPO (step 3)", True)  # the algorithm make up runs, named
 
 
 def test_the_panel_and_the_line_show_phases_and_the_trend():
