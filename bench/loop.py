@@ -44,7 +44,14 @@ from rlhf.auth import ClientSecurity, dial
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
-from rlhf.models import MINILM, SMOLLM2, chat_text, load_base_policy, load_tokenizer
+from rlhf.models import (
+    MINILM,
+    SMOLLM2,
+    chat_text,
+    load_base_policy,
+    load_tokenizer,
+    serving_dtype,
+)
 from rlhf.training.release_gate import answer_kls
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from rlhf.watch import wilson
@@ -283,9 +290,12 @@ def run(quick: bool) -> str:
         os.environ["RLHF_PPO_BATCH_SIZE"] = str(max(1, batch))
     # what the environment changed is part of the run's settings (the trainer reads it too)
     settings.update({k: v for k, v in os.environ.items() if k.startswith("RLHF_PPO_")})
+    # The precision the trainer's passes run in (RLHF_PPO_DTYPE; auto resolves per machine).
+    dtype = str(serving_dtype(os.environ.get("RLHF_PPO_DTYPE", "auto"))).removeprefix("torch.")
     result = run_loop(minutes, every)
     saved = {
         "algorithm": algorithm,
+        "dtype": dtype,
         "commit": commit,
         "minutes": minutes,
         "every": every,
@@ -294,8 +304,15 @@ def run(quick: bool) -> str:
         "settings": settings,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"loop-{algorithm}.json").write_text(json.dumps(saved, indent=1))
+    (RESULTS / f"{_run_name(saved)}.json").write_text(json.dumps(saved, indent=1))
     return report(saved)
+
+
+def _run_name(saved: dict) -> str:
+    """A run's file name: one per algorithm and trainer precision (float32 runs keep the plain
+    name they had before the trainer ran in bfloat16)."""
+    dtype = saved.get("dtype", "float32")
+    return f"loop-{saved['algorithm']}" + ("" if dtype == "float32" else f"-{dtype}")
 
 
 def report(saved: dict) -> str:
@@ -303,7 +320,7 @@ def report(saved: dict) -> str:
     and the algorithms side by side."""
     algorithm, minutes, every = saved["algorithm"], saved["minutes"], saved["every"]
     points, events = [Point(**p) for p in saved["points"]], saved["events"]
-    png = RESULTS / f"loop-{algorithm}.png"
+    png = RESULTS / f"{_run_name(saved)}.png"
     plot(points, events, png)
     rows = [
         [
@@ -325,7 +342,8 @@ def report(saved: dict) -> str:
     milestones = ", ".join(f"{name} at {at:.1f} min" for name, at in events.items()) or "none"
     return "\n".join(
         [
-            f"Machine: {machine()}. Commit {saved['commit']}, algorithm `{algorithm}`.",
+            f"Machine: {machine()}. Commit {saved['commit']}, algorithm `{algorithm}`, "
+            f"trainer in {saved.get('dtype', 'float32')}.",
             "",
             f"The platform as `make up` runs it, from an empty store, for {minutes:.0f} minutes; "
             f"every {every:.0f} minutes {len(HELDOUT_PROMPTS)} held-out prompts (topics no "
@@ -366,8 +384,8 @@ def report(saved: dict) -> str:
 
 
 def compare_algorithms() -> list[str]:
-    """Every algorithm's latest run (bench/results/loop-<algorithm>.json), side by side: the
-    same held-out users, prompts and seeds, each from an empty store."""
+    """Every algorithm's latest run in each trainer precision (bench/results/loop-*.json), side
+    by side: the same held-out users, prompts and seeds, each from an empty store."""
     runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("loop-*.json"))]
     rows = []
     for saved in runs:
@@ -376,6 +394,7 @@ def compare_algorithms() -> list[str]:
         rows.append(
             [
                 f"`{saved.get('algorithm', '?')}`",
+                saved.get("dtype", "float32"),
                 saved.get("commit", "?"),
                 f"{last['minutes']:.0f}",
                 _at(events, "first reward model"),
@@ -396,6 +415,7 @@ def compare_algorithms() -> list[str]:
         table(
             [
                 "algorithm (RLHF_PPO_ALGORITHM)",
+                "trainer precision (RLHF_PPO_DTYPE)",
                 "commit",
                 "minutes",
                 "first reward model (min)",
