@@ -409,6 +409,24 @@ def compare_algorithms() -> list[str]:
         )
     if len(rows) < 2:
         return []
+    algorithms = {saved.get("algorithm") for saved in runs}
+    scaled = any(s["settings"].get("RLHF_PPO_GRPO_SCALE_STD") == "true" for s in runs)
+    caveat = (
+        [
+            "",
+            "How far apart two runs of this benchmark land by chance: GRPO without std scaling "
+            "(RLHF_PPO_GRPO_SCALE_STD off, the default) and RLOO give every answer the same "
+            "advantage up to a constant factor, (G - 1) / G, which AdamW's per-parameter "
+            "normalisation cancels (gradient clipping aside). Their rows above are, in effect, "
+            "two runs of one algorithm: the gap between them is this benchmark's run-to-run "
+            "spread (the rollouts' sampling, the users' pace, when each reward model lands), "
+            "not a difference between GRPO and RLOO. The 90% intervals are those of the "
+            "held-out measurement only; ranking algorithms by this benchmark needs several runs "
+            "of each.",
+        ]
+        if {"grpo", "rloo"} <= algorithms and not scaled
+        else []
+    )
     return [
         "### The algorithms side by side (each one's latest run of this benchmark)",
         "",
@@ -428,6 +446,7 @@ def compare_algorithms() -> list[str]:
             ],
             rows,
         ),
+        *caveat,
     ]
 
 
