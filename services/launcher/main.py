@@ -85,8 +85,11 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         # held-out thumbs-up in 30 updates (batches of 8, two epochs at 2e-4: 67% in 60) but
         # ran past 12 nats of KL; 3e-4 with a 6-nat target and a short horizon holds it.
         # GRPO, 4 prompts x 4 answers (the 16 sequences of a PPO batch): in `python -m bench
-        # loop` it took held-out thumbs-up from 34% to 70% in 30 minutes (10 updates); PPO, the
-        # value head learning from scratch beside the policy, reached 52% after 11 (BENCHMARKS.md).
+        # loop` it took held-out thumbs-up from 34% to 77% in 30 minutes (20 updates, bf16
+        # trainer); in float32 70% after 10. PPO, its value head learning from scratch beside the
+        # policy, reached 54% after 13 (float32), but RLOO (GRPO's advantages times G/(G-1):
+        # the same updates under AdamW) reached 56%: one run each does not rank algorithms
+        # (BENCHMARKS.md). GRPO also has no value head to train, so its updates are cheaper.
         "RLHF_PPO_ALGORITHM": "grpo",
         "RLHF_PPO_BATCH_SIZE": "4",
         "RLHF_PPO_MINIBATCH_SIZE": "8",
@@ -564,7 +567,9 @@ def main() -> None:
     config = parse_args(LauncherConfig, __doc__)
     log_dir = config.run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    stop = stop_on_signals()
+    # SIGHUP too: a closed terminal stops everything in order (services, then the broker),
+    # not all at once through each child's die-with-parent signal.
+    stop = stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     launcher = Launcher(config, Console(), stop)
     broker = EmbeddedBroker(

@@ -256,7 +256,10 @@ class ConsumerThread:
                     self._commit_wanted.clear()
                     self._consumer.commit(offsets=self._commit_offsets)
                     self._committed.set()
-            except Exception:  # keep consuming through broker restarts and rebalances
+            except BusUnavailable as exc:  # a broker restart or a rebalance: expected, no trace
+                log.warning("%s: %s; retrying", self._thread.name, exc)
+                self._stopping.wait(1.0)
+            except Exception:  # anything else is a bug: its traceback, and keep consuming
                 log.exception("%s failed; retrying", self._thread.name)
                 self._stopping.wait(1.0)
 

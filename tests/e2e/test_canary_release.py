@@ -1,7 +1,7 @@
 """New policies earn their traffic, end to end: a policy users like less is rolled back and one
 they like more is promoted, both by the release stage's sequential test on simulated users'
 thumbs, with zero failed requests; a policy that babbles is refused by the offline gate and never
-serves anyone.
+serves anyone, not even after the release stage restarts.
 
 Every part is real: the broker, generation (serving releases: incumbent and candidate side by
 side), feedback, the reward service (scoring the gate's answers), the release stage, and
@@ -43,6 +43,7 @@ from tests.conftest import (
     ID_KEY,
     TENANT,
     channels_to,
+    consume_all,
     publish_reward_model,
     scrape,
     serve,
@@ -122,21 +123,18 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
                 )
             )
         )
-        servers["release-trainer"] = serve(
-            build(
-                trainer_config(
-                    common,
-                    RLHF_TRAINER_STAGE="release",
-                    RLHF_RELEASE_TRAINER_GROUP=f"release-{uuid.uuid4().hex[:8]}",
-                    RLHF_CANARY_SHARE=SHARE,
-                    RLHF_RELEASE_MIN_THUMBS=MIN_THUMBS,
-                    RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
-                    RLHF_POLICY_MODEL=TINY,  # the gate's reference: the base policy
-                    RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
-                    RLHF_RELEASE_GATE_REWARD_TOLERANCE=1000,
-                )
-            )
+        release_config = trainer_config(
+            common,
+            RLHF_TRAINER_STAGE="release",
+            RLHF_RELEASE_TRAINER_GROUP=f"release-{uuid.uuid4().hex[:8]}",
+            RLHF_CANARY_SHARE=SHARE,
+            RLHF_RELEASE_MIN_THUMBS=MIN_THUMBS,
+            RLHF_KAFKA_MAX_POLL_INTERVAL_MS=4000,
+            RLHF_POLICY_MODEL=TINY,  # the gate's reference: the base policy
+            RLHF_REWARD_ADDRESS=f"127.0.0.1:{servers['reward'].port}",
+            RLHF_RELEASE_GATE_REWARD_TOLERANCE=1000,
         )
+        servers["release-trainer"] = serve(build(release_config))
         channels = channels_to(servers)
         release = trainer_pb2_grpc.TrainerServiceStub(channels["release-trainer"])
         generation = generation_pb2_grpc.GenerationServiceStub(channels["generation"])
@@ -208,9 +206,36 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
         for _ in range(5):
             answer, _ = user.interact(timeout=60)
             assert answer.policy_version == 3
+
+        # Restarted, the stage remembers the refusal: v4 is not gated (nor served) again.
+        released = _releases(own_broker)
+        servers.pop("release-trainer").stop()
+        servers["release-trainer"] = serve(build(release_config))
+        with channels_to({"release-trainer": servers["release-trainer"]})["release-trainer"] as ch:
+            restarted = trainer_pb2_grpc.TrainerServiceStub(ch)
+
+            def full_status():
+                return restarted.GetStatus(trainer_pb2.GetStatusRequest())
+
+            _wait_for(lambda: full_status().phase_detail == "serving v3; no newer policy")
+            again = full_status().release
+            assert (again.incumbent_version, again.candidate_version) == (3, 0)
+            assert again.gate.candidate_version == 4 and not again.gate.passed
+            assert "v4 refused by the gate against v3" in again.last_decision
+        metrics = scrape(servers["release-trainer"])
+        assert 'rlhf_release_gate_refusals_total{measure="repetition"} 1.0' in metrics
+        assert _releases(own_broker) == released  # nothing released again
+        assert serving() == (3, 0)
     finally:
         for server in servers.values():
             server.stop()
+
+
+def _releases(broker):
+    return [
+        (r.message.incumbent_version, r.message.candidate_version, r.message.reason)
+        for r in consume_all(broker.bootstrap, bus.RELEASES, events_pb2.ReleaseEvent)
+    ]
 
 
 def _wait_for(predicate, timeout=60.0):

@@ -189,9 +189,11 @@ class Terminal:
         os.close(self._master)
 
 
-def test_second_up_on_a_terminal_shows_the_live_view_and_stops_on_ctrl_c(folders):
+def test_second_up_on_a_terminal_shows_the_live_view_and_stops_when_the_terminal_closes(folders):
     run_dir = Path(folders["RLHF_UP_RUN_DIR"])
     first_run = _read_env(run_dir / "up.env")
+    logs = run_dir / "logs"
+    before = {name: (logs / f"{name}.log").stat().st_size for name in ("trainer", "generation")}
     env = {**os.environ, **folders, "TERM": "xterm-256color", "RLHF_UP_REFRESH_SECONDS": "1"}
     env.pop("NO_COLOR", None)
     terminal = Terminal(LAUNCHER, env)
@@ -215,11 +217,18 @@ def test_second_up_on_a_terminal_shows_the_live_view_and_stops_on_ctrl_c(folders
         if prometheus.binary() is not None:  # on the same storage as the first run's
             assert f"Prometheus {second_run['RLHF_PROMETHEUS_URL']}" in text
     finally:
-        terminal.process.send_signal(signal.SIGINT)
+        # A closed terminal (SIGHUP) stops everything in order, as Ctrl-C does (the plain test).
+        terminal.process.send_signal(signal.SIGHUP)
         code = terminal.process.wait(timeout=120)
         terminal.close()
     assert code == 0, terminal.text[-3000:]
     assert "stopped cleanly" in terminal.text
+    for name, offset in before.items():  # this run's lines: the services were stopped in turn
+        with open(logs / f"{name}.log", "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        assert "received SIGTERM, draining" in text and f"{name} stopped" in text, text[-2000:]
+        assert "Traceback" not in text, text[-3000:]
 
 
 def _children(pid: int) -> list[int]:
