@@ -184,3 +184,21 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
         assert _releases(broker)[-1] == (3, 5, "canary")  # nothing published again
     finally:
         server.stop()
+
+
+def test_on_an_empty_store_the_base_policy_is_released_once(started):
+    """A fresh platform serves the base model (v0): the stage pins it with one release, not one
+    per loop turn until it reads its own release back (make up published 235 in 2 s)."""
+    broker, _, start = started
+    server = start()
+    try:
+        with channel(server, READER_KEY) as opened:
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
+
+            def phase():
+                return control.GetStatus(trainer_pb2.GetStatusRequest()).phase_detail
+
+            assert wait_until(lambda: phase() == "serving v0; no newer policy")
+        assert _releases(broker) == [(0, 0, "initial: what generation started on")]
+    finally:
+        server.stop()

@@ -407,7 +407,9 @@ class ReleaseController(Stage):
         if self._awaiting is None:
             return True
         canary = self.intake.canary
-        if (canary.incumbent, canary.candidate) != self._awaiting:
+        # `known`: before any release is read, the intake's (0, 0) is no release at all, not the
+        # initial release of v0 (which was published again and again until it was read back).
+        if not canary.known or (canary.incumbent, canary.candidate) != self._awaiting:
             if time.monotonic() - self._published_at < AWAIT_SECONDS:
                 return False
             log.warning("release %s not read back in time; going on", self._awaiting)
