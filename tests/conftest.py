@@ -27,6 +27,7 @@ from rlhf.config import CommonConfig, load_config
 from rlhf.models import TINY, load_reward_backbone, reward_checkpoint_files
 from rlhf.scrape import scrape as scrape_port
 from rlhf.server import RunningServer, Service
+from rlhf.v1 import events_pb2
 from services.generation.config import GenerationConfig
 from services.trainer.config import TrainerConfig
 from services.trainer.stage import announce
@@ -179,6 +180,14 @@ def consume_all(bootstrap: str, topic: str, message_type, timeout: float = 10.0)
     finally:
         consumer.close()
     return records
+
+
+def released(bootstrap: str) -> list[tuple[int, int, str]]:
+    """Every release on the releases topic: (incumbent, candidate, reason)."""
+    return [
+        (r.message.incumbent_version, r.message.candidate_version, r.message.reason)
+        for r in consume_all(bootstrap, bus.RELEASES, events_pb2.ReleaseEvent)
+    ]
 
 
 def _openssl(*argv: str) -> None:

@@ -163,35 +163,26 @@ class Session:
             channel.close()
 
 
+def given_addresses(
+    flags: Mapping[str, str | None], environ: Mapping[str, str], env_file: Path
+) -> dict[str, str]:
+    """The services whose address was given: flag, else environment, else up.env."""
+    from_file = read_env_file(env_file)
+    given = {}
+    for service in SERVICES:
+        variable = address_variable(service)
+        address = flags.get(service) or environ.get(variable) or from_file.get(variable)
+        if address:
+            given[service] = address
+    return given
+
+
 def resolve_addresses(
     flags: Mapping[str, str | None], environ: Mapping[str, str], env_file: Path
 ) -> dict[str, str]:
     """Each service's address: flag, else environment, else up.env, else the local default."""
-    from_file = read_env_file(env_file)
-    addresses = {}
-    for service in SERVICES:
-        variable = address_variable(service)
-        addresses[service] = (
-            flags.get(service)
-            or environ.get(variable)
-            or from_file.get(variable)
-            or default_address(service)
-        )
-    return addresses
-
-
-def configured_services(
-    flags: Mapping[str, str | None], environ: Mapping[str, str], env_file: Path
-) -> frozenset[str]:
-    """The services whose address was given (flag, environment or up.env), not defaulted."""
-    from_file = read_env_file(env_file)
-    return frozenset(
-        service
-        for service in SERVICES
-        if flags.get(service)
-        or environ.get(address_variable(service))
-        or from_file.get(address_variable(service))
-    )
+    given = given_addresses(flags, environ, env_file)
+    return {service: given.get(service) or default_address(service) for service in SERVICES}
 
 
 def api_key(flag: str | None, environ: Mapping[str, str], env_file: Path) -> str:
@@ -812,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.timeout,
         keys,
         ClientSecurity.of(tls, key=""),
-        configured_services(flags, os.environ, args.env_file),
+        frozenset(given_addresses(flags, os.environ, args.env_file)),
     )
     # No markup: server messages may contain brackets ("score must be in [0, 1]"). Soft wrap:
     # message lines stay whole for scripts and copy and paste; tables still fit the width.

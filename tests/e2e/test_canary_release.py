@@ -43,8 +43,8 @@ from tests.conftest import (
     ID_KEY,
     TENANT,
     channels_to,
-    consume_all,
     publish_reward_model,
+    released,
     scrape,
     serve,
     trainer_config,
@@ -208,7 +208,7 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
             assert answer.policy_version == 3
 
         # Restarted, the stage remembers the refusal: v4 is not gated (nor served) again.
-        released = _releases(own_broker)
+        releases_before = released(own_broker.bootstrap)
         servers.pop("release-trainer").stop()
         servers["release-trainer"] = serve(build(release_config))
         with channels_to({"release-trainer": servers["release-trainer"]})["release-trainer"] as ch:
@@ -224,18 +224,11 @@ def test_users_thumbs_roll_back_a_worse_policy_and_promote_a_better_one(
             assert "v4 refused by the gate against v3" in again.last_decision
         metrics = scrape(servers["release-trainer"])
         assert 'rlhf_release_gate_refusals_total{measure="repetition"} 1.0' in metrics
-        assert _releases(own_broker) == released  # nothing released again
+        assert released(own_broker.bootstrap) == releases_before  # nothing released again
         assert serving() == (3, 0)
     finally:
         for server in servers.values():
             server.stop()
-
-
-def _releases(broker):
-    return [
-        (r.message.incumbent_version, r.message.candidate_version, r.message.reason)
-        for r in consume_all(broker.bootstrap, bus.RELEASES, events_pb2.ReleaseEvent)
-    ]
 
 
 def _wait_for(predicate, timeout=60.0):

@@ -19,7 +19,7 @@ from tests.conftest import (
     OPERATOR_KEY,
     READER_KEY,
     channel,
-    consume_all,
+    released,
     serve,
     trainer_config,
     wait_until,
@@ -58,13 +58,6 @@ def _thumbs(publisher, rates, count, rng):
             )
             publisher.publish_async(bus.FEEDBACK, gid, event)
     publisher.flush()
-
-
-def _releases(broker):
-    return [
-        (r.message.incumbent_version, r.message.candidate_version, r.message.reason)
-        for r in consume_all(broker.bootstrap, bus.RELEASES, events_pb2.ReleaseEvent)
-    ]
 
 
 @pytest.fixture
@@ -107,9 +100,8 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
         ):
             control = trainer_pb2_grpc.TrainerServiceStub(opened)
             # 1. What generation started on is pinned.
-            assert wait_until(
-                lambda: _releases(broker) == [(1, 0, "initial: what generation started on")]
-            )
+            initial = (1, 0, "initial: what generation started on")
+            assert wait_until(lambda: released(broker.bootstrap) == [initial])
             assert wait_until(lambda: _status(control).incumbent_version == 1)
             # No canary: nothing to decide.
             with pytest.raises(grpc.RpcError) as refused:
@@ -133,7 +125,7 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
             status = _status(control)
             assert status.incumbent_version == 1
             assert "v2 rolled back" in status.last_decision and "test" in status.last_decision
-            assert _releases(broker)[-2:] == [(1, 2, "canary"), (1, 0, "rollback (test)")]
+            assert released(broker.bootstrap)[-2:] == [(1, 2, "canary"), (1, 0, "rollback (test)")]
 
             # 3. The next policy, liked more: promoted. v2 is never tried again.
             _, event = _policy(store, 3)
@@ -142,7 +134,7 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
             _thumbs(publisher, {1: 0.5, 3: 0.9}, 120, rng)
             assert wait_until(lambda: _status(control).incumbent_version == 3)
             assert "v3 promoted over v1" in _status(control).last_decision
-            assert _releases(broker)[-1] == (3, 0, "promote (test)")
+            assert released(broker.bootstrap)[-1] == (3, 0, "promote (test)")
 
             # 4. An operator overrides a canary; a reader may look but not decide.
             _, event = _policy(store, 4)
@@ -164,7 +156,7 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
             assert code == 0, printed.err
             assert "v4 rolled back, v3 kept (rollback, operator" in printed.out
             assert wait_until(lambda: _status(control).candidate_version == 0)
-            assert _releases(broker)[-1] == (3, 0, "rollback (operator)")
+            assert released(broker.bootstrap)[-1] == (3, 0, "rollback (operator)")
 
             # 5. A canary in progress survives a restart, its thumbs counted once.
             _, event = _policy(store, 5)
@@ -181,7 +173,7 @@ def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started
             assert (status.incumbent_version, status.candidate_version) == (3, 5)
             assert status.incumbent_thumbs == 20
             assert "v4 rolled back" in status.last_decision
-        assert _releases(broker)[-1] == (3, 5, "canary")  # nothing published again
+        assert released(broker.bootstrap)[-1] == (3, 5, "canary")  # nothing published again
     finally:
         server.stop()
 
@@ -199,6 +191,6 @@ def test_on_an_empty_store_the_base_policy_is_released_once(started):
                 return control.GetStatus(trainer_pb2.GetStatusRequest()).phase_detail
 
             assert wait_until(lambda: phase() == "serving v0; no newer policy")
-        assert _releases(broker) == [(0, 0, "initial: what generation started on")]
+        assert released(broker.bootstrap) == [(0, 0, "initial: what generation started on")]
     finally:
         server.stop()

@@ -12,8 +12,8 @@ from rlhf.cli import (
     Target,
     UsageError,
     build_parser,
-    configured_services,
     explain,
+    given_addresses,
     resolve_addresses,
     set_signal,
 )
@@ -50,8 +50,8 @@ def test_addresses_flag_beats_environment_beats_up_env_beats_default(tmp_path):
     assert resolve_addresses({}, {}, tmp_path / "missing.env")["trainer"] == "127.0.0.1:50054"
     assert set(addresses) == set(SERVICES)
     # only the defaulted ones are not "configured": rlhf status skips a release stage nobody runs
-    assert configured_services(flags, environ, env_file) == {"generation", "feedback", "trainer"}
-    assert configured_services({"release-trainer": "h:1"}, {}, tmp_path / "x") == {
+    assert set(given_addresses(flags, environ, env_file)) == {"generation", "feedback", "trainer"}
+    assert set(given_addresses({"release-trainer": "h:1"}, {}, tmp_path / "x")) == {
         "release-trainer"
     }
 
