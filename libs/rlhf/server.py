@@ -639,16 +639,23 @@ def configure_logging(service: str) -> None:
     )
     for noisy in ("kafka", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("kafka.net.selector").addFilter(closed_socket_race)
+    for logger in ("kafka.net.selector", "kafka.net.transport"):
+        logging.getLogger(logger).addFilter(closed_socket_race)
 
 
 def closed_socket_race(record: logging.LogRecord) -> bool:
-    """False for kafka-python's "Unhandled exception in task" on a socket already closed (fd -1):
-    a consumer or producer closing (a service stopping) while its I/O thread still waited to
-    read; nothing is lost, the connection is gone either way. Its traceback would read as a
-    crash in every stop's logs (seen in CI: a trainer stopping cleanly logged one)."""
+    """False for kafka-python's errors on a socket already closed: "Unhandled exception in task"
+    on file descriptor -1 (selector) and "Error receiving network data" on a socket already set
+    to None (transport). A consumer or producer closing (a service stopping) while its I/O
+    thread still waited to read; nothing is lost, the connection is gone either way. Their
+    tracebacks would read as a crash in every stop's logs (seen in CI: trainers stopping
+    cleanly logged each)."""
     error = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(error, ValueError) and "Invalid file descriptor: -1" in str(error))
+    closed_fd = isinstance(error, ValueError) and "Invalid file descriptor: -1" in str(error)
+    no_socket = isinstance(error, AttributeError) and "'NoneType' object has no attribute" in str(
+        error
+    )
+    return not (closed_fd or no_socket)
 
 
 def server_for(service: Service, config: CommonConfig, port: int | None = None) -> RunningServer:

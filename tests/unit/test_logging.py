@@ -31,3 +31,7 @@ def test_a_task_on_a_closed_socket_is_dropped_other_errors_are_kept():
     assert closed_socket_race(_record(KeyError("Invalid file descriptor: -1")))
     plain = logging.LogRecord("kafka.net.selector", logging.ERROR, __file__, 1, "x", (), None)
     assert closed_socket_race(plain)
+    # the transport's read on a socket already set to None (a client closing meanwhile)
+    gone = AttributeError("'NoneType' object has no attribute 'recv'")
+    assert not closed_socket_race(_record(gone))
+    assert closed_socket_race(_record(AttributeError("'Foo' object has no attribute 'recv'")))
