@@ -9,13 +9,13 @@ from rlhf.algorithms.release_gate import (
     repeated_ngrams,
 )
 
-INCUMBENT = GateMeasures(reward=0.40, length=30.0, repetition=0.05, kl=1.0)
-TOLERANCE = GateTolerance(reward=0.25, length=0.5, repetition=0.1, max_kl=0.0)
+INCUMBENT = GateMeasures(reward=0.40, length=30.0, repetition=0.05, kl=1.0, reward_sd=0.5)
+TOLERANCE = GateTolerance(reward=0.5, length=0.5, repetition=0.1, max_kl=0.0)  # reward: 0.25
 
 
 def _candidate(**changes):
-    fields = {"reward": 0.40, "length": 30.0, "repetition": 0.05, "kl": 1.0, **changes}
-    return GateMeasures(**fields)
+    fields = {"reward": 0.40, "length": 30.0, "repetition": 0.05, "kl": 1.0, "reward_sd": 0.5}
+    return GateMeasures(**{**fields, **changes})
 
 
 def test_repeated_ngrams_counts_bigrams_seen_before():
@@ -58,6 +58,35 @@ def test_a_regression_beyond_tolerance_is_refused_and_named(changes, failed):
 def test_a_better_candidate_is_never_refused_for_being_better():
     candidate = _candidate(reward=3.0, repetition=0.0)
     assert compare(candidate, INCUMBENT, TOLERANCE).passed
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 40.0])
+def test_the_reward_tolerance_is_in_standard_deviations_whatever_the_reward_models_scale(scale):
+    # One pair of policies scored by reward models that differ only by a positive scale (a new
+    # reward model version): the verdict is the same under every scale.
+    def scaled(m):
+        return GateMeasures(m.reward * scale, m.length, m.repetition, m.kl, m.reward_sd * scale)
+
+    incumbent = scaled(INCUMBENT)
+    worse = compare(scaled(_candidate(reward=0.10)), incumbent, TOLERANCE)  # 0.6 sd lower
+    assert worse.failed == ("reward",)
+    assert "lower by 0.60 sd" in worse.reasons[0]
+    assert compare(scaled(_candidate(reward=0.20)), incumbent, TOLERANCE).passed  # 0.4 sd
+
+
+def test_the_spread_is_pooled_over_both_policies():
+    # A candidate that collapsed to one answer (sd 0) is judged against the pooled spread
+    # sqrt((0 + 0.5^2) / 2) = 0.354, not its own.
+    collapsed = _candidate(reward=0.40 - 0.5 * 0.354 - 0.01, reward_sd=0.0)
+    assert compare(collapsed, INCUMBENT, TOLERANCE).failed == ("reward",)
+    assert compare(_candidate(reward=0.25, reward_sd=0.0), INCUMBENT, TOLERANCE).passed
+
+
+def test_with_no_spread_at_all_any_drop_in_reward_is_refused():
+    flat = GateMeasures(reward=0.40, length=30.0, repetition=0.05, kl=1.0, reward_sd=0.0)
+    lower = compare(_candidate(reward=0.39, reward_sd=0.0), flat, TOLERANCE)
+    assert lower.failed == ("reward",) and "every answer alike" in lower.reasons[0]
+    assert compare(_candidate(reward=0.40, reward_sd=0.0), flat, TOLERANCE).passed
 
 
 def test_kl_is_capped_only_when_a_cap_is_set():
@@ -148,19 +177,19 @@ def test_both_policies_are_scored_in_one_call_by_one_reward_model():
     from rlhf.clients import Scores
     from rlhf.training.release_gate import Answers, gate_measures
 
-    candidate = Answers(["p", "q"], ["good", "good"], 10.0, 0.1, 2.0)
+    candidate = Answers(["p", "q"], ["good", "fine"], 10.0, 0.1, 2.0)
     incumbent = Answers(["p", "q"], ["bad", "bad"], 12.0, 0.0, 1.0)
     calls = []
 
     def score(prompts, texts, version=3):
         calls.append((prompts, texts))
-        return Scores([1.0 if t == "good" else -1.0 for t in texts], version)
+        return Scores([{"good": 1.0, "fine": 0.0, "bad": -1.0}[t] for t in texts], version)
 
     cand, inc, version = gate_measures(candidate, incumbent, score)
-    assert calls == [(["p", "q", "p", "q"], ["good", "good", "bad", "bad"])]
-    assert (cand, inc, version) == (
-        GateMeasures(1.0, 10.0, 0.1, 2.0),
-        GateMeasures(-1.0, 12.0, 0.0, 1.0),
+    assert calls == [(["p", "q", "p", "q"], ["good", "fine", "bad", "bad"])]
+    assert (cand, inc, version) == (  # each with its answers' rewards' spread (1 and 0: 0.5)
+        GateMeasures(0.5, 10.0, 0.1, 2.0, reward_sd=0.5),
+        GateMeasures(-1.0, 12.0, 0.0, 1.0, reward_sd=0.0),
         3,
     )
     untrained = gate_measures(candidate, incumbent, lambda p, t: score(p, t, version=0))

@@ -4,7 +4,8 @@ Before any user is answered by a new policy, the release stage samples both it a
 incumbent on the same held-out prompts (same seeds) and measures, per policy:
 
 - **reward**: the mean score of its answers under the served reward model (both policies scored
-  by the same reward model version, so the difference is the policies', not the scorer's);
+  by the same reward model version, so the difference is the policies', not the scorer's), and
+  the standard deviation of those scores (`reward_sd`);
 - **length**: the mean answer length in tokens;
 - **repetition**: the mean share of repeated token bigrams in an answer (`repeated_ngrams`):
   0 for an answer that never repeats a bigram, near 1 for "no no no no ...";
@@ -12,15 +13,28 @@ incumbent on the same held-out prompts (same seeds) and measures, per policy:
   policy's minus the reference's log-probability of each sampled token).
 
 `compare` refuses a candidate that regresses beyond a tolerance on any of them: mean reward
-lower than the incumbent's by more than `reward`, mean length off the incumbent's by more than
-the relative `length` either way (babbling on, or collapsing to nothing), repetition higher by
-more than `repetition`, or KL above `max_kl` (an absolute cap, not a comparison: the KL of each
-newer PPO policy is expected to grow; 0 = no cap). Pure functions on numbers; the measuring is
-`rlhf.training.release_gate`.
+lower than the incumbent's by more than `reward` standard deviations of the answers' rewards
+(pooled over both policies: sqrt of the mean of the two variances), mean length off the
+incumbent's by more than the relative `length` either way (babbling on, or collapsing to
+nothing), repetition higher by more than `repetition`, or KL above `max_kl` (an absolute cap,
+not a comparison: the KL of each newer PPO policy is expected to grow; 0 = no cap). Pure
+functions on numbers; the measuring is `rlhf.training.release_gate`.
+
+Why standard deviations, not reward-model units: a reward model's scale is arbitrary (a
+Bradley-Terry or logistic head is unchanged in ranking by any positive rescaling) and changes
+from one reward model version to the next, so a tolerance in its raw units would be strict under
+one version and lax under the next. The spread of the answers' rewards under the version that
+scored both sides moves with that scale: the drop it allows is the same effect size whatever the
+version. It is also what the gate's prompt set can resolve: with n answers per policy the
+difference of two means has a standard error of about sd * sqrt(2 / n) (0.25 sd for the
+shipped 16 prompts x 2 answers), so the default 0.5 sd refuses a candidate exactly as good as
+the incumbent about 2% of the time (two standard errors) and one that is worse by a whole
+standard deviation almost always.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,13 +58,14 @@ class GateMeasures:
     length: float  # tokens per answer
     repetition: float  # repeated token-bigram share per answer, in [0, 1)
     kl: float  # nats per answer, to the reference policy
+    reward_sd: float = 0.0  # standard deviation of the answers' rewards (0: one answer, or none)
 
 
 @dataclass(frozen=True)
 class GateTolerance:
     """How far a candidate may regress against the incumbent before it is refused."""
 
-    reward: float = 0.25  # mean reward lower by at most this (reward model units)
+    reward: float = 0.5  # mean reward lower by at most this many pooled standard deviations
     length: float = 0.5  # mean length within this fraction of the incumbent's, either way
     repetition: float = 0.1  # repeated-bigram share higher by at most this
     max_kl: float = 0.0  # KL to the reference at most this (0: no cap)
@@ -59,6 +74,12 @@ class GateTolerance:
         for name in ("reward", "length", "repetition", "max_kl"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"gate tolerance {name} must be >= 0, got {getattr(self, name)}")
+
+
+def reward_spread(candidate: GateMeasures, incumbent: GateMeasures) -> float:
+    """The pooled standard deviation of both policies' answers' rewards: the unit of the
+    reward tolerance."""
+    return math.sqrt((candidate.reward_sd**2 + incumbent.reward_sd**2) / 2.0)
 
 
 @dataclass(frozen=True)
@@ -77,12 +98,16 @@ def compare(
 ) -> GateVerdict:
     """The gate's verdict on `candidate` against `incumbent` (see the module docstring)."""
     reasons = []
-    scored = candidate.reward is not None and incumbent.reward is not None
-    if scored and candidate.reward < incumbent.reward - tolerance.reward:  # type: ignore[operator]
-        reasons.append(
-            f"reward: mean {candidate.reward:+.3f} against {incumbent.reward:+.3f} "
-            f"(may be lower by {tolerance.reward:g})"
-        )
+    if candidate.reward is not None and incumbent.reward is not None:
+        sd = reward_spread(candidate, incumbent)
+        drop = incumbent.reward - candidate.reward
+        # Equal spreads of 0 (every answer scored alike): any drop at all is beyond tolerance.
+        if drop > tolerance.reward * sd and drop > 0.0:
+            lower = f"lower by {drop / sd:.2f} sd" if sd > 0.0 else "lower, every answer alike"
+            reasons.append(
+                f"reward: mean {candidate.reward:+.3f} against {incumbent.reward:+.3f}, {lower} "
+                f"(sd {sd:.3f}; may be lower by {tolerance.reward:g} sd)"
+            )
     low, high = (1 - tolerance.length) * incumbent.length, (1 + tolerance.length) * incumbent.length
     if not low <= candidate.length <= high:
         reasons.append(

@@ -181,5 +181,6 @@ def gate_measures(
     out = []
     for answers, values in zip((candidate, incumbent), rewards, strict=True):
         reward = statistics.fmean(values) if scored.model_version else None
-        out.append(GateMeasures(reward, answers.length, answers.repetition, answers.kl))
+        sd = statistics.pstdev(values) if scored.model_version and len(values) > 1 else 0.0
+        out.append(GateMeasures(reward, answers.length, answers.repetition, answers.kl, sd))
     return out[0], out[1], scored.model_version

@@ -39,10 +39,11 @@ class ReleaseStageConfig:
     )
     gate_reward_tolerance: float = setting(
         "RLHF_RELEASE_GATE_REWARD_TOLERANCE",
-        0.25,
+        0.5,
         "release stage: a candidate whose mean reward on the gate's prompts is lower than the "
-        "incumbent's by more than this (reward model units) gets no canary; not compared while "
-        "the reward service serves the untrained head (v0)",
+        "incumbent's by more than this many standard deviations of the answers' rewards (pooled "
+        "over both policies, so the same effect size under any reward model's scale) gets no "
+        "canary; not compared while the reward service serves the untrained head (v0)",
     )
     gate_length_tolerance: float = setting(
         "RLHF_RELEASE_GATE_LENGTH_TOLERANCE",
