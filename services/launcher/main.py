@@ -112,11 +112,16 @@ CPU_DEMO: dict[str, dict[str, str]] = {
     },
     # With RLHF_UP_RELEASES: half the answers come from the candidate, so a canary gathers
     # thumbs at half make up's rating rate (about 37 a minute each; at the 10% default the
-    # candidate would get 7 a minute). The gate samples both policies at the lowest priority.
+    # candidate would get 7 a minute). A canary still undecided after 10 minutes expires (the
+    # default is a day): the incumbent keeps serving and the newest policy, several updates
+    # further, is gated next, so a session sees verdicts; a candidate one update ahead needs
+    # thousands of thumbs (docs/operations.md). The gate shares the ppo stage's priority: at
+    # nice 19 it took 6 minutes, beside generation and two trainers.
     "release-trainer": {
-        "RLHF_NICE": "19",
+        "RLHF_NICE": "15",
         "OMP_NUM_THREADS": "2",
         "RLHF_CANARY_SHARE": "0.5",
+        "RLHF_RELEASE_MAX_SECONDS": "600",
     },
     "simulated-users": {
         # About 75 ratings a minute (measured): the first reward model passed its gate 2-6
