@@ -55,6 +55,35 @@ CANDIDATE_SHARE = Gauge(
 )
 
 
+@dataclass(frozen=True)
+class RolledBack:
+    """A canary that ended without its candidate being promoted (a rollback or an expiry)."""
+
+    candidate: int
+    incumbent: int  # the version that went on serving everyone
+    decided_at: float  # seconds since the epoch; 0 when the event carries no time
+
+
+class RollbackWatch:
+    """Reads release events in their topic's order and says which end a canary without
+    promoting its candidate: the previous release had a candidate, and this one serves the
+    previous incumbent alone. A promotion (the candidate alone), a new canary, or an operator's
+    release of some other version is not a rollback."""
+
+    def __init__(self) -> None:
+        self._previous: tuple[int, int] | None = None  # (incumbent, candidate)
+
+    def see(self, event: events_pb2.ReleaseEvent) -> RolledBack | None:
+        previous = self._previous
+        self._previous = (event.incumbent_version, event.candidate_version)
+        if previous is None or not previous[1] or event.candidate_version:
+            return None
+        if event.incumbent_version != previous[0]:
+            return None
+        decided = event.decided_at.ToNanoseconds() / 1e9 if event.HasField("decided_at") else 0.0
+        return RolledBack(previous[1], previous[0], decided)
+
+
 def bucket(key: str) -> float:
     """Where `key` falls in [0, 1): the first 8 bytes of its BLAKE2b digest over 2^64. The same
     on every replica and every run (unlike Python's `hash`, which is salted per process)."""

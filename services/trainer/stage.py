@@ -386,6 +386,19 @@ class Stage:
         self._commands.put((command, done))
         return done.result(timeout=timeout)
 
+    def queue_command(self, command: Callable[[], object]) -> None:
+        """Run `command` on the work thread, between units of work, without waiting for it
+        (its exception is logged there: nobody waits for its result)."""
+
+        def logged() -> object:
+            try:
+                return command()
+            except Exception:
+                log.exception("a queued command on the %s stage failed", self.name)
+                return None
+
+        self._commands.put((logged, Future()))
+
     def _serve_commands(self) -> None:
         while True:
             try:

@@ -194,3 +194,43 @@ def test_on_an_empty_store_the_base_policy_is_released_once(started):
         assert released(broker.bootstrap) == [(0, 0, "initial: what generation started on")]
     finally:
         server.stop()
+
+
+def test_a_policy_that_republishes_the_incumbents_weights_gets_no_canary(started):
+    """After a rollback the ppo stage publishes the incumbent's weights as a new version
+    (RLHF_PPO_FOLLOW_ROLLBACKS, or an operator's rollback): nothing new for users, so the stage
+    skips it, and the next trained policy is the next candidate."""
+    broker, store, start = started
+    _policy(store, 1)
+    server = start()
+    try:
+        with (
+            channel(server, READER_KEY) as opened,
+            bus.Publisher(broker.bootstrap, client_id="release-test") as publisher,
+        ):
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
+            assert wait_until(lambda: _status(control).incumbent_version == 1)
+            again = store.write(
+                POLICY,
+                {"model.safetensors": {"w": torch.full((2,), 1.0)}},
+                metadata={"rolled_back_from": 1},
+            )
+            event = events_pb2.CheckpointEvent(
+                kind=events_pb2.CHECKPOINT_KIND_POLICY,
+                version=again.version,
+                path=again.path,
+                manifest_sha256=again.sha256,
+            )
+            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+            skipped = "v2 skipped: the weights of v1 again (a rollback)"
+            assert wait_until(lambda: _status(control).last_decision == skipped)
+            assert _status(control).candidate_version == 0
+            _, trained = _policy(store, 3)
+            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, trained)
+            assert wait_until(lambda: _status(control).candidate_version == 3)
+        assert released(broker.bootstrap) == [
+            (1, 0, "initial: what generation started on"),
+            (1, 3, "canary"),
+        ]
+    finally:
+        server.stop()

@@ -42,6 +42,14 @@ class PPOStageConfig:
         0,
         "policy version the KL penalty holds PPO to (0 = the base model; e.g. the sft result)",
     )
+    follow_rollbacks: bool = setting(
+        "RLHF_PPO_FOLLOW_ROLLBACKS",
+        False,
+        "ppo stage: when the release stage rolls a candidate back (or its canary expires), roll "
+        "the ppo stage back to the incumbent that kept serving and train on from it (false: keep "
+        "training the newest policy's line; the next candidate is gated against the incumbent "
+        "afresh). Follows rollbacks decided while the stage runs",
+    )
     max_staleness_seconds: float = setting(
         "RLHF_PPO_MAX_STALENESS_SECONDS",
         3600.0,

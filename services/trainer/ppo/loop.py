@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from prometheus_client import Counter, Gauge
 
+from rlhf.canary import RolledBack
 from rlhf.checkpoints import POLICY, PPO_STATE, Manifest
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import Joined
@@ -47,7 +49,13 @@ STALENESS = Gauge(
 KL_WARNINGS = Counter(
     "rlhf_trainer_kl_warnings_total", "PPO updates whose KL was negative or exploded", ["kind"]
 )
-ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "operator rollbacks of the policy")
+ROLLBACKS = Counter(
+    "rlhf_trainer_rollbacks_total", "rollbacks of the policy (an operator's or a followed one)"
+)
+FOLLOWED = Counter(
+    "rlhf_trainer_followed_rollbacks_total",
+    "canary rollbacks the ppo stage followed back to the incumbent (RLHF_PPO_FOLLOW_ROLLBACKS)",
+)
 ALGORITHM = Gauge(
     "rlhf_trainer_algorithm",
     "1 for the policy optimisation algorithm the ppo stage runs (RLHF_PPO_ALGORITHM: ppo, grpo "
@@ -87,9 +95,11 @@ class TrainingLoop(Stage):
         start_version: int,
         lora_base_version: int = 0,
         reward_version: Callable[[], int] | None = None,
+        base_policy: Callable[[], torch.nn.Module] | None = None,
     ) -> None:
         """`reward_version`: asks the reward service which reward model it serves (needed
-        with a minimum version in `settings`)."""
+        with a minimum version in `settings`); `base_policy` loads v0's weights (the base
+        model, which is not in the store) for a rollback to v0."""
         self.algorithm = learner.config.algorithm
         super().__init__(
             parts, policy_version=start_version, step=learner.updates, algorithm=self.algorithm
@@ -97,6 +107,8 @@ class TrainingLoop(Stage):
         ALGORITHM.labels(self.algorithm).set(1)
         self.learner, self._score, self.settings = learner, score, settings
         self._reward_version = reward_version
+        self._base_policy = base_policy
+        self._started_at = time.time()  # rollbacks decided before this are history
         self._served_reward = 0  # the reward model version last seen served
         self._reward_checked = -math.inf
         self.intake: Intake = parts.intake  # type: ignore[assignment]
@@ -119,10 +131,42 @@ class TrainingLoop(Stage):
         """
         return self.run_command(lambda: self._rollback(version, pause), timeout)
 
+    def follow_rollback(self, ended: RolledBack) -> None:
+        """The release stage rolled `ended.candidate` back: train on from the incumbent that
+        kept serving (RLHF_PPO_FOLLOW_ROLLBACKS). Queued between updates, not waited for; it
+        does nothing for a rollback decided before this process started (a replay of the
+        release topic: history) or when this stage's policy is not newer than the candidate
+        (nothing of the rolled-back line to leave)."""
+        if ended.decided_at < self._started_at:
+            return
+        self.queue_command(lambda: self._follow(ended))
+
+    def _follow(self, ended: RolledBack) -> Manifest | None:
+        head = self._status.policy_version
+        if head < ended.candidate:
+            log.info(
+                "release rolled v%d back; this stage's v%d is not of its line, nothing to follow",
+                ended.candidate,
+                head,
+            )
+            return None
+        log.warning(
+            "the release stage rolled v%d back to v%d: training on from v%d (was at v%d)",
+            ended.candidate,
+            ended.incumbent,
+            ended.incumbent,
+            head,
+        )
+        FOLLOWED.inc()
+        return self._rollback(ended.incumbent, pause=False)
+
     def _rollback(self, version: int, pause: bool) -> Manifest:
         if pause:
             self.pause()
-        weights = policy_from_checkpoint(self._store.load(POLICY, version))
+        if version == 0 and self._base_policy is not None:  # v0 is the base model, not stored
+            weights = self._base_policy()
+        else:
+            weights = policy_from_checkpoint(self._store.load(POLICY, version))
         self.learner.rebase(weights)
         if self.learner.lora.enabled:  # a fresh adapter starts over these weights
             self._lora_base = (self._store.latest_version(POLICY) or 0) + 1
@@ -277,7 +321,7 @@ class TrainingLoop(Stage):
 
     # Checkpoints ------------------------------------------------------------------------------
 
-    def _publish(self, stats: dict[str, float], rolled_back_from: int = 0) -> Manifest:
+    def _publish(self, stats: dict[str, float], rolled_back_from: int | None = None) -> Manifest:
         """Write trainer state and policy; the skeleton announces, prunes and commits."""
         snapshot = self.intake.snapshot()
         metadata: dict[str, Any] = {
@@ -286,7 +330,7 @@ class TrainingLoop(Stage):
             "updates": self.learner.updates,
             "data_parallel_ranks": self.learner.world.size,
         }
-        if rolled_back_from:
+        if rolled_back_from is not None:  # 0 too: the base model's weights
             metadata["rolled_back_from"] = rolled_back_from
         manifest = write_checkpoint(
             self._store,

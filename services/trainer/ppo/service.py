@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import torch
 
+from rlhf import bus
 from rlhf.auth import ClientSecurity
+from rlhf.canary import RollbackWatch
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import GenerationClient, RewardClient
 from rlhf.config import ConfigError
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
 from rlhf.server import configure_logging, lower_priority
+from rlhf.serving import CheckpointEvents
 from rlhf.training import distributed
 from rlhf.training.distributed import World
 from rlhf.training.online import PPOLearner
 from rlhf.training.pool import PoolSampler
+from rlhf.v1 import events_pb2
 
 from ..config import TrainerConfig
 from ..stage import StageService
@@ -115,6 +119,21 @@ def join_world(config: TrainerConfig) -> World:
     return world
 
 
+def rollback_follower(config: TrainerConfig, loop: TrainingLoop) -> CheckpointEvents:
+    """Reads the release topic (every event, in order, no consumer group) and hands each
+    canary rollback to `loop.follow_rollback` (RLHF_PPO_FOLLOW_ROLLBACKS)."""
+    watch = RollbackWatch()
+
+    def see(event: events_pb2.ReleaseEvent) -> None:
+        ended = watch.see(event)
+        if ended is not None:
+            loop.follow_rollback(ended)
+
+    return CheckpointEvents(
+        config.kafka_bootstrap, bus.RELEASES, "trainer-releases", see, events_pb2.ReleaseEvent
+    )
+
+
 class PPOTrainerService(StageService):
     """The trainer process running the ppo stage (RLHF_TRAINER_STAGE=ppo); under torchrun,
     rank 0 (the followers run `run_follower`)."""
@@ -155,11 +174,20 @@ class PPOTrainerService(StageService):
             start_version=resumed.policy_version,
             lora_base_version=resumed.lora_base_version,
             reward_version=self.reward.model_version,
+            base_policy=lambda: load_base_policy(config.policy_model, config.cache_dir),
         )
         self.serve(loop, store)
         self.lockstep = learner
+        self.releases = rollback_follower(config, loop) if config.ppo.follow_rollbacks else None
+
+    def start(self) -> None:
+        super().start()
+        if self.releases is not None:
+            self.releases.start()
 
     def stop(self) -> None:
+        if self.releases is not None:
+            self.releases.stop()
         super().stop()
         if self.lockstep is not None:  # the loop has stopped: release the followers
             self.lockstep.stop()

@@ -25,8 +25,9 @@ The work thread (`ReleaseController`), between operator commands:
 
 The trainer keeps training on its own line meanwhile (ppo continues from its newest policy,
 the candidate's lineage): a candidate that is rolled back leaves the incumbent serving, and
-the next checkpoint is compared with the incumbent afresh. To train from the incumbent instead,
-an operator rolls the ppo stage back to it (`rlhf rollback VERSION` on the ppo stage).
+the next checkpoint is compared with the incumbent afresh. With RLHF_PPO_FOLLOW_ROLLBACKS the
+ppo stage reads this stage's releases and, after a rollback or an expiry, trains on from the
+incumbent instead (`TrainingLoop.follow_rollback`).
 """
 
 from __future__ import annotations
@@ -375,6 +376,18 @@ class ReleaseController(Stage):
         """Start the canary of the newest policy if it passes the gate; whether anything was
         done (False: the reward service could not score, the gate is tried again later)."""
         candidate, incumbent = canary.newest, canary.incumbent
+        if self._republished(candidate) == incumbent:
+            # The ppo stage rolled back to the incumbent (RLHF_PPO_FOLLOW_ROLLBACKS or an
+            # operator) and published its weights again: nothing new to put before users.
+            with self.intake.lock:
+                now = self.intake.canary
+                summary = f"v{candidate} skipped: the weights of v{incumbent} again (a rollback)"
+                self.intake.canary = replace(
+                    now, tried=max(now.tried, candidate), last_decision=summary
+                )
+            log.info("release: %s", summary)
+            self._save()
+            return True
         if self.gate is None:
             self._release(incumbent, candidate, "canary", self.share)
             return True
@@ -399,6 +412,15 @@ class ReleaseController(Stage):
         else:
             self._save()
         return True
+
+    def _republished(self, version: int) -> int | None:
+        """The version whose weights policy `version` republishes (a rollback), if it does."""
+        try:
+            manifest, _ = self._store.read_manifest(POLICY, version)
+        except (CheckpointError, OSError, ValueError):
+            return None  # the gate says what is wrong with it
+        source = manifest.metadata.get("rolled_back_from")
+        return int(source) if source is not None else None
 
     def _settled(self) -> bool:
         """Whether the last release published has been read back by the intake. The topic is
