@@ -24,7 +24,7 @@ def parts(tmp_path, cache_dir):
         calls.append(len(texts))
         return Scores([0.0] * len(texts), 2)
 
-    def gate(tolerance=GateTolerance(), scorer=score):
+    def gate(tolerance=GateTolerance(), scorer=score, dtype=torch.float32):
         return ReleaseGate(
             store,
             lambda: load_tokenizer(cache_dir),
@@ -35,6 +35,7 @@ def parts(tmp_path, cache_dir):
             2,
             8,
             tolerance,
+            dtype,
         )
 
     return store, base, gate, calls
@@ -48,6 +49,22 @@ def test_a_policy_like_the_incumbent_passes_and_both_are_scored_together(parts):
     assert outcome["summary"] == "v2 passed the gate against v1: no regression"
     assert calls == [8]  # 2 prompts x 2 answers, for both policies, in one call
     assert outcome["reward_model_version"] == 2 and outcome["candidate"]["reward_scored"]
+    assert outcome["candidate"]["length"] == outcome["incumbent"]["length"]
+
+
+def test_in_bfloat16_both_policies_and_the_reference_run_in_it_alike(parts):
+    store, base, gate, calls = parts
+    store.write(POLICY, *policy_checkpoint_files(base))  # v2: the same weights
+    runner = gate(dtype=torch.bfloat16)
+    sampled = []
+    runner.run(1, 1)  # builds the sampler (and measures v1 once)
+    original = runner._sampler.answers
+    runner._sampler.answers = lambda policy: sampled.append(policy.dtype) or original(policy)
+    outcome = runner.run(1, 2)
+    assert outcome["passed"] and sampled == [torch.bfloat16]
+    assert runner._sampler.reference.dtype == torch.bfloat16
+    # The same weights as the reference, in the same dtype: no divergence, the same answers.
+    assert outcome["candidate"]["kl"] == pytest.approx(0.0, abs=1e-3)
     assert outcome["candidate"]["length"] == outcome["incumbent"]["length"]
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rlhf.algorithms.release import ReleaseTest
 from rlhf.algorithms.release_gate import GateTolerance
 from rlhf.config import ConfigError, setting
+from rlhf.models import DTYPES
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,13 @@ class ReleaseStageConfig:
     )
     gate_max_new_tokens: int = setting(
         "RLHF_RELEASE_GATE_MAX_NEW_TOKENS", 32, "release stage: longest gate answer, in tokens"
+    )
+    gate_dtype: str = setting(
+        "RLHF_RELEASE_GATE_DTYPE",
+        "auto",
+        "release stage: weights the gate samples both policies and runs the reference in: "
+        "float32, bfloat16, or auto (bfloat16 on a CPU with AMX or a CUDA GPU with bfloat16, "
+        "else float32); both policies alike, so the comparison is fair either way",
     )
     gate_reward_tolerance: float = setting(
         "RLHF_RELEASE_GATE_REWARD_TOLERANCE",
@@ -121,6 +129,8 @@ class ReleaseStageConfig:
         )
 
     def validate(self) -> None:
+        if self.gate_dtype not in DTYPES:
+            raise ConfigError(f"RLHF_RELEASE_GATE_DTYPE={self.gate_dtype!r}: use one of {DTYPES}")
         if not 0 < self.gate_samples <= 16 or not 0 < self.gate_max_new_tokens <= 512:
             raise ConfigError(
                 "RLHF_RELEASE_GATE_SAMPLES must be in [1, 16] and "

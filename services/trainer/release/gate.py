@@ -16,13 +16,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from prometheus_client import Counter, Gauge
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.algorithms.release_gate import GateMeasures, GateTolerance, compare
 from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore
 from rlhf.clients import Scores
-from rlhf.models import policy_from_checkpoint
+from rlhf.models import policy_from_checkpoint, policy_in_dtype
 from rlhf.training.release_gate import Answers, GateSampler, gate_measures
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ class ReleaseGate:
         samples: int,
         max_new_tokens: int,
         tolerance: GateTolerance,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        """`dtype`: the weights both policies are sampled and the reference run in (bfloat16
+        roughly halves the gate's time on a CPU with AMX)."""
         self._store = store
         self._tokenizer = tokenizer
         self._base_policy = base_policy
@@ -74,6 +78,7 @@ class ReleaseGate:
         self._score = score
         self._prompts, self._samples, self._max_new_tokens = prompts, samples, max_new_tokens
         self.tolerance = tolerance
+        self._dtype = dtype
         self._sampler: GateSampler | None = None  # built on the first gate (loads the reference)
         self._answers: OrderedDict[int, Answers] = OrderedDict()
 
@@ -150,7 +155,7 @@ class ReleaseGate:
         if self._sampler is None:
             self._sampler = GateSampler(
                 self._tokenizer(),
-                self._reference(),
+                policy_in_dtype(self._reference(), self._dtype),
                 self._prompts,
                 self._samples,
                 self._max_new_tokens,
@@ -166,7 +171,7 @@ class ReleaseGate:
             policy = self._base_policy()
         else:
             policy = policy_from_checkpoint(self._store.load(POLICY, version))
-        answers = sampler.answers(policy)
+        answers = sampler.answers(policy_in_dtype(policy, self._dtype))
         del policy
         self._answers[version] = answers
         while len(self._answers) > KEEP_ANSWERS:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from rlhf.auth import ClientSecurity
 from rlhf.checkpoints import POLICY, RELEASE_STATE, CheckpointStore
 from rlhf.clients import RewardClient
-from rlhf.models import load_base_policy, load_tokenizer
+from rlhf.models import load_base_policy, load_tokenizer, serving_dtype
 from rlhf.training.release_gate import load_prompts
 
 from ..config import TrainerConfig
@@ -33,6 +33,7 @@ def release_gate(
         settings.gate_samples,
         settings.gate_max_new_tokens,
         settings.tolerance(),
+        serving_dtype(settings.gate_dtype),
     )
 
 
