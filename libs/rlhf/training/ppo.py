@@ -159,7 +159,13 @@ def build_rollout(
 
 def compute_precision(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
     """Where a model's passes run in `dtype`: autocast to it (matmuls in `dtype`, weights kept
-    as they are; the backward follows the forward's casts), or nothing for float32."""
+    as they are; the backward follows the forward's casts), or nothing for float32.
+
+    Nested uses share one autocast cache: while the outermost context is open, a weight that
+    requires grad is cast once and the cast serves every pass inside it. (SDPA's math backend
+    instead of its CPU flash kernel made a bfloat16 minibatch's forward and backward 10%
+    faster on SmolLM2, but moved a bfloat16 step's update away from the float32 step's, to a
+    cosine of 0.987 on the tiny model, against 0.999 with the flash kernel: not taken.)"""
     if dtype == torch.float32:
         return nullcontext()
     # CUDA: untested here (no GPU on this machine).
@@ -206,12 +212,15 @@ def forward_policy(
     logits = out.logits[:, :-1]
     states = slice(prompt_width - 1, width - 1)
     response_ids = input_ids[:, prompt_width:]
-    logprobs = algo.logprobs_from_logits(logits, response_ids, temperature)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():  # a statistic only: never part of a loss
-            entropy = algo.entropy_from_logits(logits.float() / temperature)
-    values = None if value_head is None else value_head(out.hidden_states[-1][:, states])
+    # float32 from here on, even when the caller holds a precision context open around several
+    # passes (`_old_policy_pass`): autocast would run the value head in `dtype`.
+    with torch.autocast(input_ids.device.type, enabled=False):
+        logprobs = algo.logprobs_from_logits(logits, response_ids, temperature)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():  # a statistic only: never part of a loss
+                entropy = algo.entropy_from_logits(logits.float() / temperature)
+        values = None if value_head is None else value_head(out.hidden_states[-1][:, states])
     return logprobs, values, entropy
 
 
@@ -543,18 +552,22 @@ def _old_policy_pass(
             logprobs, values, entropy = forward_policy(policy, value_head, ids, attention, *args)
         assert entropy is not None
         return logprobs, values, entropy, None
-    with torch.enable_grad():
-        tracked = forward_policy(
-            policy, value_head, ids[tracked_rows], attention[tracked_rows], *args
-        )
     rest = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     rest[tracked_rows] = False
-    parts = [(tracked_rows, tracked)]
-    if bool(rest.any()):
-        with torch.no_grad():
-            parts.append(
-                (rest, forward_policy(policy, value_head, ids[rest], attention[rest], *args))
+    # One precision context around both passes: in bfloat16, the weights autocast casts for
+    # the tracked pass are cached and serve the other rows' pass (SmolLM2: the two passes in
+    # 0.49 s instead of 0.64 s).
+    with compute_precision(dtype, ids.device):
+        with torch.enable_grad():
+            tracked = forward_policy(
+                policy, value_head, ids[tracked_rows], attention[tracked_rows], *args
             )
+        parts = [(tracked_rows, tracked)]
+        if bool(rest.any()):
+            with torch.no_grad():
+                parts.append(
+                    (rest, forward_policy(policy, value_head, ids[rest], attention[rest], *args))
+                )
     merged: list[torch.Tensor | None] = []
     for field in range(3):  # logprobs, values, entropy
         if tracked[field] is None:  # no value head
