@@ -33,6 +33,7 @@ from rlhf.models import (
 from rlhf.training.online import OPTIMIZER_FILE, LoraSettings, PPOLearner, RolloutSettings
 from rlhf.training.ppo import (
     ValueHead,
+    cast_frozen_linears,
     compute_precision,
     forward_policy,
     ppo_step,
@@ -232,6 +233,29 @@ def test_a_bf16_learner_decodes_on_bf16_weights_and_keeps_float32_weights_and_st
     assert {t.dtype for t in tensors[OPTIMIZER_FILE].values() if t.is_floating_point()} == {
         torch.float32
     }
+    # The frozen reference keeps its linear layers in bfloat16 (cast_frozen_linears).
+    reference = learner.reference
+    assert reference.lm_head.weight.dtype == torch.bfloat16
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_a_frozen_models_linears_stored_in_bf16_compute_the_same_bf16_passes():
+    model = tiny_llama(1).requires_grad_(False)
+    rollout = hand_rollout()
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 0.7)
+    with torch.no_grad():
+        before = forward_policy(model, None, *args, dtype=torch.bfloat16)
+        cast_frozen_linears(model, torch.bfloat16)
+        after = forward_policy(model, None, *args, dtype=torch.bfloat16)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    untouched = tiny_llama(1).requires_grad_(False)
+    assert cast_frozen_linears(untouched, torch.float32).lm_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="frozen"):
+        cast_frozen_linears(tiny_llama(1), torch.bfloat16)
 
 
 def test_a_float32_learner_decodes_on_its_own_weights_and_does_not_weight_its_rollouts(
