@@ -36,7 +36,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -367,27 +367,41 @@ def _phase_rows(label: str, run: Run) -> list[list[str]]:
     return rows
 
 
-def run(quick: bool) -> str:
+def _rows(repeats: int) -> dict[str, Callable[[], Run]]:
+    """Every row of the bench, by label, not yet measured (in the order they are run)."""
+    lora = f"LoRA r={LORA_RANK}"
+    return {
+        "ours": lambda: ours(repeats),
+        BF16.format("ours"): lambda: ours(repeats, dtype="bfloat16"),
+        f"ours, {lora}": lambda: ours(repeats, lora_rank=LORA_RANK),
+        BF16.format(f"ours, {lora}"): lambda: ours(repeats, lora_rank=LORA_RANK, dtype="bfloat16"),
+        **{
+            label: (lambda name=name: ours(repeats, algorithm=name))
+            for name, label in CRITIC_FREE.items()
+        },
+        **{
+            BF16.format(label): (lambda name=name: ours(repeats, algorithm=name, dtype="bfloat16"))
+            for name, label in CRITIC_FREE.items()
+        },
+        POOL: lambda: pool(repeats),
+        "TRL": lambda: trl(repeats),
+        BF16.format("TRL"): lambda: trl(repeats, bf16=True),
+        f"TRL, {lora}": lambda: trl(repeats, lora_rank=LORA_RANK),
+        BF16.format(f"TRL, {lora}"): lambda: trl(repeats, lora_rank=LORA_RANK, bf16=True),
+    }
+
+
+def run(quick: bool, only: Sequence[str] = ()) -> str:
+    """Every row (the report BENCHMARKS.md gets), or the rows labelled in `only` (for a quick
+    look while working: `python -m bench.trainer --rows "ours" "TRL"`, printed, not written)."""
     repeats = 2 if quick else 5
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
-    lora = f"LoRA r={LORA_RANK}"
-    results = {
-        "ours": ours(repeats),
-        BF16.format("ours"): ours(repeats, dtype="bfloat16"),
-        f"ours, {lora}": ours(repeats, lora_rank=LORA_RANK),
-        BF16.format(f"ours, {lora}"): ours(repeats, lora_rank=LORA_RANK, dtype="bfloat16"),
-        **{label: ours(repeats, algorithm=name) for name, label in CRITIC_FREE.items()},
-        **{
-            BF16.format(label): ours(repeats, algorithm=name, dtype="bfloat16")
-            for name, label in CRITIC_FREE.items()
-        },
-        POOL: pool(repeats),
-        "TRL": trl(repeats),
-        BF16.format("TRL"): trl(repeats, bf16=True),
-        f"TRL, {lora}": trl(repeats, lora_rank=LORA_RANK),
-        BF16.format(f"TRL, {lora}"): trl(repeats, lora_rank=LORA_RANK, bf16=True),
-    }
+    rows = _rows(repeats)
+    unknown = [label for label in only if label not in rows]
+    if unknown:
+        raise ValueError(f"no row {unknown}; the rows are {list(rows)}")
+    results = {label: measure() for label, measure in rows.items() if not only or label in only}
     loads = (load_before, os.getloadavg()[0])
     return report(results, repeats, loads)
 
@@ -395,7 +409,12 @@ def run(quick: bool) -> str:
 def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) -> str:
     rows = []
     for label, measured in results.items():
-        reference = results[_baseline(label, results)]
+        reference = results.get(_baseline(label, results))  # None: no TRL row measured
+        versus = (
+            f"{measured.samples_per_second() / reference.samples_per_second():.2f}x"
+            if reference is not None
+            else "-"
+        )
         rows.append(
             [
                 label,
@@ -403,12 +422,12 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
                 f"{min(measured.seconds):.2f}",
                 f"{measured.samples_per_second():.2f}",
                 f"{measured.tokens_per_second():.0f}",
-                f"{measured.samples_per_second() / reference.samples_per_second():.2f}x",
+                versus,
                 ", ".join(f"{s:.2f}" for s in measured.seconds),
             ]
         )
     phases = [r for label, m in results.items() for r in _phase_rows(label, m)]
-    local, pooled = results["ours"], results[POOL]
+    local, pooled = results.get("ours"), results.get(POOL)
     precision_note = "".join(
         f" {label} in bf16: {_speedup(results[BF16.format(label)], results[label]):.2f}x"
         " its fp32 iterations per second."
@@ -419,13 +438,15 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         f" {label}: {median(local.seconds) / median(results[label].seconds):.2f}x PPO's"
         " iterations per second."
         for label in CRITIC_FREE.values()
-        if label in results
+        if label in results and local is not None
     )
     pool_note = (
         f" Pool rollouts: {pooled.samples_per_second():.2f} samples/s against "
         f"{local.samples_per_second():.2f} in-process "
         f"({pooled.samples_per_second() / local.samples_per_second():.2f}x), with the generation "
         f"service on the same {os.cpu_count()} cores as the trainer."
+        if pooled is not None and local is not None
+        else ""
     )
     return (
         f"### PPO, GRPO and RLOO iteration throughput, fp32 and bf16 (batch {BATCH}, minibatch "
@@ -457,3 +478,13 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         " for the generation service's answers. What the profile found and what changed:"
         " [trainer-profile.md](bench/results/trainer-profile.md).\n"
     )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Some rows of the trainer bench, printed only.")
+    parser.add_argument("--rows", nargs="+", required=True, help="row labels, as in the table")
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
+    arguments = parser.parse_args()
+    print(run(arguments.quick, arguments.rows), flush=True)

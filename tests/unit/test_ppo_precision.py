@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from rlhf import decoding
 from rlhf.algorithms.ppo import FixedKLController
@@ -30,7 +31,14 @@ from rlhf.models import (
     serving_dtype,
 )
 from rlhf.training.online import OPTIMIZER_FILE, LoraSettings, PPOLearner, RolloutSettings
-from rlhf.training.ppo import ValueHead, forward_policy, ppo_step, score_rollout
+from rlhf.training.ppo import (
+    ValueHead,
+    cast_frozen_linears,
+    compute_precision,
+    forward_policy,
+    ppo_step,
+    score_rollout,
+)
 from rlhf.training.ppo_config import PPOConfig
 from tests.unit.test_ppo_step import HIDDEN, hand_rollout, tiny_llama
 
@@ -60,6 +68,42 @@ def test_bf16_forward_runs_in_bf16_and_returns_fp32_close_to_fp32():
         # Not the same numbers: the matmuls really ran in bfloat16.
         assert not torch.equal(exact[mask], mixed[mask]), name
         torch.testing.assert_close(mixed[mask], exact[mask], atol=LOGPROB_TOL, rtol=0, msg=name)
+
+
+def test_in_bf16_on_the_cpu_attention_runs_in_float32_and_the_rest_in_bf16():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))
+    mask = torch.rand(2, 1, 6, 6, generator=generator) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*(t.detach().float() for t in half), attn_mask=mask)
+    with compute_precision(torch.bfloat16, torch.device("cpu")):
+        out = F.scaled_dot_product_attention(*half, attn_mask=mask)
+        matmul = half[0] @ half[1].transpose(-1, -2).float()  # autocast still casts the rest
+        floating_mask = torch.zeros(2, 1, 6, 6, dtype=torch.bfloat16)
+        positional = F.scaled_dot_product_attention(*half, floating_mask)
+    assert out.dtype == torch.float32 and matmul.dtype == torch.bfloat16
+    torch.testing.assert_close(out, exact, atol=1e-6, rtol=1e-5)
+    assert positional.dtype == torch.float32
+    out.sum().backward()  # gradients come back in the inputs' own dtype
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in half)
+    # Outside the context nothing changes.
+    assert F.scaled_dot_product_attention(*half, attn_mask=mask).dtype == torch.bfloat16
+    with compute_precision(torch.float32, torch.device("cpu")):
+        assert F.scaled_dot_product_attention(*half, attn_mask=mask).dtype == torch.bfloat16
+
+
+def test_a_value_head_called_inside_an_open_bf16_context_still_computes_in_float32():
+    policy, head = tiny_llama(), ValueHead(HIDDEN)
+    torch.nn.init.normal_(head.linear.weight, std=0.1)
+    rollout = hand_rollout()
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 0.7)
+    with torch.no_grad():
+        alone = forward_policy(policy, head, *args, dtype=torch.bfloat16)
+        with compute_precision(torch.bfloat16, torch.device("cpu")):  # as the scoring pass does
+            nested = forward_policy(policy, head, *args, dtype=torch.bfloat16)
+    for name, a, b in zip(("logprobs", "values", "entropy"), alone, nested, strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_an_unchanged_policys_importance_ratio_is_1_in_bf16():
@@ -189,6 +233,29 @@ def test_a_bf16_learner_decodes_on_bf16_weights_and_keeps_float32_weights_and_st
     assert {t.dtype for t in tensors[OPTIMIZER_FILE].values() if t.is_floating_point()} == {
         torch.float32
     }
+    # The frozen reference keeps its linear layers in bfloat16 (cast_frozen_linears).
+    reference = learner.reference
+    assert reference.lm_head.weight.dtype == torch.bfloat16
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_a_frozen_models_linears_stored_in_bf16_compute_the_same_bf16_passes():
+    model = tiny_llama(1).requires_grad_(False)
+    rollout = hand_rollout()
+    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 0.7)
+    with torch.no_grad():
+        before = forward_policy(model, None, *args, dtype=torch.bfloat16)
+        cast_frozen_linears(model, torch.bfloat16)
+        after = forward_policy(model, None, *args, dtype=torch.bfloat16)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    untouched = tiny_llama(1).requires_grad_(False)
+    assert cast_frozen_linears(untouched, torch.float32).lm_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="frozen"):
+        cast_frozen_linears(tiny_llama(1), torch.bfloat16)
 
 
 def test_a_float32_learner_decodes_on_its_own_weights_and_does_not_weight_its_rollouts(

@@ -39,7 +39,7 @@ from rlhf.config import ConfigError, SeedSettings, setting
 from rlhf.models import policy_in_dtype
 from rlhf.training.distributed import SINGLE, ShardFailed, World
 from rlhf.training.pool import PoolRollouts, PoolSampler
-from rlhf.training.ppo import ValueHead, build_rollout, ppo_step
+from rlhf.training.ppo import ValueHead, build_rollout, cast_frozen_linears, ppo_step
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.state import load_optimizer_state, optimizer_state
 
@@ -103,6 +103,9 @@ class PPOLearner:
         """`sampler`: rollouts on the generation pool, importance-weighted in the update
         (`ppo_step`); None samples them in this process, from the policy being trained."""
         self.reference = reference.eval().requires_grad_(False)
+        if reference is not policy:  # its linear layers as autocast would cast them each pass
+            device = next(reference.parameters()).device
+            cast_frozen_linears(self.reference, config.compute_dtype(device))
         self.tokenizer = tokenizer
         self.config = config
         self.rollout_settings = rollout
