@@ -458,7 +458,8 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
         " of the batch. Rows are float32 unless marked bf16 (ours: RLHF_PPO_DTYPE=bfloat16,"
-        " autocast passes over float32 weights and rollouts decoded on a bfloat16 copy; TRL:"
+        " autocast passes over float32 weights, attention in float32 and the frozen"
+        " reference's linear layers stored in bfloat16, rollouts decoded on a bfloat16 copy; TRL:"
         ' bf16=True). Each row\'s "vs TRL" is against the TRL row of the same precision, LoRA'
         " rows against TRL with the same LoRA rank and target modules."
         + precision_note
