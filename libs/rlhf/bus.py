@@ -304,6 +304,13 @@ class Publisher:
 
     def _current(self) -> KafkaProducer:
         """The live producer, (re)created if there is none or the last one failed."""
+        # Without the lock while all is well. The flags are read before the producer: a
+        # replacement installs the new producer before clearing `_broken`, and `close` clears
+        # the producer before setting `_closed`, so a stale producer is never returned here.
+        if not (self._broken or self._closed):
+            producer = self._producer
+            if producer is not None:
+                return producer
         with self._lock:
             if self._closed:
                 raise BusUnavailable(f"Publisher {self.client_id} is closed")

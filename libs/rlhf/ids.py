@@ -44,6 +44,19 @@ _UNSIGNED = re.compile(r"0|[1-9][0-9]{0,18}")  # canonical, and below 2**63
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _TENANT = re.compile(r"|[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # rlhf.auth.NAME, or empty
 _DIGEST = re.compile(r"[A-Za-z0-9_-]*")
+_B64_VALUE = {
+    c: v for v, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+_UNUSED_BITS = {2: 0x0F, 3: 0x03}  # by length modulo 4: bits of the last character past the data
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+# A canonical id in one match: the fast path of verification (anything else takes the careful
+# path, which says what is wrong). ":" is in none of the payload's fields, so the fields split
+# one way only.
+_TOKEN = re.compile(rf"{PREFIX}\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+_CLAIMS = re.compile(
+    rf"({_NONCE.pattern}):({_UNSIGNED.pattern}):({_UNSIGNED.pattern}):"
+    rf"({_DIGEST.pattern}):({_TENANT.pattern})"
+)
 
 
 class InvalidGenerationId(ValueError):
@@ -104,15 +117,19 @@ def _b64(data: bytes) -> str:
 def _unb64(text: str) -> bytes:
     """Strict base64url: the alphabet only, no padding, and exactly what `_b64` would write
     (the unused low bits of the last character must be zero)."""
-    if not _B64.fullmatch(text) or len(text) % 4 == 1:
+    if not _B64.fullmatch(text):
         raise InvalidGenerationId("generation id is not canonical base64url")
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidGenerationId("generation id is not canonical base64url") from exc
-    if _b64(data) != text:
+    return _unb64_alphabet_checked(text)
+
+
+def _unb64_alphabet_checked(text: str) -> bytes:
+    """`_unb64` of text already known to hold only base64url characters: canonical when its
+    length is not 1 modulo 4 and the bits its last character carries beyond the data are zero
+    (so re-encoding would give `text` back)."""
+    tail = len(text) % 4
+    if tail == 1 or (tail and _B64_VALUE[text[-1]] & _UNUSED_BITS[tail]):
         raise InvalidGenerationId("generation id is not canonical base64url")
-    return data
+    return binascii.a2b_base64(text.encode("ascii").translate(_URLSAFE) + b"=" * (-tail % 4))
 
 
 def _split(token: str) -> tuple[str, str, bytes]:
@@ -130,6 +147,29 @@ def _split(token: str) -> tuple[str, str, bytes]:
     except UnicodeDecodeError as exc:
         raise InvalidGenerationId("generation id payload is malformed") from exc
     return kid, payload, _unb64(parts[3])
+
+
+def _parse_canonical(token: str) -> tuple[str, str, bytes, GenerationClaims] | None:
+    """(key id, payload, signature, claims) of a well-formed id with well-formed claims, in
+    two regular expression matches; None for anything else (`_split` and `_parse_claims` then
+    say what is wrong). Accepts exactly what they accept."""
+    if not isinstance(token, str) or len(token) > MAX_ID_LENGTH:
+        return None
+    parts = _TOKEN.fullmatch(token)
+    if parts is None:
+        return None
+    kid, encoded_payload, encoded_signature = parts.groups()
+    try:
+        payload = _unb64_alphabet_checked(encoded_payload).decode("ascii")
+        signature = _unb64_alphabet_checked(encoded_signature)
+    except (InvalidGenerationId, UnicodeDecodeError):
+        return None
+    fields = _CLAIMS.fullmatch(payload)
+    if fields is None:
+        return None
+    nonce, version, issued, prompt_hash, tenant = fields.groups()
+    claims = GenerationClaims(nonce, int(version), int(issued), prompt_hash, tenant, kid)
+    return kid, payload, signature, claims
 
 
 def _parse_claims(payload: str, kid: str = "") -> GenerationClaims:
@@ -195,12 +235,18 @@ class GenerationIdSigner:
 
     def verify(self, token: str, now: float | None = None) -> GenerationClaims:
         """Return the claims of a genuine, unexpired id; raise otherwise."""
-        kid, payload, signature = _split(token)
+        canonical = _parse_canonical(token)
+        if canonical is None:
+            kid, payload, signature = _split(token)
+            claims = None
+        else:
+            kid, payload, signature, claims = canonical
         if kid not in self._keys:
             raise ForgedGenerationId("generation id names a key this service does not hold")
         if not hmac.compare_digest(signature, self._sign(kid, payload)):
             raise ForgedGenerationId("generation id signature is invalid")
-        claims = _parse_claims(payload, kid)
+        if claims is None:  # signed, so malformed claims are invalid, not forged
+            claims = _parse_claims(payload, kid)
         age = (time.time() if now is None else now) - claims.issued_at
         if age < -MAX_CLOCK_SKEW_SECONDS:
             raise InvalidGenerationId("generation id is issued in the future")

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf import bus
 from rlhf.auth import READER, SERVICE, allow, rules
 from rlhf.bus import EventConsumer
 from rlhf.checkpoints import REWARD, CheckpointStore, VerifiedCheckpoint
 from rlhf.drift import LiveRewardSampler
-from rlhf.models import load_reward_backbone, reward_from_checkpoint, serving_dtype
+from rlhf.models import load_reward_backbone, on_own_thread, reward_from_checkpoint, serving_dtype
 from rlhf.scoring import PromptResponse, ScoreBatcher, score_pairs
 from rlhf.server import run_main
-from rlhf.serving import CheckpointFollower, HotSwap, latest_or_base
+from rlhf.serving import CheckpointFollower, HotSwap, Served, latest_or_base
 from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc
 
 from .config import RewardConfig
@@ -33,13 +33,19 @@ class RewardService:
     def __init__(self, config: RewardConfig) -> None:
         self.config = config
         store = CheckpointStore(config.checkpoint_dir)
-        base, self.tokenizer = load_reward_backbone(config.reward_model)
         dtype = serving_dtype(config.dtype)
 
+        # Every forward pass runs on the batcher's one thread; models are built on threads that
+        # end (at start and on each hot swap), so that thread keeps the only OpenMP team.
         def build(checkpoint: VerifiedCheckpoint) -> PreTrainedModel:
-            return reward_from_checkpoint(checkpoint).to(dtype)
+            return on_own_thread(lambda: reward_from_checkpoint(checkpoint).to(dtype))
 
-        self.model = HotSwap(REWARD, latest_or_base(store, REWARD, build, lambda: base.to(dtype)))
+        def first() -> tuple[Served[PreTrainedModel], PreTrainedTokenizerBase]:
+            base, tokenizer = load_reward_backbone(config.reward_model)
+            return latest_or_base(store, REWARD, build, lambda: base.to(dtype)), tokenizer
+
+        served, self.tokenizer = on_own_thread(first)
+        self.model = HotSwap(REWARD, served)
         self.follower = CheckpointFollower(
             self.model,
             store,

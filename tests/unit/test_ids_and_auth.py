@@ -256,3 +256,21 @@ def test_partition_key_does_not_verify():
     digest = prompt_digest("p")
     forged = GenerationIdSigner(b"x" * 32).issue(1, prompt_hash=digest)
     assert partition_key(forged) == digest
+
+
+def test_every_other_spelling_of_an_id_is_refused():
+    """One character changed anywhere (fast or careful parsing alike): never accepted."""
+    signer = GenerationIdSigner(b"k" * 32)
+    token = signer.issue(3, prompt_hash=prompt_digest("hi"), tenant="acme")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=:"
+    refused = 0
+    for position in range(len(token)):
+        for character in alphabet:
+            changed = token[:position] + character + token[position + 1 :]
+            if changed == token:
+                continue
+            with pytest.raises(InvalidGenerationId):
+                signer.verify(changed)
+            refused += 1
+    assert refused == len(token) * (len(alphabet) - 1)
+    assert signer.verify(token).tenant == "acme"
