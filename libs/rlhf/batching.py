@@ -164,9 +164,12 @@ class PolicyLoader:
                 return None
         if spare.fast is not spare.exact:
             fast = spare.fast.state_dict()
+            done: set[int] = set()  # tied weights (lm_head = embeddings) are copied once
             with torch.no_grad():
                 for name, tensor in exact.items():
-                    fast[name].copy_(tensor)
+                    if fast[name].data_ptr() not in done:
+                        fast[name].copy_(tensor)
+                        done.add(fast[name].data_ptr())
         return PolicyWeights(spare.exact, spare.fast, dict(checkpoint.buffers))
 
 

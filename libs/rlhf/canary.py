@@ -36,7 +36,14 @@ from prometheus_client import Counter, Gauge
 
 from rlhf import bus
 from rlhf.checkpoints import CheckpointError, CheckpointStore, VerifiedCheckpoint
-from rlhf.serving import SERVED_VERSION, CheckpointEvents, Following, Served, load_served
+from rlhf.serving import (
+    SERVED_VERSION,
+    CheckpointEvents,
+    Following,
+    Served,
+    load_served,
+    on_own_thread,
+)
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -200,8 +207,10 @@ class ReleaseFollower(Following, Generic[M]):
             return loaded
         if version == 0:
             raise ValueError("v0 (the base policy) is served only until a release names another")
-        return load_served(
-            self._store, self._slot.kind, version, self._build, manifest_sha256 or None
+        return on_own_thread(
+            lambda: load_served(
+                self._store, self._slot.kind, version, self._build, manifest_sha256 or None
+            )
         )
 
 

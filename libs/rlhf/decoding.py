@@ -90,22 +90,28 @@ def pick_tokens(
     if bool(greedy.all()):
         tokens = logits.argmax(dim=-1)
     else:
-        tokens = _sample(scaled, params, generators)
+        tokens = _sample(scaled, logprobs, params, generators)
         if bool(greedy.any()):
             tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
 def _sample(
-    scaled: torch.Tensor, params: Sequence[Sampling], generators: Sequence[torch.Generator]
+    scaled: torch.Tensor,
+    logprobs: torch.Tensor,
+    params: Sequence[Sampling],
+    generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
-    """One token per row of temperature-scaled logits [B, V], by inverting each row's CDF."""
-    filtered = scaled
+    """One token per row of temperature-scaled logits [B, V] (`logprobs`: their log-softmax),
+    by inverting each row's CDF."""
     if any(p.top_k > 0 or 0.0 < p.top_p < 1.0 for p in params):
         filtered = torch.stack(
             [filter_logits(row, p.top_k, p.top_p) for row, p in zip(scaled, params, strict=True)]
         )
-    cdf = torch.softmax(filtered, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(filtered, dim=-1)
+    else:  # unfiltered: the probabilities are exp(logprobs), one vocabulary pass fewer
+        probs = logprobs.exp()
+    cdf = probs.cumsum(dim=-1)
     draws = torch.cat([torch.rand(1, generator=g, dtype=cdf.dtype) for g in generators])
     # right=True skips zero-probability tokens even for a draw of exactly 0.
     sampled = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(1)

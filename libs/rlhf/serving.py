@@ -31,6 +31,7 @@ from rlhf.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+T = TypeVar("T")
 
 RELOADS = Counter(
     "rlhf_checkpoint_reloads_total", "checkpoint loads by outcome", ["kind", "outcome"]
@@ -99,6 +100,32 @@ class Routes(Protocol):
         """The version for a request with routing key `key` (None: none given); `exact`
         marks a trainer's rollout."""
         ...
+
+
+def on_own_thread(work: Callable[[], T]) -> T:
+    """`work()` run on a thread of its own that ends with it; its result, or its exception.
+
+    For heavy torch work beside a decode loop (loading and converting a version). Torch's OpenMP
+    runtime gives every thread that runs a parallel region a pool of workers for the rest of that
+    thread's life, and once a process holds more of them than it has cores, every pool stops
+    spinning between regions and sleeps: a decode step, hundreds of short regions, then waits for
+    a wake-up at each (1.6x slower on 2 cores, with the model loaded on another thread). A thread
+    that ends takes its pool with it."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # handed to the caller
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="torch-work")
+    thread.start()
+    thread.join()
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
 
 
 def load_served(
@@ -238,14 +265,22 @@ class CheckpointFollower(Following, Generic[M]):
         self._events = CheckpointEvents(bootstrap, topic, client_id, self.apply)
 
     def apply(self, event: events_pb2.CheckpointEvent) -> bool:
-        """Load the announced version if it is newer; returns True when it is now served."""
+        """Load the announced version if it is newer (on a thread of its own, `on_own_thread`);
+        returns True when it is now served."""
         kind = self._slot.kind
         if event.version <= self._slot.current().version:
             return False
         started = time.perf_counter()
         try:
-            served = load_served(
-                self._store, kind, event.version, self._build, event.manifest_sha256, self._reuse
+            served = on_own_thread(
+                lambda: load_served(
+                    self._store,
+                    kind,
+                    event.version,
+                    self._build,
+                    event.manifest_sha256,
+                    self._reuse,
+                )
             )
             if self._activate is not None:
                 self._activate(served)
@@ -269,13 +304,14 @@ def latest_or_base(
 ) -> Served[M]:
     """The newest checkpoint of `kind` that verifies and builds, an older one if it does not
     (a bad newest checkpoint must not be a crash loop), or version 0 built by `base` if none
-    does."""
+    does; loaded on a thread of its own (`on_own_thread`), so the decode loop has the cores'
+    OpenMP workers to itself."""
     for version in reversed(store.versions(kind)):
         try:
-            return load_served(store, kind, version, build)
+            return on_own_thread(lambda version=version: load_served(store, kind, version, build))
         except (CheckpointError, ValueError, KeyError, OSError) as exc:
             RELOADS.labels(kind, "refused").inc()
             log.error(
                 "%s v%d is unusable at start-up (%s); trying an older one", kind, version, exc
             )
-    return Served(base(), 0, "", time.time())
+    return Served(on_own_thread(base), 0, "", time.time())

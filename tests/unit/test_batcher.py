@@ -1,6 +1,7 @@
 """The generation batcher's per-step (continuous) batching on a tiny random model: joining a
 running batch, leaving it, the KV budget, the bounded queue, hot swap between steps."""
 
+import os
 import threading
 import time
 
@@ -11,7 +12,7 @@ from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyLoader, Poli
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.decoding import Sampling, generate
 from rlhf.models import policy_checkpoint_files, policy_from_checkpoint, serving_dtype
-from rlhf.serving import HotSwap, Served
+from rlhf.serving import HotSwap, Served, on_own_thread
 from tests.conftest import tiny_llama
 
 PAD = 0
@@ -239,3 +240,45 @@ def test_hot_reload_reuses_a_retired_versions_memory_once_nothing_decodes_on_it(
     assert fourth.fast.lm_head.weight is fourth.fast.model.embed_tokens.weight
     prompt, sampling = [5, 6, 7], Sampling(12, 1.0, seed=4)
     assert _alone(fourth.fast, Job(prompt, sampling)) == _alone(fresh.fast, Job(prompt, sampling))
+
+
+def _os_threads():
+    """Threads of this process once the count holds still (exiting workers take a moment)."""
+    count, deadline = len(os.listdir("/proc/self/task")), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = len(os.listdir("/proc/self/task"))
+        if now == count:
+            break
+        count = now
+    return count
+
+
+def _parallel_work():
+    torch.set_num_threads(2)  # this thread's OpenMP team: itself and one worker
+    return float((torch.ones(1 << 22) * 2).sum())  # big enough to run in parallel
+
+
+def test_torch_work_on_a_thread_of_its_own_takes_its_openmp_workers_with_it():
+    threads = torch.get_num_threads()
+    try:
+        warm = threading.Thread(target=_parallel_work)  # torch's one-off threads start here
+        warm.start()
+        warm.join()
+        before = _os_threads()
+        # The hazard: a thread that ran a parallel region keeps OpenMP workers while it lives.
+        done, stay = threading.Event(), threading.Event()
+        lingering = threading.Thread(target=lambda: (_parallel_work(), done.set(), stay.wait()))
+        lingering.start()
+        done.wait(10)
+        assert _os_threads() >= before + 2  # the thread and its worker
+        stay.set()
+        lingering.join()
+        assert _os_threads() == before
+        # on_own_thread: the result comes back, and nothing is left running after it.
+        assert on_own_thread(_parallel_work) == 2.0 * (1 << 22)
+        assert _os_threads() == before
+        with pytest.raises(ValueError, match="refused"):
+            on_own_thread(lambda: int("refused"))
+    finally:
+        torch.set_num_threads(threads)
