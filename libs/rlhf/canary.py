@@ -36,13 +36,13 @@ from prometheus_client import Counter, Gauge
 
 from rlhf import bus
 from rlhf.checkpoints import CheckpointError, CheckpointStore, VerifiedCheckpoint
+from rlhf.models import on_own_thread
 from rlhf.serving import (
     SERVED_VERSION,
     CheckpointEvents,
     Following,
     Served,
     load_served,
-    on_own_thread,
 )
 from rlhf.v1 import events_pb2
 

@@ -26,12 +26,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from rlhf.bus import EventConsumer, Record
 from rlhf.checkpoints import CheckpointError, CheckpointStore, VerifiedCheckpoint
+from rlhf.models import on_own_thread
 from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
-T = TypeVar("T")
 
 RELOADS = Counter(
     "rlhf_checkpoint_reloads_total", "checkpoint loads by outcome", ["kind", "outcome"]
@@ -100,32 +100,6 @@ class Routes(Protocol):
         """The version for a request with routing key `key` (None: none given); `exact`
         marks a trainer's rollout."""
         ...
-
-
-def on_own_thread(work: Callable[[], T]) -> T:
-    """`work()` run on a thread of its own that ends with it; its result, or its exception.
-
-    For heavy torch work beside a decode loop (loading and converting a version). Torch's OpenMP
-    runtime gives every thread that runs a parallel region a pool of workers for the rest of that
-    thread's life, and once a process holds more of them than it has cores, every pool stops
-    spinning between regions and sleeps: a decode step, hundreds of short regions, then waits for
-    a wake-up at each (1.6x slower on 2 cores, with the model loaded on another thread). A thread
-    that ends takes its pool with it."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, work()))
-        except BaseException as exc:  # handed to the caller
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=run, name="torch-work")
-    thread.start()
-    thread.join()
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
 
 
 def load_served(

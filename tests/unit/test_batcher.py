@@ -11,8 +11,13 @@ import torch
 from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyLoader, PolicyWeights
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.decoding import Sampling, generate
-from rlhf.models import policy_checkpoint_files, policy_from_checkpoint, serving_dtype
-from rlhf.serving import HotSwap, Served, on_own_thread
+from rlhf.models import (
+    on_own_thread,
+    policy_checkpoint_files,
+    policy_from_checkpoint,
+    serving_dtype,
+)
+from rlhf.serving import HotSwap, Served
 from tests.conftest import tiny_llama
 
 PAD = 0
