@@ -236,3 +236,48 @@ def test_a_service_lowers_its_own_priority_when_asked():
         [sys.executable, "-c", script.replace("(7)", "(-1)")], capture_output=True, text=True
     )
     assert refused.returncode != 0 and "RLHF_NICE=-1" in refused.stderr
+
+
+def test_a_session_leader_lowers_its_autogroup_too_and_a_session_member_does_not(tmp_path):
+    """With autogroup scheduling, nice counts only inside a session; make up starts each
+    service in a session of its own, so the session's autogroup takes the nice value too. A
+    process in someone else's session (a shell's) must leave that session's group alone."""
+    script = (
+        "import os, sys; from pathlib import Path; from rlhf.server import nice_autogroup; "
+        "path = Path(sys.argv[1]); done = nice_autogroup(7, path); "
+        "print(done, path.read_text().strip())"
+    )
+    fake = tmp_path / "autogroup"  # the kernel's file format, in a file the test can read back
+    for leader, expected in ((True, "True 7"), (False, "False /autogroup-1 nice 0")):
+        fake.write_text("/autogroup-1 nice 0\n")
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(fake)],
+            capture_output=True,
+            text=True,
+            check=True,
+            start_new_session=leader,
+        )
+        assert done.stdout.strip() == expected
+    fake.write_text("/autogroup-1 nice 12\n")  # already lower: never raised back
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fake)],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+    )
+    assert done.stdout.strip() == "True /autogroup-1 nice 12"
+    real = Path("/proc/self/autogroup")
+    if real.exists():  # where the kernel has autogroups, the real one takes the value
+        check = (
+            "import os; from rlhf.server import lower_priority; lower_priority(5); "
+            "print(open('/proc/self/autogroup').read().split('nice')[1].strip())"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", check],
+            capture_output=True,
+            text=True,
+            check=True,
+            start_new_session=True,
+        )
+        assert int(done.stdout) == 5
