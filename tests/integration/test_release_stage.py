@@ -196,7 +196,7 @@ def test_on_an_empty_store_the_base_policy_is_released_once(started):
         server.stop()
 
 
-def test_a_policy_that_republishes_the_incumbents_weights_gets_no_canary(started):
+def test_a_policy_that_republishes_the_incumbent_or_is_gone_gets_no_canary(started):
     """After a rollback the ppo stage publishes the incumbent's weights as a new version
     (RLHF_PPO_FOLLOW_ROLLBACKS, or an operator's rollback): nothing new for users, so the stage
     skips it, and the next trained policy is the next candidate."""
@@ -222,15 +222,23 @@ def test_a_policy_that_republishes_the_incumbents_weights_gets_no_canary(started
                 manifest_sha256=again.sha256,
             )
             publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
-            skipped = "v2 skipped: the weights of v1 again (a rollback)"
+            skipped = "v2 skipped: the weights of v1 again"
             assert wait_until(lambda: _status(control).last_decision == skipped)
             assert _status(control).candidate_version == 0
-            _, trained = _policy(store, 3)
+            # A policy pruned by its writer before its canary (make up's ppo stage published
+            # 13 versions while one gate ran): counted as tried, said, and the stage goes on.
+            _, pruned = _policy(store, 3)
+            _, trained = _policy(store, 4)
+            assert store.discard(POLICY, 3)
+            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, pruned)
+            assert wait_until(
+                lambda: "v3 is gone before its canary" in _status(control).last_decision
+            )
             publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, trained)
-            assert wait_until(lambda: _status(control).candidate_version == 3)
+            assert wait_until(lambda: _status(control).candidate_version == 4)
         assert released(broker.bootstrap) == [
             (1, 0, "initial: what generation started on"),
-            (1, 3, "canary"),
+            (1, 4, "canary"),
         ]
     finally:
         server.stop()

@@ -379,17 +379,10 @@ class ReleaseController(Stage):
         if self._republished(candidate) == incumbent:
             # The ppo stage rolled back to the incumbent (RLHF_PPO_FOLLOW_ROLLBACKS or an
             # operator) and published its weights again: nothing new to put before users.
-            with self.intake.lock:
-                now = self.intake.canary
-                summary = f"v{candidate} skipped: the weights of v{incumbent} again (a rollback)"
-                self.intake.canary = replace(
-                    now, tried=max(now.tried, candidate), last_decision=summary
-                )
-            log.info("release: %s", summary)
-            self._save()
+            self._give_up(candidate, f"v{candidate} skipped: the weights of v{incumbent} again")
             return True
         if self.gate is None:
-            self._release(incumbent, candidate, "canary", self.share)
+            self._start_canary(incumbent, candidate)
             return True
         if time.monotonic() < self._gate_retry_at:
             return False
@@ -408,10 +401,24 @@ class ReleaseController(Stage):
             last = {} if outcome["passed"] else {"last_decision": outcome["summary"]}
             self.intake.canary = replace(now, gate=outcome, **refused, **last)
         if outcome["passed"]:
-            self._release(incumbent, candidate, "canary", self.share)
+            self._start_canary(incumbent, candidate)
         else:
             self._save()
         return True
+
+    def _start_canary(self, incumbent: int, candidate: int) -> None:
+        try:
+            self._release(incumbent, candidate, "canary", self.share)
+        except CheckpointError as exc:  # pruned by its writer (while the gate measured it)
+            self._give_up(candidate, f"v{candidate} is gone before its canary ({exc})")
+
+    def _give_up(self, candidate: int, why: str) -> None:
+        """Count `candidate` as tried without a canary, and say why."""
+        with self.intake.lock:
+            now = self.intake.canary
+            self.intake.canary = replace(now, tried=max(now.tried, candidate), last_decision=why)
+        log.warning("release: %s", why)
+        self._save()
 
     def _republished(self, version: int) -> int | None:
         """The version whose weights policy `version` republishes (a rollback), if it does."""
