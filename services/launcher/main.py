@@ -60,25 +60,32 @@ STOP_TIMEOUT = 30.0  # SIGTERM to SIGKILL
 # SmolLM2 can take a minute on 2 cores, and killing it would redo that work on the next start.
 TRAINER_STOP_TIMEOUT = 150.0
 # Sized for 2 CPU cores shared by everything. Serving comes first: the training processes run at
-# low scheduling priority (RLHF_NICE) and every process has a thread budget (OMP_NUM_THREADS),
-# so answers stay fast while PPO trains in what generation leaves. The users rate fast enough
-# for a trend to show. Of what serving leaves, PPO gets the larger share (nice 15 against the
-# reward stage's 19), and once its first model is out the reward stage retrains on everything
-# so far at geometrically spaced sizes (64, 128, 192, 288, 432... ratings): measured with fixed
-# rounds of 64 it trained a round every minute, and PPO, at the same priority, took 4 minutes an
-# update. Any of these can be overridden from the environment.
+# lower scheduling priority (RLHF_NICE, which also sets each service's session autogroup: until
+# 2026-12-06 it did not, and every service competed at equal weight) and every process has a
+# thread budget (OMP_NUM_THREADS), so answers stay fast while PPO trains beside generation. The
+# nice values are mild (5 and 10): generation is busy nearly all the time with six users, and at
+# nice 15-19 the trainers got almost nothing once nice worked (no reward model after 6 minutes).
+# The users rate fast enough for a trend to show. PPO gets the larger share of the trainers
+# (nice 5 against the reward stage's 10), and once its first model is out the reward stage
+# retrains on everything so far at geometrically spaced sizes (64, 128, 192, 288, 432...
+# ratings): measured with fixed rounds of 64 it trained a round every minute, and PPO, at the
+# same priority, took 4 minutes an update. Any of these can be overridden from the environment.
 CPU_DEMO: dict[str, dict[str, str]] = {
-    "generation": {"OMP_NUM_THREADS": "2"},
+    # PASSIVE: OpenMP workers sleep between ops instead of spinning. Since models are built on
+    # threads that end (rlhf.models.on_own_thread) libgomp spins at full speed, and on 2 shared
+    # cores the spinning decode loop took 168% CPU and left the trainers almost nothing; spinning
+    # bought no latency here (rlhf generate 7-8 s either way). Dedicated cores: leave it unset.
+    "generation": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     # Score every live answer (a few ms each at demo traffic), so the view's live reward per
     # policy version has numbers within minutes instead of a 10% sample's trickle.
     "reward": {
         "RLHF_REWARD_DRIFT_SAMPLE": "1.0",
-        "RLHF_NICE": "10",
+        "RLHF_NICE": "5",
         "OMP_NUM_THREADS": "1",
         "RLHF_REWARD_MAX_TOKENS": "128",  # as the reward stage trains: the same for both
     },
     "trainer": {
-        "RLHF_NICE": "15",
+        "RLHF_NICE": "5",
         "OMP_NUM_THREADS": "2",
         # Measured in an in-process replica of the loop (users rating the policy, the reward
         # model retrained on their ratings): batches of 16 with one epoch at lr 5e-4 reached 81%
@@ -103,7 +110,7 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         "RLHF_PPO_KL_HORIZON": "200",
     },
     "reward-trainer": {
-        "RLHF_NICE": "19",
+        "RLHF_NICE": "10",
         "OMP_NUM_THREADS": "2",
         "RLHF_REWARD_ROUND_EXAMPLES": "64",
         "RLHF_REWARD_ROUND_GROWTH": "0.5",
@@ -115,10 +122,10 @@ CPU_DEMO: dict[str, dict[str, str]] = {
     # candidate would get 7 a minute). A canary still undecided after 10 minutes expires (the
     # default is a day): the incumbent keeps serving and the newest policy, several updates
     # further, is gated next, so a session sees verdicts; a candidate one update ahead needs
-    # thousands of thumbs (docs/operations.md). The gate shares the ppo stage's priority: at
-    # nice 19 it took 6 minutes, beside generation and two trainers.
+    # thousands of thumbs (docs/operations.md). The gate runs at nice 10: at nice 19 (when
+    # nice did not reach the autogroup) it took 6 minutes, beside generation and two trainers.
     "release-trainer": {
-        "RLHF_NICE": "15",
+        "RLHF_NICE": "10",
         "OMP_NUM_THREADS": "2",
         "RLHF_CANARY_SHARE": "0.5",
         "RLHF_RELEASE_MAX_SECONDS": "600",
