@@ -238,6 +238,17 @@ def test_a_service_lowers_its_own_priority_when_asked():
     assert refused.returncode != 0 and "RLHF_NICE=-1" in refused.stderr
 
 
+def _python_in_session(code: str, *args: str, leader: bool = True) -> str:
+    """What a child Python running `code` prints, in a session of its own or in ours."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=leader,
+    ).stdout.strip()
+
+
 def test_a_session_leader_lowers_its_autogroup_too_and_a_session_member_does_not(tmp_path):
     """With autogroup scheduling, nice counts only inside a session; make up starts each
     service in a session of its own, so the session's autogroup takes the nice value too. A
@@ -250,34 +261,13 @@ def test_a_session_leader_lowers_its_autogroup_too_and_a_session_member_does_not
     fake = tmp_path / "autogroup"  # the kernel's file format, in a file the test can read back
     for leader, expected in ((True, "True 7"), (False, "False /autogroup-1 nice 0")):
         fake.write_text("/autogroup-1 nice 0\n")
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(fake)],
-            capture_output=True,
-            text=True,
-            check=True,
-            start_new_session=leader,
-        )
-        assert done.stdout.strip() == expected
+        assert _python_in_session(script, str(fake), leader=leader) == expected
     fake.write_text("/autogroup-1 nice 12\n")  # already lower: never raised back
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(fake)],
-        capture_output=True,
-        text=True,
-        check=True,
-        start_new_session=True,
-    )
-    assert done.stdout.strip() == "True /autogroup-1 nice 12"
+    assert _python_in_session(script, str(fake)) == "True /autogroup-1 nice 12"
     real = Path("/proc/self/autogroup")
     if real.exists():  # where the kernel has autogroups, the real one takes the value
         check = (
             "import os; from rlhf.server import lower_priority; lower_priority(5); "
             "print(open('/proc/self/autogroup').read().split('nice')[1].strip())"
         )
-        done = subprocess.run(
-            [sys.executable, "-c", check],
-            capture_output=True,
-            text=True,
-            check=True,
-            start_new_session=True,
-        )
-        assert int(done.stdout) == 5
+        assert int(_python_in_session(check)) == 5

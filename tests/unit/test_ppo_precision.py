@@ -54,11 +54,22 @@ def test_the_dtype_setting_resolves_like_serving_and_refuses_unknown_names():
         PPOConfig(dtype="float16").validate()
 
 
-def test_bf16_forward_runs_in_bf16_and_returns_fp32_close_to_fp32():
+def _policy_head_and_pass():
+    """The tiny policy, a value head with non-zero weights, a rollout, and forward_policy's
+    positional arguments for it (temperature 0.7)."""
     policy, head = tiny_llama(), ValueHead(HIDDEN)
     torch.nn.init.normal_(head.linear.weight, std=0.1)
     rollout = hand_rollout()
-    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 0.7)
+    return (
+        policy,
+        head,
+        rollout,
+        (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 0.7),
+    )
+
+
+def test_bf16_forward_runs_in_bf16_and_returns_fp32_close_to_fp32():
+    policy, head, rollout, args = _policy_head_and_pass()
     with torch.no_grad():
         full = forward_policy(policy, head, *args, dtype=torch.float32)
         half = forward_policy(policy, head, *args, dtype=torch.bfloat16)
@@ -94,10 +105,7 @@ def test_in_bf16_on_the_cpu_attention_runs_in_float32_and_the_rest_in_bf16():
 
 
 def test_a_value_head_called_inside_an_open_bf16_context_still_computes_in_float32():
-    policy, head = tiny_llama(), ValueHead(HIDDEN)
-    torch.nn.init.normal_(head.linear.weight, std=0.1)
-    rollout = hand_rollout()
-    args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_width, 0.7)
+    policy, head, rollout, args = _policy_head_and_pass()
     with torch.no_grad():
         alone = forward_policy(policy, head, *args, dtype=torch.bfloat16)
         with compute_precision(torch.bfloat16, torch.device("cpu")):  # as the scoring pass does
