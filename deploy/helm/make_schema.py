@@ -232,6 +232,7 @@ def build() -> Schema:
                     "margin": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                     "minThumbs": integer(2, description="thumbs on each version first"),
                     "maxSeconds": integer(1, description="undecided after this long: expired"),
+                    "minAhead": integer(1, description="versions past the incumbent to be gated"),
                 },
                 required=["share", "promoteError", "rollbackError", "margin", "minThumbs"],
             ),

@@ -63,19 +63,22 @@ TRAINER_STOP_TIMEOUT = 150.0
 # lower scheduling priority (RLHF_NICE, which also sets each service's session autogroup: until
 # 2026-12-06 it did not, and every service competed at equal weight) and every process has a
 # thread budget (OMP_NUM_THREADS), so answers stay fast while PPO trains beside generation. The
-# nice values are mild (5 and 10): generation is busy nearly all the time with six users, and at
-# nice 15-19 the trainers got almost nothing once nice worked (no reward model after 6 minutes).
-# The users rate fast enough for a trend to show. PPO gets the larger share of the trainers
-# (nice 5 against the reward stage's 10), and once its first model is out the reward stage
-# retrains on everything so far at geometrically spaced sizes (64, 128, 192, 288, 432...
-# ratings): measured with fixed rounds of 64 it trained a round every minute, and PPO, at the
-# same priority, took 4 minutes an update. Any of these can be overridden from the environment.
+# nice values are mild (5): generation is busy nearly all the time with six users, and at nice
+# 15-19 the trainers got almost nothing once nice worked (no reward model after 6 minutes). The
+# reward stage shares nice 5 with ppo: before its first model nothing else trains, and at nice
+# 10 it got a third of what nice 5 gets (the first model came 10 minutes in). Once its first
+# model is out it retrains on everything so far at geometrically spaced sizes (64, 128, 192,
+# 288, 432... ratings): measured with fixed rounds of 64 it trained a round every minute, and
+# PPO, at the same priority, took 4 minutes an update. The users rate fast enough for a trend
+# to show. Any of these can be overridden from the environment.
 CPU_DEMO: dict[str, dict[str, str]] = {
-    # PASSIVE: OpenMP workers sleep between ops instead of spinning. Since models are built on
-    # threads that end (rlhf.models.on_own_thread) libgomp spins at full speed, and on 2 shared
-    # cores the spinning decode loop took 168% CPU and left the trainers almost nothing; spinning
-    # bought no latency here (rlhf generate 7-8 s either way). Dedicated cores: leave it unset.
-    "generation": {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    # One thread: beside two niced trainers on 2 cores, a 2-thread decode waits at each op for
+    # the worker a trainer holds. Measured (generation serving 5 clients, two torch hogs at
+    # nice 5 and 10 in their own sessions, 75 s each): 32 tokens in 3.36 s at one thread (0.87
+    # cores) against 3.59 s at two with PASSIVE waits (0.94), 3.64 s spinning (1.33 cores, the
+    # hogs' throughput halved) and 4.24 s with GOMP_SPINCOUNT=2000. Dedicated cores (a
+    # deployment): leave it unset.
+    "generation": {"OMP_NUM_THREADS": "1"},
     # Score every live answer (a few ms each at demo traffic), so the view's live reward per
     # policy version has numbers within minutes instead of a 10% sample's trickle.
     "reward": {
@@ -110,7 +113,7 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         "RLHF_PPO_KL_HORIZON": "200",
     },
     "reward-trainer": {
-        "RLHF_NICE": "10",
+        "RLHF_NICE": "5",
         "OMP_NUM_THREADS": "2",
         "RLHF_REWARD_ROUND_EXAMPLES": "64",
         "RLHF_REWARD_ROUND_GROWTH": "0.5",
@@ -118,17 +121,18 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         "RLHF_REWARD_MAX_TOKENS": "128",
     },
     # With RLHF_UP_RELEASES: half the answers come from the candidate, so a canary gathers
-    # thumbs at half make up's rating rate (about 37 a minute each; at the 10% default the
-    # candidate would get 7 a minute). A canary still undecided after 10 minutes expires (the
-    # default is a day): the incumbent keeps serving and the newest policy, several updates
-    # further, is gated next, so a session sees verdicts; a candidate one update ahead needs
-    # thousands of thumbs (docs/operations.md). The gate runs at nice 10: at nice 19 (when
-    # nice did not reach the autogroup) it took 6 minutes, beside generation and two trainers.
+    # thumbs at half make up's rating rate (about 27 a minute each; at the 10% default the
+    # candidate would get 5 a minute). A policy is gated only 8 versions past the incumbent: a
+    # GRPO update here gains about two points of thumbs-up, and the test tells 16 points apart
+    # in about 200 thumbs a version, one point in thousands (docs/operations.md). A canary still
+    # undecided after 10 minutes expires (the default is a day): the incumbent keeps serving
+    # and the newest policy is gated next. The stage runs at nice 0: its gate is short, rare
+    # (once a candidate) and holds up the canary; at nice 10 it took over 7 minutes, at 19 six.
     "release-trainer": {
-        "RLHF_NICE": "10",
         "OMP_NUM_THREADS": "2",
         "RLHF_CANARY_SHARE": "0.5",
         "RLHF_RELEASE_MAX_SECONDS": "600",
+        "RLHF_RELEASE_MIN_AHEAD": "8",
     },
     "simulated-users": {
         # About 75 ratings a minute (measured): the first reward model passed its gate 2-6

@@ -66,7 +66,7 @@ def started(own_broker, tmp_path):
     store = CheckpointStore(tmp_path / "checkpoints")
     group = f"release-{uuid.uuid4().hex[:8]}"
 
-    def start():
+    def start(**settings):
         config = trainer_config(
             {"kafka_bootstrap": own_broker.bootstrap, "checkpoint_dir": store.root},
             RLHF_TRAINER_STAGE="release",
@@ -77,6 +77,7 @@ def started(own_broker, tmp_path):
             # These "policies" are stand-in tensors, no model to sample: the bookkeeping of
             # canaries is tested here, the gate (which samples policies) in the e2e test.
             RLHF_RELEASE_GATE="false",
+            **settings,
         )
         return serve(build(config))
 
@@ -240,5 +241,34 @@ def test_a_policy_that_republishes_the_incumbent_or_is_gone_gets_no_canary(start
             (1, 0, "initial: what generation started on"),
             (1, 4, "canary"),
         ]
+    finally:
+        server.stop()
+
+
+def test_a_policy_gets_its_canary_once_it_is_min_ahead_versions_past_the_incumbent(started):
+    """RLHF_RELEASE_MIN_AHEAD=3: policies one or two updates past the incumbent wait (the status
+    says why); the first one three versions past gets the canary."""
+    broker, store, start = started
+    _policy(store, 1)
+    server = start(RLHF_RELEASE_MIN_AHEAD=3)
+    try:
+        with (
+            channel(server, READER_KEY) as opened,
+            bus.Publisher(broker.bootstrap, client_id="release-test") as publisher,
+        ):
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
+            assert wait_until(lambda: _status(control).incumbent_version == 1)
+            for version in (2, 3):
+                _, event = _policy(store, version)
+                publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+            waiting = "serving v1; v3 waits until it is 3 versions ahead (RLHF_RELEASE_MIN_AHEAD)"
+            assert wait_until(
+                lambda: control.GetStatus(trainer_pb2.GetStatusRequest()).phase_detail == waiting
+            )
+            assert _status(control).candidate_version == 0
+            _, event = _policy(store, 4)
+            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+            assert wait_until(lambda: _status(control).candidate_version == 4)
+        assert released(broker.bootstrap)[-1] == (1, 4, "canary")
     finally:
         server.stop()

@@ -30,6 +30,7 @@ def test_with_releases_the_release_stage_runs_and_generation_follows_it():
     assert processes["generation"].env["RLHF_GENERATION_RELEASES"] == "true"
     assert CPU_DEMO["release-trainer"]["RLHF_CANARY_SHARE"] == "0.5"
     assert CPU_DEMO["release-trainer"]["RLHF_RELEASE_MAX_SECONDS"] == "600"  # a session sees ends
+    assert int(CPU_DEMO["release-trainer"]["RLHF_RELEASE_MIN_AHEAD"]) > 1  # a tellable difference
 
 
 def test_the_trainer_can_sample_its_rollouts_on_the_generation_pool():

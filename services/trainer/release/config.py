@@ -72,6 +72,13 @@ class ReleaseStageConfig:
         "(RLHF_PPO_REFERENCE_VERSION) per gate answer exceeds this (nats) gets no canary "
         "(0 = no cap)",
     )
+    min_ahead: int = setting(
+        "RLHF_RELEASE_MIN_AHEAD",
+        1,
+        "release stage: a new policy is gated only once it is at least this many versions newer "
+        "than the incumbent (1: every new policy; more: canaries of policies several updates "
+        "apart, whose difference users can tell within a canary)",
+    )
     canary_share: float = setting(
         "RLHF_CANARY_SHARE",
         0.1,
@@ -143,6 +150,8 @@ class ReleaseStageConfig:
             load_prompts(self.gate_prompts)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"release gate: {exc}") from exc
+        if self.min_ahead < 1:
+            raise ConfigError("RLHF_RELEASE_MIN_AHEAD must be at least 1")
         if not 0.0 < self.canary_share <= 1.0:
             raise ConfigError("RLHF_CANARY_SHARE must be in (0, 1]")
         try:

@@ -10,7 +10,8 @@ The work thread (`ReleaseController`), between operator commands:
 
 1. on a first start, pins what generation serves: a release of the store's newest policy (what
    every replica starts on) once the intake has read the topics to their end;
-2. when a policy newer than the incumbent and than every candidate tried so far is in, compares
+2. when a policy newer than every candidate tried so far, and at least RLHF_RELEASE_MIN_AHEAD
+   versions newer than the incumbent, is in, compares
    it with the incumbent offline (the gate, `gate.py`, unless RLHF_RELEASE_GATE=false): one
    that regresses beyond the gate's tolerances is kept in the store but never served (it counts
    as tried, and the status and metrics say why); one that passes gets its canary: a release
@@ -264,6 +265,7 @@ class ReleaseController(Stage):
         share: float,
         start_version: int,
         gate: ReleaseGate | None = None,
+        min_ahead: int = 1,
     ) -> None:
         super().__init__(parts)
         self.intake: ReleaseIntake = parts.intake  # type: ignore[assignment]
@@ -276,6 +278,7 @@ class ReleaseController(Stage):
         self._published_at = 0.0
         self.gate = gate  # None: every new policy gets a canary
         self._gate_retry_at = 0.0
+        self.min_ahead = min_ahead  # versions past the incumbent before a policy is offered
 
     # Status -----------------------------------------------------------------------------------
 
@@ -351,8 +354,14 @@ class ReleaseController(Stage):
             self._release(self._start_version, 0, "initial: what generation started on")
             busy = True
         elif not canary.candidate:
-            if canary.newest > max(canary.incumbent, canary.tried):
+            if canary.newest > canary.tried and canary.newest >= canary.incumbent + self.min_ahead:
                 busy = self._offer(canary)
+            elif canary.newest > max(canary.incumbent, canary.tried):
+                self.set_phase(
+                    COLLECTING,
+                    f"serving v{canary.incumbent}; v{canary.newest} waits until it is "
+                    f"{self.min_ahead} versions ahead (RLHF_RELEASE_MIN_AHEAD)",
+                )
             else:
                 self.set_phase(COLLECTING, f"serving v{canary.incumbent}; no newer policy")
         else:

@@ -68,7 +68,9 @@ class ReleaseTrainerService(StageService):
                 config.ppo.reward_address, security=ClientSecurity.of(config)
             )
             gate = release_gate(config, store, self.reward)
-        loop = ReleaseController(parts, settings.test(), settings.canary_share, start_version, gate)
+        loop = ReleaseController(
+            parts, settings.test(), settings.canary_share, start_version, gate, settings.min_ahead
+        )
         self.serve(loop, store)
 
     def close_clients(self) -> None:
