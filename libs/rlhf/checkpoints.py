@@ -43,6 +43,7 @@ REWARD_STATE = "reward-state"
 SFT_STATE = "sft-state"
 RELEASE_STATE = "release-state"  # the release stage's canary, thumbs and offsets
 KINDS = (POLICY, REWARD, PPO_STATE, REWARD_STATE, SFT_STATE, RELEASE_STATE)
+PINS = ".pins"  # <kind>/.pins/<owner>.json: versions `prune` keeps (`CheckpointStore.pin`)
 
 
 class CheckpointError(Exception):
@@ -297,10 +298,39 @@ class CheckpointStore:
             raise
         return manifest
 
+    def pin(self, kind: str, owner: str, versions: set[int]) -> None:
+        """Replace `owner`'s pins on `kind`: versions no `prune` deletes, whoever prunes (the
+        release stage pins what generation serves and the candidate it gates, so the ppo stage,
+        which prunes policies, cannot delete them under it). Pins outlive the owner's process;
+        an empty set removes them."""
+        if not owner.replace("-", "").isalnum():
+            raise CheckpointError(f"refusing pin owner {owner!r}")
+        folder = self._kind_dir(kind) / PINS
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / f".tmp-{uuid.uuid4().hex}"
+        _write_synced(staging, json.dumps(sorted(versions)).encode())
+        os.rename(staging, folder / f"{owner}.json")
+
+    def pinned(self, kind: str) -> frozenset[int]:
+        """Every owner's pins on `kind`. A pin file that cannot be read raises: pruning on a
+        guess could delete what someone serves."""
+        folder = self._kind_dir(kind) / PINS
+        found: set[int] = set()
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                versions = json.loads(path.read_bytes())
+                found.update(int(v) for v in versions)
+            except FileNotFoundError:  # replaced or removed meanwhile
+                continue
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"malformed pin file {path}: {exc}") from exc
+        return frozenset(found)
+
     def prune(self, kind: str, keep: int, protect: frozenset[int] = frozenset()) -> list[int]:
-        """Delete all but the newest `keep` versions and those in `protect`."""
+        """Delete all but the newest `keep` versions, those in `protect` and pinned ones."""
         folder = self._kind_dir(kind)
         older = self.versions(kind)[:-keep] if keep > 0 else []
+        protect = protect | self.pinned(kind)
         doomed = [v for v in older if v not in protect]
         for version in doomed:
             shutil.rmtree(folder / version_dir(version), ignore_errors=True)

@@ -247,7 +247,8 @@ def test_a_policy_that_republishes_the_incumbent_or_is_gone_gets_no_canary(start
 
 def test_a_policy_gets_its_canary_once_it_is_min_ahead_versions_past_the_incumbent(started):
     """RLHF_RELEASE_MIN_AHEAD=3: policies one or two updates past the incumbent wait (the status
-    says why); the first one three versions past gets the canary."""
+    says why); the first one three versions past gets the canary, and both versions serving are
+    pinned in the store."""
     broker, store, start = started
     _policy(store, 1)
     server = start(RLHF_RELEASE_MIN_AHEAD=3)
@@ -269,6 +270,12 @@ def test_a_policy_gets_its_canary_once_it_is_min_ahead_versions_past_the_incumbe
             _, event = _policy(store, 4)
             publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
             assert wait_until(lambda: _status(control).candidate_version == 4)
+            # The incumbent and the candidate are pinned: the ppo stage's pruning (all but its
+            # newest few) cannot delete them while they serve.
+            assert wait_until(lambda: store.pinned(POLICY) == {1, 4})
+            for version in (5, 6):
+                _policy(store, version)
+            assert store.prune(POLICY, keep=1) == [2, 3, 5]
         assert released(broker.bootstrap)[-1] == (1, 4, "canary")
     finally:
         server.stop()

@@ -5,7 +5,7 @@ import blake3
 import pytest
 import torch
 
-from rlhf.checkpoints import POLICY, CheckpointError, CheckpointStore, IntegrityError
+from rlhf.checkpoints import POLICY, REWARD, CheckpointError, CheckpointStore, IntegrityError
 
 
 def _write(store, version=None, value=1.0):
@@ -104,6 +104,36 @@ def test_prune_spares_protected_versions(tmp_path):
         _write(store)
     assert store.prune(POLICY, keep=2, protect=frozenset({2})) == [1, 3]
     assert store.versions(POLICY) == [2, 4, 5]
+
+
+def test_pinned_versions_survive_any_prune_until_their_owner_unpins_them(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for _ in range(6):
+        _write(store)
+    store.pin(POLICY, "release", {1, 3})
+    store.pin(POLICY, "other", {2})
+    assert store.pinned(POLICY) == {1, 2, 3}
+    assert store.prune(POLICY, keep=1) == [4, 5]
+    assert store.versions(POLICY) == [1, 2, 3, 6]
+    store.pin(POLICY, "release", {3})  # replaces the owner's pins, not the other owner's
+    store.pin(POLICY, "other", set())
+    assert store.pinned(POLICY) == {3}
+    assert store.prune(POLICY, keep=1) == [1, 2]
+    assert store.versions(POLICY) == [3, 6]  # the pin files are not versions
+    assert store.pinned(REWARD) == frozenset()
+
+
+def test_a_malformed_pin_stops_pruning_and_owners_are_plain_names(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for _ in range(3):
+        _write(store)
+    store.pin(POLICY, "release", {1})
+    (tmp_path / POLICY / ".pins" / "release.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed pin file"):
+        store.prune(POLICY, keep=1)
+    assert store.versions(POLICY) == [1, 2, 3]  # nothing deleted on a guess
+    with pytest.raises(CheckpointError, match="pin owner"):
+        store.pin(POLICY, "../escape", {1})
 
 
 def test_discard_removes_one_version_and_reports_whether_it_existed(tmp_path):

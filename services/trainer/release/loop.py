@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 STATE_SECONDS = 30.0  # the canary's thumbs are saved (and offsets committed) this often
 AWAIT_SECONDS = 60.0  # longest wait to read back a release the stage published
+PIN_OWNER = "release"  # the stage's pins on policies in the store
 GATE_RETRY_SECONDS = 15.0  # a gate the reward service could not score is tried again after this
 
 VERDICTS = Counter(
@@ -279,6 +280,7 @@ class ReleaseController(Stage):
         self.gate = gate  # None: every new policy gets a canary
         self._gate_retry_at = 0.0
         self.min_ahead = min_ahead  # versions past the incumbent before a policy is offered
+        self._pinned: set[int] | None = None  # the policies pinned in the store, once known
 
     # Status -----------------------------------------------------------------------------------
 
@@ -349,6 +351,7 @@ class ReleaseController(Stage):
             self.set_phase(WAITING, "reading back the release just published")
             return False
         canary, incumbent, candidate = self.intake.thumbs()
+        self._pin(canary.incumbent, canary.candidate)
         busy = False
         if not canary.known:
             self._release(self._start_version, 0, "initial: what generation started on")
@@ -395,6 +398,10 @@ class ReleaseController(Stage):
             return True
         if time.monotonic() < self._gate_retry_at:
             return False
+        self._pin(incumbent, candidate)  # its writer must not prune it while it is measured
+        if candidate not in self._store.versions(POLICY):
+            self._give_up(candidate, f"v{candidate} is gone before its gate")
+            return True
         self.set_phase(TRAINING, f"gate: v{candidate} against v{incumbent} on the gate's prompts")
         try:
             outcome = self.gate.run(incumbent, candidate)
@@ -414,6 +421,15 @@ class ReleaseController(Stage):
         else:
             self._save()
         return True
+
+    def _pin(self, *versions: int) -> None:
+        """Keep these policies in the store (`CheckpointStore.pin`): what generation serves, a
+        canary's candidate, the candidate being gated. The ppo stage prunes all but its newest
+        few policies; unpinned, it deleted a candidate while the gate measured it (make up)."""
+        wanted = {v for v in versions if v}  # v0, the base model, is not in the store
+        if wanted != self._pinned:
+            self._store.pin(POLICY, PIN_OWNER, wanted)
+            self._pinned = wanted
 
     def _start_canary(self, incumbent: int, candidate: int) -> None:
         try:
