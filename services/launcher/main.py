@@ -79,6 +79,11 @@ CPU_DEMO: dict[str, dict[str, str]] = {
     # hogs' throughput halved) and 4.24 s with GOMP_SPINCOUNT=2000. Dedicated cores (a
     # deployment): leave it unset.
     "generation": {"OMP_NUM_THREADS": "1"},
+    # The trainer stages get one thread each too: beside one-thread generation, two trainer-like
+    # hogs at nice 5 did 8.2 and 8.4 steps/s at one thread each against 3.2 and 3.2 at two (a
+    # two-thread op waits for its slower half, and its workers spin meanwhile), and generation
+    # answered a little faster (3.27 s against 3.41 s). With generation, ppo, the reward stage
+    # and the reward service busy, one thread each still fills both cores.
     # Score every live answer (a few ms each at demo traffic), so the view's live reward per
     # policy version has numbers within minutes instead of a 10% sample's trickle.
     "reward": {
@@ -89,7 +94,7 @@ CPU_DEMO: dict[str, dict[str, str]] = {
     },
     "trainer": {
         "RLHF_NICE": "5",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "1",
         # Measured in an in-process replica of the loop (users rating the policy, the reward
         # model retrained on their ratings): batches of 16 with one epoch at lr 5e-4 reached 81%
         # held-out thumbs-up in 30 updates (batches of 8, two epochs at 2e-4: 67% in 60) but
@@ -114,7 +119,7 @@ CPU_DEMO: dict[str, dict[str, str]] = {
     },
     "reward-trainer": {
         "RLHF_NICE": "5",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "1",
         "RLHF_REWARD_ROUND_EXAMPLES": "64",
         "RLHF_REWARD_ROUND_GROWTH": "0.5",
         "RLHF_REWARD_LEARNING_RATE": "1e-4",
@@ -129,7 +134,7 @@ CPU_DEMO: dict[str, dict[str, str]] = {
     # and the newest policy is gated next. The stage runs at nice 0: its gate is short, rare
     # (once a candidate) and holds up the canary; at nice 10 it took over 7 minutes, at 19 six.
     "release-trainer": {
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "1",
         "RLHF_CANARY_SHARE": "0.5",
         "RLHF_RELEASE_MAX_SECONDS": "600",
         "RLHF_RELEASE_MIN_AHEAD": "8",
