@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,7 +453,15 @@ def reload_and_swap(service: Service, store: CheckpointStore, bootstrap: str, re
     )
 
 
-def run(quick: bool) -> str:
+SECTIONS = ("overhead", "throughput", "staggered", "reload")
+
+
+def run(quick: bool, only: Sequence[str] = ()) -> str:
+    """Every section (the report BENCHMARKS.md gets), or those named in `only` (for a quick look
+    while working: `python -m bench.generation --sections reload`, printed, not written)."""
+    unknown = [name for name in only if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"no section {unknown}; the sections are {list(SECTIONS)}")
     repeats = 2 if quick else 3
     cache = load_config(CommonConfig).cache_dir
     tokenizer = load_tokenizer(cache)
@@ -462,14 +470,25 @@ def run(quick: bool) -> str:
         bus.ensure_topics(broker.bootstrap)
         store = CheckpointStore(Path(folder))
         service = Service(broker.bootstrap, store.root)
+        measures: dict[str, Callable[[], str]] = {
+            "overhead": lambda: overhead(service, model, tokenizer, repeats),
+            "throughput": lambda: throughput(service, 10.0 if quick else 20.0),
+            "staggered": lambda: staggered(service, model, tokenizer, 1 if quick else 3),
+            # The first two swaps build afresh (nothing retired with memory to reuse yet).
+            "reload": lambda: reload_and_swap(service, store, broker.bootstrap, repeats + 4),
+        }
         try:
-            sections = [
-                overhead(service, model, tokenizer, repeats),
-                throughput(service, 10.0 if quick else 20.0),
-                staggered(service, model, tokenizer, 1 if quick else 3),
-                # The first two swaps build afresh (nothing retired with memory to reuse yet).
-                reload_and_swap(service, store, broker.bootstrap, repeats + 4),
-            ]
+            sections = [measure() for name, measure in measures.items() if not only or name in only]
         finally:
             service.stop()
     return "\n".join(sections)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Some sections of the generation bench, printed.")
+    parser.add_argument("--sections", nargs="+", required=True, choices=SECTIONS)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    arguments = parser.parse_args()
+    print(run(arguments.quick, arguments.sections), flush=True)

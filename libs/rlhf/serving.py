@@ -112,9 +112,19 @@ def load_served(
 ) -> Served[M]:
     """Load and verify one checkpoint version and build the servable model from it; `reuse`
     may offer memory to read the files into (see `CheckpointStore.load`)."""
+    started = time.perf_counter()
     spare = reuse() if reuse is not None else None
     checkpoint = store.load(kind, version, expected_manifest_sha256, spare)
-    return Served(build(checkpoint), version, checkpoint.manifest_sha256, time.time())
+    loaded = time.perf_counter()
+    model = build(checkpoint)
+    log.info(
+        "%s v%d read and verified in %.3f s, built in %.3f s",
+        kind,
+        version,
+        loaded - started,
+        time.perf_counter() - loaded,
+    )
+    return Served(model, version, checkpoint.manifest_sha256, time.time())
 
 
 class CheckpointEvents:

@@ -1,11 +1,14 @@
 import hashlib
 import json
+import logging
+import re
 
 import blake3
 import pytest
 import torch
 
 from rlhf.checkpoints import POLICY, REWARD, CheckpointError, CheckpointStore, IntegrityError
+from rlhf.serving import load_served
 
 
 def _write(store, version=None, value=1.0):
@@ -25,6 +28,22 @@ def test_round_trip_verifies_and_loads(tmp_path):
     assert torch.equal(loaded.tensors["model.safetensors"]["w"], torch.ones(2, 3))
     assert loaded.json_files["config.json"] == {"hidden": 3}
     assert _write(store).version == 2 and store.latest_version(POLICY) == 2
+
+
+def test_a_served_load_logs_its_read_and_build_times(tmp_path, caplog):
+    """The stages of a hot reload, for telling where its time goes (BENCHMARKS.md)."""
+    store = CheckpointStore(tmp_path)
+    manifest = _write(store, value=2.0)
+
+    def build(checkpoint):
+        return checkpoint.tensors["model.safetensors"]["w"].sum().item()
+
+    with caplog.at_level(logging.INFO, logger="rlhf.serving"):
+        served = load_served(store, POLICY, 1, build, manifest.sha256)
+    assert (served.model, served.version, served.manifest_sha256) == (12.0, 1, manifest.sha256)
+    assert re.search(
+        r"policy v1 read and verified in \d+\.\d{3} s, built in \d+\.\d{3} s", caplog.text
+    )
 
 
 def test_tampered_weights_are_refused(tmp_path):
