@@ -335,8 +335,16 @@ class CommonConfig(TlsSettings):
     max_calls: int = setting(
         "RLHF_MAX_CALLS",
         32,
-        "gRPC calls served at once (each holds a thread); more get RESOURCE_EXHAUSTED. Health "
-        "checks have threads of their own",
+        "gRPC calls served at once (each holds a thread); more wait up to "
+        "RLHF_CALL_SLOT_WAIT_MS for a slot, then get RESOURCE_EXHAUSTED. Health checks have "
+        "threads of their own",
+    )
+    call_slot_wait_ms: int = setting(
+        "RLHF_CALL_SLOT_WAIT_MS",
+        100,
+        "how long a gRPC call that finds every call slot busy waits for one before it is "
+        "RESOURCE_EXHAUSTED (0 = refused at once); at most RLHF_MAX_CALLS calls wait, each on a "
+        "thread of its own, and one more is refused at once",
     )
     read_timeout_seconds: float = setting(
         "RLHF_READ_TIMEOUT_SECONDS",
@@ -362,6 +370,8 @@ class CommonConfig(TlsSettings):
     def validate(self) -> None:
         if self.max_calls < 1 or self.read_timeout_seconds <= 0:
             raise ConfigError("RLHF_MAX_CALLS must be >= 1 and RLHF_READ_TIMEOUT_SECONDS > 0")
+        if self.call_slot_wait_ms < 0:
+            raise ConfigError("RLHF_CALL_SLOT_WAIT_MS must be >= 0")
         if self.tls_client_auth and not self.tls_ca_file:
             raise ConfigError("RLHF_TLS_CLIENT_AUTH needs RLHF_TLS_CA_FILE")
 

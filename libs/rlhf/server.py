@@ -10,8 +10,11 @@ Every call passes one guard (`_Guard`) before the service sees it:
 
 - who: the caller's key (`rlhf.auth`) against the method's rule, before the request is read:
   UNAUTHENTICATED or PERMISSION_DENIED at once, costing no call slot;
-- how many: at most `max_calls` calls at once, each with a thread of its own; one more is
-  RESOURCE_EXHAUSTED at once (the request is not waited for);
+- how many: at most `max_calls` calls at once, each with a thread of its own; one more waits
+  up to `slot_wait` for a slot to free (a short burst is served, not refused), then is
+  RESOURCE_EXHAUSTED; at most `max_calls` calls wait, on threads of their own, and one more is
+  RESOURCE_EXHAUSTED at once (the request is not waited for), so a server whose slots are held
+  still refuses at once what it cannot queue;
 - how slow: the request message must arrive within `read_timeout` (and a stream's messages
   within that of each other), or the call is cancelled and its slot freed, so clients that send
   headers and then nothing cannot hold the server;
@@ -76,7 +79,7 @@ RPC_LATENCY = Histogram(
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_CALLS = 4  # health checks answered at once, on threads of their own
-SPARE_THREADS = 4  # beyond the call slots: refusals never wait behind busy calls
+SPARE_THREADS = 4  # beyond slots and waiting calls: refusals never wait behind busy calls
 _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
 
 
@@ -200,6 +203,18 @@ class Service(Protocol):
 class CallLimits:
     max_calls: int = 32  # calls served at once, each on a thread of its own
     read_timeout: float = 10.0  # seconds for a request message to arrive
+    slot_wait: float = 0.1  # seconds a call that finds every slot busy waits for one
+
+    @property
+    def waiting(self) -> int:
+        """Calls that may wait for a slot at once, each on a thread of its own."""
+        return self.max_calls if self.slot_wait > 0 else 0
+
+    @property
+    def threads(self) -> int:
+        """Threads the server needs: one per slot, one per waiting call, and spares that
+        refuse at once while every slot and waiting place is taken."""
+        return self.max_calls + self.waiting + SPARE_THREADS
 
 
 class _Deadlines:
@@ -259,11 +274,23 @@ class _Deadlines:
 
 
 class _Slot:
-    """One call slot, released exactly once."""
+    """One call slot, released exactly once. When every slot is busy, the call waits up to
+    `wait` seconds for one, if it gets one of the `waiting` places (else it is refused at once);
+    `held` says whether it got a slot."""
 
-    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+    def __init__(
+        self,
+        slots: threading.BoundedSemaphore,
+        waiting: threading.BoundedSemaphore | None = None,
+        wait: float = 0.0,
+    ) -> None:
         self._slots = slots
         self._held = slots.acquire(blocking=False)
+        if not self._held and wait > 0 and waiting is not None and waiting.acquire(False):
+            try:
+                self._held = slots.acquire(timeout=wait)
+            finally:
+                waiting.release()
 
     @property
     def held(self) -> bool:
@@ -300,6 +327,7 @@ class _Guard(grpc.ServerInterceptor):
         self._limits = limits
         self._deadlines = deadlines
         self._slots = threading.BoundedSemaphore(limits.max_calls)
+        self._waiting = threading.BoundedSemaphore(limits.waiting) if limits.waiting else None
         self._health_slots = threading.BoundedSemaphore(HEALTH_CALLS)
         self._health_pool = health_pool
 
@@ -315,7 +343,8 @@ class _Guard(grpc.ServerInterceptor):
         method = handler_call_details.method
         name = method.rsplit("/", 1)[-1]
         if method == HEALTH_CHECK:
-            return self._guarded(handler, name, None, self._health_slots, self._health_pool)
+            # No wait: a probe wants its answer now, and the health threads are few.
+            return self._guarded(handler, name, None, self._health_slots, self._health_pool, 0.0)
         rule = self._rule(method)
         principal: Principal | None = None
         try:
@@ -327,7 +356,7 @@ class _Guard(grpc.ServerInterceptor):
             principal = None  # an open method: an unknown key is no key
         except PermissionDenied as exc:
             return self._refusal(handler, name, grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        return self._guarded(handler, name, principal, self._slots, None)
+        return self._guarded(handler, name, principal, self._slots, None, self._limits.slot_wait)
 
     # -- refusals before anything is read ------------------------------------------------------
 
@@ -361,6 +390,7 @@ class _Guard(grpc.ServerInterceptor):
         principal: Principal | None,
         slots: threading.BoundedSemaphore,
         pool: futures.ThreadPoolExecutor | None,
+        wait: float,
     ) -> grpc.RpcMethodHandler:
         if handler.request_streaming:
             inner = handler.stream_unary or handler.stream_stream
@@ -371,7 +401,7 @@ class _Guard(grpc.ServerInterceptor):
         streaming_request = handler.request_streaming
 
         def begin(requests: Iterator[Any], context: grpc.ServicerContext) -> tuple[_Slot, Any]:
-            slot = _Slot(slots)
+            slot = _Slot(slots, self._waiting, wait)
             if not slot.held:
                 RPCS.labels(self._service, method, "RESOURCE_EXHAUSTED").inc()
                 _abort(
@@ -508,9 +538,7 @@ class RunningServer:
         guard = _Guard(
             service.name, self.credentials, rules, limits, self._deadlines, self._health_pool
         )
-        self._server, self._pool = _grpc_server(
-            service.name, guard, limits.max_calls + SPARE_THREADS
-        )
+        self._server, self._pool = _grpc_server(service.name, guard, limits.threads)
         names = service.register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._names = [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -525,16 +553,17 @@ class RunningServer:
         self.health_port: int | None = None
         self._health_server: grpc.Server | None = None
         if health_port is not None:
+            health_limits = CallLimits(HEALTH_CALLS, limits.read_timeout, slot_wait=0.0)
             health_guard = _Guard(
                 f"{service.name}-health",
                 Credentials(),
                 {},
-                CallLimits(HEALTH_CALLS, limits.read_timeout),
+                health_limits,
                 self._deadlines,
                 self._health_pool,
             )
             self._health_server, _ = _grpc_server(
-                f"{service.name}-health", health_guard, HEALTH_CALLS + SPARE_THREADS
+                f"{service.name}-health", health_guard, health_limits.threads
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(f"{host}:{health_port}")
@@ -686,6 +715,14 @@ def closed_socket_race(record: logging.LogRecord) -> bool:
     return not (closed_fd or no_socket)
 
 
+def call_limits(config: CommonConfig) -> CallLimits:
+    """The configured call limits (RLHF_MAX_CALLS, RLHF_READ_TIMEOUT_SECONDS,
+    RLHF_CALL_SLOT_WAIT_MS)."""
+    return CallLimits(
+        config.max_calls, config.read_timeout_seconds, config.call_slot_wait_ms / 1000
+    )
+
+
 def server_for(service: Service, config: CommonConfig, port: int | None = None) -> RunningServer:
     """A server for `service` on the configured address (or `port`, e.g. 0 in tests), with the
     configured TLS, credentials, call limits and health port."""
@@ -697,7 +734,7 @@ def server_for(service: Service, config: CommonConfig, port: int | None = None) 
         grace_seconds=config.shutdown_grace_seconds,
         tls=tls_from_config(config),
         credentials=config.auth.credentials(),
-        limits=CallLimits(config.max_calls, config.read_timeout_seconds),
+        limits=call_limits(config),
         metrics_open=config.auth.metrics_open,
         health_port=config.health_port if config.health_port >= 0 else None,
     )

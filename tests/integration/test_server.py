@@ -18,19 +18,24 @@ SLOW = "/test.Slow/Call"
 
 
 class SlowService:
-    """A raw gRPC method that takes a while, to have work in flight during shutdown."""
+    """A raw gRPC method that takes a while (a second, or until `gate` is set), to have work
+    in flight during shutdown or while call slots are full."""
 
     name = "slow"
     rules = {SLOW: OPEN}
 
-    def __init__(self) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         self.stopped = threading.Event()
         self.entered = threading.Event()
+        self.gate = gate
 
     def register(self, server):
         def call(request: bytes, context) -> bytes:
             self.entered.set()
-            time.sleep(1.0)
+            if self.gate is None:
+                time.sleep(1.0)
+            else:
+                self.gate.wait(10)
             return b"done:" + request
 
         handler = grpc.unary_unary_rpc_method_handler(
@@ -122,10 +127,10 @@ class Silent:
 
 
 def test_silent_callers_cannot_freeze_a_server():
-    """N calls withholding their request (each on its own connection) fill the call slots: one
-    more call is RESOURCE_EXHAUSTED at once, health checks still answer SERVING from their own
-    threads, and once the read deadline passes the silent calls are cancelled and the server
-    serves again."""
+    """N calls withholding their request (each on its own connection) fill the call slots: more
+    calls are RESOURCE_EXHAUSTED once the slot wait has passed (no slot frees), health checks
+    still answer SERVING from their own threads, and once the read deadline passes the silent
+    calls are cancelled and the server serves again."""
     service = SlowService()
     service.rules = {SLOW: allow(SERVICE)}
     server = RunningServer(
@@ -134,7 +139,7 @@ def test_silent_callers_cannot_freeze_a_server():
         metrics_port=None,
         grace_seconds=1,
         credentials=Credentials.parse(SERVICE, [f"tests={SERVICE_KEY}"]),
-        limits=CallLimits(max_calls=4, read_timeout=2.0),
+        limits=CallLimits(max_calls=4, read_timeout=2.0, slot_wait=0.2),
     ).start()
     address = f"127.0.0.1:{server.port}"
     silent = Silent()
@@ -203,4 +208,62 @@ def test_credentials_are_checked_before_the_request_is_read():
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         silent.release()
+        server.stop()
+
+
+def _gated_server(gate: threading.Event, slot_wait: float) -> RunningServer:
+    """One call slot, held by a call until `gate` is set."""
+    return RunningServer(
+        SlowService(gate),
+        port=0,
+        metrics_port=None,
+        grace_seconds=1,
+        limits=CallLimits(max_calls=1, read_timeout=5.0, slot_wait=slot_wait),
+    ).start()
+
+
+def test_a_call_waits_for_a_busy_slot_and_is_served_when_one_frees():
+    """A short burst is served, not refused: a call that finds every slot busy waits for one.
+    The waiting is bounded too: with every waiting place taken, one more call is refused at
+    once (while the waiting call still waits)."""
+    gate = threading.Event()
+    server = _gated_server(gate, slot_wait=30.0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_unary(SLOW)
+            first = call.future(b"a", timeout=20)
+            assert server.service.entered.wait(5)
+            waiting = call.future(b"b", timeout=20)
+            time.sleep(0.3)
+            assert not waiting.done()  # neither refused nor served: waiting for the slot
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"c", timeout=10)  # the one waiting place is taken
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert not waiting.done()
+            gate.set()  # the first call finishes and frees its slot within the wait
+            assert first.result(timeout=10) == b"done:a"
+            assert waiting.result(timeout=10) == b"done:b"
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_a_call_is_refused_when_no_slot_frees_within_the_wait():
+    gate = threading.Event()
+    server = _gated_server(gate, slot_wait=0.3)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_unary(SLOW)
+            first = call.future(b"a", timeout=20)
+            assert server.service.entered.wait(5)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"b", timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - started >= 0.25  # it waited before it was refused
+            assert not first.done()  # the slot was still held all along
+            gate.set()
+            assert first.result(timeout=10) == b"done:a"
+    finally:
+        gate.set()
         server.stop()

@@ -109,6 +109,21 @@ def test_generation_is_closed_unless_opened_and_keys_are_checked():
         )
 
 
+def test_call_limits_come_from_the_configuration():
+    from rlhf.server import SPARE_THREADS, call_limits
+
+    env = {"RLHF_GENERATION_ID_KEY": "k" * 32, "RLHF_GENERATION_OPEN": "1"}
+    limits = call_limits(load_config(GenerationConfig, env))
+    assert (limits.max_calls, limits.slot_wait, limits.waiting) == (32, 0.1, 32)
+    set_env = {**env, "RLHF_MAX_CALLS": "8", "RLHF_CALL_SLOT_WAIT_MS": "250"}
+    limits = call_limits(load_config(GenerationConfig, set_env))
+    assert (limits.max_calls, limits.slot_wait, limits.waiting) == (8, 0.25, 8)
+    at_once = call_limits(load_config(GenerationConfig, {**env, "RLHF_CALL_SLOT_WAIT_MS": "0"}))
+    assert at_once.waiting == 0 and at_once.threads == 32 + SPARE_THREADS
+    with pytest.raises(ConfigError, match="RLHF_CALL_SLOT_WAIT_MS"):
+        load_config(GenerationConfig, {**env, "RLHF_CALL_SLOT_WAIT_MS": "-1"})
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
