@@ -3,6 +3,7 @@ canary, rolls back one users like less and promotes one they like more (from thu
 the versions that wrote the answers), obeys an operator's override (operator key only), and
 resumes its canary after a restart."""
 
+import contextlib
 import random
 import uuid
 
@@ -86,6 +87,25 @@ def started(own_broker, tmp_path):
 
 def _status(control):
     return control.GetStatus(trainer_pb2.GetStatusRequest()).release
+
+
+@contextlib.contextmanager
+def _serving_v1(started, **settings):
+    """A release stage (with `settings`) started on a store holding v1, once it serves v1;
+    yields (its control stub, a publisher), and stops it after the caller's checks."""
+    broker, store, start = started
+    _policy(store, 1)
+    server = start(**settings)
+    try:
+        with (
+            channel(server, READER_KEY) as opened,
+            bus.Publisher(broker.bootstrap, client_id="release-test") as publisher,
+        ):
+            control = trainer_pb2_grpc.TrainerServiceStub(opened)
+            assert wait_until(lambda: _status(control).incumbent_version == 1)
+            yield control, publisher
+    finally:
+        server.stop()
 
 
 def test_canaries_are_rolled_back_or_promoted_by_thumbs_and_by_operators(started, capsys):
@@ -201,81 +221,59 @@ def test_a_policy_that_republishes_the_incumbent_or_is_gone_gets_no_canary(start
     """After a rollback the ppo stage publishes the incumbent's weights as a new version
     (RLHF_PPO_FOLLOW_ROLLBACKS, or an operator's rollback): nothing new for users, so the stage
     skips it, and the next trained policy is the next candidate."""
-    broker, store, start = started
-    _policy(store, 1)
-    server = start()
-    try:
-        with (
-            channel(server, READER_KEY) as opened,
-            bus.Publisher(broker.bootstrap, client_id="release-test") as publisher,
-        ):
-            control = trainer_pb2_grpc.TrainerServiceStub(opened)
-            assert wait_until(lambda: _status(control).incumbent_version == 1)
-            again = store.write(
-                POLICY,
-                {"model.safetensors": {"w": torch.full((2,), 1.0)}},
-                metadata={"rolled_back_from": 1},
-            )
-            event = events_pb2.CheckpointEvent(
-                kind=events_pb2.CHECKPOINT_KIND_POLICY,
-                version=again.version,
-                path=again.path,
-                manifest_sha256=again.sha256,
-            )
-            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
-            skipped = "v2 skipped: the weights of v1 again"
-            assert wait_until(lambda: _status(control).last_decision == skipped)
-            assert _status(control).candidate_version == 0
-            # A policy pruned by its writer before its canary (make up's ppo stage published
-            # 13 versions while one gate ran): counted as tried, said, and the stage goes on.
-            _, pruned = _policy(store, 3)
-            _, trained = _policy(store, 4)
-            assert store.discard(POLICY, 3)
-            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, pruned)
-            assert wait_until(
-                lambda: "v3 is gone before its canary" in _status(control).last_decision
-            )
-            publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, trained)
-            assert wait_until(lambda: _status(control).candidate_version == 4)
-        assert released(broker.bootstrap) == [
-            (1, 0, "initial: what generation started on"),
-            (1, 4, "canary"),
-        ]
-    finally:
-        server.stop()
+    broker, store, _ = started
+    with _serving_v1(started) as (control, publisher):
+        again = store.write(
+            POLICY,
+            {"model.safetensors": {"w": torch.full((2,), 1.0)}},
+            metadata={"rolled_back_from": 1},
+        )
+        event = events_pb2.CheckpointEvent(
+            kind=events_pb2.CHECKPOINT_KIND_POLICY,
+            version=again.version,
+            path=again.path,
+            manifest_sha256=again.sha256,
+        )
+        publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+        skipped = "v2 skipped: the weights of v1 again"
+        assert wait_until(lambda: _status(control).last_decision == skipped)
+        assert _status(control).candidate_version == 0
+        # A policy pruned by its writer before its canary (make up's ppo stage published
+        # 13 versions while one gate ran): counted as tried, said, and the stage goes on.
+        _, pruned = _policy(store, 3)
+        _, trained = _policy(store, 4)
+        assert store.discard(POLICY, 3)
+        publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, pruned)
+        assert wait_until(lambda: "v3 is gone before its canary" in _status(control).last_decision)
+        publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, trained)
+        assert wait_until(lambda: _status(control).candidate_version == 4)
+    assert released(broker.bootstrap) == [
+        (1, 0, "initial: what generation started on"),
+        (1, 4, "canary"),
+    ]
 
 
 def test_a_policy_gets_its_canary_once_it_is_min_ahead_versions_past_the_incumbent(started):
     """RLHF_RELEASE_MIN_AHEAD=3: policies one or two updates past the incumbent wait (the status
     says why); the first one three versions past gets the canary, and both versions serving are
     pinned in the store."""
-    broker, store, start = started
-    _policy(store, 1)
-    server = start(RLHF_RELEASE_MIN_AHEAD=3)
-    try:
-        with (
-            channel(server, READER_KEY) as opened,
-            bus.Publisher(broker.bootstrap, client_id="release-test") as publisher,
-        ):
-            control = trainer_pb2_grpc.TrainerServiceStub(opened)
-            assert wait_until(lambda: _status(control).incumbent_version == 1)
-            for version in (2, 3):
-                _, event = _policy(store, version)
-                publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
-            waiting = "serving v1; v3 waits until it is 3 versions ahead (RLHF_RELEASE_MIN_AHEAD)"
-            assert wait_until(
-                lambda: control.GetStatus(trainer_pb2.GetStatusRequest()).phase_detail == waiting
-            )
-            assert _status(control).candidate_version == 0
-            _, event = _policy(store, 4)
+    broker, store, _ = started
+    with _serving_v1(started, RLHF_RELEASE_MIN_AHEAD=3) as (control, publisher):
+        for version in (2, 3):
+            _, event = _policy(store, version)
             publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
-            assert wait_until(lambda: _status(control).candidate_version == 4)
-            # The incumbent and the candidate are pinned: the ppo stage's pruning (all but its
-            # newest few) cannot delete them while they serve.
-            assert wait_until(lambda: store.pinned(POLICY) == {1, 4})
-            for version in (5, 6):
-                _policy(store, version)
-            assert store.prune(POLICY, keep=1) == [2, 3, 5]
-        assert released(broker.bootstrap)[-1] == (1, 4, "canary")
-    finally:
-        server.stop()
+        waiting = "serving v1; v3 waits until it is 3 versions ahead (RLHF_RELEASE_MIN_AHEAD)"
+        assert wait_until(
+            lambda: control.GetStatus(trainer_pb2.GetStatusRequest()).phase_detail == waiting
+        )
+        assert _status(control).candidate_version == 0
+        _, event = _policy(store, 4)
+        publisher.publish(bus.POLICY_CHECKPOINTS, POLICY, event)
+        assert wait_until(lambda: _status(control).candidate_version == 4)
+        # The incumbent and the candidate are pinned: the ppo stage's pruning (all but its
+        # newest few) cannot delete them while they serve.
+        assert wait_until(lambda: store.pinned(POLICY) == {1, 4})
+        for version in (5, 6):
+            _policy(store, version)
+        assert store.prune(POLICY, keep=1) == [2, 3, 5]
+    assert released(broker.bootstrap)[-1] == (1, 4, "canary")

@@ -1,6 +1,7 @@
 """The shared server bootstrap: SIGTERM-style stop drains in-flight calls; calls are bounded
 and a silent client cannot freeze a server; every entry point documents its settings in --help."""
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -211,59 +212,53 @@ def test_credentials_are_checked_before_the_request_is_read():
         server.stop()
 
 
-def _gated_server(gate: threading.Event, slot_wait: float) -> RunningServer:
-    """One call slot, held by a call until `gate` is set."""
-    return RunningServer(
+@contextlib.contextmanager
+def _one_slot_held(slot_wait: float):
+    """A server with one call slot, held by a first call until `gate` is set; yields (gate,
+    the method to call, that first call's future)."""
+    gate = threading.Event()
+    server = RunningServer(
         SlowService(gate),
         port=0,
         metrics_port=None,
         grace_seconds=1,
         limits=CallLimits(max_calls=1, read_timeout=5.0, slot_wait=slot_wait),
     ).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_unary(SLOW)
+            first = call.future(b"a", timeout=20)
+            assert server.service.entered.wait(5)
+            yield gate, call, first
+    finally:
+        gate.set()
+        server.stop()
 
 
 def test_a_call_waits_for_a_busy_slot_and_is_served_when_one_frees():
     """A short burst is served, not refused: a call that finds every slot busy waits for one.
     The waiting is bounded too: with every waiting place taken, one more call is refused at
     once (while the waiting call still waits)."""
-    gate = threading.Event()
-    server = _gated_server(gate, slot_wait=30.0)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            call = channel.unary_unary(SLOW)
-            first = call.future(b"a", timeout=20)
-            assert server.service.entered.wait(5)
-            waiting = call.future(b"b", timeout=20)
-            time.sleep(0.3)
-            assert not waiting.done()  # neither refused nor served: waiting for the slot
-            with pytest.raises(grpc.RpcError) as caught:
-                call(b"c", timeout=10)  # the one waiting place is taken
-            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert not waiting.done()
-            gate.set()  # the first call finishes and frees its slot within the wait
-            assert first.result(timeout=10) == b"done:a"
-            assert waiting.result(timeout=10) == b"done:b"
-    finally:
-        gate.set()
-        server.stop()
+    with _one_slot_held(slot_wait=30.0) as (gate, call, first):
+        waiting = call.future(b"b", timeout=20)
+        time.sleep(0.3)
+        assert not waiting.done()  # neither refused nor served: waiting for the slot
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"c", timeout=10)  # the one waiting place is taken
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not waiting.done()
+        gate.set()  # the first call finishes and frees its slot within the wait
+        assert first.result(timeout=10) == b"done:a"
+        assert waiting.result(timeout=10) == b"done:b"
 
 
 def test_a_call_is_refused_when_no_slot_frees_within_the_wait():
-    gate = threading.Event()
-    server = _gated_server(gate, slot_wait=0.3)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            call = channel.unary_unary(SLOW)
-            first = call.future(b"a", timeout=20)
-            assert server.service.entered.wait(5)
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as caught:
-                call(b"b", timeout=10)
-            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert time.monotonic() - started >= 0.25  # it waited before it was refused
-            assert not first.done()  # the slot was still held all along
-            gate.set()
-            assert first.result(timeout=10) == b"done:a"
-    finally:
+    with _one_slot_held(slot_wait=0.3) as (gate, call, first):
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"b", timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started >= 0.25  # it waited before it was refused
+        assert not first.done()  # the slot was still held all along
         gate.set()
-        server.stop()
+        assert first.result(timeout=10) == b"done:a"
