@@ -59,9 +59,11 @@ from services.launcher.main import CPU_DEMO, Keys, Process, plan, wait_healthy
 from services.simulated_users.users import (
     HELDOUT_PROMPTS,
     distinct_bigrams,
+    on_topic,
     rate,
     repetitive,
     sentiment,
+    topic_words,
 )
 
 MINUTES = 30.0
@@ -89,6 +91,9 @@ class Point:
     distinct2: float
     repetitive: float
     example: str
+    # Answers naming nothing of the question's topic (rated down); None in runs before the users
+    # checked it (2026-12-06), whose thumbs-up counted sentiment and repetition only.
+    off_topic: float | None = None
 
 
 class Evaluator:
@@ -106,6 +111,7 @@ class Evaluator:
         ]
         ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
         self.prompt_ids = [i for i in ids for _ in range(SAMPLES_PER_PROMPT)]
+        self.topics = [topic_words(p) for p in HELDOUT_PROMPTS for _ in range(SAMPLES_PER_PROMPT)]
         # The same seeds at every point: the differences are the policy's, not the dice's.
         self.params = [
             decoding.Sampling(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, seed=7_000 + i)
@@ -120,7 +126,10 @@ class Evaluator:
         texts = self.tokenizer.batch_decode(
             [c.token_ids for c in completions], skip_special_tokens=True
         )
-        ups = sum(rate(t, THRESHOLD) == events_pb2.THUMB_UP for t in texts)
+        ups = sum(
+            rate(t, THRESHOLD, topic) == events_pb2.THUMB_UP
+            for t, topic in zip(texts, self.topics, strict=True)
+        )
         low, high = wilson(ups, len(texts))
         return {
             "thumbs_up": ups / len(texts),
@@ -131,6 +140,10 @@ class Evaluator:
             "words": statistics.fmean(len(t.split()) for t in texts),
             "distinct2": statistics.fmean(distinct_bigrams(t) for t in texts),
             "repetitive": sum(repetitive(t) for t in texts) / len(texts),
+            "off_topic": sum(
+                not on_topic(t, topic) for t, topic in zip(texts, self.topics, strict=True)
+            )
+            / len(texts),
             "policy_version": float(min(c.policy_version for c in completions)),
         }, texts[0]
 
@@ -334,11 +347,13 @@ def report(saved: dict) -> str:
             f"{p.words:.1f}",
             f"{p.distinct2:.3f}",
             f"{100 * p.repetitive:.0f}%",
+            "-" if p.off_topic is None else f"{100 * p.off_topic:.0f}%",
         ]
         for p in points
     ]
     first, last = points[0], points[-1]
     shown = ", ".join(f"{k}={v}" for k, v in sorted(saved["settings"].items()))
+    topic_rule = "" if last.off_topic is None else " or an answer off the question's topic"
     milestones = ", ".join(f"{name} at {at:.1f} min" for name, at in events.items()) or "none"
     return "\n".join(
         [
@@ -349,8 +364,8 @@ def report(saved: dict) -> str:
             f"every {every:.0f} minutes {len(HELDOUT_PROMPTS)} held-out prompts (topics no "
             f"training user asks about) x {SAMPLES_PER_PROMPT} answers of up to {NEW_TOKENS} "
             f"tokens at temperature {TEMPERATURE}, rated by the users' rule (VADER >= "
-            f"{THRESHOLD}, thumbs-down for repetition). Milestones: {milestones}. Settings "
-            f"(`make up`'s): {shown}.",
+            f"{THRESHOLD}, thumbs-down for repetition{topic_rule}). Milestones: {milestones}. "
+            f"Settings (`make up`'s): {shown}.",
             "",
             table(
                 [
@@ -364,6 +379,7 @@ def report(saved: dict) -> str:
                     "words",
                     "distinct bigrams",
                     "repetitive",
+                    "off topic",
                 ],
                 rows,
             ),

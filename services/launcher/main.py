@@ -115,7 +115,13 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         "RLHF_PPO_LEARNING_RATE": "3e-4",
         "RLHF_PPO_INIT_KL_COEF": "0.1",
         "RLHF_PPO_TARGET_KL": "6",
-        "RLHF_PPO_KL_HORIZON": "200",
+        # Updates come every ~16 s here (one thread per process): at a horizon of 200 the
+        # coefficient had decayed to 0.05 by the time a new reward model pulled the KL from 2 to
+        # 11 nats in 7 updates, and it climbed 1.6% an update (KL 9-18 for the next 30 updates,
+        # answers shrinking to "I'm happy to help with a task."). A floor at the initial value
+        # and a horizon of 64 (5% an update) hold it.
+        "RLHF_PPO_KL_HORIZON": "64",
+        "RLHF_PPO_MIN_KL_COEF": "0.1",
     },
     "reward-trainer": {
         "RLHF_NICE": "5",

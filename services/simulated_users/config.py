@@ -35,6 +35,13 @@ class SimulatedUsersConfig(SeedSettings, GenerationAddressSettings, TlsSettings)
         0.3,
         "VADER compound score above which users give a thumbs-up",
     )
+    require_topic: bool = setting(
+        "RLHF_SIM_REQUIRE_TOPIC",
+        True,
+        "users give a thumbs-down to an answer that mentions nothing of what they asked about "
+        "(no word of the question's topic), however cheerful (false: sentiment and repetition "
+        "only)",
+    )
 
     def validate(self) -> None:
         if self.users < 1 or self.max_new_tokens < 1 or self.pause_seconds < 0:

@@ -35,6 +35,7 @@ def run(config: SimulatedUsersConfig, stop: threading.Event) -> Tally:
             random.Random(config.seed * 1000 + index),
             tally,
             rank_share=config.rank_share,
+            require_topic=config.require_topic,
         )
         while not stop.is_set():
             try:

@@ -3,10 +3,14 @@
 The rating rule is VADER's compound sentiment (a rule-based model built from human ratings):
 thumbs-up when the answer reads clearly positive, and thumbs-down for an answer that repeats
 itself, as people do (`repetitive`): so sentiment cannot be bought with babble ("great great
-great"). The prompts ask about everyday annoyances (traffic jams, doing taxes, ...), so the
-untrained policy is mostly rated down (about 35% up) and there is room for training to improve
-it. Users ask about `TRAIN_TOPICS`; `HELDOUT_TOPICS` are never asked by them, so a policy's
-thumbs-up rate there (`bench loop`) measures what it learnt, not what it memorised.
+great"), or that does not talk about what they asked (`on_topic`: no word of the question's
+topic): so it cannot be bought with one cheerful answer to everything either ("I'm happy to help
+with a task." to "Describe a cancelled train.", which a make up run's policy learnt at 12 nats
+of KL when users rated sentiment alone). The prompts ask about everyday annoyances (traffic jams,
+doing taxes, ...), so the untrained policy is mostly rated down (about 31% up; 15% of its answers
+miss the topic) and there is room for training to improve it. Users ask about `TRAIN_TOPICS`;
+`HELDOUT_TOPICS` are never asked by them, so a policy's thumbs-up rate there (`bench loop`)
+measures what it learnt, not what it memorised.
 
 Now and then a user asks for a second answer and says which of the two is better, as chat apps
 ask ("which response do you prefer?"): a ranking, when the two clearly differ.
@@ -74,6 +78,39 @@ HELDOUT_TOPICS = (
     "a lost umbrella",
     "paying bills",
 )
+# What an answer about each topic mentions: a word starting with one of these (lower case). Over
+# 168 answers of the base policy to every topic's questions, the 15% without one were about
+# something else ("Tell me about moving house." -> "I'm more than just a helpful AI, ...").
+TOPIC_WORDS: dict[str, tuple[str, ...]] = {
+    "traffic jams": ("traffic", "jam", "congest", "gridlock"),
+    "rainy Mondays": ("rain", "monday"),
+    "doing taxes": ("tax",),
+    "waiting in long queues": ("queue", "line", "wait"),
+    "a delayed flight": ("flight", "delay", "plane", "airport", "airline"),
+    "a broken phone": ("phone", "smartphone", "screen"),
+    "noisy neighbours": ("neighbo", "nois"),
+    "cold coffee": ("coffee",),
+    "a dentist visit": ("dentist", "dental", "teeth", "tooth"),
+    "homework": ("homework", "assignment"),
+    "losing your keys": ("key",),
+    "a power cut": ("power", "electric", "outage", "blackout"),
+    "slow internet": ("internet", "connection", "wifi", "wi-fi", "online"),
+    "a parking ticket": ("parking", "ticket", "fine"),
+    "job interviews": ("interview",),
+    "a flat tyre": ("tyre", "tire", "flat"),
+    "moving house": ("moving", "move", "house", "home"),
+    "an empty fridge": ("fridge", "refrigerator"),
+    "a long commute": ("commut",),
+    "laundry day": ("laundry", "wash", "clothes"),
+    "a cancelled train": ("train", "cancel", "rail"),
+    "a leaking roof": ("roof", "leak"),
+    "a crowded bus": ("bus", "crowd"),
+    "filling in forms": ("form", "paperwork"),
+    "a cold shower": ("shower",),
+    "a missed alarm": ("alarm",),
+    "a lost umbrella": ("umbrella",),
+    "paying bills": ("bill", "pay"),
+}
 
 
 def prompts(topics: tuple[str, ...]) -> list[str]:
@@ -82,6 +119,19 @@ def prompts(topics: tuple[str, ...]) -> list[str]:
 
 PROMPTS = tuple(prompts(TRAIN_TOPICS))  # what the simulated users ask
 HELDOUT_PROMPTS = tuple(prompts(HELDOUT_TOPICS))  # never asked by them: for evaluation only
+_QUESTION_TOPIC = {
+    template.format(topic): topic
+    for topic in TRAIN_TOPICS + HELDOUT_TOPICS
+    for template in TEMPLATES
+}
+
+
+def topic_words(question: str) -> tuple[str, ...]:
+    """The words an answer to `question` should mention; () for a question about no known topic
+    (nothing to check)."""
+    topic = _QUESTION_TOPIC.get(question)
+    return TOPIC_WORDS[topic] if topic is not None else ()
+
 
 # A user asked which of two answers is better gives no ranking when they read about the same
 # (VADER compound scores closer than this), like a "no preference" button.
@@ -114,9 +164,19 @@ def repetitive(text: str) -> bool:
     return stutter or distinct_bigrams(text) < MIN_DISTINCT_BIGRAMS
 
 
-def rate(text: str, threshold: float) -> int:
-    """The simulated user's thumb for an answer."""
-    if repetitive(text) or sentiment(text) < threshold:
+def on_topic(text: str, words: tuple[str, ...]) -> bool:
+    """Whether the answer mentions the topic: a word of it starts with one of `words` (always,
+    with no words to look for)."""
+    if not words:
+        return True
+    said = (w.strip(".,!?;:'\"()-").lower() for w in text.split())
+    return any(w.startswith(words) for w in said)
+
+
+def rate(text: str, threshold: float, topic: tuple[str, ...] = ()) -> int:
+    """The simulated user's thumb for an answer; `topic`: the words an answer to the question
+    should mention (`topic_words`), () not to check."""
+    if repetitive(text) or not on_topic(text, topic) or sentiment(text) < threshold:
         return events_pb2.THUMB_DOWN
     return events_pb2.THUMB_UP
 
@@ -151,8 +211,11 @@ class SimulatedUser:
         tally: Tally,
         rank_share: float = 0.0,
         questions: tuple[str, ...] = PROMPTS,
+        require_topic: bool = True,
     ) -> None:
-        """`rank_share`: how often the user asks for a second answer and ranks the two."""
+        """`rank_share`: how often the user asks for a second answer and ranks the two;
+        `require_topic`: thumbs-down for an answer that does not mention the topic of a question
+        about one (`topic_words`)."""
         self._generate = generation_pb2_grpc.GenerationServiceStub(generation)
         self._feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback)
         self._auth = (("authorization", f"Bearer {api_key}"),)
@@ -161,6 +224,7 @@ class SimulatedUser:
         self._rng = rng
         self._rank_share = rank_share
         self._questions = questions
+        self._require_topic = require_topic
         self.tally = tally
 
     def interact(self, timeout: float = 120.0) -> tuple[generation_pb2.GenerateResponse, int]:
@@ -170,10 +234,15 @@ class SimulatedUser:
         answers = [self._ask(question, timeout)]
         if self._rng.random() < self._rank_share:
             answers.append(self._ask(question, timeout))
-        thumbs = [self._rate(answer, timeout) for answer in answers]
+        topic = self.topic(question)
+        thumbs = [self._rate(answer, topic, timeout) for answer in answers]
         if len(answers) == 2:
-            self._rank(answers, timeout)
+            self._rank(answers, topic, timeout)
         return answers[0], thumbs[0]
+
+    def topic(self, question: str) -> tuple[str, ...]:
+        """The words this user looks for in an answer to `question` (() if none)."""
+        return topic_words(question) if self._require_topic else ()
 
     def _ask(self, question: str, timeout: float) -> generation_pb2.GenerateResponse:
         return self._generate.Generate(
@@ -194,8 +263,10 @@ class SimulatedUser:
             timeout=timeout,
         )
 
-    def _rate(self, answer: generation_pb2.GenerateResponse, timeout: float) -> int:
-        thumb = rate(answer.text, self._threshold)
+    def _rate(
+        self, answer: generation_pb2.GenerateResponse, topic: tuple[str, ...], timeout: float
+    ) -> int:
+        thumb = rate(answer.text, self._threshold, topic)
         self._send(
             events_pb2.Feedback(
                 generation_id=answer.generation_id,
@@ -207,12 +278,18 @@ class SimulatedUser:
         self.tally.add(answer.policy_version, thumb)
         return thumb
 
-    def _rank(self, answers: list[generation_pb2.GenerateResponse], timeout: float) -> None:
+    def _rank(
+        self,
+        answers: list[generation_pb2.GenerateResponse],
+        topic: tuple[str, ...],
+        timeout: float,
+    ) -> None:
         """Which of two answers to one question is better, unless they read about the same
-        (or the user cannot tell: both repeat themselves)."""
+        (or the user cannot tell: both repeat themselves or miss the topic)."""
 
         def appeal(answer: generation_pb2.GenerateResponse) -> float:
-            return -2.0 if repetitive(answer.text) else sentiment(answer.text)
+            text = answer.text
+            return -2.0 if repetitive(text) or not on_topic(text, topic) else sentiment(text)
 
         best, worst = sorted(answers, key=appeal, reverse=True)
         if appeal(best) - appeal(worst) < INDIFFERENCE:

@@ -297,6 +297,22 @@ def test_adaptive_kl_falls_below_target():
     assert ctl.value == pytest.approx(0.08)
 
 
+def test_adaptive_kl_floor_stops_the_decay_and_the_climb_starts_from_it():
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=64, floor=0.1)
+    for _ in range(40):  # far under target: without the floor 0.1 * 0.95^40 = 0.013
+        ctl.update(current_kl=1.0, n_steps=16)
+    assert ctl.value == 0.1
+    ctl.update(current_kl=12.0, n_steps=16)  # over target: up 5% from the floor at once
+    assert ctl.value == pytest.approx(0.105)
+    free = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=64)
+    for _ in range(40):
+        free.update(current_kl=1.0, n_steps=16)
+    assert free.value == pytest.approx(0.1 * 0.95**40)
+    with pytest.raises(ValueError, match="floor"):
+        AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=64, floor=-0.1)
+    assert AdaptiveKLController(0.05, target=6.0, horizon=64, floor=0.1).value == 0.1
+
+
 def test_fixed_kl_controller_is_constant():
     ctl = FixedKLController(0.05)
     ctl.update(current_kl=100.0, n_steps=10000)

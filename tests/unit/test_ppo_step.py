@@ -122,6 +122,8 @@ def test_config_makes_the_right_kl_controller():
     assert isinstance(PPOConfig().make_kl_controller(), AdaptiveKLController)
     fixed = PPOConfig(adaptive_kl=False, init_kl_coef=0.2).make_kl_controller()
     assert isinstance(fixed, FixedKLController) and fixed.value == 0.2
+    floored = PPOConfig(init_kl_coef=0.2, min_kl_coef=0.2).make_kl_controller()
+    assert isinstance(floored, AdaptiveKLController) and floored.floor == 0.2
 
 
 def test_forward_policy_reads_the_logits_one_position_before_each_response_token():

@@ -132,6 +132,7 @@ def test_unusable_strategies_are_refused_by_name(env, needle):
         ({"RLHF_PPO_ALGORITHM": "rloo", "RLHF_PPO_GROUP_SIZE": "1"}, "at least 2 answers"),
         ({"RLHF_PPO_LOSS_AGGREGATION": "batch"}, "RLHF_PPO_LOSS_AGGREGATION"),
         ({"RLHF_PPO_DTYPE": "float16"}, "RLHF_PPO_DTYPE='float16'"),
+        ({"RLHF_PPO_MIN_KL_COEF": "-0.1"}, "RLHF_PPO_MIN_KL_COEF must be >= 0"),
     ],
 )
 def test_unusable_algorithm_settings_are_refused_by_name(env, needle):

@@ -98,6 +98,14 @@ class PPOConfig(SeedSettings):
         10000,
         "adaptive KL controller horizon in samples: smaller moves the coefficient faster",
     )
+    min_kl_coef: float = setting(
+        "RLHF_PPO_MIN_KL_COEF",
+        0.0,
+        "the adaptive KL controller's coefficient never goes below this (0: no floor, as in "
+        "Ziegler et al.; above RLHF_PPO_INIT_KL_COEF it starts here): keeps a penalty in place "
+        "while the KL is under target, so a policy that suddenly moves faster (a new reward "
+        "model) is held back at once",
+    )
     max_grad_norm: float = setting(
         "RLHF_PPO_MAX_GRAD_NORM", 1.0, "gradients are clipped to this global norm"
     )
@@ -178,6 +186,8 @@ class PPOConfig(SeedSettings):
                 "RLHF_PPO_INIT_KL_COEF must be >= 0, RLHF_PPO_TARGET_KL > 0 and "
                 "RLHF_PPO_KL_HORIZON >= 1"
             )
+        if self.min_kl_coef < 0:
+            raise ConfigError(f"RLHF_PPO_MIN_KL_COEF must be >= 0, got {self.min_kl_coef}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"RLHF_PPO_DTYPE={self.dtype!r}: use one of {DTYPES}")
         if not self.importance_cap >= 1:
@@ -190,5 +200,7 @@ class PPOConfig(SeedSettings):
 
     def make_kl_controller(self) -> algo.KLController:
         if self.adaptive_kl:
-            return algo.AdaptiveKLController(self.init_kl_coef, self.target_kl, self.kl_horizon)
+            return algo.AdaptiveKLController(
+                self.init_kl_coef, self.target_kl, self.kl_horizon, self.min_kl_coef
+            )
         return algo.FixedKLController(self.init_kl_coef)

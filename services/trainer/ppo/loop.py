@@ -269,11 +269,12 @@ class TrainingLoop(Stage):
             data_staleness_seconds=stats["data/staleness_seconds"],
         )
         log.info(
-            "%s update %d: reward %.3f kl %.3f (reward model v%d)",
+            "%s update %d: reward %.3f kl %.3f (coefficient %.3f, reward model v%d)",
             self.algorithm,
             self.learner.updates,
             stats["objective/scores"],
             stats["objective/kl"],
+            stats["objective/kl_coef"],
             reward_version,
         )
         self._warn_about_kl(stats["objective/kl"])
