@@ -29,7 +29,12 @@ class FakeLearner:
         if self.fail_with:
             raise self.fail_with
         self.updates += 1
-        return {"objective/kl": self.kl, "objective/scores": 0.25, "policy/clipfrac": 0.1}
+        return {
+            "objective/kl": self.kl,
+            "objective/kl_coef": 0.1,
+            "objective/scores": 0.25,
+            "policy/clipfrac": 0.1,
+        }
 
 
 def _loop(tmp_path, learner, intake):
