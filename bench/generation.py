@@ -31,6 +31,7 @@ from rlhf.models import (
     SMOLLM2,
     load_base_policy,
     load_tokenizer,
+    on_own_thread,
     policy_checkpoint_files,
     policy_in_dtype,
     serving_dtype,
@@ -106,14 +107,13 @@ def _concurrent(stub, requests: list) -> list:  # noqa: ANN001
 def overhead(service: Service, model, tokenizer, repeats: int) -> str:  # noqa: ANN001
     """Same greedy batch of 8: plain model.generate vs 8 concurrent gRPC calls, both on the
     weights the service decodes with."""
-    model = policy_in_dtype(model, DTYPE)
+    model = on_own_thread(lambda: policy_in_dtype(model, DTYPE))
     prompts = [
         tokenizer(_chat(tokenizer, p), add_special_tokens=False)["input_ids"] for p in PROMPTS
     ]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
 
-    def plain() -> float:
-        started = time.perf_counter()
+    def generate() -> None:
         with torch.inference_mode():
             model.generate(
                 input_ids=ids,
@@ -123,6 +123,10 @@ def overhead(service: Service, model, tokenizer, repeats: int) -> str:  # noqa: 
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
+
+    def plain() -> float:
+        started = time.perf_counter()
+        on_own_thread(generate)  # see `run`: this process keeps no OpenMP team between paths
         return time.perf_counter() - started
 
     def served() -> float:
@@ -321,7 +325,7 @@ def _served_staggered(service: Service) -> Arrivals:
 def staggered(service: Service, model, tokenizer, repeats: int) -> str:  # noqa: ANN001
     """16 clients arriving 0.2 s apart: per-step batching against per-batch and a static batch."""
     jobs = _staggered_jobs(tokenizer)
-    fast = policy_in_dtype(model, DTYPE)
+    fast = on_own_thread(lambda: policy_in_dtype(model, DTYPE))
     dtype = str(DTYPE).removeprefix("torch.")
     paths = {
         "per-batch batching, float32 (the batcher this replaced): baseline": lambda: _per_batch(
@@ -394,7 +398,7 @@ def staggered(service: Service, model, tokenizer, repeats: int) -> str:  # noqa:
 
 def reload_and_swap(service: Service, store: CheckpointStore, bootstrap: str, repeats: int) -> str:
     """Checkpoint event -> new version served; and failed requests while swapping under load."""
-    model = load_base_policy(SMOLLM2, load_config(CommonConfig).cache_dir)
+    model = on_own_thread(lambda: load_base_policy(SMOLLM2, load_config(CommonConfig).cache_dir))
     tensors, json_files = policy_checkpoint_files(model)
     latencies, failures, served, stop = [], [], [0], threading.Event()
 
@@ -465,7 +469,14 @@ def run(quick: bool, only: Sequence[str] = ()) -> str:
     repeats = 2 if quick else 3
     cache = load_config(CommonConfig).cache_dir
     tokenizer = load_tokenizer(cache)
-    model = load_base_policy(SMOLLM2, cache)
+    # Every torch op of this process runs on a thread that ends when that work is done (the
+    # batchers' own threads, `on_own_thread`), as in the service: a thread that ran a parallel
+    # op keeps an OpenMP team for life, and with more such threads than CPUs libgomp stops
+    # spinning between ops. Until 2026-12-06 the model was built here on the main thread, which
+    # made every in-process path but plain `generate` pay a wake-up per op: the staggered
+    # arrivals' float32 per-batch baseline took 5.9-7.2 s instead of 3.6, per-step batching in
+    # bfloat16 4.7 s instead of 2.0.
+    model = on_own_thread(lambda: load_base_policy(SMOLLM2, cache))
     with tempfile.TemporaryDirectory() as folder, EmbeddedBroker() as broker:
         bus.ensure_topics(broker.bootstrap)
         store = CheckpointStore(Path(folder))
