@@ -102,8 +102,9 @@ CPU_DEMO: dict[str, dict[str, str]] = {
         # GRPO, 4 prompts x 4 answers (the 16 sequences of a PPO batch): in `python -m bench
         # loop` it took held-out thumbs-up from 34% to 77% in 30 minutes (20 updates, bf16
         # trainer; users rating sentiment alone); in float32 70% after 10. With users who also
-        # rate off-topic answers down (2026-12-06), 28% to 55% (72% at 15 minutes), KL 5.8. PPO, its value head learning from scratch beside the
-        # policy, reached 54% after 13 (float32), but RLOO (GRPO's advantages times G/(G-1):
+        # rate off-topic answers down (2026-12-06), 28% to 55% (72% at 15 minutes), KL 5.8.
+        # PPO, its value head learning from scratch beside the policy, reached 54% after 13
+        # (float32, sentiment alone), but RLOO (GRPO's advantages times G/(G-1):
         # the same updates under AdamW) reached 56%: one run each does not rank algorithms
         # (BENCHMARKS.md). GRPO also has no value head to train, so its updates are cheaper.
         "RLHF_PPO_ALGORITHM": "grpo",
