@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LOGS = ROOT / "bench" / "logs"
 RESULTS = ROOT / "bench" / "results"
 AREAS = ("feedback", "generation", "reward", "trainer", "loop")
 
@@ -122,13 +123,18 @@ class ServiceProcess:
             "RLHF_METRICS_OPEN": "true",
             **settings,
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # The service's log, for reading what it did while measured (e.g. a reload's split
+        # between reading and building): bench/logs/<service>.log, overwritten each run.
+        LOGS.mkdir(exist_ok=True)
+        self.log_path = LOGS / f"{module.split('.')[-1]}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.channel = dial(f"127.0.0.1:{self.port}", ClientSecurity(key=BENCH_KEY))
         grpc.channel_ready_future(self.channel).result(timeout=300)
 
