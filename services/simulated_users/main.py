@@ -51,8 +51,7 @@ def run(config: SimulatedUsersConfig, stop: threading.Event) -> Tally:
     for thread in threads:
         thread.start()
     while not stop.wait(15.0):
-        rates = ", ".join(f"v{v}: {r:.0%}" for v, r in tally.rates().items())
-        log.info("thumbs-up rate by policy version: %s", rates or "no feedback yet")
+        log.info("thumbs-up rate by policy version: %s", tally.summary())
     for thread in threads:
         thread.join(timeout=130)
     generation.close()

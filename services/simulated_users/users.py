@@ -198,6 +198,20 @@ class Tally:
         with self._lock:
             return {v: self.up[v] / n for v, n in sorted(self.total.items())}
 
+    def summary(self, latest: int = 6) -> str:
+        """The rate of each of the `latest` versions rated last, and the earlier ones pooled
+        (a long run serves dozens of versions: one log line must stay readable)."""
+        with self._lock:
+            versions = sorted(self.total)
+            if not versions:
+                return "no feedback yet"
+            old, recent = versions[:-latest], versions[-latest:]
+            parts = [f"v{v}: {self.up[v] / self.total[v]:.0%} of {self.total[v]}" for v in recent]
+            if old:
+                up, total = sum(self.up[v] for v in old), sum(self.total[v] for v in old)
+                parts.insert(0, f"v{old[0]}-v{old[-1]}: {up / total:.0%} of {total}")
+            return ", ".join(parts)
+
 
 class SimulatedUser:
     def __init__(

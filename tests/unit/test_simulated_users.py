@@ -79,3 +79,16 @@ def test_a_user_looks_for_the_topic_only_when_asked_to_and_only_for_known_topics
         assert all(user(True).topic(q) == () for q in synthetic.PROMPTS)
     finally:
         channel.close()
+
+
+def test_the_tally_line_names_the_latest_versions_and_pools_the_earlier_ones():
+    tally = Tally()
+    assert tally.summary() == "no feedback yet"
+    for version in range(10):
+        for index in range(4):  # version v: v % 5 of its 4 thumbs up
+            up = events_pb2.THUMB_UP if index < version % 5 else events_pb2.THUMB_DOWN
+            tally.add(version, up)
+    assert tally.summary(latest=3) == (
+        "v0-v6: 39% of 28, v7: 50% of 4, v8: 75% of 4, v9: 100% of 4"
+    )
+    assert tally.summary(latest=10).startswith("v0: 0% of 4, v1: 25% of 4")
