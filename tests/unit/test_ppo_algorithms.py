@@ -311,6 +311,10 @@ def test_adaptive_kl_floor_stops_the_decay_and_the_climb_starts_from_it():
     with pytest.raises(ValueError, match="floor"):
         AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=64, floor=-0.1)
     assert AdaptiveKLController(0.05, target=6.0, horizon=64, floor=0.1).value == 0.1
+    # A run resumed with a floor it did not have before starts at the floor, not under it.
+    raised = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=64, floor=0.1)
+    raised.load_state_dict(free.state_dict())
+    assert raised.value == 0.1
 
 
 def test_fixed_kl_controller_is_constant():

@@ -401,13 +401,13 @@ class AdaptiveKLController:
     then coef *= 1 + error * n_steps / horizon, where n_steps is the number of samples the KL
     was measured on: over `horizon` samples a constant error moves the coefficient by ~e^error.
 
-    `floor` (not in the paper; 0 leaves it out) bounds the coefficient from below (from the
-    start: above `init_kl_coef` it starts there). While the
-    policy is still close to the reference the error sits at -0.2 and the coefficient shrinks
-    every update; online, the reward model then changes under the policy and the KL can rise
-    faster than a shrunken coefficient can climb back (a make up run: the coefficient had decayed
-    from 0.1 to 0.05 over 40 updates at 2 nats when the KL went from 2 to 11 in 7 updates, and
-    stayed above 9 for the 30 updates after).
+    `floor` (not in the paper; 0 leaves it out) bounds the coefficient from below, from the
+    start (above `init_kl_coef` it starts there) and on resuming. While the policy is still
+    close to the reference the error sits at -0.2 and the coefficient shrinks every update;
+    online, the reward model then changes under the policy and the KL can rise faster than a
+    shrunken coefficient can climb back (a make up run: the coefficient had decayed from 0.1 to
+    0.05 over 40 updates at 2 nats when the KL went from 2 to 11 in 7 updates, and stayed above
+    9 for the 30 updates after).
     """
 
     def __init__(
@@ -432,7 +432,7 @@ class AdaptiveKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        self.value = max(self.floor, float(state["value"]))
 
 
 # --------------------------------------------------------------------------------------------
