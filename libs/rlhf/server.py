@@ -28,6 +28,7 @@ recovers.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import logging
@@ -752,4 +753,18 @@ def run_main(
         server = server_for(build(config), config)
     except ConfigError as exc:
         raise SystemExit(f"rlhf-{name}: {exc}") from exc
-    serve_until_signalled(server.start())
+    running = server.start()
+    settle_heap()
+    serve_until_signalled(running)
+
+
+def settle_heap() -> None:
+    """Take what start-up built (modules, models, settings) out of the cycle collector's reach.
+
+    It lives as long as the process, yet every full collection would scan it again: in the
+    feedback service under load that was 48k objects and 16 ms of each full collection, about
+    once a second. Frozen objects are never collected, so what start-up retires later must be
+    freed by reference counting alone: the first served model version is (a test holds that).
+    """
+    gc.collect()
+    gc.freeze()

@@ -89,22 +89,32 @@ def fingerprint_of(feedback: events_pb2.Feedback) -> bytes:
 
 
 class RecentAcks:
-    """The most recently stored submissions by event id (LRU, bounded), to answer resends."""
+    """The most recently stored submissions by event id (LRU, bounded), to answer resends.
+
+    Each entry is kept as a plain tuple of bytes and ints, which the garbage collector stops
+    tracking: a full memory held as `Stored` objects put 200k+ more objects into every full
+    collection, 100 ms pauses once a second at 12k events/s (p99 of SubmitFeedback 14 -> 134 ms).
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[bytes, Stored]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[bytes, int, int]] = OrderedDict()
 
     def get(self, event_id: str) -> tuple[bytes, Stored] | None:
+        """(the fingerprint, where stored) of a remembered event id."""
         with self._lock:
-            return self._entries.get(event_id)
+            entry = self._entries.get(event_id)
+        if entry is None:
+            return None
+        fingerprint, partition, offset = entry
+        return fingerprint, Stored(event_id, partition, offset)
 
     def remember(self, entries: Iterable[tuple[str, bytes, Stored]]) -> None:
         """Remember (event id, fingerprint, where stored) of each entry, under one lock."""
         with self._lock:
             for event_id, fingerprint, stored in entries:
-                self._entries[event_id] = (fingerprint, stored)
+                self._entries[event_id] = (fingerprint, stored.partition, stored.offset)
                 self._entries.move_to_end(event_id)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)

@@ -2,10 +2,12 @@
 TGI-compatible HTTP API driven by the real `text-generation` client (sync and async)."""
 
 import asyncio
+import gc
 import json
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -187,6 +189,31 @@ def test_swaps_under_concurrent_load_fail_no_request(stub, broker, store, cache_
     assert failures == []
     assert len(set(versions)) >= 2, "load did not span a swap"
     assert versions[-1] == manifest.version
+
+
+def test_retired_versions_are_freed_by_reference_counting_alone(broker, store, cache_dir):
+    """A service process freezes what start-up built (`rlhf.server.settle_heap`): the collector
+    never frees it, so the version served at start must go by reference counting once swapped
+    out (after two swaps: the retired version's memory is the next read's spare, and its model
+    objects may be the loader's to build the next version in)."""
+    running = serve(GenerationService(_config(broker, store, cache_dir)))
+    info = generation_pb2.GetPolicyInfoRequest()
+    try:
+        slot = running.service.core.backend._slot  # what the backend serves (no public handle)
+        initial = weakref.ref(slot.current().model)
+        with channel(running, API_KEY) as opened:
+            stub = generation_pb2_grpc.GenerationServiceStub(opened)
+            stub.Generate(_request())
+            gc.collect()
+            gc.disable()
+            for scale in (0.3, 0.6):
+                manifest = _publish_perturbed(broker, store, cache_dir, scale)
+                assert wait_until(lambda m=manifest: stub.GetPolicyInfo(info).version == m.version)
+                stub.Generate(_request())
+            assert initial() is None
+    finally:
+        gc.enable()
+        running.stop()
 
 
 # -- TGI-compatible HTTP API, driven by the official client -------------------------------------

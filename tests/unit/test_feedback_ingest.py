@@ -1,5 +1,7 @@
 """The ingestion core on a fake broker: what is reported stored is exactly what the broker took."""
 
+import gc
+
 import grpc
 import pytest
 from prometheus_client import REGISTRY
@@ -7,6 +9,7 @@ from prometheus_client import REGISTRY
 from rlhf.ids import GenerationIdSigner, feedback_event_id
 from rlhf.server import Rejected
 from rlhf.v1 import events_pb2
+from services.feedback.ingest import RecentAcks, Stored
 from tests.unit.feedback_fakes import SIGNER, FakePublisher, make_ingest
 
 OK = grpc.StatusCode.OK
@@ -58,6 +61,17 @@ def test_resend_is_answered_from_memory_without_publishing_again():
     assert publisher.event_ids() == [first.event_id]
     assert publisher.records[0][1].tenant == "tenant-a"
     assert publisher.records[0][0] == feedback.generation_id  # keyed by generation id
+
+
+def test_remembered_keys_add_nothing_for_the_cycle_collector_to_scan():
+    recent = RecentAcks(capacity=5_000)
+    gc.collect()
+    tracked = len(gc.get_objects())
+    recent.remember((f"event-{n}", b"f" * 16, Stored(f"event-{n}", n % 4, n)) for n in range(6_000))
+    gc.collect()  # a tuple of bytes and ints is untracked once the collector has seen it
+    assert len(gc.get_objects()) - tracked < 500  # held as objects: 10k more
+    assert recent.get("event-999") is None  # the oldest went past the capacity
+    assert recent.get("event-1007") == (b"f" * 16, Stored("event-1007", 3, 1007))
 
 
 def test_key_reused_for_different_feedback_is_already_exists():
