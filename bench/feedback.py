@@ -178,18 +178,20 @@ def unary_latency(
     # pause of this client's (tens of ms with 10k+ requests alive) would count as latency.
     gc.collect()
     gc.freeze()
-    start = time.perf_counter() + 0.05
-    for index, request in enumerate(requests):
-        scheduled = start + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        future = stub.SubmitFeedback.future(request, metadata=AUTH, timeout=10)
-        future.add_done_callback(on_done(index, scheduled))
-    sent_for = time.perf_counter() - start
-    for _ in requests:
-        done.acquire(timeout=15)
-    gc.unfreeze()
+    try:
+        start = time.perf_counter() + 0.05
+        for index, request in enumerate(requests):
+            scheduled = start + index / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            future = stub.SubmitFeedback.future(request, metadata=AUTH, timeout=10)
+            future.add_done_callback(on_done(index, scheduled))
+        sent_for = time.perf_counter() - start
+        for _ in requests:
+            done.acquire(timeout=15)
+    finally:
+        gc.unfreeze()
     milliseconds = [1000 * latency for latency in latencies] or [float("nan")]
     return LatencyRun(
         achieved_rate=total / sent_for,
