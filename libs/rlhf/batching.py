@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 
 from rlhf import decoding
 from rlhf.checkpoints import VerifiedCheckpoint
-from rlhf.models import CONFIG_FILE, policy_from_checkpoint, policy_in_dtype
+from rlhf.models import CONFIG_FILE, PackedCast, cast_policy, policy_from_checkpoint
 from rlhf.serving import Routes, Served
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,13 @@ class PolicyWeights:
     """One served policy version: `exact` holds the checkpoint's float32 weights (rollouts'
     behaviour logprobs must be the ones the trainer recomputes), `fast` the weights other
     requests decode with (a bfloat16 copy, or `exact` itself). `buffers`: the checkpoint files'
-    bytes that `exact`'s tensors are views of, when it was loaded from the store."""
+    bytes that `exact`'s tensors are views of, when it was loaded from the store; `packed`:
+    how `fast` is refreshed from `exact` in one copy, when it can be (`rlhf.models.PackedCast`)."""
 
     exact: PreTrainedModel
     fast: PreTrainedModel
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    packed: PackedCast | None = None
 
     @classmethod
     def of(
@@ -88,7 +90,8 @@ class PolicyWeights:
         dtype: torch.dtype,
         buffers: dict[str, torch.Tensor] | None = None,
     ) -> PolicyWeights:
-        return cls(model, policy_in_dtype(model, dtype), dict(buffers or {}))
+        fast, packed = cast_policy(model, dtype)
+        return cls(model, fast, dict(buffers or {}), packed)
 
     def model(self, exact: bool) -> PreTrainedModel:
         return self.exact if exact else self.fast
@@ -162,7 +165,9 @@ class PolicyLoader:
                 tensor.dtype,
             ):
                 return None
-        if spare.fast is not spare.exact:
+        if spare.packed is not None:  # the bfloat16 weights mirror the buffer: one copy
+            spare.packed.refresh()
+        elif spare.fast is not spare.exact:
             fast = spare.fast.state_dict()
             done: set[int] = set()  # tied weights (lm_head = embeddings) are copied once
             with torch.no_grad():
@@ -170,7 +175,7 @@ class PolicyLoader:
                     if fast[name].data_ptr() not in done:
                         fast[name].copy_(tensor)
                         done.add(fast[name].data_ptr())
-        return PolicyWeights(spare.exact, spare.fast, dict(checkpoint.buffers))
+        return PolicyWeights(spare.exact, spare.fast, dict(checkpoint.buffers), spare.packed)
 
 
 class Overloaded(Exception):

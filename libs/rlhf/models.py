@@ -21,6 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -238,12 +239,75 @@ def policy_from_checkpoint(checkpoint: VerifiedCheckpoint) -> LlamaForCausalLM:
 def policy_in_dtype(model: LlamaForCausalLM, dtype: torch.dtype) -> LlamaForCausalLM:
     """`model` with its weights cast to `dtype`: a new model beside it, or `model` itself when
     it already is in `dtype` (e.g. bfloat16 weights to decode with, beside the float32 ones)."""
+    return cast_policy(model, dtype)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedCast:
+    """Weights cast to another dtype as views of one tensor (`cast`) laid out like the span of
+    the storage their sources share (`source`), so one copy brings them all up to date after the
+    sources changed in place: a hot reload that read the next checkpoint into the same memory
+    (`rlhf.batching.PolicyLoader`). One copy rather than one per tensor matters under load: each
+    copy waits its turn for the interpreter lock beside a decode loop; on 2 cores SmolLM2's 272
+    copies took 0.09 s, one copy of the same bytes 0.055 s (0.052 and 0.044 idle)."""
+
+    source: torch.Tensor
+    cast: torch.Tensor
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            self.cast.copy_(self.source)
+
+
+def cast_packed(
+    state: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], PackedCast] | None:
+    """`state` cast to `dtype` as views of one new tensor, if its tensors are contiguous views
+    of one storage, of one dtype, packed without gaps (the tensors of a safetensors file read
+    into one buffer: `rlhf.checkpoints`); None otherwise."""
+    tensors = [tensor.detach() for tensor in state.values()]
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    if any(
+        t.dtype != first.dtype or not t.is_contiguous() or t.untyped_storage().data_ptr() != storage
+        for t in tensors
+    ):
+        return None
+    spans = {(t.storage_offset(), t.numel()) for t in tensors}
+    low = min(offset for offset, _ in spans)
+    high = max(offset + count for offset, count in spans)
+    if high - low != sum(count for _, count in spans):  # gaps or overlaps: not one file's layout
+        return None
+    source = torch.as_strided(first, (high - low,), (1,), low)
+    cast = torch.empty(high - low, dtype=dtype)
+    views = {
+        name: cast[t.storage_offset() - low : t.storage_offset() - low + t.numel()].view(t.shape)
+        for name, t in zip(state, tensors, strict=True)
+    }
+    packed = PackedCast(source, cast)
+    packed.refresh()
+    return views, packed
+
+
+def cast_policy(
+    model: LlamaForCausalLM, dtype: torch.dtype
+) -> tuple[LlamaForCausalLM, PackedCast | None]:
+    """`policy_in_dtype`, and the `PackedCast` that refreshes the copy in one go when the
+    weights were read from the store (None otherwise, or when nothing was cast)."""
     if model.dtype == dtype:
-        return model
+        return model, None
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return _assemble_policy(model.config, {k: v.detach().to(dtype) for k, v in state.items()})
+    packed = cast_packed(state, dtype)
+    if packed is None:
+        return _assemble_policy(
+            model.config, {k: v.detach().to(dtype) for k, v in state.items()}
+        ), None
+    views, refresh = packed
+    return _assemble_policy(model.config, views), refresh
 
 
 def _assemble_policy(config: LlamaConfig, state: Mapping[str, torch.Tensor]) -> LlamaForCausalLM:

@@ -12,6 +12,8 @@ from rlhf.batching import ContinuousBatcher, Job, Overloaded, PolicyLoader, Poli
 from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.decoding import Sampling, generate
 from rlhf.models import (
+    cast_packed,
+    cast_policy,
     on_own_thread,
     policy_checkpoint_files,
     policy_from_checkpoint,
@@ -235,6 +237,7 @@ def test_hot_reload_reuses_a_retired_versions_memory_once_nothing_decodes_on_it(
     busy.clear()
     fourth = load(versions[3])  # `second` retired and free: its memory holds version 4 now
     assert fourth.exact is second.exact and fourth.fast is second.fast
+    assert second.packed is not None and fourth.packed is second.packed  # one copy refreshed it
     assert fourth.buffers["model.safetensors"] is second.buffers["model.safetensors"]
     fresh = PolicyWeights.of(
         policy_from_checkpoint(store.load(POLICY, 4, versions[3].sha256)), torch.bfloat16
@@ -245,6 +248,41 @@ def test_hot_reload_reuses_a_retired_versions_memory_once_nothing_decodes_on_it(
     assert fourth.fast.lm_head.weight is fourth.fast.model.embed_tokens.weight
     prompt, sampling = [5, 6, 7], Sampling(12, 1.0, seed=4)
     assert _alone(fourth.fast, Job(prompt, sampling)) == _alone(fresh.fast, Job(prompt, sampling))
+
+
+def test_weights_read_from_the_store_are_cast_as_one_tensor_that_one_copy_refreshes(tmp_path):
+    store = CheckpointStore(tmp_path)
+    first, second = (store.write(POLICY, *policy_checkpoint_files(_tied_policy(s))) for s in (0, 1))
+    checkpoint = store.load(POLICY, first.version, first.sha256)
+    exact = policy_from_checkpoint(checkpoint)
+    fast, packed = cast_policy(exact, torch.bfloat16)
+    assert packed is not None and fast.lm_head.weight is fast.model.embed_tokens.weight
+    start, end = packed.cast.data_ptr(), packed.cast.data_ptr() + packed.cast.nbytes
+    weights = {k: v for k, v in exact.state_dict().items() if k != "lm_head.weight"}
+    assert packed.cast.numel() == sum(v.numel() for v in weights.values())
+    for name, tensor in weights.items():
+        cast = fast.state_dict()[name]
+        assert start <= cast.data_ptr() < end, name  # a view of the one cast tensor
+        assert torch.equal(cast, tensor.to(torch.bfloat16)), name
+    # The next version read into the same memory: the float32 weights change in place, and one
+    # copy brings every bfloat16 weight up to date.
+    before = fast.model.embed_tokens.weight.clone()
+    store.load(POLICY, second.version, second.sha256, checkpoint.buffers)
+    assert torch.equal(fast.model.embed_tokens.weight, before)  # not refreshed yet
+    packed.refresh()
+    assert not torch.equal(fast.model.embed_tokens.weight, before)
+    for name, tensor in exact.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], tensor.to(torch.bfloat16)), name
+    # Weights in memory of their own, or a file's tensors with one left out, are cast one by one.
+    separate = _tied_policy(0)
+    cast, none = cast_policy(separate, torch.bfloat16)
+    assert none is None and torch.equal(
+        cast.model.norm.weight, separate.model.norm.weight.bfloat16()
+    )
+    gap = dict(weights)
+    gap.pop("model.layers.0.mlp.up_proj.weight")
+    assert cast_packed(gap, torch.bfloat16) is None
+    assert cast_policy(exact, torch.float32) == (exact, None)
 
 
 def _os_threads():
