@@ -281,7 +281,7 @@ def cast_packed(
     if high - low != sum(count for _, count in spans):  # gaps or overlaps: not one file's layout
         return None
     source = torch.as_strided(first, (high - low,), (1,), low)
-    cast = torch.empty(high - low, dtype=dtype)
+    cast = torch.empty(high - low, dtype=dtype, device=first.device)
     views = {
         name: cast[t.storage_offset() - low : t.storage_offset() - low + t.numel()].view(t.shape)
         for name, t in zip(state, tensors, strict=True)

@@ -260,6 +260,7 @@ def test_weights_read_from_the_store_are_cast_as_one_tensor_that_one_copy_refres
     start, end = packed.cast.data_ptr(), packed.cast.data_ptr() + packed.cast.nbytes
     weights = {k: v for k, v in exact.state_dict().items() if k != "lm_head.weight"}
     assert packed.cast.numel() == sum(v.numel() for v in weights.values())
+    assert packed.cast.device == packed.source.device and packed.cast.dtype is torch.bfloat16
     for name, tensor in weights.items():
         cast = fast.state_dict()[name]
         assert start <= cast.data_ptr() < end, name  # a view of the one cast tensor
