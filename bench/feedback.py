@@ -32,6 +32,7 @@ from bench.report import median, percentile, repeat, table
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.ids import GenerationIdSigner, partition_key, prompt_digest
+from rlhf.server import settle_heap
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 ID_KEY = "bench-generation-id-key-0123456789"
@@ -176,8 +177,7 @@ def unary_latency(
 
     # The requests built above would otherwise be scanned by every full collection here, and a
     # pause of this client's (tens of ms with 10k+ requests alive) would count as latency.
-    gc.collect()
-    gc.freeze()
+    settle_heap()
     try:
         start = time.perf_counter() + 0.05
         for index, request in enumerate(requests):

@@ -303,9 +303,8 @@ def cast_policy(
         state.pop("lm_head.weight", None)
     packed = cast_packed(state, dtype)
     if packed is None:
-        return _assemble_policy(
-            model.config, {k: v.detach().to(dtype) for k, v in state.items()}
-        ), None
+        cast = {name: tensor.detach().to(dtype) for name, tensor in state.items()}
+        return _assemble_policy(model.config, cast), None
     views, refresh = packed
     return _assemble_policy(model.config, views), refresh
 
