@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import sys
 
-from bench.report import AREAS, assemble, write_section
+from bench.report import AREAS, assemble, like_a_service, write_section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("areas", nargs="*", default=None, help=f"any of {', '.join(AREAS)}")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke run")
     args = parser.parse_args(argv)
+    like_a_service()
     areas = args.areas or [a for a in AREAS if importlib.util.find_spec(f"bench.{a}")]
     for area in areas:
         if area not in AREAS:

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from bench.report import ServiceProcess, median, percentile, table
+from bench.report import ServiceProcess, like_a_service, median, percentile, table
 from rlhf import bus, decoding
 from rlhf.batching import ContinuousBatcher, Job, PolicyWeights
 from rlhf.broker import EmbeddedBroker
@@ -531,4 +531,5 @@ if __name__ == "__main__":
     parser.add_argument("--sections", nargs="+", required=True, choices=SECTIONS)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     arguments = parser.parse_args()
+    like_a_service()
     print(run(arguments.quick, arguments.sections), flush=True)

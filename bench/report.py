@@ -17,6 +17,17 @@ RESULTS = ROOT / "bench" / "results"
 AREAS = ("feedback", "generation", "reward", "trainer", "loop")
 
 
+def like_a_service() -> None:
+    """Run this benchmark process with the heap policy every service process runs with
+    (RLHF_HEAP_KEEP_MB, `rlhf.server.keep_heap`), so an in-process baseline (direct scoring,
+    TRL's trainer beside ours) is measured under the same allocator as the service it is
+    compared with."""
+    from rlhf.config import CommonConfig, load_config
+    from rlhf.server import keep_heap
+
+    keep_heap(load_config(CommonConfig).heap_keep_mb)
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -44,7 +44,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bench.report import BENCH_KEY, ServiceProcess, median, table
+from bench.report import BENCH_KEY, ServiceProcess, like_a_service, median, table
 from rlhf import bus, decoding
 from rlhf.auth import ClientSecurity
 from rlhf.broker import EmbeddedBroker
@@ -488,4 +488,5 @@ if __name__ == "__main__":
     parser.add_argument("--rows", nargs="+", required=True, help="row labels, as in the table")
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
     arguments = parser.parse_args()
+    like_a_service()
     print(run(arguments.quick, arguments.rows), flush=True)

@@ -12,7 +12,7 @@ from rlhf.checkpoints import POLICY, CheckpointStore
 from rlhf.clients import GenerationClient, RewardClient
 from rlhf.config import ConfigError
 from rlhf.models import load_base_policy, load_tokenizer, policy_from_checkpoint
-from rlhf.server import configure_logging, lower_priority
+from rlhf.server import configure_logging, keep_heap, lower_priority
 from rlhf.serving import CheckpointEvents
 from rlhf.training import distributed
 from rlhf.training.distributed import World
@@ -204,6 +204,7 @@ def run_follower(config: TrainerConfig) -> None:
     rank 0 stops. No gRPC port and no Kafka; it scores its shard on the reward service."""
     configure_logging("trainer")
     lower_priority(config.nice)
+    keep_heap(config.heap_keep_mb)
     world = join_world(config)
     store = CheckpointStore(config.checkpoint_dir)
     generation = pool_client(config)  # each rank samples its shard on the pool
