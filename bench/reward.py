@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.report import ServiceProcess, median, table, timed
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
+from rlhf.config import CommonConfig, load_config
 from rlhf.models import MINILM, load_reward_backbone, serving_dtype, set_reward_normalisation
 from rlhf.scoring import PromptResponse, score_pairs
 from rlhf.training.reward import (
@@ -142,7 +143,8 @@ def throughput(service: Service, repeats: int, pairs_per_run: int) -> str:
         "answers). Direct = `rlhf.scoring.score_pairs` in the benchmark process (tokenise, "
         f"forward, normalise), the same function the service runs, on the same weights in "
         f"{str(DTYPE).removeprefix('torch.')} (the service's RLHF_REWARD_DTYPE=auto on this "
-        "machine).\n\n"
+        "machine). Both processes keep freed heap memory for reuse, as every service does "
+        f"(RLHF_HEAP_KEEP_MB={load_config(CommonConfig).heap_keep_mb}).\n\n"
         + table(
             [
                 "pairs per call",
