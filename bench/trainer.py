@@ -33,7 +33,11 @@ machines, where its decoding no longer competes with the update.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -391,19 +395,47 @@ def _rows(repeats: int) -> dict[str, Callable[[], Run]]:
     }
 
 
+def _repeats(quick: bool) -> int:
+    return 2 if quick else 5
+
+
 def run(quick: bool, only: Sequence[str] = ()) -> str:
     """Every row (the report BENCHMARKS.md gets), or the rows labelled in `only` (for a quick
     look while working: `python -m bench.trainer --rows "ours" "TRL"`, printed, not written)."""
-    repeats = 2 if quick else 5
-    torch.manual_seed(0)
+    repeats = _repeats(quick)
     load_before = os.getloadavg()[0]
     rows = _rows(repeats)
     unknown = [label for label in only if label not in rows]
     if unknown:
         raise ValueError(f"no row {unknown}; the rows are {list(rows)}")
-    results = {label: measure() for label, measure in rows.items() if not only or label in only}
+    results = {label: isolated(label, quick) for label in rows if not only or label in only}
     loads = (load_before, os.getloadavg()[0])
     return report(results, repeats, loads)
+
+
+RESULT = "bench-trainer-row "  # how a row's child process prints its measured Run
+
+
+def isolated(label: str, quick: bool) -> Run:
+    """Row `label` measured in a fresh Python process, as a trainer runs in production: rows
+    measured one after another in one process slowed each other (ours in bf16 took 8.3 s per
+    iteration right after the fp32 rows, 7.3-7.9 s alone), whatever the first rows left behind
+    in the heap and caches. The child's progress goes to this process's stderr."""
+    command = [sys.executable, "-m", "bench.trainer", "--measure", label]
+    done = subprocess.run(
+        command + (["--quick"] if quick else []), stdout=subprocess.PIPE, text=True, check=True
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if len(lines) != 1:
+        raise RuntimeError(f"row {label!r}: its process printed no result")
+    return Run(**json.loads(lines[0].removeprefix(RESULT)))
+
+
+def measure(label: str, quick: bool) -> None:
+    """Measure one row in this process and print it for `isolated`."""
+    torch.manual_seed(0)
+    measured = _rows(_repeats(quick))[label]()
+    print(RESULT + json.dumps(dataclasses.asdict(measured)), flush=True)
 
 
 def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) -> str:
@@ -457,7 +489,8 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
             rows,
         )
         + "\n\nAn iteration is rollout + scoring + PPO update; tokens are prompt + response tokens"
-        " of the batch. Rows are float32 unless marked bf16 (ours: RLHF_PPO_DTYPE=bfloat16,"
+        " of the batch. Each row runs in a fresh process of its own. Rows are float32 unless"
+        " marked bf16 (ours: RLHF_PPO_DTYPE=bfloat16,"
         " autocast passes over float32 weights, attention in float32 and the frozen"
         " reference's linear layers stored in bfloat16, rollouts decoded on a bfloat16 copy; TRL:"
         ' bf16=True). Each row\'s "vs TRL" is against the TRL row of the same precision, LoRA'
@@ -485,8 +518,13 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Some rows of the trainer bench, printed only.")
-    parser.add_argument("--rows", nargs="+", required=True, help="row labels, as in the table")
+    rows = parser.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--rows", nargs="+", help="row labels, as in the table")
+    rows.add_argument("--measure", help="one row, in this process (how each row is run)")
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
     arguments = parser.parse_args()
     like_a_service()
-    print(run(arguments.quick, arguments.rows), flush=True)
+    if arguments.measure:
+        measure(arguments.measure, arguments.quick)
+    else:
+        print(run(arguments.quick, arguments.rows), flush=True)
