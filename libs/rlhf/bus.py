@@ -138,6 +138,39 @@ class KeyHashPartitioner(DefaultPartitioner):
         return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
 
 
+def wake_sender_once_per_batch(producer: KafkaProducer) -> bool:
+    """Stop `producer` waking its I/O thread for every record sent behind a queued batch.
+
+    kafka-python (3.0, like the Java client) wakes the producer's I/O thread whenever the
+    accumulator calls a partition "full", and it does so for every record appended while an
+    earlier batch of that partition is still queued. Those wake-ups say nothing new: the I/O
+    thread was woken when that later batch was created, and after sending anything it loops
+    again at once. In Python each one costs the sending thread a system call and the I/O thread
+    a pass of its loop under the interpreter lock. In a burst nearly every record woke it
+    (59.5k wake-ups for 60k records), which halved a bare producer's throughput on this machine
+    (about 13.5k against 23k events/s, acks=all). The wake-ups that carry news are kept: a new
+    batch, and a partition's only batch becoming full.
+
+    Returns False, changing nothing, if the producer is not built as this expects.
+    """
+    accumulator = getattr(producer, "_accumulator", None)
+    append = getattr(accumulator, "append", None)
+    batches = getattr(accumulator, "_batches", None)
+    if append is None or not isinstance(batches, dict):
+        log.warning("kafka-python's producer changed shape: it wakes its I/O thread per record")
+        return False
+
+    def append_waking_once(tp: TopicPartition, *args: Any, **kwargs: Any) -> Any:
+        future, batch_is_full, new_batch_created, abort_for_new_batch = append(tp, *args, **kwargs)
+        if batch_is_full and not new_batch_created:
+            # Full only because an earlier batch is queued: the I/O thread knows of it.
+            batch_is_full = len(batches.get(tp, ())) <= 1
+        return future, batch_is_full, new_batch_created, abort_for_new_batch
+
+    accumulator.append = append_waking_once
+    return True
+
+
 class BusUnavailable(Exception):
     """The broker did not acknowledge in time (down, unreachable or refusing our requests)."""
 
@@ -282,7 +315,7 @@ class Publisher:
         """A producer whose every wait is bounded, so a dead broker surfaces within seconds."""
         request_timeout_ms = max(500, self.delivery_timeout_ms - self.linger_ms)
         try:
-            return KafkaProducer(
+            producer = KafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
                 acks="all",
@@ -301,6 +334,8 @@ class Publisher:
             )
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
+        wake_sender_once_per_batch(producer)
+        return producer
 
     def _current(self) -> KafkaProducer:
         """The live producer, (re)created if there is none or the last one failed."""

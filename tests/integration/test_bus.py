@@ -126,6 +126,59 @@ def test_same_key_same_partition(broker: EmbeddedBroker, publisher: bus.Publishe
     assert {f.get(5).partition for f in futures} == {positions[0][0]}
 
 
+def _count_wakeups(producer: KafkaProducer) -> list[int]:
+    """Count the wake-ups `producer.send` gives its I/O thread from now on."""
+    count = [0]
+    wake = producer._sender.wakeup
+
+    def counting() -> None:
+        count[0] += 1
+        wake()
+
+    producer._sender.wakeup = counting
+    return count
+
+
+def test_a_burst_wakes_the_producer_per_batch_not_per_record(
+    broker: EmbeddedBroker, publisher: bus.Publisher
+) -> None:
+    """kafka-python wakes its I/O thread for nearly every record of a burst (the check on a stock
+    producer below); the bus's producer only for new batches, and loses nothing by it."""
+    topic, count = make_topic(broker.bootstrap), 4000
+    # Records of a feedback event's size: a 16 KiB batch holds ~60, so a burst queues batches.
+    events = [
+        (f"key-{n % 7}", events_pb2.GenerationEvent(generation_id=str(n), response="r" * 250))
+        for n in range(count)
+    ]
+    stock = KafkaProducer(
+        bootstrap_servers=broker.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
+    try:
+        stock.send(topic, key=b"warm-up", value=b"").get(10)
+        stock_wakeups = _count_wakeups(stock)
+        for key, event in events:
+            stock.send(topic, key=key.encode(), value=event.SerializeToString())
+        stock.flush(30)
+    finally:
+        stock.close(5)
+    publisher.publish(topic, "warm-up", generation("warm-up"))
+    wakeups = _count_wakeups(publisher._current())
+    futures = [publisher.publish_async(topic, key, event) for key, event in events]
+    publisher.flush(30)
+    stored = [future.get(0) for future in futures]
+    assert stock_wakeups[0] > count / 2  # the premise: drop the shim when this fails
+    assert wakeups[0] < stock_wakeups[0] / 5
+    with bus.EventConsumer(broker.bootstrap, {topic: events_pb2.GenerationEvent}, None) as consumer:
+        records = poll_until(consumer, 2 * count + 2)
+    ours = {(r.partition, r.offset): r for r in records}
+    for (key, event), metadata in zip(events, stored, strict=True):
+        record = ours[(metadata.partition, metadata.offset)]
+        assert (record.key, record.message) == (key, event)
+    for key in {key for key, _ in events}:  # each key's records in the order they were sent
+        offsets = [m.offset for (k, _), m in zip(events, stored, strict=True) if k == key]
+        assert offsets == sorted(offsets)
+
+
 def test_committed_records_are_not_redelivered(
     broker: EmbeddedBroker, publisher: bus.Publisher
 ) -> None:
