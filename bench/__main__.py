@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import sys
 
-from bench.report import AREAS, assemble, like_a_service, write_section
+from bench.report import AREAS, assemble, like_a_service, machine_speed, write_section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench.{area}")
         print(f"== {area}", flush=True)
         command = "python -m bench " + area + (" --quick" if args.quick else "")
-        path = write_section(area, module.run(quick=args.quick), command)
+        speed = machine_speed()
+        path = write_section(area, module.run(quick=args.quick), command, speed)
         print(path.read_text(), flush=True)
     print(f"wrote {assemble()}")
     return 0

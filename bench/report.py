@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,11 +76,56 @@ def machine() -> str:
     )
 
 
-def write_section(area: str, body: str, command: str) -> Path:
+def _wakeup_round_trip_us(trips: int = 5000) -> float:
+    """Mean microseconds for one thread to wake another and be woken back (a queue each way)."""
+    there: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    back: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := there.get()) is not None:
+            back.put(item)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    for trip in range(trips):
+        there.put(trip)
+        back.get()
+    elapsed = time.perf_counter() - started
+    there.put(None)
+    thread.join()
+    return 1e6 * elapsed / trips
+
+
+def machine_speed() -> str:
+    """How fast this machine runs right now, for comparing absolute figures across runs: a
+    shared host drifts between days, and not evenly. On the evening of 2026-12-06 its matmuls
+    ran at full speed (fp32 210-260, bf16 1,500-2,300 GFLOP/s) while a thread wake-up round trip
+    took 54-69 us, a reward Score call 1.7x its time of the day before and every gRPC and Kafka
+    figure fell. The best of three of a pure-Python loop on one core, an fp32 matmul on
+    torch's threads and a wake-up round trip between two threads."""
+    import torch
+
+    loop_seconds = min(timed(lambda: sum(range(3_000_000))) for _ in range(3))
+    size = 1024
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    matmul_seconds = min(timed(lambda: torch.mm(a, b)) for _ in range(3))
+    wakeup_us = min(_wakeup_round_trip_us() for _ in range(3))
+    return (
+        f"pure Python {3 / loop_seconds:.0f} M additions/s on one core, fp32 matmul "
+        f"{2 * size**3 / matmul_seconds / 1e9:.0f} GFLOP/s on {torch.get_num_threads()} threads, "
+        f"thread wake-up round trip {wakeup_us:.0f} us"
+    )
+
+
+def write_section(area: str, body: str, command: str, speed: str = "") -> Path:
+    """Store an area's results; `speed`: `machine_speed()` measured just before its run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     path = RESULTS / f"{area}.md"
-    path.write_text(f"## {area}\n\nCommand: `{command}` ({stamp})\n\n{body.strip()}\n")
+    measured = f"; machine speed before the run: {speed}" if speed else ""
+    path.write_text(f"## {area}\n\nCommand: `{command}` ({stamp}{measured})\n\n{body.strip()}\n")
     return path
 
 
