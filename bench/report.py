@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import queue
+import resource
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,41 @@ def machine_speed() -> str:
         f"{2 * size**3 / matmul_seconds / 1e9:.0f} GFLOP/s on {torch.get_num_threads()} threads, "
         f"thread wake-up round trip {wakeup_us:.0f} us"
     )
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (Linux /proc/stat: user, nice,
+    system, irq and softirq time; not idle, iowait or time stolen by the host)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class OtherLoad:
+    """`with OtherLoad() as other:` measures the CPU that processes other than this one and its
+    (finished) children used meanwhile, in cores (`other.cores`): what a load average cannot
+    tell, since it still counts jobs that ended a minute before."""
+
+    cores: float = 0.0
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (time.monotonic(), _machine_busy_seconds(), _own_seconds())
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        started, busy, own = self._start
+        elapsed = max(time.monotonic() - started, 1e-9)
+        others = (_machine_busy_seconds() - busy) - (_own_seconds() - own)
+        self.cores = max(0.0, others) / elapsed
 
 
 def write_section(area: str, body: str, command: str, speed: str = "") -> Path:

@@ -48,7 +48,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from bench.report import BENCH_KEY, ServiceProcess, like_a_service, median, table
+from bench.report import BENCH_KEY, OtherLoad, ServiceProcess, like_a_service, median, table
 from rlhf import bus, decoding
 from rlhf.auth import ClientSecurity
 from rlhf.broker import EmbeddedBroker
@@ -403,14 +403,13 @@ def run(quick: bool, only: Sequence[str] = ()) -> str:
     """Every row (the report BENCHMARKS.md gets), or the rows labelled in `only` (for a quick
     look while working: `python -m bench.trainer --rows "ours" "TRL"`, printed, not written)."""
     repeats = _repeats(quick)
-    load_before = os.getloadavg()[0]
     rows = _rows(repeats)
     unknown = [label for label in only if label not in rows]
     if unknown:
         raise ValueError(f"no row {unknown}; the rows are {list(rows)}")
-    results = {label: isolated(label, quick) for label in rows if not only or label in only}
-    loads = (load_before, os.getloadavg()[0])
-    return report(results, repeats, loads)
+    with OtherLoad() as other:
+        results = {label: isolated(label, quick) for label in rows if not only or label in only}
+    return report(results, repeats, other.cores)
 
 
 RESULT = "bench-trainer-row "  # how a row's child process prints its measured Run
@@ -438,7 +437,8 @@ def measure(label: str, quick: bool) -> None:
     print(RESULT + json.dumps(dataclasses.asdict(measured)), flush=True)
 
 
-def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) -> str:
+def report(results: dict[str, Run], repeats: int, other_cores: float) -> str:
+    """The trainer section; `other_cores`: CPU other processes used during the runs."""
     rows = []
     for label, measured in results.items():
         reference = results.get(_baseline(label, results))  # None: no TRL row measured
@@ -500,8 +500,8 @@ def report(results: dict[str, Run], repeats: int, loads: tuple[float, float]) ->
         f" {BATCH // GROUP} of the same prompts, so the same {BATCH} rollouts of up to"
         f" {NEW_TOKENS} tokens, scored, penalised and clipped alike, without a value head."
         + critic_free_note
-        + f" 1-minute load average {loads[0]:.2f} before the runs, {loads[1]:.2f} after"
-        + (" (other jobs were running on this shared machine)." if loads[0] > 0.5 else ".")
+        + f" Processes other than the bench used {other_cores:.2f} cores during the runs"
+        + (" (other jobs were running on this shared machine)." if other_cores > 0.1 else ".")
         + pool_note
         + "\n\n"
         "### Where an iteration's time goes (mean seconds per iteration)\n\n"
