@@ -102,9 +102,9 @@ def machine_speed() -> str:
     """How fast this machine runs right now, for comparing absolute figures across runs: a
     shared host drifts between days, and not evenly. On the evening of 2026-12-06 its matmuls
     ran at full speed (fp32 210-260, bf16 1,500-2,300 GFLOP/s) while a thread wake-up round trip
-    took 54-69 us, a reward Score call 1.7x its time of the day before and every gRPC and Kafka
-    figure fell. The best of three of a pure-Python loop on one core, an fp32 matmul on
-    torch's threads and a wake-up round trip between two threads."""
+    took 51-69 us, the reward model's forward over 32 pairs 1.7x its time of the day before and
+    every gRPC and Kafka figure fell. The best of three of a pure-Python loop on one core, an
+    fp32 matmul on torch's threads and a wake-up round trip between two threads."""
     import torch
 
     loop_seconds = min(timed(lambda: sum(range(3_000_000))) for _ in range(3))
