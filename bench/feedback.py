@@ -20,9 +20,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -111,15 +112,24 @@ def raw_producer_rate(bootstrap: str, events: int) -> Throughput:
     )
     try:
         producer.send(bus.FEEDBACK, key=b"warm-up", value=b"").get(10)
-        cpu, started = _own_cpu(), time.perf_counter()
-        futures = [producer.send(bus.FEEDBACK, key=k, value=v) for k, v in records]
-        producer.flush(60)
-        for future in futures:
-            future.get(0)
-        elapsed, cpu = time.perf_counter() - started, _own_cpu() - cpu
-        return Throughput(events / elapsed, 1e6 * cpu / events)
+        return _send_rate(
+            lambda: [producer.send(bus.FEEDBACK, key=k, value=v) for k, v in records],
+            producer.flush,
+        )
     finally:
         producer.close(5)
+
+
+def _send_rate(send: Callable[[], list[Any]], flush: Callable[[float], None]) -> Throughput:
+    """Events/s and this process's CPU per event of `send()` queueing every event (it returns
+    their futures), then `flush`, every future checked."""
+    cpu, started = _own_cpu(), time.perf_counter()
+    futures = send()
+    flush(60)
+    for future in futures:
+        future.get(0)
+    elapsed, cpu = time.perf_counter() - started, _own_cpu() - cpu
+    return Throughput(len(futures) / elapsed, 1e6 * cpu / len(futures))
 
 
 def publisher_rate(bootstrap: str, events: int) -> Throughput:
@@ -129,13 +139,10 @@ def publisher_rate(bootstrap: str, events: int) -> Throughput:
     publisher = bus.Publisher(bootstrap, client_id="bench-publisher", linger_ms=LINGER_MS)
     try:
         publisher.publish(bus.FEEDBACK, "warm-up", records[0][1])
-        cpu, started = _own_cpu(), time.perf_counter()
-        futures = [publisher.publish_async(bus.FEEDBACK, key, event) for key, event in records]
-        publisher.flush(60)
-        for future in futures:
-            future.get(0)
-        elapsed, cpu = time.perf_counter() - started, _own_cpu() - cpu
-        return Throughput(events / elapsed, 1e6 * cpu / events)
+        return _send_rate(
+            lambda: [publisher.publish_async(bus.FEEDBACK, k, event) for k, event in records],
+            publisher.flush,
+        )
     finally:
         publisher.close()
 
