@@ -99,12 +99,16 @@ class RewardClient:
 
 
 # Codes that say "not now" (retry later) rather than "never" (this request is wrong).
+# CANCELLED is one when this client did not cancel: an overloaded gRPC server drops calls it
+# queued but never read with it, and the platform's servers cancel a call whose request did
+# not arrive in time; either way nothing was done.
 _TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
     }
 )
 
@@ -169,6 +173,8 @@ class GenerationClient:
             for future, p in zip(futures, params, strict=True):
                 completions.append(self._completion(future.result(), p))
         except grpc.RpcError as exc:
+            # Only now does this client cancel anything, so a CANCELLED caught above was not its
+            # doing (see _TRANSIENT).
             for future in futures:
                 future.cancel()
             code = exc.code()
