@@ -46,6 +46,12 @@ BATCH_REQUESTS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32),
 )
 QUEUED_PAIRS = Gauge("rlhf_reward_queued_pairs", "pairs waiting for a forward pass")
+FORWARD_SECONDS = Histogram(
+    "rlhf_reward_forward_seconds",
+    "one dynamic batch scored (tokenise, forward pass, normalise); a Score call's latency "
+    "(rlhf_grpc_request_seconds) beyond it is queueing and the call's own work",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 
 PromptResponse = tuple[str, str]
 # Scores a batch of (prompt, response) pairs; returns one score per pair and the model version.
@@ -218,6 +224,7 @@ class ScoreBatcher:
         pairs = [pair for job in batch for pair in job.pairs]
         BATCH_PAIRS.observe(len(pairs))
         BATCH_REQUESTS.observe(len(batch))
+        started = time.perf_counter()
         try:
             scores, version = self._score(pairs)
         except Exception as exc:  # every waiting caller gets the error, the worker lives on
@@ -225,6 +232,7 @@ class ScoreBatcher:
             for job in batch:
                 job.future.set_exception(exc)
             return
+        FORWARD_SECONDS.observe(time.perf_counter() - started)
         start = 0
         for job in batch:
             job.future.set_result((scores[start : start + len(job.pairs)], version))

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from rlhf.batching import Overloaded, ShuttingDown
 from rlhf.models import TINY, load_reward_backbone, set_reward_normalisation
@@ -163,6 +164,37 @@ def test_a_scoring_error_reaches_every_caller_of_the_batch_and_the_worker_surviv
         assert batcher.submit(pairs("b", "c")) == ([0.5, 0.5], 1)
     finally:
         batcher.stop()
+
+
+def _forward_seconds() -> tuple[float, float]:
+    count = REGISTRY.get_sample_value("rlhf_reward_forward_seconds_count") or 0.0
+    return count, REGISTRY.get_sample_value("rlhf_reward_forward_seconds_sum") or 0.0
+
+
+def test_each_batch_scored_is_timed_and_a_failed_one_is_not():
+    """rlhf_reward_forward_seconds: what a Score call's latency is made of, from the inside."""
+    outcomes = iter([RuntimeError("model exploded"), None])
+
+    def slow(batch):
+        failure = next(outcomes)
+        if failure is not None:
+            raise failure
+        time.sleep(0.05)
+        return [0.5] * len(batch), 1
+
+    batcher = ScoreBatcher(slow, max_batch=8, max_wait_s=0.0)
+    batcher.start()
+    count, total = _forward_seconds()
+    try:
+        with pytest.raises(RuntimeError, match="exploded"):
+            batcher.submit(pairs("a"))
+        assert _forward_seconds() == (count, total)
+        batcher.submit(pairs("b", "c"))
+    finally:
+        batcher.stop()
+    after_count, after_total = _forward_seconds()
+    assert after_count == count + 1
+    assert 0.05 <= after_total - total < 1.0
 
 
 def test_stop_finishes_queued_work_then_refuses_new_work(gated):
