@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,10 +20,11 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import grpc
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.report import ServiceProcess, median, table, timed
+from bench.report import ROOT, ServiceProcess, median, table, timed
 from rlhf import bus
 from rlhf.broker import EmbeddedBroker, free_port
 from rlhf.config import CommonConfig, load_config
@@ -66,15 +69,22 @@ class Service(ServiceProcess):
         )
         return list(self.stub.Score(request, timeout=60).scores)
 
-    def batch_stats(self) -> tuple[float, float]:
-        """(forward passes, pairs scored in them) so far, from the service's /metrics."""
+    def metrics(self) -> dict[str, float]:
+        """The service's /metrics now: sample name -> value, for the samples the bench reads
+        (the Score calls' rlhf_grpc_request_seconds, the batcher's histograms)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as reply:
             text = reply.read().decode()
         values = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                values[sample.name] = sample.value
+                if sample.labels.get("method", "Score") == "Score" and "le" not in sample.labels:
+                    values[sample.name] = sample.value
+        return values
+
+    def batch_stats(self) -> tuple[float, float]:
+        """(forward passes, pairs scored in them) so far, from the service's /metrics."""
+        values = self.metrics()
         return values["rlhf_reward_batch_pairs_count"], values["rlhf_reward_batch_pairs_sum"]
 
     def stop(self) -> None:
@@ -102,8 +112,19 @@ def _rate(score: Callable[[Sequence[PromptResponse]], object], pairs: list, batc
     return len(pairs) / timed(run)
 
 
+# What the service reports about the Score calls it served: handler time, and scoring time.
+_HANDLER = ("rlhf_grpc_request_seconds_sum", "rlhf_grpc_request_seconds_count")
+_SCORING = ("rlhf_reward_forward_seconds_sum", "rlhf_reward_forward_seconds_count")
+
+
+def _mean_ms(before: dict[str, float], after: dict[str, float], names: tuple[str, str]) -> float:
+    total, count = (after[name] - before[name] for name in names)
+    return 1000 * total / max(count, 1)
+
+
 def throughput(service: Service, repeats: int, pairs_per_run: int) -> str:
-    """Pairs/s at batch 1, 8, 32: the model called directly vs Score through gRPC."""
+    """Pairs/s at batch 1, 8, 32: the model called directly vs Score through gRPC; and where
+    a call's time goes."""
     model, tokenizer = load_reward_backbone(MINILM)
     model = model.to(DTYPE)  # as the service runs it (RLHF_REWARD_DTYPE=auto)
     pairs = _answers(pairs_per_run)
@@ -111,16 +132,36 @@ def throughput(service: Service, repeats: int, pairs_per_run: int) -> str:
     def direct(batch: Sequence[PromptResponse]) -> list[float]:
         return score_pairs(model, tokenizer, batch, MAX_TOKENS)
 
-    rows, overhead_at = [], {}
+    rows, overhead_at, split, direct_ms = [], {}, [], {}
     for batch in BATCHES:
         # Fewer pairs at batch 1: per-call costs dominate and the runs are long.
         sample = pairs[: max(64, pairs_per_run // 4)] if batch == 1 else pairs
         _rate(direct, sample[:batch], batch)  # warm up both paths
         _rate(service.score, sample[:batch], batch)
         direct_runs, grpc_runs = [], []
+        before = service.metrics()
         for _ in range(repeats):  # interleaved, so a noisy neighbour hits both paths alike
             direct_runs.append(_rate(direct, sample, batch))
             grpc_runs.append(_rate(service.score, sample, batch))
+        after = service.metrics()
+        calls = repeats * -(-len(sample) // batch)
+        per_call = {
+            "direct": 1000 * sum(len(sample) / rate for rate in direct_runs) / calls,
+            "call": 1000 * sum(len(sample) / rate for rate in grpc_runs) / calls,
+            "handler": _mean_ms(before, after, _HANDLER),
+            "scoring": _mean_ms(before, after, _SCORING),
+        }
+        direct_ms[batch] = per_call["direct"]
+        split.append(
+            [
+                batch,
+                f"{per_call['direct']:.2f}",
+                f"{per_call['call']:.2f}",
+                f"{per_call['scoring']:.2f}",
+                f"{per_call['handler'] - per_call['scoring']:.2f}",
+                f"{per_call['call'] - per_call['handler']:.2f}",
+            ]
+        )
         base, served = median(direct_runs), median(grpc_runs)
         overhead_at[batch] = 1 - served / base
         rows.append(
@@ -159,8 +200,72 @@ def throughput(service: Service, repeats: int, pairs_per_run: int) -> str:
         + f"\n\nTarget: gRPC overhead under 5% at 32 pairs per call: {met} "
         f"({overhead_at[32]:+.1%}). The served path adds the gRPC round trip, request "
         "validation and the batcher's hand-off to its worker thread.\n\n"
+        + _where_the_time_goes(split, pairs[:32], direct_ms[32])
         + precision(tokenizer, pairs, repeats)
     )
+
+
+def _where_the_time_goes(
+    split: list[list[object]], request: list[PromptResponse], idle: float
+) -> str:
+    """The per-call split of the runs above, and a bare gRPC server's round trip of the same
+    32-pair request: back to back, and after the client idled as long as a direct call takes."""
+    back_to_back, after_idle = echo_round_trips(request, idle / 1000)
+    return (
+        "### Where a Score call's time goes (the runs above, mean ms per call)\n\n"
+        + table(
+            [
+                "pairs per call",
+                "direct",
+                "gRPC call",
+                "of which scoring in the service",
+                "the service's own work",
+                "gRPC transport",
+            ],
+            split,
+        )
+        + "\n\nScoring is the service's rlhf_reward_forward_seconds (tokenise, forward, "
+        "normalise: what the direct call does); its own work is the rest of its Score handler "
+        "(rlhf_grpc_request_seconds: validation, the batcher's hand-off, metrics); transport is "
+        "the rest of the call as the client saw it (both sides' gRPC, reading the request and "
+        "checking its key, and waking the threads that carry the call). The same 32-pair "
+        "request to a bare gRPC server that answers at once (`bench/echo.py`) takes "
+        f"{back_to_back:.2f} ms a call back to back and "
+        f"{after_idle:.2f} ms when the client first idles {idle:.0f} ms (a direct call's time, "
+        "as the client idles during each call above): the difference is what waking the "
+        "threads that carry a call after an idle spell costs on this machine, with nothing of "
+        "the platform involved.\n\n"
+    )
+
+
+def echo_round_trips(
+    request: list[PromptResponse], idle: float, calls: int = 60
+) -> tuple[float, float]:
+    """Median ms of a Score round trip to `bench.echo` (its own process): back to back, and
+    each after `idle` seconds of the client sleeping."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.echo", str(port)], cwd=ROOT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        message = reward_pb2.ScoreRequest(
+            pairs=[reward_pb2.ScoredPair(prompt=p, response=r) for p, r in request]
+        )
+
+        def round_trips(pause: float) -> float:
+            times = []
+            for _ in range(calls):
+                time.sleep(pause)
+                times.append(timed(lambda: stub.Score(message, timeout=10)))
+            return 1000 * median(times)
+
+        round_trips(0.0)  # warm up
+        return round_trips(0.0), round_trips(idle)
+    finally:
+        channel.close()
+        server.terminate()
+        server.wait(10)
 
 
 def precision(tokenizer, pairs: list[PromptResponse], repeats: int) -> str:  # noqa: ANN001
