@@ -309,6 +309,69 @@ def cast_policy(
     return _assemble_policy(model.config, views), refresh
 
 
+def mkl_packed_gemm() -> bool:
+    """Whether this torch multiplies with MKL's packed single-precision GEMM (x86 CPU builds)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        torch.ops.mkl._mkl_reorder_linear_weight  # noqa: B018 (resolving the op is the check)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def packed_head(model: torch.nn.Module, rows: int) -> Iterator[bool]:
+    """While open, `model`'s LM head multiplies through MKL's packed GEMM laid out for `rows`
+    rows at a time; yields whether it does.
+
+    A decode step multiplies one hidden state per sequence by the vocab x hidden head. In
+    float32, MKL's plain GEMM runs that shape far below the memory bandwidth it needs: for
+    SmolLM2's 113 MB head on this CPU, 8 rows took 9-12 ms where reading the head takes 4 ms,
+    and the packed GEMM 6 ms; 8 x 48 tokens decoded in 3.25 s instead of 3.78 s (median of 4).
+    Between 7 and 12 rows the plain GEMM is slowest; from 16 rows on, and in bfloat16, it keeps
+    up (2.6 ms for 8 rows), so nothing else is packed.
+
+    The pack is built from the head's weights when the block opens (about 40 ms) and is
+    twice their size while it lives (233 MB for SmolLM2): open it around decoding with fixed
+    weights, never around an update. Fewer rows than `rows` are padded up to it, down to half of
+    it (below that the plain GEMM is as fast); more rows, and any call that records gradients,
+    take the plain path. The packed GEMM sums in another order: logits move by about 1e-5.
+    Only a bias-free float32 head on the CPU, with MKL, is packed; otherwise nothing changes.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not (
+        rows >= 2
+        and isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and head.weight.device.type == "cpu"
+        and mkl_packed_gemm()
+    ):
+        yield False
+        return
+    weight = head.weight
+    with torch.no_grad():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        count = hidden.numel() // hidden.shape[-1]
+        if count > rows or count * 2 <= rows or torch.is_grad_enabled():
+            return torch.nn.functional.linear(hidden, weight)
+        flat = hidden.reshape(count, hidden.shape[-1])
+        if count < rows:
+            flat = torch.cat([flat, flat.new_zeros(rows - count, flat.shape[1])])
+        out = torch.ops.mkl._mkl_linear(flat.contiguous(), packed, weight.detach(), None, rows)
+        return out[:count].reshape(*hidden.shape[:-1], out.shape[-1])
+
+    head.forward = forward  # the instance's own forward, in place of nn.Linear's
+    try:
+        yield True
+    finally:
+        del head.forward
+
+
 def _assemble_policy(config: LlamaConfig, state: Mapping[str, torch.Tensor]) -> LlamaForCausalLM:
     """A policy built around `state`'s tensors (assigned, not copied)."""
     with torch.device("meta"):

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf import decoding
 from rlhf.clients import Scores
 from rlhf.config import ConfigError, SeedSettings, setting
-from rlhf.models import policy_in_dtype
+from rlhf.models import packed_head, policy_in_dtype
 from rlhf.training.distributed import SINGLE, ShardFailed, World
 from rlhf.training.pool import PoolRollouts, PoolSampler
 from rlhf.training.ppo import ValueHead, build_rollout, cast_frozen_linears, ppo_step
@@ -212,13 +212,18 @@ class PPOLearner:
         samples what one process would have sampled for those rows."""
         params = self._rollout_params(len(prompts), first_row)
         self.policy.eval()
-        return decoding.generate(
-            self._decoding_policy(),
-            prompts,
-            params,
-            {self.tokenizer.eos_token_id},
-            self.tokenizer.pad_token_id,
-        )
+        policy = self._decoding_policy()
+        # Float32 decoding: the LM head in MKL's packed layout for the batch's rows (see
+        # `packed_head`); sharded weights are not whole in this process, so they are not packed.
+        rows = 0 if self.world.sharded else len(prompts)
+        with packed_head(policy, rows):
+            return decoding.generate(
+                policy,
+                prompts,
+                params,
+                {self.tokenizer.eos_token_id},
+                self.tokenizer.pad_token_id,
+            )
 
     def _decoding_policy(self) -> torch.nn.Module:
         """What in-process rollouts decode with: in bfloat16 (`PPOConfig.dtype`), a bfloat16
