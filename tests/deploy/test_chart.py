@@ -750,6 +750,7 @@ def test_grafana_dashboard_uses_metrics_that_exist(default):
         "rlhf_trainer_stat",
         "rlhf_generation_tokens_total",
         "rlhf_grpc_request_seconds_bucket",
+        "rlhf_reward_forward_seconds_bucket",
         "rlhf_checkpoint_reloads_total",
     ):
         assert metric in used
