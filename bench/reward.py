@@ -49,6 +49,12 @@ MAX_TOKENS = 256  # the service default
 DTYPE = serving_dtype("auto")
 
 
+def score_request(pairs: Sequence[PromptResponse]) -> reward_pb2.ScoreRequest:
+    return reward_pb2.ScoreRequest(
+        pairs=[reward_pb2.ScoredPair(prompt=p, response=r) for p, r in pairs]
+    )
+
+
 class Service(ServiceProcess):
     """The reward service as a subprocess on its own ports."""
 
@@ -64,10 +70,7 @@ class Service(ServiceProcess):
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
     def score(self, pairs: Sequence[PromptResponse]) -> list[float]:
-        request = reward_pb2.ScoreRequest(
-            pairs=[reward_pb2.ScoredPair(prompt=p, response=r) for p, r in pairs]
-        )
-        return list(self.stub.Score(request, timeout=60).scores)
+        return list(self.stub.Score(score_request(pairs), timeout=60).scores)
 
     def metrics(self) -> dict[str, float]:
         """The service's /metrics now: sample name -> value, for the samples the bench reads
@@ -252,9 +255,7 @@ def echo_round_trips(
     try:
         grpc.channel_ready_future(channel).result(timeout=60)
         stub = reward_pb2_grpc.RewardServiceStub(channel)
-        message = reward_pb2.ScoreRequest(
-            pairs=[reward_pb2.ScoredPair(prompt=p, response=r) for p, r in request]
-        )
+        message = score_request(request)
 
         def round_trips(pause: float) -> float:
             times = []
