@@ -171,6 +171,86 @@ def wake_sender_once_per_batch(producer: KafkaProducer) -> bool:
     return True
 
 
+def appends_directly(producer: KafkaProducer) -> bool:
+    """Whether `KeyedAppender` can append to `producer`'s open batches: True for the producer
+    kafka-python 3.0 builds (non-transactional, as `Publisher` makes it), False when its
+    internals are not shaped as `KeyedAppender` expects (then every record goes through
+    `send`)."""
+    accumulator = getattr(producer, "_accumulator", None)
+    manager = getattr(producer, "_transaction_manager", None)
+    shaped = (
+        isinstance(getattr(accumulator, "_batches", None), dict)
+        and callable(getattr(accumulator, "_tp_lock", None))
+        and hasattr(accumulator, "_closed")
+        and callable(getattr(getattr(accumulator, "_appends_in_progress", None), "increment", None))
+        and isinstance(getattr(getattr(producer, "_metadata", None), "_partitions", None), dict)
+        and callable(getattr(getattr(producer, "_sender", None), "wakeup", None))
+        and isinstance(getattr(producer, "config", None), dict)
+        and isinstance(producer.config.get("partitioner"), KeyHashPartitioner)
+        and (manager is None or not manager.is_transactional())
+    )
+    if not shaped:
+        log.warning("kafka-python's producer changed shape: every record goes through send()")
+    return shaped
+
+
+class KeyedAppender:
+    """Appends a keyed record to its partition's open batch the way `KafkaProducer.send` does,
+    in half of send's time.
+
+    `send` spends about 23 us of the caller's interpreter time per record on this machine:
+    argument and size checks, a metadata lookup, a partition list sorted anew, a debug log line
+    formatted whether logged or not, and the accumulator's own locking. Most records of a busy
+    producer land in an open batch of their partition. For those this does only what that takes:
+    the same partition (`KeyHashPartitioner`, the Java client's), the partition's lock, the
+    batch's `try_append`, and the I/O thread woken when that batch fills up. The record, its
+    future and its acknowledgement are the producer's own. Everything else (no open batch with
+    room, no metadata for the topic yet, a closing producer) returns None, and the caller uses
+    `send`, which does the full work and starts new batches.
+    """
+
+    def __init__(self) -> None:
+        # topic -> (the metadata's partition dict it was built from, its TopicPartitions).
+        self._partitions: dict[str, tuple[dict, list[TopicPartition]]] = {}
+
+    def _topic_partitions(self, producer: KafkaProducer, topic: str) -> list[TopicPartition]:
+        known = producer._metadata._partitions.get(topic)
+        if not known:
+            return []
+        cached = self._partitions.get(topic)
+        if cached is not None and cached[0] is known:  # metadata updates replace the dict
+            return cached[1]
+        ordered = [TopicPartition(topic, p) for p in sorted(known)]
+        self._partitions[topic] = (known, ordered)
+        return ordered
+
+    def append(
+        self, producer: KafkaProducer, topic: str, key: bytes, value: bytes
+    ) -> FutureRecordMetadata | None:
+        """The record's future, or None: not appended, `send` it."""
+        partitions = self._topic_partitions(producer, topic)
+        accumulator = producer._accumulator
+        if not partitions or accumulator._closed:
+            return None
+        tp = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        in_progress = accumulator._appends_in_progress  # what closing waits for
+        in_progress.increment()
+        try:
+            with accumulator._tp_lock(tp):
+                batches = accumulator._batches.get(tp)
+                if not batches:
+                    return None
+                last = batches[-1]
+                future = last.try_append(
+                    int(time.time() * 1000), key, value, None, time.monotonic()
+                )
+                if future is not None and len(batches) == 1 and last.records.is_full():
+                    producer._sender.wakeup()  # as wake_sender_once_per_batch: news only
+                return future
+        finally:
+            in_progress.decrement()
+
+
 class BusUnavailable(Exception):
     """The broker did not acknowledge in time (down, unreachable or refusing our requests)."""
 
@@ -310,6 +390,8 @@ class Publisher:
         self._producer: KafkaProducer | None = None
         self._broken = False
         self._closed = False
+        self._appender = KeyedAppender()
+        self._appends_directly = False  # set with the first producer: kafka-python's shape
 
     def _new_producer(self) -> KafkaProducer:
         """A producer whose every wait is bounded, so a dead broker surfaces within seconds."""
@@ -335,6 +417,7 @@ class Publisher:
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(f"Cannot connect to Kafka at {self.bootstrap}: {exc}") from exc
         wake_sender_once_per_batch(producer)
+        self._appends_directly = appends_directly(producer)
         return producer
 
     def _current(self) -> KafkaProducer:
@@ -372,11 +455,13 @@ class Publisher:
         message: Message,
         headers: list[tuple[str, bytes]] | None,
     ) -> FutureRecordMetadata:
+        key_bytes, value = key.encode("utf-8"), message.SerializeToString()
+        if self._appends_directly and not headers:
+            future = self._appender.append(producer, topic, key_bytes, value)
+            if future is not None:
+                return future
         return producer.send(
-            topic,
-            key=key.encode("utf-8"),
-            value=message.SerializeToString(),
-            headers=list(headers) if headers else None,
+            topic, key=key_bytes, value=value, headers=list(headers) if headers else None
         )
 
     def publish(

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
@@ -139,6 +140,39 @@ def _count_wakeups(producer: KafkaProducer) -> list[int]:
     return count
 
 
+def _count_sends(producer: KafkaProducer) -> list[int]:
+    """Count the calls of `producer.send` from now on."""
+    count = [0]
+    send = producer.send
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return send(*args, **kwargs)
+
+    producer.send = counting  # type: ignore[method-assign]
+    return count
+
+
+def test_a_batch_filled_by_direct_appends_is_sent_without_waiting_out_linger(
+    broker: EmbeddedBroker,
+) -> None:
+    """Records appended past send() (KeyedAppender) fill a batch as send's would: the record that
+    no longer fits starts the next batch through send, and the full one goes out at once, not
+    after linger_ms."""
+    topic = make_topic(broker.bootstrap, partitions=1)
+    with bus.Publisher(
+        broker.bootstrap, client_id="test-linger", linger_ms=30_000, delivery_timeout_ms=60_000
+    ) as publisher:
+        producer = publisher._current()
+        sends = _count_sends(producer)
+        event = events_pb2.GenerationEvent(generation_id="g", response="r" * 1000)
+        futures = []
+        while sends[0] < 2:  # the second send starts the second batch: the first is full
+            futures.append(publisher.publish_async(topic, "k", event))
+        assert len(futures) > 3  # records between the two sends were appended directly
+        assert futures[0].get(timeout=10).offset == 0  # long before the 30 s linger
+
+
 def test_a_burst_wakes_the_producer_per_batch_not_per_record(
     broker: EmbeddedBroker, publisher: bus.Publisher
 ) -> None:
@@ -162,18 +196,27 @@ def test_a_burst_wakes_the_producer_per_batch_not_per_record(
     finally:
         stock.close(5)
     publisher.publish(topic, "warm-up", generation("warm-up"))
-    wakeups = _count_wakeups(publisher._current())
+    producer = publisher._current()
+    wakeups = _count_wakeups(producer)
+    sends = _count_sends(producer)
     futures = [publisher.publish_async(topic, key, event) for key, event in events]
     publisher.flush(30)
     stored = [future.get(0) for future in futures]
     assert stock_wakeups[0] > count / 2  # the premise: drop the shim when this fails
     assert wakeups[0] < stock_wakeups[0] / 5
+    # Records joining an open batch skip send() (KeyedAppender): it only starts batches.
+    assert 0 < sends[0] < count / 20
     with bus.EventConsumer(broker.bootstrap, {topic: events_pb2.GenerationEvent}, None) as consumer:
         records = poll_until(consumer, 2 * count + 2)
     ours = {(r.partition, r.offset): r for r in records}
     for (key, event), metadata in zip(events, stored, strict=True):
         record = ours[(metadata.partition, metadata.offset)]
         assert (record.key, record.message) == (key, event)
+    # Each key in the partition kafka-python's own partitioner gave the stock producer's records.
+    mine = {(m.partition, m.offset) for m in stored}
+    stock_partitions = {r.key: r.partition for r in records if (r.partition, r.offset) not in mine}
+    for (key, _), metadata in zip(events, stored, strict=True):
+        assert metadata.partition == stock_partitions[key]
     for key in {key for key, _ in events}:  # each key's records in the order they were sent
         offsets = [m.offset for (k, _), m in zip(events, stored, strict=True) if k == key]
         assert offsets == sorted(offsets)
