@@ -436,6 +436,17 @@ def _check_normalisation(shift: float, scale: float) -> None:
         raise ValueError(f"bad reward normalisation: shift {shift}, scale {scale}")
 
 
+# Reward inputs are padded to a multiple of this many tokens. Padded to the batch's longest
+# pair alone, nearly every forward pass had a shape of its own; bfloat16 matrix products go
+# through oneDNN, which builds (JIT-compiles) a primitive per shape and caches 1,024 of them, so
+# the reward service kept building new ones, and its memory crept up between swaps (about
+# 10 MB a minute in make up). Scoring random batches in-process (1-16 pairs of 5-150 words,
+# /tmp/rl/creep.py): resident memory 401 -> 2,158 MB over 2,100 calls padded to the longest,
+# 605 MB padded to 32, and the calls ran 25% faster (fewer builds). Attention masks the
+# padding: scores do not change.
+REWARD_PAD_MULTIPLE = 32
+
+
 def encode_reward_inputs(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -443,8 +454,9 @@ def encode_reward_inputs(
     max_tokens: int,
 ) -> BatchEncoding:
     """The one way (prompt, response) pairs become reward-model inputs, for training and serving
-    alike: a sentence pair, the longer side truncated first."""
-    return tokenizer(
+    alike: a sentence pair, the longer side truncated first, the batch padded to a multiple of
+    `REWARD_PAD_MULTIPLE` tokens, or to `max_tokens` where that is less."""
+    encoded = tokenizer(
         list(prompts),
         list(responses),
         padding=True,
@@ -452,6 +464,16 @@ def encode_reward_inputs(
         max_length=max_tokens,
         return_tensors="pt",
     )
+    # (The tokenizer's own pad_to_multiple_of refuses a limit that is not a multiple.)
+    width = encoded["input_ids"].shape[1]
+    target = min(-(-width // REWARD_PAD_MULTIPLE) * REWARD_PAD_MULTIPLE, max(max_tokens, width))
+    if target > width:
+        extra = target - width
+        side = (extra, 0) if tokenizer.padding_side == "left" else (0, extra)
+        fill = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
+        for name, tensor in encoded.items():  # attention_mask: 0, the padding is not attended
+            encoded[name] = torch.nn.functional.pad(tensor, side, value=fill.get(name, 0))
+    return encoded
 
 
 def reward_checkpoint_files(model: PreTrainedModel) -> tuple[dict[str, Any], dict[str, Any]]:
