@@ -30,6 +30,7 @@ from rlhf.models import (
     policy_checkpoint_files,
     serving_dtype,
 )
+from rlhf.training import online
 from rlhf.training.online import OPTIMIZER_FILE, LoraSettings, PPOLearner, RolloutSettings
 from rlhf.training.ppo import (
     ValueHead,
@@ -52,6 +53,14 @@ def test_the_dtype_setting_resolves_like_serving_and_refuses_unknown_names():
     assert PPOConfig().compute_dtype() is serving_dtype("auto")
     with pytest.raises(ConfigError, match="RLHF_PPO_DTYPE='float16'"):
         PPOConfig(dtype="float16").validate()
+
+
+def test_the_width_multiple_is_16_for_bf16_passes_1_for_float32_or_as_set():
+    assert PPOConfig(dtype="bfloat16").width_multiple() == 16
+    assert PPOConfig(dtype="float32").width_multiple() == 1
+    assert PPOConfig(dtype="float32", pad_multiple=8).width_multiple() == 8
+    with pytest.raises(ConfigError, match="RLHF_PPO_PAD_MULTIPLE"):
+        PPOConfig(pad_multiple=-1).validate()
 
 
 def _policy_head_and_pass():
@@ -226,9 +235,19 @@ def test_a_bf16_learner_decodes_on_bf16_weights_and_keeps_float32_weights_and_st
     monkeypatch.setattr(decoding, "generate", spy)
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
 
+    widths: list[int] = []
+    step = online.ppo_step
+
+    def record_width(policy, head, reference, optimizer, rollout, *args, **kwargs):
+        widths.append(rollout.input_ids.shape[1])
+        return step(policy, head, reference, optimizer, rollout, *args, **kwargs)
+
+    monkeypatch.setattr(online, "ppo_step", record_width)
+
     stats = learner.iterate([[1, 2, 3], [4, 5]], lambda p, r: [len(x) / 10 for x in r])
 
     assert decoded_in == [torch.bfloat16]
+    assert len(widths) == 1 and widths[0] % 16 == 0  # RLHF_PPO_PAD_MULTIPLE, auto
     assert stats["response/length"] > 0
     # Sampled on bfloat16 weights, weighted by pi_old / pi_decoded: close to 1, not exactly.
     assert stats["policy/is_weight_mean"] == pytest.approx(1.0, abs=LOGPROB_TOL)

@@ -113,6 +113,67 @@ def test_build_rollout_with_pad_equal_to_eos_does_not_count_padding_as_an_ending
     assert built.ended.tolist() == [F, T]
 
 
+def _hand_lists() -> dict:
+    return dict(
+        prompts=[[5, 6, 7], [8, 9], [10, 11, 12], [13, 14, 15]],
+        responses=[[20, 21, 22, 23, 24], [30, 2], [40, 41, 42, 43, 2], [50, 51, 52, 53, 54]],
+        scores=[1.0, 0.5, -0.5, 0.0],
+        pad_id=PAD,
+        eos_id=EOS,
+    )
+
+
+def test_build_rollout_pads_the_width_up_to_a_multiple_with_masked_response_columns():
+    exact = build_rollout(**_hand_lists())
+    padded = build_rollout(**_hand_lists(), pad_to_multiple=16)
+    assert exact.input_ids.shape == (4, 8) and padded.input_ids.shape == (4, 16)
+    assert padded.prompt_width == exact.prompt_width  # responses still start at column P
+    assert torch.equal(padded.input_ids[:, :8], exact.input_ids)
+    assert torch.equal(padded.response_mask[:, :5], exact.response_mask)
+    assert not padded.response_mask[:, 5:].any() and not padded.attention_mask[:, 8:].any()
+    assert (padded.input_ids[:, 8:] == PAD).all()
+    assert torch.equal(padded.ended, exact.ended)
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        build_rollout(**_hand_lists(), pad_to_multiple=0)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_step_on_a_padded_rollout_is_the_step_on_the_exact_one(algorithm):
+    """The extra columns are masked everywhere: statistics and the update are the same (in
+    float32; SGD, so the update is the gradients' and not Adam's sign of near-zero noise)."""
+
+    def run(multiple: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        policy, head = tiny_llama(), ValueHead(HIDDEN)
+        torch.nn.init.normal_(head.linear.weight, std=0.1)
+        trained = [*policy.parameters(), *head.parameters()]
+        config = PPOConfig(
+            algorithm=algorithm,
+            group_size=2,
+            ppo_epochs=2,
+            minibatch_size=2,
+            seed=3,
+            dtype="float32",
+        )
+        stats = ppo_step(
+            policy,
+            head if algorithm == "ppo" else None,
+            tiny_llama(seed=1),
+            torch.optim.SGD(trained if algorithm == "ppo" else policy.parameters(), lr=0.1),
+            build_rollout(**_hand_lists(), pad_to_multiple=multiple),
+            config,
+            config.make_kl_controller(),
+        )
+        return stats, policy.state_dict()
+
+    exact_stats, exact_weights = run(1)
+    padded_stats, padded_weights = run(16)
+    assert padded_stats.keys() == exact_stats.keys()
+    for key, value in exact_stats.items():
+        assert padded_stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for name, weight in exact_weights.items():
+        torch.testing.assert_close(padded_weights[name], weight, rtol=1e-4, atol=1e-6)
+
+
 def test_value_head_starts_at_zero():
     head = ValueHead(HIDDEN)
     assert torch.equal(head(torch.randn(2, 3, HIDDEN)), torch.zeros(2, 3))

@@ -348,6 +348,7 @@ class PPOLearner:
             self.tokenizer.pad_token_id,
             self.tokenizer.eos_token_id,
             **off_policy,
+            pad_to_multiple=self.config.width_multiple(self._device),
         )
         stats = ppo_step(
             self._trained_policy,

@@ -116,8 +116,10 @@ def build_rollout(
     behaviour_logprobs: Sequence[Sequence[float]] | None = None,
     policy_versions: Sequence[int] | None = None,
     latest_version: int = 0,
+    pad_to_multiple: int = 1,
 ) -> Rollout:
-    """Pad token-id lists into a `Rollout`.
+    """Pad token-id lists into a `Rollout`, its width (prompt plus response columns) rounded up
+    to a multiple of `pad_to_multiple` with response padding (`PPOConfig.pad_multiple`).
 
     A response's real tokens are its own tokens up to and including its first EOS; lengths are
     known here, so a pad id the policy happened to sample mid-response still counts as real.
@@ -129,8 +131,11 @@ def build_rollout(
         raise ValueError("need the same positive number of prompts, responses and scores")
     if (behaviour_logprobs is None) != (policy_versions is None):
         raise ValueError("give behaviour logprobs and policy versions together, or neither")
+    if pad_to_multiple < 1:
+        raise ValueError("pad_to_multiple must be >= 1")
     width_p = max(len(p) for p in prompts)
     width_r = max(max(len(r) for r in responses), 1)
+    width_r += -(width_p + width_r) % pad_to_multiple
     prompt_ids = torch.tensor([[pad_id] * (width_p - len(p)) + list(p) for p in prompts])
     prompt_mask = torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompts])
     response_ids = torch.tensor([list(r) + [pad_id] * (width_r - len(r)) for r in responses])

@@ -133,6 +133,17 @@ class PPOConfig(SeedSettings):
         "weights, optimizer moments, checkpoints, logprobs, ratios, KL, advantages and losses "
         "stay float32",
     )
+    pad_multiple: int = setting(
+        "RLHF_PPO_PAD_MULTIPLE",
+        0,
+        "each batch's sequence width (prompt plus response tokens) is padded up to a multiple "
+        "of this (masked: a float32 step is the same to 1e-8, a bfloat16 one within its "
+        "rounding): bfloat16 matrix products go through oneDNN, "
+        "which builds a kernel per shape, and a width per batch kept the trainer building them "
+        "(SmolLM2 in-process, 50 bfloat16 steps of widths 40-130: 122 s, resident memory "
+        "past 4.1 GB and growing; padded to 16: 97 s, level at 3.4 GB). 0 (auto): 16 for "
+        "bfloat16 passes, 1 (no rounding) for float32, where it changed neither time nor memory",
+    )
     importance_cap: float = setting(
         "RLHF_PPO_IS_CAP",
         2.0,
@@ -192,11 +203,20 @@ class PPOConfig(SeedSettings):
             raise ConfigError(f"RLHF_PPO_DTYPE={self.dtype!r}: use one of {DTYPES}")
         if not self.importance_cap >= 1:
             raise ConfigError("RLHF_PPO_IS_CAP must be >= 1")
+        if self.pad_multiple < 0:
+            raise ConfigError(f"RLHF_PPO_PAD_MULTIPLE must be >= 0, got {self.pad_multiple}")
 
     def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
         """The dtype the policy's and reference's matmuls run in on `device` (RLHF_PPO_DTYPE,
         `auto` resolved as for serving)."""
         return serving_dtype(self.dtype, device)
+
+    def width_multiple(self, device: torch.device | str = "cpu") -> int:
+        """What a batch's sequence width is padded up to a multiple of (RLHF_PPO_PAD_MULTIPLE,
+        `0` resolved for the compute dtype on `device`)."""
+        if self.pad_multiple:
+            return self.pad_multiple
+        return 1 if self.compute_dtype(device) == torch.float32 else 16
 
     def make_kl_controller(self) -> algo.KLController:
         if self.adaptive_kl:
