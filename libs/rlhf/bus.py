@@ -134,8 +134,13 @@ class KeyHashPartitioner(DefaultPartitioner):
         partitions = cluster.partitions_for_topic(topic)
         if serialized_key is None or not partitions:
             return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
-        ordered = sorted(partitions)
-        return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
+        return sorted(partitions)[key_slot(serialized_key, len(partitions))]
+
+
+def key_slot(serialized_key: bytes, partitions: int) -> int:
+    """Where a key goes among a topic's `partitions` partitions in ascending order: Kafka's
+    default for keyed records (positive murmur2 modulo the count)."""
+    return (murmur2(serialized_key) & 0x7FFFFFFF) % partitions
 
 
 def wake_sender_once_per_batch(producer: KafkaProducer) -> bool:
@@ -232,7 +237,7 @@ class KeyedAppender:
         accumulator = producer._accumulator
         if not partitions or accumulator._closed:
             return None
-        tp = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        tp = partitions[key_slot(key, len(partitions))]
         in_progress = accumulator._appends_in_progress  # what closing waits for
         in_progress.increment()
         try:
