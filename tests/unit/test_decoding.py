@@ -180,3 +180,70 @@ def test_rows_sharing_a_prompt_prefix_reuse_its_cache_and_answer_as_alone(model)
     unrelated = decoding.Row([20, 21, 22, 23, 24], Sampling(3, 0.0))
     batch.join([unrelated])  # shares nothing with the prefix: a full prefill
     assert prefixes.hits == 3
+
+
+def test_left_pad_rounds_the_width_up_with_masked_columns():
+    ids, mask = decoding.left_pad([[5, 6, 7], [8]], PAD, multiple=4)
+    assert ids.tolist() == [[PAD, 5, 6, 7], [PAD, PAD, PAD, 8]]
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    ids, mask = decoding.left_pad([[5, 6, 7, 8, 9]], PAD, multiple=4)
+    assert ids.shape == (1, 8) and mask.sum() == 5
+
+
+def _prefill_widths(model):
+    """Records the width of every forward pass over more than one column (the prefills)."""
+    widths = []
+
+    def hook(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            widths.append(kwargs["input_ids"].shape[1])
+
+    return widths, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_padded_prefills_give_the_same_answers(model):
+    """Prefill widths rounded up to 16 (joins, a running batch, a shared prefix) change no
+    token and no logprob beyond rounding."""
+    template = [3, 4, 5, 6, 7, 8, 9, 10]
+    prompts = [template + [11, 12], [9, 9], template + [13], [4, 3, 2, 1, 8, 8, 8, 8, 8, 8]]
+    samplings = [Sampling(6, 1.0, seed=seed) for seed in range(len(prompts))]
+
+    def run(multiple):
+        batch = decoding.DecodeBatch(
+            model, set(), PAD, decoding.PrefixCache(min_tokens=4), width_multiple=multiple
+        )
+        rows = [decoding.Row(p, s) for p, s in zip(prompts, samplings, strict=True)]
+        batch.join(rows[:2])
+        batch.step()
+        batch.join(rows[2:3])  # reuses the template's cache
+        batch.step()
+        batch.join(rows[3:])
+        while batch:
+            batch.step()
+        return [row.completion for row in rows]
+
+    widths, hook = _prefill_widths(model)
+    try:
+        padded = run(16)
+    finally:
+        hook.remove()
+    assert widths and all(width % 16 == 0 for width in widths)
+    for exact, wide in zip(run(1), padded, strict=True):
+        assert wide.token_ids == exact.token_ids
+        assert wide.logprobs == pytest.approx(exact.logprobs, abs=1e-5)
+
+
+def test_a_bf16_model_pads_its_prefills_and_a_float32_one_does_not(model):
+    from rlhf.models import policy_in_dtype
+
+    bf16 = policy_in_dtype(model, torch.bfloat16)
+    assert decoding.DecodeBatch(bf16, set(), PAD).width_multiple == 16
+    assert decoding.DecodeBatch(model, set(), PAD).width_multiple == 1
+    widths, hook = _prefill_widths(bf16)
+    try:
+        generate(bf16, [[5, 6, 7], [8, 9]], [Sampling(3, 0.0)] * 2, {EOS}, PAD)
+    finally:
+        hook.remove()
+    assert widths == [16]
+    with pytest.raises(ValueError, match="width_multiple"):
+        decoding.DecodeBatch(model, set(), PAD, width_multiple=0)
