@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from rlhf import models
+
 EOS = "eos"
 LENGTH = "length"
 STOP = "stop"
@@ -41,20 +43,13 @@ class Completion:
 StopCheck = Callable[[int, list[int]], bool]
 
 
-# Prefill widths of a reduced-precision model are padded up to a multiple of this (see
-# `DecodeBatch`): bfloat16 matrix products on the CPU go through oneDNN, which builds and caches
-# a kernel for every shape it meets, so prompts of every length kept the generation service
-# building them.
-PREFILL_WIDTH_MULTIPLE = 16
-
-
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with every prompt right-aligned, the width rounded up to a
     multiple of `multiple` (masked columns on the left)."""
     width = max(len(p) for p in prompts)
-    width += -width % multiple
+    width = models.round_up(width, multiple)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -221,7 +216,7 @@ class DecodeBatch:
     seeded row gives the same answer whoever its batch-mates are and whenever it joined.
 
     A prefill's width is rounded up to a multiple of `width_multiple` with masked columns;
-    None picks `PREFILL_WIDTH_MULTIPLE` for a model with weights below float32 and 1 otherwise.
+    None picks `rlhf.models.width_multiple` of the model's weights: 16 below float32, else 1.
     Prompts of every length gave a bfloat16 model a prefill shape per request, and oneDNN a
     kernel to build and keep for each (SmolLM2, 1-8 random prompts of 5-200 tokens in
     process: resident memory 1.3 -> 2.3 GB in 150 s and growing; padded to 16, level near
@@ -237,8 +232,7 @@ class DecodeBatch:
         width_multiple: int | None = None,
     ) -> None:
         if width_multiple is None:
-            reduced = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-            width_multiple = PREFILL_WIDTH_MULTIPLE if reduced else 1
+            width_multiple = models.width_multiple(next(model.parameters()).dtype)
         if width_multiple < 1:
             raise ValueError(f"width_multiple must be >= 1, got {width_multiple}")
         self.width_multiple = width_multiple

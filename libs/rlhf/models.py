@@ -138,6 +138,24 @@ def serving_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtyp
     return torch.bfloat16 if native else torch.float32
 
 
+# What a batch's sequence width is rounded up to in a reduced-precision pass (see `width_multiple`).
+REDUCED_WIDTH_MULTIPLE = 16
+
+
+def width_multiple(dtype: torch.dtype) -> int:
+    """What a pass in `dtype` should round its batches' sequence widths up to (masked columns):
+    16 below float32, 1 otherwise. bfloat16 matrix products on the CPU go through oneDNN, which
+    builds and caches a kernel for every shape it meets, so a width of its own per batch kept
+    the process building them and its memory growing (the PPO trainer's passes, prefills in
+    the decode loop); float32 products (MKL) keep no such cache, and padding would only cost."""
+    return REDUCED_WIDTH_MULTIPLE if dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def round_up(width: int, multiple: int) -> int:
+    """`width` rounded up to a multiple of `multiple` (>= 1)."""
+    return width + -width % multiple
+
+
 def on_own_thread(work: Callable[[], T]) -> T:
     """`work()` run on a new thread that ends when it returns (its result, or its exception).
 
@@ -466,7 +484,7 @@ def encode_reward_inputs(
     )
     # (The tokenizer's own pad_to_multiple_of refuses a limit that is not a multiple.)
     width = encoded["input_ids"].shape[1]
-    target = min(-(-width // REWARD_PAD_MULTIPLE) * REWARD_PAD_MULTIPLE, max(max_tokens, width))
+    target = min(round_up(width, REWARD_PAD_MULTIPLE), max(max_tokens, width))
     if target > width:
         extra = target - width
         side = (extra, 0) if tokenizer.padding_side == "left" else (0, extra)

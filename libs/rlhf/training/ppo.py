@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from rlhf.algorithms import group as group_algo
 from rlhf.algorithms import ppo as algo
+from rlhf.models import round_up
 from rlhf.training.distributed import SINGLE, World
 from rlhf.training.ppo_config import PPOConfig
 
@@ -135,7 +136,7 @@ def build_rollout(
         raise ValueError("pad_to_multiple must be >= 1")
     width_p = max(len(p) for p in prompts)
     width_r = max(max(len(r) for r in responses), 1)
-    width_r += -(width_p + width_r) % pad_to_multiple
+    width_r = round_up(width_p + width_r, pad_to_multiple) - width_p
     prompt_ids = torch.tensor([[pad_id] * (width_p - len(p)) + list(p) for p in prompts])
     prompt_mask = torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompts])
     response_ids = torch.tensor([list(r) + [pad_id] * (width_r - len(r)) for r in responses])

@@ -20,7 +20,7 @@ import torch
 
 from rlhf.algorithms import ppo as algo
 from rlhf.config import ConfigError, SeedSettings, setting
-from rlhf.models import DTYPES, serving_dtype
+from rlhf.models import DTYPES, serving_dtype, width_multiple
 
 KL_ESTIMATORS = ("k1", "k3")
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -216,7 +216,7 @@ class PPOConfig(SeedSettings):
         `0` resolved for the compute dtype on `device`)."""
         if self.pad_multiple:
             return self.pad_multiple
-        return 1 if self.compute_dtype(device) == torch.float32 else 16
+        return width_multiple(self.compute_dtype(device))
 
     def make_kl_controller(self) -> algo.KLController:
         if self.adaptive_kl:
