@@ -215,7 +215,7 @@ def test_a_regressed_reward_model_is_not_published(broker, tmp_path, reward_serv
         second = service.loop.run_round()
         assert not second.promoted
         # Refused for doing worse than the served model, not for lack of held-out data.
-        # (Trained mostly on flipped labels it may well lose to the base rate too.)
+        # (Trained mostly on flipped labels it may well rank worse than chance too.)
         assert any(" vs served " in reason for reason in second.reasons), second.reasons
         assert not any(reason.startswith("only ") for reason in second.reasons)
         assert _rounds("regressed") == regressed + 1

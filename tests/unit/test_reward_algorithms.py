@@ -1,6 +1,7 @@
 """Reward losses and metrics, pinned by values computed by hand."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from rlhf.algorithms.reward import (
     normalisation,
     normalise,
     pairwise_accuracy,
+    placements,
+    ranking_difference,
     roc_auc,
 )
 
@@ -179,3 +182,107 @@ def test_constant_scores_get_the_minimum_scale():
 def test_normalisation_needs_scores():
     with pytest.raises(ValueError):
         normalisation(t())
+
+
+# -- the gate's ranking comparisons -----------------------------------------------------------
+
+EMPTY = torch.zeros(0)
+
+
+def test_the_student_quantile_matches_the_table():
+    # t quantiles (two-sided 80% / one-sided 90%, and one-sided 95%) from standard tables.
+    from rlhf.algorithms.reward import _student_quantile
+
+    for p, dof, table in [(0.9, 4, 1.533), (0.9, 9, 1.383), (0.9, 30, 1.310), (0.95, 9, 1.833)]:
+        assert _student_quantile(p, dof) == pytest.approx(table, rel=0.01)
+
+
+def test_placements_by_hand():
+    # Thumbs-up 0.9 and 0.4; thumbs-down 0.5, 0.1, 0.3 (and 0.4, tied, in the second case).
+    scores = torch.tensor([0.9, 0.5, 0.4, 0.1, 0.3])
+    liked = torch.tensor([True, False, True, False, False])
+    chosen, rejected = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0])
+    placed = placements(chosen, rejected, scores, liked)
+    assert placed.pairs.tolist() == [1.0, 0.0, 0.5] and len(placed) == 8
+    assert placed.liked.tolist() == pytest.approx([1.0, 2 / 3])
+    assert placed.disliked.tolist() == pytest.approx([0.5, 1.0, 1.0])
+    tied = placements(EMPTY, EMPTY, torch.tensor([0.9, 0.4, 0.4]), torch.tensor([1, 1, 0]))
+    assert tied.liked.tolist() == [1.0, 0.5] and tied.disliked.tolist() == [0.75]
+    # One kind of thumb only: nothing to order against.
+    alone = placements(EMPTY, EMPTY, torch.tensor([0.9, 0.1]), torch.tensor([True, True]))
+    assert alone.liked.tolist() == [0.5, 0.5] and alone.disliked.numel() == 0
+
+
+def test_placements_average_to_the_auc_and_the_pairwise_accuracy():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(50, generator=generator).round(decimals=1)  # with ties
+    liked = torch.rand(50, generator=generator) < 0.3
+    chosen, rejected = torch.randn(2, 20, generator=generator).round(decimals=1)
+    placed = placements(chosen, rejected, scores, liked)
+    auc = roc_auc(scores, liked)
+    assert placed.liked.mean().item() == pytest.approx(auc)
+    assert placed.disliked.mean().item() == pytest.approx(auc)
+    assert placed.pairs.mean().item() == pytest.approx(pairwise_accuracy(chosen, rejected))
+    # Each thumbs-up's placement, counted pair by pair.
+    down = scores[~liked]
+    for score, value in zip(scores[liked], placed.liked, strict=True):
+        wins = ((score > down).double() + 0.5 * (score == down).double()).mean()
+        assert value.item() == pytest.approx(wins.item())
+
+
+def test_ranking_against_chance_by_hand():
+    # The thumbs above: AUC 5/6. DeLong's variance: var(1, 2/3) / 2 + var(0.5, 1, 1) / 3
+    # = (1/18) / 2 + (1/12) / 3 = 1/18; Welch-Satterthwaite degrees of freedom
+    # (1/18)^2 / ((1/36)^2 / 1 + (1/36)^2 / 2) = 8/3.
+    from rlhf.algorithms.reward import _student_quantile
+
+    scores = torch.tensor([0.9, 0.5, 0.4, 0.1, 0.3])
+    liked = torch.tensor([True, False, True, False, False])
+    vs_chance = ranking_difference(placements(EMPTY, EMPTY, scores, liked), None, 0.9)
+    half = _student_quantile(0.9, 8 / 3) * math.sqrt(1 / 18)
+    assert vs_chance.mean == pytest.approx(5 / 6 - 0.5) and vs_chance.count == 5
+    assert vs_chance.lower == pytest.approx(1 / 3 - half)
+    assert vs_chance.upper == pytest.approx(1 / 3 + half)
+
+
+def test_pairs_and_thumbs_weigh_by_their_examples():
+    # Four pairs (3 right) and the five thumbs above (AUC 5/6): a score of
+    # (4 * 0.75 + 5 * 5/6) / 9, a variance of (4/9)^2 var(pairs) / 4 + (5/9)^2 / 18.
+    chosen, rejected = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 1.0])
+    scores = torch.tensor([0.9, 0.5, 0.4, 0.1, 0.3])
+    liked = torch.tensor([True, False, True, False, False])
+    both = ranking_difference(placements(chosen, rejected, scores, liked), None, 0.9)
+    assert both.mean + 0.5 == pytest.approx((4 * 0.75 + 5 * 5 / 6) / 9)
+    variance = (4 / 9) ** 2 * statistics.variance([1, 1, 1, 0]) / 4 + (5 / 9) ** 2 / 18
+    assert both.upper - both.mean == pytest.approx(both.mean - both.lower)
+    half = both.upper - both.mean
+    # The quantile lies between the normal one and t at the smallest part's dof.
+    z = statistics.NormalDist().inv_cdf(0.9)
+    assert z * math.sqrt(variance) < half < 3.08 * math.sqrt(variance)
+
+
+def test_a_paired_ranking_comparison_cancels_what_both_models_share():
+    scores = torch.tensor([0.9, 0.5, 0.4, 0.1, 0.3])
+    liked = torch.tensor([True, False, True, False, False])
+    a = placements(EMPTY, EMPTY, scores, liked)
+    same = ranking_difference(a, a, 0.9)
+    assert (same.mean, same.lower, same.upper) == (0.0, 0.0, 0.0)
+    # b moves a thumbs-up (0.4 -> 0.2) below one more thumbs-down: a's AUC is higher by 1/6,
+    # which one example on each side shows, so the bounds stay wide.
+    moved = torch.tensor([0.9, 0.5, 0.2, 0.1, 0.3])
+    diff = ranking_difference(a, placements(EMPTY, EMPTY, moved, liked), 0.9)
+    assert diff.mean == pytest.approx(roc_auc(scores, liked) - roc_auc(moved, liked))
+    assert diff.mean == pytest.approx(1 / 6)
+    assert diff.lower < 0 < diff.mean < diff.upper
+    with pytest.raises(ValueError, match="same examples"):
+        ranking_difference(a, placements(EMPTY, EMPTY, scores[:4], liked[:4]), 0.9)
+    with pytest.raises(ValueError, match="confidence"):
+        ranking_difference(a, None, 1.0)
+
+
+def test_too_little_to_measure_gives_infinite_bounds():
+    one_each = placements(EMPTY, EMPTY, torch.tensor([1.0, 0.0]), torch.tensor([True, False]))
+    bounds = ranking_difference(one_each, None, 0.9)
+    assert bounds.mean == pytest.approx(0.5) and bounds.lower == -math.inf
+    nothing = ranking_difference(placements(EMPTY, EMPTY, EMPTY, EMPTY.bool()), None, 0.9)
+    assert math.isnan(nothing.mean) and nothing.upper == math.inf and nothing.count == 0

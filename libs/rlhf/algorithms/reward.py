@@ -9,9 +9,10 @@ One scalar r(prompt, response) serves every kind of feedback, on one probability
 The logistic term anchors the scalar: Bradley-Terry alone only fixes differences within a
 prompt's answers, so a score of 1.0 could mean "good" for one prompt and "bad" for another; with
 thumbs on the same scale, r > 0 means "more likely liked than not" whatever the prompt.
-Evaluation reads the same two models: pairwise accuracy, AUC, and calibration (Brier, ECE); the
-gate that decides whether a trained model may be served compares per-example Brier losses with
-a baseline's, paired, with a confidence bound (`paired_difference`).
+Evaluation reads the same two models: pairwise accuracy, AUC, and calibration (Brier, ECE). The
+gate that decides whether a trained model may be served asks only how well it orders answers
+(`placements`, `ranking_difference`): the reward service normalises scores and PPO learns from
+their differences, so ranking is what a reward model is for; calibration is reported, not gated.
 Serving then shifts and scales the scalar (`normalise`) so PPO sees a stable range.
 """
 
@@ -153,17 +154,12 @@ def expected_calibration_error(
 
 
 # --------------------------------------------------------------------------------------------
-# The gate: is a candidate better than a baseline, given how few examples judge it?
+# The gate: does a candidate rank answers better than chance, or than another model, given how
+# few examples judge it?
 # --------------------------------------------------------------------------------------------
 
 
-def squared_errors(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each example's Brier loss (p - y)^2: the per-example terms of `brier_score`. A pair
-    preferred as given is an example with p = sigmoid(r_chosen - r_rejected) and y = 1."""
-    return (probabilities.double() - targets.double()) ** 2
-
-
-def _student_quantile(p: float, dof: int) -> float:
+def _student_quantile(p: float, dof: float) -> float:
     """The Student t quantile, by the Cornish-Fisher expansion around the normal one (Abramowitz
     and Stegun 26.7.5; within 1% of the exact value for dof >= 4 at the levels used here):
     intervals on a few examples are wider than the normal approximation would make them."""
@@ -177,6 +173,48 @@ def _student_quantile(p: float, dof: int) -> float:
 
 
 @dataclass(frozen=True)
+class Placements:
+    """How well a model orders each held-out example against those it is compared with: 1 right,
+    0 wrong, a tie half, chance 0.5 (the placement values of DeLong, DeLong and Clarke-Pearson
+    1988, "Comparing the areas under two or more correlated ROC curves", Biometrics 44).
+
+    - `pairs`: per pair, whether the chosen answer scores above the rejected one; their mean is
+      `pairwise_accuracy`.
+    - `liked`: per thumbs-up answer, the share of thumbs-down answers scored below it.
+    - `disliked`: per thumbs-down answer, the share of thumbs-up answers scored above it.
+      The means of `liked` and of `disliked` are both the thumbs' `roc_auc`.
+    """
+
+    pairs: torch.Tensor
+    liked: torch.Tensor
+    disliked: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pairs.numel() + self.liked.numel() + self.disliked.numel()
+
+
+def placements(
+    chosen: torch.Tensor, rejected: torch.Tensor, scores: torch.Tensor, liked: torch.Tensor
+) -> Placements:
+    """`Placements` of pairs scored (`chosen`, `rejected`) and of thumbs scored `scores`, where
+    `liked` marks the thumbs-up. With only one kind of thumb there is nothing to order them
+    against: every thumb places 0.5."""
+    chosen, rejected, scores = chosen.double(), rejected.double(), scores.double()
+    pairs = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+    liked = liked.bool()
+    up, down = int(liked.sum()), int((~liked).sum())
+    if up == 0 or down == 0:
+        half = torch.full_like(scores, 0.5)
+        return Placements(pairs, half[liked], half[~liked])
+    # An answer's midrank among all thumbs less its midrank within its own class counts the
+    # other class's answers below it, ties half (the Mann-Whitney U, example by example).
+    ranks = _average_ranks(scores)
+    below_up = ranks[liked] - _average_ranks(scores[liked])
+    below_down = ranks[~liked] - _average_ranks(scores[~liked])
+    return Placements(pairs, below_up / down, 1.0 - below_down / up)
+
+
+@dataclass(frozen=True)
 class Paired:
     """The mean of a per-example difference and its one-sided confidence bounds."""
 
@@ -186,27 +224,64 @@ class Paired:
     count: int
 
 
-def paired_difference(a: torch.Tensor, b: torch.Tensor, confidence: float) -> Paired:
-    """Mean of a - b over paired examples (the same examples judged by two models), with
-    one-sided bounds at `confidence`: mean -/+ t(confidence, n - 1) * sd / sqrt(n).
+def ranking_difference(a: Placements, b: Placements | None, confidence: float) -> Paired:
+    """How much better `a` ranks the held-out examples than `b` (None: chance, 0.5 everywhere),
+    with one-sided bounds at `confidence`.
 
-    Pairing cancels how hard each example is, so a small real difference shows on few
-    examples; the t quantile widens the bounds on very few. The examples are the held-out
-    feedback, independent of each other (each from its own generation), which is what the
-    interval assumes. With fewer than two examples the bounds are infinite: nothing is known.
+    The ranking score is the pairwise accuracy and the thumbs' AUC weighted by how many
+    examples each rests on. Its variance adds the pairs' (their differences' sample variance
+    over their count) and the AUC's by DeLong's method (S10 / m + S01 / n over the differences
+    of the m thumbs-up and n thumbs-down placements), which are independent (different
+    examples); `b` judging the same examples pairs the comparison, which cancels how hard each
+    one is. The bounds use the t quantile at the Welch-Satterthwaite degrees of freedom, so a
+    handful of examples on one side widens them. A part with fewer than two examples on a side
+    is left out: its spread is unknown. With no part left the bounds are infinite.
     """
     if not 0.5 <= confidence < 1.0:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
-    if a.shape != b.shape:
-        raise ValueError(f"paired differences need equal shapes, got {a.shape} and {b.shape}")
-    diff = a.double() - b.double()
-    n = diff.numel()
-    if n < 2:
-        mean = diff.mean().item() if n else math.nan
-        return Paired(mean, -math.inf, math.inf, n)
-    mean = diff.mean().item()
-    half = _student_quantile(confidence, n - 1) * diff.std(correction=1).item() / math.sqrt(n)
-    return Paired(mean, mean - half, mean + half, n)
+    if b is not None and (
+        a.pairs.shape != b.pairs.shape
+        or a.liked.shape != b.liked.shape
+        or a.disliked.shape != b.disliked.shape
+    ):
+        raise ValueError("a paired ranking comparison needs the same examples on both sides")
+
+    def minus(mine: torch.Tensor, theirs: torch.Tensor | None) -> torch.Tensor:
+        return mine.double() - (0.5 if theirs is None else theirs.double())
+
+    pairs = minus(a.pairs, None if b is None else b.pairs)
+    liked = minus(a.liked, None if b is None else b.liked)
+    disliked = minus(a.disliked, None if b is None else b.disliked)
+    # (estimate, weight, variance terms as (variance of the mean, degrees of freedom))
+    parts: list[tuple[float, int, list[tuple[float, int]]]] = []
+    if pairs.numel() >= 2:
+        k = pairs.numel()
+        parts.append((pairs.mean().item(), k, [(pairs.var().item() / k, k - 1)]))
+    m, n = liked.numel(), disliked.numel()
+    if m >= 2 and n >= 2:
+        terms = [(liked.var().item() / m, m - 1), (disliked.var().item() / n, n - 1)]
+        parts.append((liked.mean().item(), m + n, terms))
+    count = sum(weight for _, weight, _ in parts)
+    if not count:
+        every = minus(_flat(a), None if b is None else _flat(b))
+        mean = every.mean().item() if every.numel() else math.nan
+        return Paired(mean, -math.inf, math.inf, len(a))
+    mean = sum(estimate * weight for estimate, weight, _ in parts) / count
+    scaled = [
+        ((weight / count) ** 2 * variance, dof)
+        for _, weight, terms in parts
+        for variance, dof in terms
+    ]
+    variance = sum(v for v, _ in scaled)
+    if variance <= 0.0:
+        return Paired(mean, mean, mean, len(a))
+    dof = variance**2 / sum(v**2 / d for v, d in scaled)
+    half = _student_quantile(confidence, max(dof, 1.0)) * math.sqrt(variance)
+    return Paired(mean, mean - half, mean + half, len(a))
+
+
+def _flat(placed: Placements) -> torch.Tensor:
+    return torch.cat([placed.pairs, placed.liked, placed.disliked]).double()
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,62 +303,55 @@ def _split_kinds(examples: Iterable[Example]) -> Examples:
 # --------------------------------------------------------------------------------------------
 
 
-def baseline_losses(train: Examples, heldout: Examples) -> torch.Tensor:
-    """Per-example Brier losses of the baseline every reward model must beat, on `heldout`
-    (pairs first, then rated, as `RewardTrainer.judge` orders them): for a thumb, the base rate
-    of thumbs-up in the training data (the best constant prediction, which needs no model); for
-    a pair, a coin flip (0.25). The untrained head predicts 0.5 for everything: not a baseline
-    worth beating when most users say down."""
-    rated = [r.target for r in train.rated]
-    base_rate = min(max(sum(rated) / len(rated), 0.01), 0.99) if rated else 0.5
-    targets = torch.tensor([r.target for r in heldout.rated], dtype=torch.float64)
-    pairs = torch.full((len(heldout.pairs),), 0.25, dtype=torch.float64)
-    return torch.cat([pairs, algo.squared_errors(torch.full_like(targets, base_rate), targets)])
-
-
 def gate(
-    candidate: torch.Tensor,
-    baseline: torch.Tensor,
-    incumbent: torch.Tensor | None,
+    candidate: algo.Placements,
+    incumbent: algo.Placements | None,
     confidence: float,
     tolerance: float,
     min_heldout: int,
 ) -> tuple[list[str], dict[str, float]]:
     """Why the candidate must not be served (empty: it may), and the comparisons behind it.
 
-    All arguments are per-example Brier losses on the same held-out examples. The candidate
-    must beat the baseline (`baseline_losses`) with `confidence`: the upper bound of the mean
-    paired difference below 0. Against the served model (`incumbent`, None while only the
-    untrained head is served) it is refused when it is worse by more than `tolerance` with
-    `confidence`. So a small held-out set publishes a model that is clearly better than
-    guessing, refuses one that is clearly worse than what serves, and waits on noise.
+    The arguments are the `algo.Placements` of the same held-out examples: how well each model
+    orders them (pairs, and thumbs-up against thumbs-down). The candidate must rank them better
+    than chance with `confidence`: the lower bound of its ranking score's advantage over 0.5
+    (`algo.ranking_difference`) above 0. Against the served model (`incumbent`, None while only
+    the untrained head is served) it is refused when it ranks worse by more than `tolerance`
+    with `confidence`. So a small held-out set publishes a model that clearly orders answers as
+    users do, refuses one that clearly orders them worse than what serves, and waits on noise.
+
+    Ranking, not calibration: the reward service normalises scores on reference answers and PPO
+    learns from how rewards differ, so a model's use is its ordering. (A Brier score against the
+    base rate, this gate's first test before, tests calibration and ranking together: with
+    thumbs-up at 28% a candidate ordering users' thumbs at AUC 0.75 beats the base rate's Brier
+    score by about 0.02, and `make up` refused such candidates for 9 to 12 rounds.)
     """
-    n = candidate.numel()
+    n = len(candidate)
     reasons = []
     if n < min_heldout:
         reasons.append(f"only {n} held-out examples (at least {min_heldout} are needed)")
-    vs_base = algo.paired_difference(candidate, baseline, confidence)
+    vs_chance = algo.ranking_difference(candidate, None, confidence)
+    ranking = 0.5 + vs_chance.mean
     stats = {
         "gate/heldout": float(n),
-        "gate/brier": candidate.double().mean().item() if n else math.nan,
-        "gate/brier_base": baseline.double().mean().item() if n else math.nan,
-        "gate/vs_base_upper": vs_base.upper,
+        "gate/ranking": ranking,
+        "gate/vs_chance_lower": vs_chance.lower,
     }
-    if not vs_base.upper < 0:
+    if not vs_chance.lower > 0:
         reasons.append(
-            f"not better than the base rate with {confidence:.0%} confidence: brier "
-            f"{stats['gate/brier']:.4f} vs {stats['gate/brier_base']:.4f} (difference "
-            f"{vs_base.mean:+.4f}, at most {vs_base.upper:+.4f}) on {n} held-out examples"
+            f"does not rank answers better than chance with {confidence:.0%} confidence: "
+            f"ranking score {ranking:.3f} (at least {0.5 + vs_chance.lower:.3f}) on {n} "
+            "held-out examples"
         )
     if incumbent is not None:
-        vs_served = algo.paired_difference(candidate, incumbent, confidence)
-        stats["gate/brier_served"] = incumbent.double().mean().item() if n else math.nan
-        stats["gate/vs_served_lower"] = vs_served.lower
-        if vs_served.lower > tolerance:
+        vs_served = algo.ranking_difference(candidate, incumbent, confidence)
+        stats["gate/ranking_served"] = ranking - vs_served.mean
+        stats["gate/vs_served_upper"] = vs_served.upper
+        if vs_served.upper < -tolerance:
             reasons.append(
-                f"brier {stats['gate/brier']:.4f} vs served {stats['gate/brier_served']:.4f}: "
-                f"worse with {confidence:.0%} confidence (difference at least "
-                f"{vs_served.lower:+.4f} > {tolerance})"
+                f"ranking score {ranking:.3f} vs served {stats['gate/ranking_served']:.3f}: "
+                f"worse with {confidence:.0%} confidence (difference at most "
+                f"{vs_served.upper:+.3f} < -{tolerance})"
             )
     return reasons, stats
 
@@ -467,9 +460,9 @@ class RewardTrainer:
 
     def judge(
         self, model: PreTrainedModel, examples: Examples
-    ) -> tuple[dict[str, float], torch.Tensor]:
-        """`evaluate`'s metrics, and each example's Brier loss (pairs first, then rated): the
-        gate compares models example by example."""
+    ) -> tuple[dict[str, float], algo.Placements]:
+        """`evaluate`'s metrics, and how well the model orders each example (`algo.Placements`):
+        the gate compares models example by example."""
         cache = self._incumbent_cache if model is self.incumbent else None
         metrics = {"pairs": float(len(examples.pairs)), "rated": float(len(examples.rated))}
         pairs = examples.pairs
@@ -487,14 +480,7 @@ class RewardTrainer:
         metrics["thumbs_auc"] = algo.roc_auc(scores, targets >= 0.5)
         metrics["brier"] = algo.brier_score(probabilities, targets)
         metrics["ece"] = algo.expected_calibration_error(probabilities, targets)
-        preferred = torch.sigmoid(chosen - rejected)
-        losses = torch.cat(
-            [
-                algo.squared_errors(preferred, torch.ones_like(preferred)),
-                algo.squared_errors(probabilities, targets),
-            ]
-        )
-        return metrics, losses
+        return metrics, algo.placements(chosen, rejected, scores, targets >= 0.5)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -574,12 +560,11 @@ class RewardTrainer:
         self.rounds += 1
         agreement = self.evaluate(self.incumbent, data.fresh) if len(data.fresh) else {}
         train_stats = self.train(data.train)
-        candidate, candidate_losses = self.judge(self.model, data.heldout)
-        incumbent, incumbent_losses = self.judge(self.incumbent, data.heldout)
+        candidate, candidate_placed = self.judge(self.model, data.heldout)
+        incumbent, incumbent_placed = self.judge(self.incumbent, data.heldout)
         reasons, comparisons = gate(
-            candidate_losses,
-            baseline_losses(data.train, data.heldout),
-            incumbent_losses if self.incumbent_trained else None,
+            candidate_placed,
+            incumbent_placed if self.incumbent_trained else None,
             self.config.gate_confidence,
             self.config.tolerance,
             self.config.min_heldout,

@@ -63,14 +63,15 @@ class RewardTrainingConfig(SeedSettings):
     gate_confidence: float = setting(
         "RLHF_REWARD_GATE_CONFIDENCE",
         0.9,
-        "a candidate is published when it beats the base-rate predictor on the held-out "
-        "feedback with this confidence, unless it is worse than the served model with it",
+        "a candidate is published when it ranks the held-out feedback better than chance "
+        "with this confidence, unless it ranks it worse than the served model with it",
     )
     tolerance: float = setting(
         "RLHF_REWARD_TOLERANCE",
         0.0,
-        "how much worse (mean held-out Brier score) than the served model a candidate may be "
-        "with that confidence and still be published",
+        "how much worse a ranking score (the held-out pairs and thumbs ordered right, 0-1) "
+        "than the served model's a candidate may have with that confidence and still be "
+        "published",
     )
 
     def validate(self) -> None:
