@@ -47,6 +47,8 @@ def test_the_metrics_log_defaults_beside_the_checkpoints_and_can_be_turned_off(t
         {"RLHF_REWARD_HELDOUT_FRACTION": "1.0"},
         {"RLHF_REWARD_STEPS_PER_ROUND": "0"},
         {"RLHF_REWARD_DESIRABLE_WEIGHT": "0"},
+        {"RLHF_REWARD_TOLERANCE": "-0.1"},
+        {"RLHF_REWARD_TOLERANCE": "2"},
     ],
 )
 def test_unusable_reward_settings_are_refused(env):

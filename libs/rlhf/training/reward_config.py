@@ -83,6 +83,8 @@ class RewardTrainingConfig(SeedSettings):
             raise ConfigError("reward thumb weights must be positive")
         if not 0.5 <= self.gate_confidence < 1.0:
             raise ConfigError("RLHF_REWARD_GATE_CONFIDENCE must be in [0.5, 1)")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise ConfigError("RLHF_REWARD_TOLERANCE must be in [0, 1] (a ranking score's)")
         if self.epochs_per_round <= 0 or self.min_heldout < 2:
             raise ConfigError(
                 "RLHF_REWARD_EPOCHS_PER_ROUND must be > 0 and RLHF_REWARD_MIN_HELDOUT >= 2"
