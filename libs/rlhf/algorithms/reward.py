@@ -112,17 +112,12 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _average_ranks(values: torch.Tensor) -> torch.Tensor:
     """1-based ranks of `values`, tied values getting the mean of the ranks they span."""
-    order = torch.argsort(values)
-    ordered = values[order]
+    ordered, order = torch.sort(values)
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0)  # the highest rank in each run of equal values
+    mean_rank = (last - (counts - 1) / 2).to(values.dtype)
     ranks = torch.empty_like(values)
-    start = 0
-    n = values.numel()
-    while start < n:
-        end = start
-        while end + 1 < n and ordered[end + 1] == ordered[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
+    ranks[order] = mean_rank[group]
     return ranks
 
 
@@ -192,6 +187,10 @@ class Placements:
     def __len__(self) -> int:
         return self.pairs.numel() + self.liked.numel() + self.disliked.numel()
 
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pairs, liked, disliked) in float64."""
+        return self.pairs.double(), self.liked.double(), self.disliked.double()
+
 
 def placements(
     chosen: torch.Tensor, rejected: torch.Tensor, scores: torch.Tensor, liked: torch.Tensor
@@ -239,19 +238,11 @@ def ranking_difference(a: Placements, b: Placements | None, confidence: float) -
     """
     if not 0.5 <= confidence < 1.0:
         raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
-    if b is not None and (
-        a.pairs.shape != b.pairs.shape
-        or a.liked.shape != b.liked.shape
-        or a.disliked.shape != b.disliked.shape
-    ):
+    mine = a.parts()
+    theirs = b.parts() if b is not None else (0.5, 0.5, 0.5)
+    if b is not None and any(x.shape != y.shape for x, y in zip(mine, theirs, strict=True)):
         raise ValueError("a paired ranking comparison needs the same examples on both sides")
-
-    def minus(mine: torch.Tensor, theirs: torch.Tensor | None) -> torch.Tensor:
-        return mine.double() - (0.5 if theirs is None else theirs.double())
-
-    pairs = minus(a.pairs, None if b is None else b.pairs)
-    liked = minus(a.liked, None if b is None else b.liked)
-    disliked = minus(a.disliked, None if b is None else b.disliked)
+    pairs, liked, disliked = (x - y for x, y in zip(mine, theirs, strict=True))
     # (estimate, weight, variance terms as (variance of the mean, degrees of freedom))
     parts: list[tuple[float, int, list[tuple[float, int]]]] = []
     if pairs.numel() >= 2:
@@ -263,7 +254,7 @@ def ranking_difference(a: Placements, b: Placements | None, confidence: float) -
         parts.append((liked.mean().item(), m + n, terms))
     count = sum(weight for _, weight, _ in parts)
     if not count:
-        every = minus(_flat(a), None if b is None else _flat(b))
+        every = torch.cat([pairs, liked, disliked])
         mean = every.mean().item() if every.numel() else math.nan
         return Paired(mean, -math.inf, math.inf, len(a))
     mean = sum(estimate * weight for estimate, weight, _ in parts) / count
@@ -278,10 +269,6 @@ def ranking_difference(a: Placements, b: Placements | None, confidence: float) -
     dof = variance**2 / sum(v**2 / d for v, d in scaled)
     half = _student_quantile(confidence, max(dof, 1.0)) * math.sqrt(variance)
     return Paired(mean, mean - half, mean + half, len(a))
-
-
-def _flat(placed: Placements) -> torch.Tensor:
-    return torch.cat([placed.pairs, placed.liked, placed.disliked]).double()
 
 
 # --------------------------------------------------------------------------------------------
