@@ -9,12 +9,14 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-# Well-known local ports (gRPC, metrics); a busy one is replaced by a free one and printed.
+# Well-known local ports (gRPC, metrics); a busy one is replaced by a free one and printed. The
+# gRPC ports lie inside Linux's ephemeral range (32768-60999): see PortReservations.
 PORTS = {
     "generation": (50051, 9101),
     "feedback": (50052, 9102),
@@ -39,6 +41,42 @@ def address_variable(service: str) -> str:
 
 def default_address(service: str) -> str:
     return f"127.0.0.1:{PORTS[service][0]}"
+
+
+class PortReservations:
+    """Ports chosen for services that are not listening yet, held so nothing takes them meanwhile.
+
+    The launcher plans every port before it starts the first service, then starts them one by
+    one. The gRPC ports (50051-50057) lie inside Linux's ephemeral range, so an outgoing
+    connection of a service started earlier (a Kafka client's) could be given one as its local
+    port, and the service meant to listen there then failed to bind (CI, 2026-12-07: feedback on
+    127.0.0.1:50052). A port held by a bound, non-listening socket is skipped when the kernel picks
+    local ports for outgoing connections, and a server that sets SO_REUSEADDR, as gRPC and the
+    stdlib HTTP servers do, can still bind it and listen (checked in a private network namespace
+    with a narrowed ephemeral range). `take` also moves off a port that is already bound,
+    listening or not, which the older connect probe only caught for listeners.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._held: list[socket.socket] = []
+
+    def take(self, preferred: int) -> int:
+        """`preferred` if nothing holds it, else a free port; held until `release`."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, preferred))
+        except OSError:  # held: listening, or a connection's local port
+            sock.bind((self.host, 0))
+        self._held.append(sock)
+        return int(sock.getsockname()[1])
+
+    def release(self) -> None:
+        """Let go of every port (once the services listen on theirs)."""
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
 
 
 def read_env_file(path: Path) -> dict[str, str]:

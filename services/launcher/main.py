@@ -43,6 +43,7 @@ from rlhf.local import (
     HTTP_PORT,
     PLAYGROUND_PORT,
     PORTS,
+    PortReservations,
     address_variable,
     die_with_parent,
     stop_on_signals,
@@ -274,6 +275,8 @@ def wait_healthy(
 
 
 def _port(preferred: int) -> int:
+    """For the broker and Prometheus, started when nothing else runs or on ports below the
+    ephemeral range: `preferred` unless something listens there."""
     with socket.socket() as probe:
         busy = probe.connect_ex(("127.0.0.1", preferred)) == 0
     return free_port() if busy else preferred
@@ -285,21 +288,24 @@ def plan(
     reward_model: str,
     keys: Keys,
     id_key: str,
+    take_port: Callable[[int], int],
     releases: bool = False,
 ) -> list[Process]:
-    """The processes in start order, each with its own ports and settings; with `releases`,
-    the release stage too, and generation serving what it releases."""
+    """The processes in start order, each with its own ports (`take_port(preferred)`, usually
+    `PortReservations.take`) and settings; with `releases`, the release stage too, and generation
+    serving what it releases."""
     common = {
         "RLHF_KAFKA_BOOTSTRAP": bootstrap,
         "RLHF_GRPC_HOST": "127.0.0.1",
         **keys.accepted(),
     }
     ports = {
-        name: (_port(grpc_port), _port(metrics)) for name, (grpc_port, metrics) in PORTS.items()
+        name: (take_port(grpc_port), take_port(metrics))
+        for name, (grpc_port, metrics) in PORTS.items()
     }
-    http_port = _port(HTTP_PORT)
-    feedback_http_port = _port(FEEDBACK_HTTP_PORT)
-    playground_port = _port(PLAYGROUND_PORT)
+    http_port = take_port(HTTP_PORT)
+    feedback_http_port = take_port(FEEDBACK_HTTP_PORT)
+    playground_port = take_port(PLAYGROUND_PORT)
     tenant_key = f"local={keys.api}"
 
     def service(name: str, extra: dict[str, str], module: str | None = None) -> Process:
@@ -491,14 +497,24 @@ class Launcher:
         """Start every process in order; False if stopped before all were healthy."""
         id_key = self.config.generation_id_key or secrets.token_hex(32)
         config = self.config
-        self.processes = plan(
-            bootstrap, config.policy_model, config.reward_model, keys, id_key, config.releases
-        )
-        for process in self.processes:
-            process.start(self.log_dir)
-            if process.grpc_port is not None and not self._wait(process):
-                return False
-            self._announce(process)
+        ports = PortReservations()
+        try:
+            self.processes = plan(
+                bootstrap,
+                config.policy_model,
+                config.reward_model,
+                keys,
+                id_key,
+                ports.take,
+                config.releases,
+            )
+            for process in self.processes:
+                process.start(self.log_dir)
+                if process.grpc_port is not None and not self._wait(process):
+                    return False
+                self._announce(process)
+        finally:
+            ports.release()
         return not self.stop.is_set()
 
     def start_prometheus(self) -> None:

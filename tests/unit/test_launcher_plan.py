@@ -1,13 +1,19 @@
 """`make up`'s process plan: the release stage only when asked for (RELEASES=1)."""
 
 from rlhf.config import load_config
+from rlhf.local import PortReservations
 from services.launcher.config import LauncherConfig
 from services.launcher.main import CPU_DEMO, Keys, plan
 
 
 def _plan(releases):
     keys = Keys.new()
-    return keys, {p.name: p for p in plan("127.0.0.1:1", "tiny", "tiny", keys, "k", releases)}
+    ports = PortReservations()
+    try:
+        processes = plan("127.0.0.1:1", "tiny", "tiny", keys, "k", ports.take, releases)
+    finally:
+        ports.release()
+    return keys, {p.name: p for p in processes}
 
 
 def test_by_default_every_new_policy_serves_everyone_at_once():
