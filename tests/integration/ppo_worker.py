@@ -118,6 +118,14 @@ def make_learner(
             algorithm=algorithm,
             group_size=GROUP,
             loss_aggregation=aggregation,
+            # No ratio or value reaches its clip: a clip stops a token's gradient, so a ratio a
+            # float rounding away from the bound (one process and two ranks sum gradients in
+            # different orders) would send the two runs apart for good. Seen on an AVX2 CPU:
+            # one GRPO token of 128 on each side of 1.2 in the second epoch, and the third
+            # iteration's KL 0.137 against 0.051. The clip's own arithmetic is tested in
+            # tests/unit (per token, with no reduction over ranks to tell apart).
+            clip_range=1e3,
+            clip_range_value=1e3,
             # float32: bfloat16 matmuls round differently with the batch's shape, so a rank's
             # shard would not compute bit-for-bit what one process computes on the whole batch.
             dtype="float32",
