@@ -57,8 +57,9 @@ from .view import line, panel
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
 PROMETHEUS_READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0  # SIGTERM to SIGKILL
-# A trainer drains RPCs (10 s), then lets its running update finish (up to 120 s): a PPO update on
-# SmolLM2 can take a minute on 2 cores, and killing it would redo that work on the next start.
+# A trainer drains RPCs (10 s), then lets its running PPO update finish (up to 120 s): one can take
+# a minute on 2 cores, and killing it would redo that work on the next start. A reward or sft round
+# is given up at its next step instead (the restarted stage reads its examples again).
 TRAINER_STOP_TIMEOUT = 150.0
 # Sized for 2 CPU cores shared by everything. Serving comes first: the training processes run at
 # lower scheduling priority (RLHF_NICE, which also sets each service's session autogroup: until
@@ -605,6 +606,8 @@ class Launcher:
         for process in stopping + list(reversed(self.processes)):
             if process.popen is None:  # Ctrl-C came before it was started
                 continue
+            if process.stop_timeout > STOP_TIMEOUT and process.alive():
+                self.say(f"  stopping {process.name} (after the step it is on) ...")
             started = time.monotonic()
             process.stop()
             self.say(f"  {process.name} stopped ({time.monotonic() - started:.1f} s)")

@@ -42,6 +42,7 @@ from rlhf.checkpoints import (
     VerifiedCheckpoint,
 )
 from rlhf.joining import FeedbackJoin
+from rlhf.training import Interrupted
 from rlhf.training.state import IntakeState, intake_files, intake_from_files
 from rlhf.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 
@@ -427,6 +428,10 @@ class Stage:
         """Sleep unless stopping; True if the stage is stopping."""
         return self._stopping.wait(seconds)
 
+    def stopping(self) -> bool:
+        """Whether the stage was asked to stop (a `rlhf.training.Stopping` for long work)."""
+        return self._stopping.is_set()
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._serve_commands()
@@ -481,7 +486,11 @@ class RoundsStage(Stage):
     A round waits for `round_examples` new examples, or for `round_growth` times what earlier
     rounds had, whichever is more: rounds that train on everything so far then come at
     geometrically spaced sizes, so their total cost grows with the data rather than with its
-    square, and a shared machine keeps CPU for the other stages as the data grows."""
+    square, and a shared machine keeps CPU for the other stages as the data grows.
+
+    A stop gives a running round up between steps (`train_round` passes `stopping` to the
+    learner, which raises `Interrupted`): a round can take a minute or more on a CPU, and
+    nothing is lost by dropping it, as the restarted stage reads its examples again."""
 
     unit = "examples"
 
@@ -528,7 +537,12 @@ class RoundsStage(Stage):
             )
             return False
         self.set_phase(TRAINING, f"training a round on {pending} new {self.unit}")
-        self.run_round()
+        try:
+            self.run_round()
+        except Interrupted as exc:
+            # Nothing of the round was written and its offsets stay uncommitted: after the
+            # restart the stage restores its last state and reads those examples again.
+            log.info("%s stage: round given up on stop (%s)", self.name, exc)
         return True
 
     def run_round(self) -> Any:

@@ -11,7 +11,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from rlhf import bus
-from rlhf.checkpoints import REWARD, CheckpointStore
+from rlhf.checkpoints import REWARD, REWARD_STATE, CheckpointStore
 from rlhf.models import TINY, encode_reward_inputs, load_reward_backbone, reward_from_checkpoint
 from rlhf.training.reward import in_heldout
 from rlhf.v1 import events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -20,6 +20,7 @@ from services.reward.main import RewardService
 from services.simulated_users.synthetic import feedback_stream
 from services.trainer.main import build
 from services.trainer.reward.service import RewardTrainerService
+from services.trainer.servicer import TRAINING
 from tests.conftest import READER_KEY, SERVICE_KEY, channel, serve, trainer_config, wait_until
 
 HELDOUT = 0.25
@@ -229,3 +230,41 @@ def test_a_regressed_reward_model_is_not_published(broker, tmp_path, reward_serv
         assert reply.model_version == 1 and list(reply.scores) == pytest.approx(served)
     finally:
         service.stop()
+
+
+def test_a_stop_gives_a_running_round_up_and_a_restart_reads_its_feedback_again(broker, tmp_path):
+    """Stopping does not wait for a round to end (one can take minutes on a CPU): the stage
+    gives it up at its next step. Nothing of it is written and its offsets stay uncommitted,
+    so the restarted stage (same group, same store) reads every rating again."""
+    store = CheckpointStore(tmp_path / "checkpoints")
+    # A round of a million steps: it ends only if the stop gives it up.
+    config = _trainer_config(
+        broker,
+        store.root,
+        RLHF_REWARD_ROUND_EXAMPLES=50,
+        RLHF_REWARD_STEPS_PER_ROUND=1_000_000,
+        RLHF_REWARD_EPOCHS_PER_ROUND=1e6,
+    )
+    events = list(feedback_stream(60, seed=31))
+    ratings = sum(isinstance(e, events_pb2.FeedbackEvent) for e in events)
+    service = RewardTrainerService(config)
+    service.start()
+    try:
+        _publish(broker, events)
+        assert wait_until(lambda: service.loop.status.phase == TRAINING, timeout=60)
+        assert wait_until(lambda: service.loop.trainer.steps >= 2, timeout=60)
+    finally:
+        service.stop()
+    assert not service.loop._thread.is_alive()
+    assert service.loop.trainer.rounds == 0 and service.loop.status.reward_version == 0
+    assert store.versions(REWARD) == [] and store.versions(REWARD_STATE) == []
+
+    again = RewardTrainerService(config)
+    again.intake.start()
+    try:
+        assert wait_until(lambda: again.intake.feedback_consumed >= ratings, timeout=60), (
+            f"the restart read {again.intake.feedback_consumed} of {ratings} ratings"
+        )
+        assert again.loop.pending() >= 50
+    finally:
+        again.stop()

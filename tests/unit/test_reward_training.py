@@ -8,6 +8,7 @@ import torch
 from rlhf.algorithms.reward import placements, roc_auc
 from rlhf.models import TINY, load_reward_backbone, reward_normalisation
 from rlhf.scoring import reward_prompt
+from rlhf.training import Interrupted
 from rlhf.training.reward import (
     DataSnapshot,
     Examples,
@@ -309,6 +310,29 @@ def test_a_round_on_poisoned_feedback_is_refused_and_rolled_back():
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, served_state[name]), name
     assert reward_normalisation(trainer.model) == served_normalisation
+
+
+@pytest.mark.parametrize("stop_after", [0, 5, 60])  # before the first step, mid-way, at the end
+def test_a_stop_gives_the_round_up_and_leaves_the_served_model(stop_after):
+    """A stopping stage's round ends at the next step (or before the held-out evaluation): the
+    candidate goes back to the served model and the round is not counted, so the next round
+    (after the restart, on the same examples) is the same round again."""
+    trainer = _trainer()
+    data = DataSnapshot(train=_examples(1), heldout=_examples(2, count=16), fresh=Examples())
+    served = {k: v.clone() for k, v in trainer.incumbent.state_dict().items()}
+    asked = []
+
+    def stopping():
+        asked.append(True)
+        return len(asked) > stop_after
+
+    with pytest.raises(Interrupted, match="stopped "):
+        trainer.round(data, REFERENCE, stopping)
+    assert trainer.steps == stop_after and trainer.rounds == 0
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, served[name]), name
+    assert reward_normalisation(trainer.model) == reward_normalisation(trainer.incumbent)
+    assert trainer.round(data, REFERENCE).promoted and trainer.rounds == 1
 
 
 def test_too_small_a_heldout_set_never_publishes():

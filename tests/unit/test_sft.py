@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf.models import TINY, load_base_policy
+from rlhf.training import Interrupted
 from rlhf.training.sft import (
     IGNORE,
     Demonstration,
@@ -52,6 +53,22 @@ def test_training_on_demonstrations_lowers_their_loss(cache_dir):
     # Measured: 10.9 -> 0.17; memorising two answers must at least divide the loss by 10.
     assert stats["sft/loss"] < 0.1 * stats["sft/loss_first_epoch"]
     assert learner.steps == 20 and not policy.training
+
+
+def test_a_stop_gives_training_up_between_steps(cache_dir):
+    """A stopping stage asks between steps: the third question ends the round after two."""
+    policy = load_base_policy(TINY, cache_dir)
+    demos = [Demonstration((5, 6, 7), (40, 41)), Demonstration((8, 9), (44, 45))]
+    learner = SFTLearner(policy, PAD, 2, SFTConfig(batch_size=1, epochs=3))
+    asked = []
+
+    def stopping():
+        asked.append(len(asked))
+        return len(asked) > 2
+
+    with pytest.raises(Interrupted, match="stopped after 2 of 6 steps"):
+        learner.train(demos, stopping)
+    assert learner.steps == 2 and len(asked) == 3 and not policy.training
 
 
 def test_demonstrations_file_reports_bad_lines_by_number(tmp_path):

@@ -36,6 +36,7 @@ from rlhf.algorithms import reward as algo
 from rlhf.joining import FeedbackJoin, Joined
 from rlhf.models import NORMALISATION, encode_reward_inputs, set_reward_normalisation
 from rlhf.scoring import reward_prompt
+from rlhf.training import Interrupted, Stopping, never
 from rlhf.training.reward_config import RewardTrainingConfig
 from rlhf.v1 import events_pb2
 
@@ -493,8 +494,9 @@ class RewardTrainer:
         passes = math.ceil(self.config.epochs_per_round * examples / self.config.batch_size)
         return max(1, min(self.config.steps_per_round, passes))
 
-    def train(self, examples: Examples) -> dict[str, float]:
-        """`steps_for(len(examples))` steps on batches drawn uniformly from `examples`."""
+    def train(self, examples: Examples, stopping: Stopping = never) -> dict[str, float]:
+        """`steps_for(len(examples))` steps on batches drawn uniformly from `examples`;
+        `Interrupted` if `stopping()` before a step (the steps taken stay in the model)."""
         if not len(examples):
             return {}
         # Dropout stays off (eval mode): steps are reproducible from the seed, and the function
@@ -502,7 +504,9 @@ class RewardTrainer:
         self.model.eval()
         steps = self.steps_for(len(examples))
         totals: dict[str, float] = {}
-        for _ in range(steps):
+        for done in range(steps):
+            if stopping():
+                raise Interrupted(f"stopped after {done} of {steps} steps")
             stats = self.step(self._draw(examples))
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0.0) + value
@@ -554,12 +558,28 @@ class RewardTrainer:
 
     # -- rounds -------------------------------------------------------------------------------
 
-    def round(self, data: DataSnapshot, reference: Sequence[tuple[str, str]]) -> RoundResult:
+    def round(
+        self,
+        data: DataSnapshot,
+        reference: Sequence[tuple[str, str]],
+        stopping: Stopping = never,
+    ) -> RoundResult:
         """Measure the served model on fresh feedback, train, evaluate both on held-out data,
-        then promote the candidate (normalised on `reference`) or reset it to the incumbent."""
+        then promote the candidate (normalised on `reference`) or reset it to the incumbent.
+
+        `stopping` is asked before each training step and before the evaluation: if it says
+        so, the round is given up (`Interrupted`): the candidate is reset to the incumbent and
+        the round is not counted, as if it had not started."""
         self.rounds += 1
-        agreement = self.evaluate(self.incumbent, data.fresh) if len(data.fresh) else {}
-        train_stats = self.train(data.train)
+        try:
+            agreement = self.evaluate(self.incumbent, data.fresh) if len(data.fresh) else {}
+            train_stats = self.train(data.train, stopping)
+            if stopping():
+                raise Interrupted("stopped before the held-out evaluation")
+        except Interrupted:
+            self.rounds -= 1
+            self.reset_to_incumbent()
+            raise
         candidate, candidate_placed = self.judge(self.model, data.heldout)
         incumbent, incumbent_placed = self.judge(self.incumbent, data.heldout)
         reasons, comparisons = gate(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rlhf.models import CHAT_ROLES
+from rlhf.training import Interrupted, Stopping, never
 from rlhf.training.sft_config import SFTConfig
 
 IGNORE = -100  # label value cross_entropy skips
@@ -79,15 +80,22 @@ class SFTLearner:
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.steps = 0
 
-    def train(self, demos: Sequence[Demonstration]) -> dict[str, float]:
+    def train(self, demos: Sequence[Demonstration], stopping: Stopping = never) -> dict[str, float]:
         """`epochs` shuffled passes over `demos`; returns the mean loss of the first and last
-        pass, so a caller sees whether it went down."""
+        pass, so a caller sees whether it went down. `Interrupted` if `stopping()` before a
+        step (the steps taken stay in the policy)."""
         self.policy.train()
         losses: list[float] = []
+        steps = self.config.epochs * -(-len(demos) // self.config.batch_size)
+        done = 0
         for _ in range(self.config.epochs):
             order = torch.randperm(len(demos), generator=self.shuffle).tolist()
             epoch = []
             for start in range(0, len(order), self.config.batch_size):
+                if stopping():
+                    self.policy.eval()
+                    raise Interrupted(f"stopped after {done} of {steps} steps")
+                done += 1
                 chunk = [demos[i] for i in order[start : start + self.config.batch_size]]
                 epoch.append(self._step(chunk))
             losses.append(sum(epoch) / len(epoch))

@@ -138,7 +138,7 @@ class RewardRounds(RoundsStage):
     def train_round(self, data: DataSnapshot, state: IntakeState) -> RoundResult:
         """One round on everything collected so far; publishes the candidate if it passed,
         and writes the stage's state either way."""
-        result = self.trainer.round(data, self.intake.reference.samples())
+        result = self.trainer.round(data, self.intake.reference.samples(), self.stopping)
         self._export(result)
         manifest = None
         if result.promoted:

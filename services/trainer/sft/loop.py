@@ -121,7 +121,7 @@ class SFTRounds(RoundsStage):
         return self._file + self.intake.take()
 
     def train_round(self, demos: list[Demonstration], state: IntakeState) -> dict[str, float]:
-        stats = self.learner.train(demos)
+        stats = self.learner.train(demos, self.stopping)
         stats["sft/examples"] = float(len(demos))
         SFT_LOSS.set(stats["sft/loss"])
         log.info(
