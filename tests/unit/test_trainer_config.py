@@ -105,6 +105,15 @@ def test_the_data_parallel_strategy_is_ddp_unless_fsdp_is_asked_with_pool_rollou
     assert config.ppo.dist_strategy == "fsdp"
 
 
+def test_ppo_batches_take_the_newest_prompts_unless_told_oldest():
+    assert load_config(TrainerConfig, {}).ppo.prompt_order == "newest"
+    assert load_config(TrainerConfig, {"RLHF_PPO_PROMPT_ORDER": "oldest"}).ppo.prompt_order == (
+        "oldest"
+    )
+    with pytest.raises(ConfigError, match="RLHF_PPO_PROMPT_ORDER='random': expected one of"):
+        load_config(TrainerConfig, {"RLHF_PPO_PROMPT_ORDER": "random"})
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [

@@ -63,6 +63,37 @@ def test_prompts_older_than_the_staleness_bound_are_dropped_and_the_age_reported
     assert oldest == 30.0 and intake.stale_prompts == 1
 
 
+def test_newest_first_takes_current_traffic_and_drops_the_stale_head():
+    """RLHF_PPO_PROMPT_ORDER=newest: a trainer behind its users trains on what they ask now;
+    what waited past the bound is dropped at the next take, not held until its turn."""
+    now = 10_000.0
+    intake = _intake(max_staleness_seconds=60, clock=lambda: now, newest_first=True)
+    ages = {"stale1": 90, "stale2": 70, "a": 50, "b": 40, "c": 30, "d": 20, "e": 10}
+    for gid, age in ages.items():
+        for record in _pair(gid, created=now - age):
+            intake.handle(record)
+    batch, oldest = intake.take(2)
+    assert [j.generation.generation_id for j in batch] == ["e", "d"] and oldest == 20.0
+    assert intake.stale_prompts == 2 and len(intake) == 3, "the stale head went at once"
+    intake.put_back(batch)  # e.g. the reward service was down: the same batch comes again
+    assert [j.generation.generation_id for j in intake.take(2)[0]] == ["e", "d"]
+    now += 15.0  # "a" is 65 s old now, "b" 55 s
+    batch, oldest = intake.take(5)
+    assert [j.generation.generation_id for j in batch] == ["c", "b"] and oldest == 55.0
+    assert intake.stale_prompts == 3 and len(intake) == 0
+
+
+def test_oldest_first_takes_every_prompt_in_turn():
+    intake = _intake()
+    for gid in "abc":
+        for record in _pair(gid):
+            intake.handle(record)
+    batch, _ = intake.take(2)
+    assert [j.generation.generation_id for j in batch] == ["a", "b"]
+    intake.put_back(batch)
+    assert [j.generation.generation_id for j in intake.take(3)[0]] == ["a", "b", "c"]
+
+
 def test_a_full_queue_pauses_fetching_until_half_of_it_is_taken():
     intake = _intake(max_queued=4)
     for gid in "abcd":

@@ -10,6 +10,7 @@ from rlhf.training.online import LoraSettings, RolloutSettings
 from rlhf.training.ppo_config import PPOConfig
 
 ROLLOUTS = ("local", "pool")
+PROMPT_ORDERS = ("newest", "oldest")
 DIST_STRATEGIES = ("ddp", "fsdp")
 
 
@@ -54,6 +55,13 @@ class PPOStageConfig:
         "RLHF_PPO_MAX_STALENESS_SECONDS",
         3600.0,
         "joined prompts older than this (since generation) are dropped, not trained on",
+    )
+    prompt_order: str = setting(
+        "RLHF_PPO_PROMPT_ORDER",
+        "newest",
+        "which joined prompts a PPO batch takes first when more wait than it takes: newest "
+        "(trains on current traffic; the rest wait until RLHF_PPO_MAX_STALENESS_SECONDS drops "
+        "them) or oldest (every prompt in turn, however far behind the trainer falls)",
     )
     kl_alarm: float = setting(
         "RLHF_PPO_KL_ALARM", 50.0, "warn when the KL to the reference exceeds this (nats)"
@@ -105,6 +113,10 @@ class PPOStageConfig:
             raise ConfigError("RLHF_PPO_BATCH_SIZE and RLHF_PUBLISH_EVERY_UPDATES must be positive")
         if self.max_staleness_seconds <= 0:
             raise ConfigError("RLHF_PPO_MAX_STALENESS_SECONDS must be > 0")
+        if self.prompt_order not in PROMPT_ORDERS:
+            raise ConfigError(
+                f"RLHF_PPO_PROMPT_ORDER={self.prompt_order!r}: expected one of {PROMPT_ORDERS}"
+            )
         if self.rollouts not in ROLLOUTS:
             raise ConfigError(f"RLHF_PPO_ROLLOUTS={self.rollouts!r}: expected one of {ROLLOUTS}")
         if self.rollouts == "pool" and not self.pool_address:

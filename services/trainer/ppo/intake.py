@@ -57,10 +57,12 @@ class Intake(ConsumerThread):
         max_staleness_seconds: float = math.inf,
         max_queued: int = MAX_QUEUED,
         clock: Callable[[], float] = time.time,
+        newest_first: bool = False,
     ) -> None:
         super().__init__(consumer, "trainer-intake")
         self._max_prompt_tokens = max_prompt_tokens
         self._max_staleness = max_staleness_seconds
+        self._newest_first = newest_first
         self._max_queued = max_queued
         self._clock = clock
         self._queue: deque[Joined] = deque()
@@ -73,26 +75,41 @@ class Intake(ConsumerThread):
             return len(self._queue)
 
     def take(self, count: int) -> tuple[list[Joined], float]:
-        """Up to `count` joined prompts, oldest first, and the age of the oldest one; prompts
-        older than the staleness bound are dropped (counted) instead."""
+        """Up to `count` joined prompts, the newest or the oldest first, and the age of the
+        oldest one taken; prompts older than the staleness bound are dropped (counted)
+        instead. Newest first, the queue's stale head is dropped at every take too, so what
+        the trainer does not get to is gone after the bound rather than held until its turn."""
         now = self._clock()
         batch: list[Joined] = []
         oldest = 0.0
         with self.lock:
+            if self._newest_first:
+                while self._queue and self._stale(self._queue[0], now):
+                    self._queue.popleft()
+            pop = self._queue.pop if self._newest_first else self._queue.popleft
             while self._queue and len(batch) < count:
-                joined = self._queue.popleft()
-                age = _age_seconds(joined.generation, now)
-                if age > self._max_staleness:
-                    self.stale_prompts += 1
-                    STALE.inc()
+                joined = pop()
+                if self._stale(joined, now):
                     continue
                 batch.append(joined)
-                oldest = max(oldest, age)
+                oldest = max(oldest, _age_seconds(joined.generation, now))
         return batch, oldest
 
+    def _stale(self, joined: Joined, now: float) -> bool:
+        """Whether `joined` is past the staleness bound (then counted as dropped)."""
+        if _age_seconds(joined.generation, now) <= self._max_staleness:
+            return False
+        self.stale_prompts += 1
+        STALE.inc()
+        return True
+
     def put_back(self, batch: list[Joined]) -> None:
+        """Return a batch `take` gave (untrained): the next take gives it again."""
         with self.lock:
-            self._queue.extendleft(reversed(batch))
+            if self._newest_first:
+                self._queue.extend(reversed(batch))
+            else:
+                self._queue.extendleft(reversed(batch))
 
     def mark_used(self, batch: list[Joined]) -> None:
         with self.lock:

@@ -152,7 +152,10 @@ class PPOTrainerService(StageService):
             config.ppo.consumer_group,
             "trainer",
             lambda consumer: Intake(
-                consumer, MAX_PPO_PROMPT_TOKENS, config.ppo.max_staleness_seconds
+                consumer,
+                MAX_PPO_PROMPT_TOKENS,
+                config.ppo.max_staleness_seconds,
+                newest_first=config.ppo.prompt_order == "newest",
             ),
         )
         if resumed.intake is not None:  # saved with the policy, read by `resume`
