@@ -41,6 +41,15 @@ def _intake(**kwargs):
     return Intake(mock.Mock(), max_prompt_tokens=kwargs.pop("max_prompt_tokens", 4), **kwargs)
 
 
+def _filled(gids, **kwargs):
+    """An intake that has joined a generation and its feedback for each of `gids`, in order."""
+    intake = _intake(**kwargs)
+    for gid in gids:
+        for record in _pair(gid):
+            intake.handle(record)
+    return intake
+
+
 def test_prompts_without_tokens_or_too_long_are_skipped():
     intake = _intake()
     for record in [*_pair("ok"), *_pair("empty", []), *_pair("long", [1] * 5)]:
@@ -84,10 +93,7 @@ def test_newest_first_takes_current_traffic_and_drops_the_stale_head():
 
 
 def test_oldest_first_takes_every_prompt_in_turn():
-    intake = _intake()
-    for gid in "abc":
-        for record in _pair(gid):
-            intake.handle(record)
+    intake = _filled("abc")
     batch, _ = intake.take(2)
     assert [j.generation.generation_id for j in batch] == ["a", "b"]
     intake.put_back(batch)
@@ -95,10 +101,7 @@ def test_oldest_first_takes_every_prompt_in_turn():
 
 
 def test_a_full_queue_pauses_fetching_until_half_of_it_is_taken():
-    intake = _intake(max_queued=4)
-    for gid in "abcd":
-        for record in _pair(gid):
-            intake.handle(record)
+    intake = _filled("abcd", max_queued=4)
     assert intake.wants_fetch_paused(False)
     intake.take(1)
     assert intake.wants_fetch_paused(True), "stays paused above half"
@@ -107,10 +110,7 @@ def test_a_full_queue_pauses_fetching_until_half_of_it_is_taken():
 
 
 def test_used_feedback_is_counted_in_the_ledger():
-    intake = _intake()
-    for gid in "ab":
-        for record in _pair(gid):
-            intake.handle(record)
+    intake = _filled("ab")
     batch, _ = intake.take(2)
     intake.mark_used(batch)
     assert intake.used == Ledger.of(["e-a", "e-b"])
