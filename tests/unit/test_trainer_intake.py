@@ -109,6 +109,17 @@ def test_a_full_queue_pauses_fetching_until_half_of_it_is_taken():
     assert not intake.wants_fetch_paused(True)
 
 
+def test_newest_first_a_full_queue_drops_its_oldest_and_fetching_goes_on():
+    intake = _filled("abcdef", max_queued=4, newest_first=True)
+    assert not intake.wants_fetch_paused(False) and not intake.wants_fetch_paused(True)
+    assert len(intake) == 4 and intake.overflow_prompts == 2
+    restored = _intake(newest_first=True)
+    restored.restore(intake_from_files(*intake_files(intake.snapshot()), Intake.messages))
+    assert restored.overflow_prompts == 2
+    batch, _ = restored.take(10)
+    assert [j.generation.generation_id for j in batch] == ["f", "e", "d", "c"]
+
+
 def test_used_feedback_is_counted_in_the_ledger():
     intake = _filled("ab")
     batch, _ = intake.take(2)

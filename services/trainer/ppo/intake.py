@@ -25,9 +25,14 @@ PENDING = Gauge("rlhf_trainer_pending_prompts", "joined prompts waiting for a ro
 STALE = Counter(
     "rlhf_trainer_stale_prompts_total", "joined prompts dropped as older than the staleness bound"
 )
+OVERFLOW = Counter(
+    "rlhf_trainer_overflow_prompts_total",
+    "joined prompts dropped, oldest first, to keep the queue within its bound (newest first)",
+)
 LAG = Gauge("rlhf_trainer_consumer_lag", "events in the input topics not consumed yet")
 
-# A joined queue this long pauses fetching until training has taken half of it.
+# The joined queue's bound. Oldest first, a queue this long pauses fetching until training has
+# taken half of it; newest first, its oldest prompts are dropped instead.
 MAX_QUEUED = 10_000
 
 
@@ -69,6 +74,7 @@ class Intake(ConsumerThread):
         self.used = Ledger()
         self.skipped_prompts = 0
         self.stale_prompts = 0
+        self.overflow_prompts = 0
 
     def __len__(self) -> int:
         with self.lock:
@@ -131,8 +137,18 @@ class Intake(ConsumerThread):
         ]
         self.skipped_prompts += len(joined) - len(usable)
         self._queue.extend(usable)
+        if self._newest_first:  # the oldest would be taken last, if ever: drop them
+            while len(self._queue) > self._max_queued:
+                self._queue.popleft()
+                self.overflow_prompts += 1
+                OVERFLOW.inc()
 
     def wants_fetch_paused(self, paused: bool) -> bool:
+        """Oldest first, a full queue holds fetching back (the backlog stays in the broker and
+        is taken in turn); newest first, fetching goes on, as what waits in the broker would
+        be older than anything queued."""
+        if self._newest_first:
+            return False
         queued = len(self)
         return queued >= self._max_queued or (paused and queued > self._max_queued // 2)
 
@@ -145,7 +161,9 @@ class Intake(ConsumerThread):
         state.messages[QUEUED_FEEDBACK] = [j.feedback for j in self._queue]
         state.data["used"] = {"count": self.used.count, "digest": f"{self.used.digest:016x}"}
         state.counters.update(
-            skipped_prompts=self.skipped_prompts, stale_prompts=self.stale_prompts
+            skipped_prompts=self.skipped_prompts,
+            stale_prompts=self.stale_prompts,
+            overflow_prompts=self.overflow_prompts,
         )
 
     def restore_held(self, state: IntakeState) -> None:
@@ -155,3 +173,4 @@ class Intake(ConsumerThread):
         self.used = Ledger(int(used["count"]), int(used["digest"], 16))
         self.skipped_prompts = state.counters.get("skipped_prompts", 0)
         self.stale_prompts = state.counters.get("stale_prompts", 0)
+        self.overflow_prompts = state.counters.get("overflow_prompts", 0)
