@@ -292,6 +292,7 @@ def ppo_table(status: trainer_pb2.TrainerStatus) -> Table:
             ("KL to reference", f"{status.kl:.4f}"),
             ("pending prompts", str(status.pending_prompts)),
             ("feedback consumed / used", f"{status.feedback_consumed} / {status.feedback_used}"),
+            ("prompts dropped", str(status.dropped_prompts)),
             ("consumer lag", str(status.consumer_lag)),
             ("data staleness", f"{status.data_staleness_seconds:.0f} s"),
         ],

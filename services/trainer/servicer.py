@@ -37,6 +37,7 @@ class Status:
     metrics: dict[str, float] = field(default_factory=dict)
     paused: bool = False
     feedback_used: int = 0
+    dropped_prompts: int = 0  # ppo stage: joined prompts dropped untrained (too old, overflow)
     data_staleness_seconds: float = 0.0
     consumer_lag: int = 0
     phase: str = COLLECTING
@@ -111,6 +112,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             metrics=status.metrics,
             paused=status.paused,
             feedback_used=status.feedback_used,
+            dropped_prompts=status.dropped_prompts,
             data_staleness_seconds=status.data_staleness_seconds,
             consumer_lag=status.consumer_lag,
             phase=status.phase,

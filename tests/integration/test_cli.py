@@ -214,6 +214,7 @@ def test_status_shows_the_served_policy_and_both_trainer_stages(rlhf):
     words = " ".join(re.sub(r"[│┌┐└┘├┤┬┴┼─]", " ", rlhf("status")[1]).split())
     assert "phase waiting: no PPO until the reward service serves reward model v1" in words
     assert "phase collecting" in words  # the reward stage
+    assert "prompts dropped 0" in words
 
 
 def test_status_without_a_reward_trainer_says_so_and_succeeds(rlhf):

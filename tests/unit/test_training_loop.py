@@ -4,6 +4,7 @@ staleness, and a batch put back when the reward service is down. The learner is 
 
 import json
 import logging
+import time
 from unittest import mock
 
 import pytest
@@ -107,6 +108,23 @@ def test_a_batch_is_put_back_unused_when_the_reward_service_is_down(tmp_path):
     loop = _loop(tmp_path, learner, intake)
     assert loop.step(*intake.take(2)) is None
     assert len(intake) == 2 and intake.used.count == 0
+
+
+def test_the_status_counts_prompts_dropped_untrained(tmp_path):
+    intake = Intake(mock.Mock(), max_prompt_tokens=8, max_staleness_seconds=60, newest_first=True)
+    for gid, age in (("old", 90), ("new", 5)):
+        generation = events_pb2.GenerationEvent(generation_id=gid, prompt_token_ids=[1, 2])
+        generation.created_at.FromSeconds(int(time.time()) - age)
+        feedback = events_pb2.FeedbackEvent(
+            event_id=f"e-{gid}", feedback=events_pb2.Feedback(generation_id=gid, thumb=1)
+        )
+        intake.handle(bus.Record(bus.GENERATIONS, 0, 0, gid, generation, 0))
+        intake.handle(bus.Record(bus.FEEDBACK, 0, 0, gid, feedback, 0))
+    loop = _loop(tmp_path, FakeLearner(), intake)
+    assert loop.status.dropped_prompts == 0 and loop.status.pending_prompts == 2
+    batch, _ = intake.take(2)
+    assert [j.generation.generation_id for j in batch] == ["new"]
+    assert loop.status.dropped_prompts == 1 and loop.status.pending_prompts == 0
 
 
 def test_reward_rounds_come_at_geometric_sizes_with_round_growth():

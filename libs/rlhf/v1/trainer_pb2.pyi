@@ -155,7 +155,7 @@ class ListCheckpointsReply(_message.Message):
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("stage", "step", "policy_version", "kl", "mean_reward", "pending_prompts", "feedback_consumed", "reward_version", "metrics", "paused", "feedback_used", "data_staleness_seconds", "consumer_lag", "phase", "phase_detail", "algorithm", "release")
+    __slots__ = ("stage", "step", "policy_version", "kl", "mean_reward", "pending_prompts", "feedback_consumed", "reward_version", "metrics", "paused", "feedback_used", "data_staleness_seconds", "consumer_lag", "phase", "phase_detail", "algorithm", "release", "dropped_prompts")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class TrainerStatus(_message.Message):
     PHASE_DETAIL_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     step: int
     policy_version: int
@@ -197,4 +198,5 @@ class TrainerStatus(_message.Message):
     phase_detail: str
     algorithm: str
     release: ReleaseStatus
-    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., kl: _Optional[float] = ..., mean_reward: _Optional[float] = ..., pending_prompts: _Optional[int] = ..., feedback_consumed: _Optional[int] = ..., reward_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., feedback_used: _Optional[int] = ..., data_staleness_seconds: _Optional[float] = ..., consumer_lag: _Optional[int] = ..., phase: _Optional[str] = ..., phase_detail: _Optional[str] = ..., algorithm: _Optional[str] = ..., release: _Optional[_Union[ReleaseStatus, _Mapping]] = ...) -> None: ...
+    dropped_prompts: int
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., kl: _Optional[float] = ..., mean_reward: _Optional[float] = ..., pending_prompts: _Optional[int] = ..., feedback_consumed: _Optional[int] = ..., reward_version: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., feedback_used: _Optional[int] = ..., data_staleness_seconds: _Optional[float] = ..., consumer_lag: _Optional[int] = ..., phase: _Optional[str] = ..., phase_detail: _Optional[str] = ..., algorithm: _Optional[str] = ..., release: _Optional[_Union[ReleaseStatus, _Mapping]] = ..., dropped_prompts: _Optional[int] = ...) -> None: ...

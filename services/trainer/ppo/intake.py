@@ -80,6 +80,12 @@ class Intake(ConsumerThread):
         with self.lock:
             return len(self._queue)
 
+    @property
+    def dropped_prompts(self) -> int:
+        """Joined prompts dropped untrained: past the staleness bound, or the oldest of a full
+        queue (newest first)."""
+        return self.stale_prompts + self.overflow_prompts
+
     def take(self, count: int) -> tuple[list[Joined], float]:
         """Up to `count` joined prompts, the newest or the oldest first, and the age of the
         oldest one taken; prompts older than the staleness bound are dropped (counted)

@@ -116,7 +116,11 @@ class TrainingLoop(Stage):
         self._last_stats: dict[str, float] = {}
 
     def live_status(self) -> dict[str, Any]:
-        return {"pending_prompts": len(self.intake), "feedback_used": self.intake.used.count}
+        return {
+            "pending_prompts": len(self.intake),
+            "feedback_used": self.intake.used.count,
+            "dropped_prompts": self.intake.dropped_prompts,
+        }
 
     # Operator commands -----------------------------------------------------------------------
 
