@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from rlhf import models
+from rlhf.training import Interrupted, Stopping
 
 EOS = "eos"
 LENGTH = "length"
@@ -409,8 +410,12 @@ def generate(
     pad_id: int,
     stop_check: StopCheck | None = None,
     on_token: OnToken | None = None,
+    stopping: Stopping | None = None,
 ) -> list[Completion]:
-    """Sample a completion for each prompt (rows may differ in every sampling parameter)."""
+    """Sample a completion for each prompt (rows may differ in every sampling parameter).
+
+    `stopping` is asked before each decoding step: True gives the whole batch up
+    (`Interrupted`; a trainer's rollouts when its process is told to stop)."""
     if len(prompts) != len(params) or not prompts:
         raise ValueError("need one Sampling per prompt, and at least one prompt")
     if any(not p for p in prompts):
@@ -426,8 +431,12 @@ def generate(
     ]
     batch = DecodeBatch(model, eos_ids, pad_id)
     batch.join([row for row in rows if row.sampling.max_new_tokens > 0])
+    steps = 0
     while batch:
+        if stopping is not None and stopping():
+            raise Interrupted(f"rollouts given up on stop after {steps} decoding steps")
         batch.step()
+        steps += 1
     return [row.completion for row in rows]
 
 

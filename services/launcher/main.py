@@ -600,8 +600,8 @@ class Launcher:
         return not self._dead()
 
     def stop_all(self) -> None:
-        """Prometheus, then the services in reverse start order (the trainer may first finish
-        its running update, which can take a while on a CPU)."""
+        """Prometheus, then the services in reverse start order (a trainer gives its running
+        update or round up at its next step, and finishes a checkpoint it is writing)."""
         stopping = [self.prometheus] if self.prometheus is not None else []
         for process in stopping + list(reversed(self.processes)):
             if process.popen is None:  # Ctrl-C came before it was started

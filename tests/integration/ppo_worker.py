@@ -13,6 +13,10 @@ pool), so the steps are updates on fixed responses only; then the learner's stat
 round trip: gathered to rank 0, written, loaded by a fresh learner on every rank, which takes
 one more update (resumed.safetensors: weights, value head and optimizer moments after it). The
 single process takes that update on its live learner, so any loss in the round trip shows.
+
+With --give-up, one iteration instead, which rank 0 is told to stop once its optimizer has taken
+a step: every rank writes the weights it ends with (given-up-<rank>.safetensors) and rank 0 what
+it was told (given-up.json).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from rlhf.auth import ClientSecurity
 from rlhf.clients import GenerationClient
 from rlhf.config import CommonConfig, load_config
 from rlhf.models import TINY, load_base_policy, load_tokenizer
-from rlhf.training import distributed
+from rlhf.training import Interrupted, distributed
 from rlhf.training.online import (
     LEARNER_FILE,
     OPTIMIZER_FILE,
@@ -190,6 +194,25 @@ def resume_and_update(args: argparse.Namespace, world: distributed.World) -> Non
         save_file(resumed, str(args.out / "resumed.safetensors"))
 
 
+def give_up(args: argparse.Namespace, world: distributed.World, learner: PPOLearner) -> None:
+    """One iteration that rank 0 gives up after the update's first minibatch step."""
+
+    def iterate_until_stopped(lead: Lockstep | PPOLearner) -> str:
+        try:
+            lead.iterate(prompts(), score, stopping=lambda: bool(learner.optimizer.state))
+        except Interrupted as exc:
+            return str(exc)
+        return ""
+
+    told = lockstep(learner, world, iterate_until_stopped)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file(trainable(learner), str(args.out / f"given-up-{world.rank}.safetensors"))
+    if world.is_main:
+        result = {"told": told, "updates": learner.updates}
+        (args.out / "given-up.json").write_text(json.dumps(result))
+    distributed.leave()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -199,6 +222,7 @@ def main() -> None:
     parser.add_argument("--pool", default="", help="host:port of a generation server")
     parser.add_argument("--algorithm", default="ppo")
     parser.add_argument("--aggregation", default="token")
+    parser.add_argument("--give-up", action="store_true", help="see the module's docstring")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -212,6 +236,11 @@ def main() -> None:
         aggregation=args.aggregation,
     )
     initial = full_trainable(learner)  # every rank at once: no lead yet
+    if args.give_up:
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_file(initial, str(args.out / "initial.safetensors"))
+        give_up(args, world, learner)
+        return
     fsdp = args.strategy == "fsdp"
     # In-process sampling is ddp's only: fsdp trains on rollouts sampled elsewhere.
     steps = 0 if fsdp and not args.pool else args.steps

@@ -31,17 +31,21 @@ def run_worker(
     algorithm: str = "ppo",
     aggregation: str = "token",
 ) -> tuple[dict, dict, dict]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command = [*launcher, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
-    command += [str(WORKER), "--out", str(out), "--lora-rank", str(lora_rank)]
-    command += ["--strategy", strategy, "--pool", pool]
-    command += ["--algorithm", algorithm, "--aggregation", aggregation]
-    env = {**os.environ, **KEYS_ENV}  # the pool takes the test service key
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
+    args = ["--lora-rank", str(lora_rank), "--strategy", strategy, "--pool", pool]
+    run_ranks(out, ranks, *args, "--algorithm", algorithm, "--aggregation", aggregation)
     stats = json.loads((out / "stats.json").read_text())
     initial = load_file(str(out / "initial.safetensors"))
     return initial, load_file(str(out / "trained.safetensors")), stats
+
+
+def run_ranks(out: Path, ranks: int, *args: str) -> None:
+    """The worker as `ranks` data-parallel ranks under torchrun (or as one process)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*launcher, f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+    command += [str(WORKER), "--out", str(out), *args]
+    env = {**os.environ, **KEYS_ENV}  # the pool takes the test service key
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def assert_same_training(initial, single, single_stats, ranks, ranks_stats) -> None:
@@ -104,6 +108,22 @@ def test_fsdp_two_ranks_match_one_process_and_resume_from_gathered_state(tmp_pat
         if name in single:  # the update after the resume moved every weight again
             assert not torch.equal(value, single[name]), name
         torch.testing.assert_close(fsdp_resumed[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_stop_on_rank_0_gives_every_rank_up_at_the_same_minibatch(tmp_path):
+    """Rank 0 is told to stop after the update's first minibatch step; the followers are not
+    (SIGTERM does not end them) and must give up at the same minibatch: a rank going on alone
+    would wait in the next minibatch's gradient all-reduce for good."""
+    run_ranks(tmp_path, 2, "--give-up")
+    result = json.loads((tmp_path / "given-up.json").read_text())
+    assert result == {"told": "update given up on stop after 1 of 2 minibatch steps", "updates": 0}
+    initial = load_file(str(tmp_path / "initial.safetensors"))
+    ranks = [load_file(str(tmp_path / f"given-up-{rank}.safetensors")) for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() == initial.keys()
+    # One step each, the same one (DDP averaged its gradients), and it moved the weights.
+    assert any(not torch.equal(ranks[0][name], initial[name]) for name in initial)
+    for name, weight in ranks[0].items():
+        assert torch.equal(ranks[1][name], weight), name
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

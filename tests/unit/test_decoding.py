@@ -4,6 +4,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf import decoding
 from rlhf.decoding import Sampling, filter_logits, generate
+from rlhf.training import Interrupted
 from rlhf.training.ppo import build_rollout, forward_policy
 from tests.conftest import tiny_llama
 
@@ -55,6 +56,22 @@ def test_stop_check_ends_a_row(model):
         stop_check=lambda r, t: len(t) == 3,
     )
     assert len(out.token_ids) == 3 and out.finish_reason == decoding.STOP
+
+
+def test_a_stop_gives_the_whole_batch_up_between_decoding_steps(model):
+    asked: list[bool] = []
+
+    def after_three_steps() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    params = [Sampling(20, 1.0, seed=1), Sampling(20, 1.0, seed=2)]
+    with pytest.raises(Interrupted, match="after 3 decoding steps"):
+        generate(model, [[5, 6], [7]], params, set(), PAD, stopping=after_three_steps)
+    assert len(asked) == 4
+    # Not stopping, the same rows decode to the end.
+    done = generate(model, [[5, 6], [7]], params, set(), PAD, stopping=lambda: False)
+    assert [len(c.token_ids) for c in done] == [20, 20]
 
 
 def test_sampled_logprobs_equal_the_trainers_recomputation(model):

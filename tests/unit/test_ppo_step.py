@@ -13,6 +13,7 @@ from rlhf.models import load_tokenizer
 from rlhf.training import ppo as ppo_module
 from rlhf.training.ppo import (
     Rollout,
+    UpdateGivenUp,
     ValueHead,
     build_rollout,
     forward_policy,
@@ -255,6 +256,48 @@ def test_ppo_step_updates_the_policy_and_not_the_reference():
     for k, v in reference.state_dict().items():
         assert torch.equal(reference_before[k], v), k
     assert head.linear.weight.abs().sum() > 0, "value head did not learn"
+
+
+def test_a_stop_gives_the_update_up_before_its_next_minibatch():
+    """2 epochs of 2 minibatches, told to stop after 2 minibatch steps: the weights are those of
+    the first epoch alone (the epochs' shuffles are drawn up front, so the first epoch is the
+    same), the KL controller is not updated, and the step count says what the weights hold."""
+    config = PPOConfig(ppo_epochs=2, minibatch_size=2)
+
+    def run(config, stopping=None):
+        policy, head = tiny_llama(), ValueHead(HIDDEN)
+        torch.nn.init.normal_(head.linear.weight, std=0.1)
+        reference = copy.deepcopy(policy).requires_grad_(False)
+        optimizer, controller = make_optimizer(policy, head), config.make_kl_controller()
+        args = (policy, head, reference, optimizer, hand_rollout(), config, controller)
+        if stopping is None:
+            ppo_step(*args)
+        else:
+            with pytest.raises(UpdateGivenUp) as given_up:
+                ppo_step(*args, stopping=stopping)
+            assert controller.value == config.init_kl_coef  # the step did not finish
+            return policy, head, given_up.value
+        return policy, head, None
+
+    asked: list[bool] = []
+
+    def after_two_minibatches() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # asked before each minibatch: the third one is given up
+
+    policy, head, given_up = run(config, after_two_minibatches)
+    assert given_up.steps == 2 and str(given_up) == (
+        "update given up on stop after 2 of 4 minibatch steps"
+    )
+    one_epoch, one_epoch_head, _ = run(dataclasses.replace(config, ppo_epochs=1))
+    for name, weight in one_epoch.state_dict().items():
+        torch.testing.assert_close(policy.state_dict()[name], weight, msg=name)
+    torch.testing.assert_close(head.linear.weight, one_epoch_head.linear.weight)
+
+    untouched, _, given_up = run(config, lambda: True)
+    assert given_up.steps == 0
+    for name, weight in tiny_llama().state_dict().items():
+        assert torch.equal(untouched.state_dict()[name], weight), name
 
 
 def test_ppo_step_is_deterministic_given_the_seed():

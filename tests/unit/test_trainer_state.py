@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf.models import TINY, load_base_policy, load_tokenizer
+from rlhf.training import Interrupted
 from rlhf.training.online import (
     LEARNER_FILE,
     VALUE_HEAD_FILE,
@@ -135,6 +136,36 @@ def test_a_grpo_iteration_samples_a_seeded_group_per_prompt_and_trains_no_value_
         PROMPTS, lambda p, r: again.append(r) or _score(p, r), prompt_texts=["a", "b"]
     )
     assert again == [responses]
+
+
+def test_a_stop_in_the_rollouts_changes_nothing_and_the_learner_goes_on(cache_dir):
+    learner = _learner(cache_dir)
+    before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+    with pytest.raises(Interrupted, match="rollouts given up on stop after 0 decoding steps"):
+        learner.iterate(PROMPTS, _score, stopping=lambda: True)
+    assert learner.updates == 0
+    for name, weight in learner.export_policy().state_dict().items():
+        assert torch.equal(weight, before[name]), name
+    learner.iterate(PROMPTS, _score)
+    assert learner.updates == 1
+
+
+def test_a_learner_holding_part_of_an_update_given_up_on_stop_refuses_to_export_it(cache_dir):
+    """Stopped after the update's first minibatch step: the weights and moments hold a part of
+    an update, which must never reach a checkpoint; the learner refuses to export or go on."""
+    learner = _learner(cache_dir)
+
+    def after_a_minibatch() -> bool:
+        return bool(learner.optimizer.state)  # the optimizer has taken a step
+
+    with pytest.raises(Interrupted, match="after 1 of 2 minibatch steps"):
+        learner.iterate(PROMPTS, _score, stopping=after_a_minibatch)
+    assert learner.updates == 0
+    for refused in (learner.export_policy, learner.state_files):
+        with pytest.raises(Interrupted, match="holds part of an update"):
+            refused()
+    with pytest.raises(Interrupted, match="holds part of an update"):
+        learner.iterate(PROMPTS, _score)
 
 
 def test_state_saved_with_another_lora_rank_is_refused(cache_dir):

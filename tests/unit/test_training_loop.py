@@ -12,10 +12,11 @@ import pytest
 from rlhf import bus
 from rlhf.clients import RewardUnavailable
 from rlhf.joining import Ledger
+from rlhf.training import Interrupted, never
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.v1 import events_pb2
 from services.trainer.ppo.intake import Intake
-from services.trainer.ppo.loop import KL_WARNINGS, LoopSettings, TrainingLoop
+from services.trainer.ppo.loop import FAILED_BATCHES, KL_WARNINGS, LoopSettings, TrainingLoop
 from services.trainer.stage import StageParts
 
 
@@ -26,9 +27,11 @@ class FakeLearner:
         self.updates = 0
         self.fail_with = None
 
-    def iterate(self, prompts, score, prompt_texts=None):
+    def iterate(self, prompts, score, prompt_texts=None, stopping=never):
         if self.fail_with:
             raise self.fail_with
+        if stopping():  # as the real learner is asked between steps
+            raise Interrupted("update given up on stop after 1 of 4 minibatch steps")
         self.updates += 1
         return {
             "objective/kl": self.kl,
@@ -108,6 +111,20 @@ def test_a_batch_is_put_back_unused_when_the_reward_service_is_down(tmp_path):
     loop = _loop(tmp_path, learner, intake)
     assert loop.step(*intake.take(2)) is None
     assert len(intake) == 2 and intake.used.count == 0
+
+
+def test_an_iteration_given_up_on_stop_puts_its_batch_back_and_is_no_failure(tmp_path, caplog):
+    intake = _intake_with(["a", "b"])
+    learner = FakeLearner()
+    loop = _loop(tmp_path, learner, intake)
+    failed = FAILED_BATCHES._value.get()
+    loop.stop()  # the stage's stop, as SIGTERM asks it (its thread never started here)
+    with caplog.at_level(logging.INFO, logger="services.trainer.ppo.loop"):
+        assert loop.work()  # took the batch and gave it up
+    assert len(intake) == 2 and intake.used.count == 0 and learner.updates == 0
+    assert FAILED_BATCHES._value.get() == failed
+    assert not (tmp_path / "m.jsonl").exists()
+    assert "iteration given up on stop (update given up on stop after 1 of 4" in caplog.text
 
 
 def test_the_status_counts_prompts_dropped_untrained(tmp_path):

@@ -100,10 +100,11 @@ class World:
         dist.broadcast_object_list(box, src=0, group=_command_group())
         return box[0]
 
-    def any_failed(self, failed: bool) -> bool:
-        """Whether `failed` is true on any rank: every rank must agree before a collective
-        step that one of them would not join."""
-        return bool(self.all_sum(torch.tensor(int(failed), device=self.device)).item())
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (a collective: every rank asks at the same
+        point). Ranks agree with it before a collective step that one of them would not join:
+        a rank that failed its share, or rank 0 told to stop."""
+        return bool(self.all_sum(torch.tensor(int(flag), device=self.device)).item())
 
     def barrier(self) -> None:
         if self.distributed:

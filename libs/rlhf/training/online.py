@@ -37,9 +37,16 @@ from rlhf import decoding
 from rlhf.clients import Scores
 from rlhf.config import ConfigError, SeedSettings, setting
 from rlhf.models import packed_head, policy_in_dtype
+from rlhf.training import Interrupted, Stopping, never
 from rlhf.training.distributed import SINGLE, ShardFailed, World
 from rlhf.training.pool import PoolRollouts, PoolSampler
-from rlhf.training.ppo import ValueHead, build_rollout, cast_frozen_linears, ppo_step
+from rlhf.training.ppo import (
+    UpdateGivenUp,
+    ValueHead,
+    build_rollout,
+    cast_frozen_linears,
+    ppo_step,
+)
 from rlhf.training.ppo_config import PPOConfig
 from rlhf.training.state import load_optimizer_state, optimizer_state
 
@@ -126,6 +133,8 @@ class PPOLearner:
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.updates = 0
         self._rollout_calls = 0
+        # Why the weights and moments hold part of an update (given up on stop), or "".
+        self._given_up = ""
         self._set_policy(policy)
 
     def _set_policy(self, weights: PreTrainedModel) -> None:
@@ -191,7 +200,9 @@ class PPOLearner:
         """The policy as plain weights, for serving: a LoRA adapter is merged into a copy.
 
         Sharded, a collective: the full weights are gathered into a new unsharded model on
-        rank 0 (on the CPU, one tensor at a time), the other ranks get None."""
+        rank 0 (on the CPU, one tensor at a time), the other ranks get None. Refused
+        (`Interrupted`) while the weights hold part of an update given up on stop."""
+        self._refuse_part_update()
         if self.world.sharded:
             full = _gather(self.policy)
             if not self.world.is_main:
@@ -201,15 +212,21 @@ class PPOLearner:
             return self.policy
         return copy.deepcopy(self.policy).merge_and_unload()
 
+    def _refuse_part_update(self) -> None:
+        if self._given_up:
+            raise Interrupted(f"the policy holds part of an update ({self._given_up})")
+
     def sample(
-        self, prompts: Sequence[Sequence[int]], first_row: int = 0
+        self, prompts: Sequence[Sequence[int]], first_row: int = 0, stopping: Stopping = never
     ) -> list[decoding.Completion]:
         """Rollouts from the current policy at the PPO temperature, with no top-k/top-p, so
         the logprobs recomputed in the update are the sampling distribution's own (in
         bfloat16, up to its rounding: `_rollouts` has the update weight that difference).
 
         Row i is seeded by its place in the global batch (`first_row` + i), so a rank's shard
-        samples what one process would have sampled for those rows."""
+        samples what one process would have sampled for those rows. `stopping` is asked
+        between decoding steps in a world of one (`Interrupted`); ranks decode at their own
+        pace (sharded, in step: a gather per layer), so they leave a stop to the update."""
         params = self._rollout_params(len(prompts), first_row)
         self.policy.eval()
         policy = self._decoding_policy()
@@ -223,6 +240,7 @@ class PPOLearner:
                 params,
                 {self.tokenizer.eos_token_id},
                 self.tokenizer.pad_token_id,
+                stopping=None if self.world.distributed else stopping,
             )
 
     def _decoding_policy(self) -> torch.nn.Module:
@@ -258,12 +276,12 @@ class PPOLearner:
         ]
 
     def _rollouts(
-        self, prompts: Sequence[Sequence[int]], first_row: int
+        self, prompts: Sequence[Sequence[int]], first_row: int, stopping: Stopping = never
     ) -> tuple[list[decoding.Completion], PoolRollouts | None]:
         """(completions, the batch with their behaviour logprobs if the update must weight
         them: sampled on the pool, or decoded here in bfloat16)."""
         if self.sampler is None:
-            completions = self.sample(prompts, first_row)
+            completions = self.sample(prompts, first_row, stopping)
             if self._decoding_policy_is_exact():
                 return completions, None
             # Decoded on bfloat16 weights: not quite the distribution the update's passes
@@ -280,6 +298,7 @@ class PPOLearner:
         prompts: Sequence[Sequence[int]],
         score: Scorer,
         prompt_texts: Sequence[str] | None = None,
+        stopping: Stopping = never,
     ) -> dict[str, float]:
         """One PPO iteration: sample, score, update. Returns TRL-style statistics.
 
@@ -288,6 +307,9 @@ class PPOLearner:
         every rank is given the whole batch and works on its shard (whole prompts, so a group
         of answers never spans ranks); the statistics are the whole batch's. grpo and rloo
         sample `group_size` answers per prompt: rows p * G .. p * G + G - 1 answer prompt p.
+
+        `stopping` gives the iteration up (`Interrupted`) between decoding steps (`sample`) and
+        before each minibatch of the update (`ppo_step`; data parallel, rank 0's answer).
         """
         if prompt_texts is None:
             prompt_texts = self.tokenizer.batch_decode(prompts, skip_special_tokens=True)
@@ -299,18 +321,18 @@ class PPOLearner:
         try:
             # Pool rollouts can fail on one rank only (stale pool, pool down): like scoring,
             # inside the agreement below, so that no rank enters the update's collectives alone.
-            completions, pooled = self._rollouts(prompts, first_row)
+            completions, pooled = self._rollouts(prompts, first_row, stopping)
             responses = [c.token_ids for c in completions]
             response_texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             scored = score(list(prompt_texts), response_texts)
         except Exception:
-            self.world.any_failed(True)
+            self.world.any_rank(True)
             raise
-        if self.world.any_failed(False):
+        if self.world.any_rank(False):
             raise ShardFailed("another rank could not sample or score its share of the batch")
         if not isinstance(scored, Scores):
             scored = Scores(list(scored))
-        stats = self.update(prompts, responses, scored.values, pooled)
+        stats = self.update(prompts, responses, scored.values, pooled, stopping)
         # The oldest reward model that scored any rank's share: what this update optimised.
         stats["reward/model_version"] = float(self._global_min(scored.model_version))
         return stats
@@ -329,11 +351,15 @@ class PPOLearner:
         responses: Sequence[Sequence[int]],
         scores: Sequence[float],
         pooled: PoolRollouts | None = None,
+        stopping: Stopping = never,
     ) -> dict[str, float]:
         """One PPO update on scored responses (data parallel: this rank's shard of them);
         `pooled` is the batch they came from when the update weights them (the pool's, or
         decoded here in bfloat16), for the importance weights. For grpo and
-        rloo the rows are whole groups, consecutive (see `iterate`)."""
+        rloo the rows are whole groups, consecutive (see `iterate`). An update given up on
+        stop after some of its minibatches leaves this learner refusing to export or go on:
+        nothing of a part-update is to be published, and its process is on its way out."""
+        self._refuse_part_update()
         off_policy: dict[str, Any] = {}
         if pooled is not None:
             off_policy = {
@@ -350,17 +376,23 @@ class PPOLearner:
             **off_policy,
             pad_to_multiple=self.config.width_multiple(self._device),
         )
-        stats = ppo_step(
-            self._trained_policy,
-            self._trained_value_head,
-            self.reference,
-            self.optimizer,
-            rollout,
-            self.config,
-            self.kl_controller,
-            generator=self.shuffle,
-            world=self.world,
-        )
+        try:
+            stats = ppo_step(
+                self._trained_policy,
+                self._trained_value_head,
+                self.reference,
+                self.optimizer,
+                rollout,
+                self.config,
+                self.kl_controller,
+                generator=self.shuffle,
+                world=self.world,
+                stopping=stopping,
+            )
+        except UpdateGivenUp as exc:
+            if exc.steps:
+                self._given_up = str(exc)
+            raise
         self.updates += 1
         return stats
 
@@ -369,7 +401,9 @@ class PPOLearner:
 
         Sharded, a collective: the value head and moments are gathered whole to rank 0,
         whose files are those an unsharded learner writes (the other ranks' are partial
-        and only good to discard)."""
+        and only good to discard). Refused while holding part of an update, as
+        `export_policy` is."""
+        self._refuse_part_update()
         opt_tensors, opt_meta = optimizer_state(self.optimizer, gather=_full_tensor)
         tensors = {
             OPTIMIZER_FILE: opt_tensors,

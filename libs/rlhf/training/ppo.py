@@ -19,6 +19,10 @@ are float32, and so are the gradients the optimizer sees. On the CPU attention r
 inside those passes (`Float32Attention`), and the frozen reference stores its linear layers in
 bfloat16 once (`cast_frozen_linears`: the numbers autocast would compute, without the casts).
 
+A stop (`stopping`, rank 0's when data parallel) gives the update up before its next minibatch
+(`UpdateGivenUp`): on a CPU an update can take a minute, and a stopping trainer publishes nothing
+of it anyway. Every rank asks at the same points, so they all give up at the same minibatch.
+
 Data parallel (a `World` of several ranks), each rank holds its shard of the batch; the few
 places that must see the whole batch (advantage whitening, the losses' token normalisation, the
 statistics) take a `world.all_sum`, and are marked so.
@@ -26,6 +30,7 @@ statistics) take a `world.all_sum`, and are marked so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -38,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from rlhf.algorithms import group as group_algo
 from rlhf.algorithms import ppo as algo
 from rlhf.models import round_up
+from rlhf.training import Interrupted, Stopping, never
 from rlhf.training.distributed import SINGLE, World
 from rlhf.training.ppo_config import PPOConfig
 
@@ -302,6 +308,16 @@ def _eval_mode(*maybe_modules: nn.Module | None) -> Iterator[None]:
             m.train(training)
 
 
+class UpdateGivenUp(Interrupted):
+    """An update given up on stop before one of its minibatches. `steps` optimizer steps of it
+    were taken: if any, the policy and the optimizer hold part of an update, which must not be
+    published (`PPOLearner` refuses to export them)."""
+
+    def __init__(self, steps: int, total: int) -> None:
+        super().__init__(f"update given up on stop after {steps} of {total} minibatch steps")
+        self.steps = steps
+
+
 @dataclass
 class ScoredRollout:
     """Everything that stays fixed during one update, per response token [B, R] unless noted:
@@ -337,6 +353,7 @@ def ppo_step(
     kl_controller: algo.KLController,
     generator: torch.Generator | None = None,
     world: World = SINGLE,
+    stopping: Stopping = never,
 ) -> dict[str, float]:
     """One PPO update of `policy` and `value_head` on `rollout`; returns float statistics.
 
@@ -362,6 +379,10 @@ def ppo_step(
     ranks, and each row's advantage is its KL-penalised return against its group's
     (`rlhf.algorithms.group`). They report TRL GRPOTrainer's "reward_std" and
     "frac_reward_zero_std" and no value statistics.
+
+    `stopping` is asked before every minibatch; True raises `UpdateGivenUp` there. Data
+    parallel, the answer is rank 0's (the other ranks pass `never`): each rank asks at the same
+    minibatch and they agree with one collective, so no rank is left alone in a gradient's.
     """
     if config.critic_free != (value_head is None):
         raise ValueError(
@@ -396,6 +417,7 @@ def ppo_step(
             first_forward,
             world,
             minibatch_size,
+            stopping,
         )
 
     mask = rollout.response_mask.bool()
@@ -510,17 +532,22 @@ def _train_epochs(
     first_forward: TrackedForward | None,
     world: World,
     minibatch_size: int,
+    stopping: Stopping = never,
 ) -> dict[str, float]:
     """One pass over shuffled minibatches of `minibatch_size` rows (this rank's) per order in
     `orders` (one per epoch); returns the loss statistics averaged over all minibatches (of
-    this rank). `first_forward` stands in for the first minibatch's forward pass."""
+    this rank). `first_forward` stands in for the first minibatch's forward pass; `stopping`
+    (agreed over the ranks) gives the rest up before any minibatch."""
     heads = [] if value_head is None else list(value_head.parameters())
     params = [p for p in [*policy.parameters(), *heads] if p.requires_grad]
     size = rollout.input_ids.shape[0]
     totals: dict[str, float] = {}
     n_minibatches = 0
+    total = len(orders) * math.ceil(size / minibatch_size)
     for order in orders:
         for start in range(0, size, minibatch_size):
+            if world.any_rank(stopping()):
+                raise UpdateGivenUp(n_minibatches, total)
             rows = order[start : start + minibatch_size]
             forward = first_forward if n_minibatches == 0 else None
             pg_loss, vf_loss, stats = _minibatch_loss(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from rlhf.training import Interrupted, Stopping, never
 from rlhf.training.distributed import ShardFailed, World
 from rlhf.training.online import PPOLearner, Scorer
 
@@ -45,9 +46,12 @@ class Lockstep:
         prompts: Sequence[Sequence[int]],
         score: Scorer,
         prompt_texts: Sequence[str] | None = None,
+        stopping: Stopping = never,
     ) -> dict[str, float]:
+        """Rank 0's `stopping` decides for every rank: the followers join its answer at each
+        minibatch of the update (`ppo_step`) and give the update up with it."""
         self.world.broadcast((ITERATE, [list(p) for p in prompts], prompt_texts))
-        return self.learner.iterate(prompts, score, prompt_texts)
+        return self.learner.iterate(prompts, score, prompt_texts, stopping)
 
     def export_policy(self) -> PreTrainedModel | None:
         if self.world.sharded:  # a gather every rank must join
@@ -78,7 +82,8 @@ def follow(learner: PPOLearner, world: World, score: Scorer) -> None:
     """Run rank 0's commands on this rank's learner until it says stop.
 
     SIGTERM (torchrun forwards it to every rank) does not end a follower: rank 0 drains
-    first, finishing the step in flight, which needs every rank, then says stop.
+    first, giving the update in flight up at its next minibatch (every rank at the same one),
+    then says stop.
     """
     signal.signal(signal.SIGTERM, lambda *_: log.info("rank %d: waiting for rank 0", world.rank))
     while True:
@@ -103,6 +108,8 @@ def follow(learner: PPOLearner, world: World, score: Scorer) -> None:
                 raise ValueError(f"unknown command {command!r} from rank 0")
         except ShardFailed:
             log.warning("rank %d: another rank failed its share; step skipped", world.rank)
+        except Interrupted as exc:
+            log.info("rank %d: given up with rank 0 (%s)", world.rank, exc)
         except Exception:
             # Rank 0 logs and counts the same failure: a batch is dropped, training goes on.
             log.exception("rank %d: %s failed", world.rank, command)

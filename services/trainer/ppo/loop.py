@@ -28,6 +28,7 @@ from rlhf.clients import RewardUnavailable
 from rlhf.joining import Joined
 from rlhf.models import policy_from_checkpoint
 from rlhf.scoring import reward_prompt
+from rlhf.training import Interrupted
 from rlhf.training.distributed import ShardFailed
 from rlhf.training.online import PPOLearner, Scorer
 
@@ -242,7 +243,15 @@ class TrainingLoop(Stage):
         # The reward model is asked about the user's words, as it was trained (not the template).
         texts = [reward_prompt(j.generation) for j in batch]
         try:
-            stats = self.learner.iterate(prompts, self._score, prompt_texts=texts)
+            stats = self.learner.iterate(
+                prompts, self._score, prompt_texts=texts, stopping=self.stopping
+            )
+        except Interrupted as exc:
+            # Nothing of it is published (the learner refuses a part-update) and its prompts'
+            # offsets stay uncommitted: the restarted stage reads them again.
+            self.intake.put_back(batch)
+            log.info("ppo stage: iteration given up on stop (%s)", exc)
+            return None
         except (RewardUnavailable, ShardFailed) as exc:
             log.warning("rollouts or rewards unavailable (%s); retrying the batch shortly", exc)
             self.intake.put_back(batch)
