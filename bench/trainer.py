@@ -437,6 +437,44 @@ def measure(label: str, quick: bool) -> None:
     print(RESULT + json.dumps(dataclasses.asdict(measured)), flush=True)
 
 
+def counted_work(label: str) -> str:
+    """What one iteration of row `label` computes, as torch's FlopCounterMode counts it (matrix
+    products and attention, forward and backward), split into the rollout and the rest; the mean
+    of the warm-up and one more iteration. A count, not a timing: the same on any machine, so it
+    tells how much of a speed ratio is less work and how much is faster work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if label.startswith("TRL"):
+        from trl.experimental.ppo import ppo_trainer as rollout_module
+
+        rollout_name = "batch_generation"
+    else:
+        rollout_module, rollout_name = decoding, "generate"
+    counter = FlopCounterMode(display=False)
+    in_rollouts = [0]
+    original = getattr(rollout_module, rollout_name)
+
+    def counted_rollout(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        before = counter.get_total_flops()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            in_rollouts[0] += counter.get_total_flops() - before
+
+    setattr(rollout_module, rollout_name, counted_rollout)
+    try:
+        with counter:
+            measured = _rows(1)[label]()
+    finally:
+        setattr(rollout_module, rollout_name, original)
+    iterations = len(measured.seconds) + 1  # and the warm-up
+    total, rollout = counter.get_total_flops() / iterations, in_rollouts[0] / iterations
+    return (
+        f"{label}: {total / 1e9:.0f} GFLOP per iteration: rollout {rollout / 1e9:.0f}, "
+        f"the rest (scoring passes, epochs) {(total - rollout) / 1e9:.0f}"
+    )
+
+
 def report(results: dict[str, Run], repeats: int, other_cores: float) -> str:
     """The trainer section; `other_cores`: CPU other processes used during the runs."""
     rows = []
@@ -521,10 +559,14 @@ if __name__ == "__main__":
     rows = parser.add_mutually_exclusive_group(required=True)
     rows.add_argument("--rows", nargs="+", help="row labels, as in the table")
     rows.add_argument("--measure", help="one row, in this process (how each row is run)")
+    rows.add_argument("--flops", nargs="+", help="count an iteration's FLOPs of these rows")
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
     arguments = parser.parse_args()
     like_a_service()
     if arguments.measure:
         measure(arguments.measure, arguments.quick)
+    elif arguments.flops:
+        for label in arguments.flops:
+            print(counted_work(label), flush=True)
     else:
         print(run(arguments.quick, arguments.rows), flush=True)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -68,6 +69,16 @@ class BoundedHttpServer(ThreadingHTTPServer):
                 log.debug("TLS handshake with %s failed: %s", client_address, exc)
                 return
         super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A request that raised: through logging, not socketserver's traceback on stderr. A
+        client gone mid-reply (Prometheus stopped during a scrape, a closed tab) is routine and
+        gets a debug line."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            log.debug("HTTP client %s went away: %s", client_address, error)
+            return
+        log.exception("HTTP request from %s failed", client_address)
 
     def _refuse_busy(self, request: Any) -> None:
         """A 503 in plaintext (not through TLS: no handshake on the accept loop), then close."""
