@@ -57,9 +57,10 @@ from .view import line, panel
 HEALTH_TIMEOUT = 600.0  # the first start converts the base model
 PROMETHEUS_READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0  # SIGTERM to SIGKILL
-# A trainer drains RPCs (10 s), then lets its running PPO update finish (up to 120 s): one can take
-# a minute on 2 cores, and killing it would redo that work on the next start. A reward or sft round
-# is given up at its next step instead (the restarted stage reads its examples again).
+# A trainer drains RPCs (10 s), then gives its running PPO iteration or reward or sft round up at
+# the next step (the restarted stage reads its examples again) and finishes a checkpoint it is
+# writing. A PPO iteration's scoring passes are not interrupted (a few seconds on 2 cores); the
+# rest of the limit is room for a slow disk.
 TRAINER_STOP_TIMEOUT = 150.0
 # Sized for 2 CPU cores shared by everything. Serving comes first: the training processes run at
 # lower scheduling priority (RLHF_NICE, which also sets each service's session autogroup: until
