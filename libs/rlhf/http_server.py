@@ -24,6 +24,10 @@ from rlhf.auth import OPERATOR, READER, SERVICE, Credentials, Unauthenticated
 log = logging.getLogger(__name__)
 
 
+# What a write to a client that closed its connection raises, in plaintext and through TLS.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, ssl.SSLEOFError)
+
+
 class BoundedHttpServer(ThreadingHTTPServer):
     """Bounded concurrency, TLS handshakes off the accept loop, joins requests on close."""
 
@@ -75,7 +79,7 @@ class BoundedHttpServer(ThreadingHTTPServer):
         client gone mid-reply (Prometheus stopped during a scrape, a closed tab) is routine and
         gets a debug line."""
         error = sys.exc_info()[1]
-        if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+        if isinstance(error, CLIENT_GONE):
             log.debug("HTTP client %s went away: %s", client_address, error)
             return
         log.exception("HTTP request from %s failed", client_address)

@@ -4,6 +4,7 @@ default), where `make up` showed a scrape cut short by Prometheus stopping as a 
 
 import http.client
 import logging
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler
 
@@ -19,6 +20,8 @@ class _Failing(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/gone":
             raise BrokenPipeError(32, "Broken pipe")  # as wfile.write raises it
+        if self.path == "/gone-tls":
+            raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
         raise RuntimeError("a bug in a handler")
 
 
@@ -42,9 +45,11 @@ def _get(port, path):
 def test_a_client_gone_mid_reply_is_a_debug_line_and_a_bug_an_error(port, caplog, capfd):
     with caplog.at_level(logging.DEBUG, logger="rlhf.http_server"):
         _get(port, "/gone")
+        _get(port, "/gone-tls")
         _get(port, "/bug")
-    gone, bug = caplog.records
-    assert gone.levelno == logging.DEBUG and "went away" in gone.getMessage()
+    *gone, bug = caplog.records
+    assert len(gone) == 2
+    assert all(r.levelno == logging.DEBUG and "went away" in r.getMessage() for r in gone)
     assert bug.levelno == logging.ERROR and "HTTP request from" in bug.getMessage()
     assert bug.exc_info is not None and "a bug in a handler" in str(bug.exc_info[1])
     assert "Traceback" not in capfd.readouterr().err

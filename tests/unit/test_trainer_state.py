@@ -166,6 +166,10 @@ def test_a_learner_holding_part_of_an_update_given_up_on_stop_refuses_to_export_
             refused()
     with pytest.raises(Interrupted, match="holds part of an update"):
         learner.iterate(PROMPTS, _score)
+    # Nor a rollback queued before the stop (data parallel, the rebase is a collective: every
+    # rank refuses it before one).
+    with pytest.raises(Interrupted, match="holds part of an update"):
+        learner.rebase(load_base_policy(TINY, cache_dir))
 
 
 def test_state_saved_with_another_lora_rank_is_refused(cache_dir):

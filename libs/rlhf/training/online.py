@@ -175,7 +175,10 @@ class PPOLearner:
         are kept, the optimizer moments (which belong to the old trajectory) start over.
 
         Sharded, a collective: rank 0's `weights` are broadcast into every rank's slices of
-        the policy already sharded (the other ranks' argument is ignored and may be None)."""
+        the policy already sharded (the other ranks' argument is ignored and may be None).
+        Refused while holding part of an update, on every rank before any collective: its
+        process is stopping, and the value head would keep the part-update."""
+        self._refuse_part_update()
         if not self.world.sharded:
             assert weights is not None
             self._set_policy(weights.to(self._device))
