@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,24 @@ def publish_reward_model(bootstrap: str, checkpoint_dir: Path) -> int:
     with bus.Publisher(bootstrap, client_id="test-reward-model") as publisher:
         assert announce(publisher, manifest)
     return manifest.version
+
+
+def publish_events(
+    bootstrap: str, events: Iterable[events_pb2.GenerationEvent | events_pb2.FeedbackEvent]
+) -> None:
+    """Publish generation and feedback events as the services would, keyed by generation id,
+    and wait until the broker has every one."""
+    with bus.Publisher(bootstrap, client_id="test-users") as publisher:
+        futures = []
+        for event in events:
+            if isinstance(event, events_pb2.GenerationEvent):
+                topic, key = bus.GENERATIONS, event.generation_id
+            else:
+                topic, key = bus.FEEDBACK, event.feedback.generation_id
+            futures.append(publisher.publish_async(topic, key, event))
+        publisher.flush()
+        for future in futures:
+            future.get(timeout=10)
 
 
 def serve(service: Service) -> RunningServer:

@@ -6,7 +6,6 @@ import logging
 import time
 import uuid
 
-from rlhf import bus
 from rlhf.checkpoints import POLICY, PPO_STATE, CheckpointStore
 from rlhf.models import TINY
 from rlhf.v1 import events_pb2
@@ -14,32 +13,28 @@ from services.reward.config import RewardConfig
 from services.reward.main import RewardService
 from services.trainer.ppo.service import PPOTrainerService
 from services.trainer.servicer import TRAINING
-from tests.conftest import serve, trainer_config, wait_until
+from tests.conftest import publish_events, serve, trainer_config, wait_until
 
 PROMPTS = 4
 
 
-def _publish_rated_prompts(bootstrap: str) -> None:
+def _rated_prompts() -> list[events_pb2.GenerationEvent | events_pb2.FeedbackEvent]:
     """PROMPTS generations with a thumb each, as the generation and feedback services write them."""
-    with bus.Publisher(bootstrap, client_id="test-users") as publisher:
-        futures = []
-        for row in range(PROMPTS):
-            gid = f"ppo-stop-{row}"
-            generation = events_pb2.GenerationEvent(
-                generation_id=gid,
-                prompt=f"question {row}",
-                prompt_token_ids=[5 + row, 6, 7],
-                response="an answer",
-            )
-            generation.created_at.FromSeconds(int(time.time()))
-            feedback = events_pb2.FeedbackEvent(
-                event_id=f"e-{gid}", feedback=events_pb2.Feedback(generation_id=gid, thumb=1)
-            )
-            futures.append(publisher.publish_async(bus.GENERATIONS, gid, generation))
-            futures.append(publisher.publish_async(bus.FEEDBACK, gid, feedback))
-        publisher.flush()
-        for future in futures:
-            future.get(timeout=10)
+    events: list[events_pb2.GenerationEvent | events_pb2.FeedbackEvent] = []
+    for row in range(PROMPTS):
+        gid = f"ppo-stop-{row}"
+        generation = events_pb2.GenerationEvent(
+            generation_id=gid,
+            prompt=f"question {row}",
+            prompt_token_ids=[5 + row, 6, 7],
+            response="an answer",
+        )
+        generation.created_at.FromSeconds(int(time.time()))
+        feedback = events_pb2.FeedbackEvent(
+            event_id=f"e-{gid}", feedback=events_pb2.Feedback(generation_id=gid, thumb=1)
+        )
+        events += [generation, feedback]
+    return events
 
 
 def test_a_stop_gives_a_running_ppo_iteration_up_and_a_restart_reads_its_prompts_again(
@@ -73,7 +68,7 @@ def test_a_stop_gives_a_running_ppo_iteration_up_and_a_restart_reads_its_prompts
     learner = service.loop.learner
     try:
         service.start()
-        _publish_rated_prompts(own_broker.bootstrap)
+        publish_events(own_broker.bootstrap, _rated_prompts())
         assert wait_until(lambda: service.loop.status.phase == TRAINING, timeout=60)
         assert wait_until(lambda: bool(learner.optimizer.state), timeout=60), "no update began"
     finally:

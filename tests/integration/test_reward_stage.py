@@ -10,7 +10,6 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from rlhf import bus
 from rlhf.checkpoints import REWARD, REWARD_STATE, CheckpointStore
 from rlhf.models import TINY, encode_reward_inputs, load_reward_backbone, reward_from_checkpoint
 from rlhf.training.reward import in_heldout
@@ -21,7 +20,15 @@ from services.simulated_users.synthetic import feedback_stream
 from services.trainer.main import build
 from services.trainer.reward.service import RewardTrainerService
 from services.trainer.servicer import TRAINING
-from tests.conftest import READER_KEY, SERVICE_KEY, channel, serve, trainer_config, wait_until
+from tests.conftest import (
+    READER_KEY,
+    SERVICE_KEY,
+    channel,
+    publish_events,
+    serve,
+    trainer_config,
+    wait_until,
+)
 
 HELDOUT = 0.25
 PROBE = reward_pb2.ScoreRequest(
@@ -75,21 +82,6 @@ def reward_service(broker, tmp_path):
     running.stop()
 
 
-def _publish(broker, events):
-    """Publish generation and feedback events as the services would, keyed by generation id."""
-    with bus.Publisher(broker.bootstrap, client_id="test-users") as publisher:
-        futures = []
-        for event in events:
-            if isinstance(event, events_pb2.GenerationEvent):
-                topic, key = bus.GENERATIONS, event.generation_id
-            else:
-                topic, key = bus.FEEDBACK, event.feedback.generation_id
-            futures.append(publisher.publish_async(topic, key, event))
-        publisher.flush()
-        for future in futures:
-            future.get(timeout=10)
-
-
 def test_trained_reward_model_is_published_and_served(broker, tmp_path, reward_service):
     store = CheckpointStore(tmp_path / "checkpoints")
     service = build(_trainer_config(broker, store.root))
@@ -99,7 +91,7 @@ def test_trained_reward_model_is_published_and_served(broker, tmp_path, reward_s
         before = reward_service.Score(PROBE)
         assert before.model_version == 0
         events = list(feedback_stream(150, seed=11))
-        _publish(broker, events)
+        publish_events(broker.bootstrap, events)
         assert wait_until(lambda: reward_service.Score(PROBE).model_version >= 1, timeout=120), (
             f"no reward model served; trainer: {service.loop.status}"
         )
@@ -181,7 +173,7 @@ def _publish_and_wait(broker, service, events):
     target = service.intake.feedback_consumed + sum(
         isinstance(e, events_pb2.FeedbackEvent) for e in events
     )
-    _publish(broker, events)
+    publish_events(broker.bootstrap, events)
     assert wait_until(lambda: service.intake.feedback_consumed >= target, timeout=60)
     last, quiet_since = service.intake.feedback_consumed, time.monotonic()
     while time.monotonic() - quiet_since < 1.5:
@@ -250,7 +242,7 @@ def test_a_stop_gives_a_running_round_up_and_a_restart_reads_its_feedback_again(
     service = RewardTrainerService(config)
     service.start()
     try:
-        _publish(broker, events)
+        publish_events(broker.bootstrap, events)
         assert wait_until(lambda: service.loop.status.phase == TRAINING, timeout=60)
         assert wait_until(lambda: service.loop.trainer.steps >= 2, timeout=60)
     finally:
